@@ -1,0 +1,78 @@
+//! The command line: one subcommand per job. Each module owns the parsing and
+//! running of its own subcommands (`image::cli`, `vmm::cli`, `net::cli`); this
+//! file only gathers them. anyhow lives here and in those `cli` submodules.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Paths, ServeArgs};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "webhoster",
+    version,
+    about = "One API call, one isolated VM serving your website"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub paths: Paths,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the API, the nginx front and the VM supervisor.
+    Serve(Box<ServeArgs>),
+    /// Build or inspect the guest image.
+    #[command(subcommand)]
+    Image(crate::image::cli::ImageCmd),
+    /// Inspect and control VMs as an operator.
+    #[command(subcommand)]
+    Vm(crate::vmm::cli::VmCmd),
+    /// Set up or tear down the VM network.
+    #[command(subcommand)]
+    Net(crate::net::cli::NetCmd),
+    /// Check that everything the service needs is present.
+    Doctor(crate::doctor::DoctorArgs),
+}
+
+/// Log to stderr; `RUST_LOG` filters (default `info`).
+pub fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => crate::hosting::serve::run(cli.paths, *args).await,
+            Command::Image(cmd) => crate::image::cli::run(cli.paths, cmd).await,
+            Command::Vm(cmd) => crate::vmm::cli::run(cli.paths, cmd).await,
+            Command::Net(cmd) => crate::net::cli::run(cli.paths, cmd).await,
+            Command::Doctor(args) => crate::doctor::run(cli.paths, args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

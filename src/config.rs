@@ -1,0 +1,172 @@
+//! Command-line flags with environment fallbacks. Every flag of `serve` is also
+//! an env var (`WEBHOSTER_*`), so a unit file or a test can set them either way.
+//! This module parses; the modules that use a value validate it.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+use ipnet::Ipv4Net;
+
+/// Where the service keeps its state, and where guest images are cached.
+/// Shared by every subcommand.
+#[derive(Args, Debug, Clone)]
+pub struct Paths {
+    /// State directory: database, VM directories, nginx prefix, secrets.
+    #[arg(
+        long,
+        env = "WEBHOSTER_STATE_DIR",
+        default_value = "/var/lib/webhoster",
+        global = true
+    )]
+    pub state_dir: PathBuf,
+
+    /// Guest image cache, keyed by a hash of the `images/` recipe. Shared by
+    /// several state dirs (tests use their own state dir and this cache).
+    #[arg(
+        long,
+        env = "WEBHOSTER_IMAGE_CACHE",
+        default_value = "/var/cache/webhoster/images",
+        global = true
+    )]
+    pub image_cache: PathBuf,
+}
+
+impl Paths {
+    pub fn vms_dir(&self) -> PathBuf {
+        self.state_dir.join("vms")
+    }
+    pub fn vm_dir(&self, vm_id: &str) -> PathBuf {
+        self.vms_dir().join(vm_id)
+    }
+    pub fn nginx_dir(&self) -> PathBuf {
+        self.state_dir.join("nginx")
+    }
+}
+
+/// How guests are accelerated.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Accel {
+    /// KVM when `/dev/kvm` opens and the CPU shows vmx or svm, TCG otherwise.
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct VmmArgs {
+    #[arg(long, env = "WEBHOSTER_ACCEL", value_enum, default_value_t = Accel::Auto)]
+    pub accel: Accel,
+
+    /// The qemu-system binary to run.
+    #[arg(long, env = "WEBHOSTER_QEMU", default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
+}
+
+/// The VM network: namespace, subnet, SSH forwards, egress.
+#[derive(Args, Debug, Clone)]
+pub struct NetArgs {
+    /// Network namespace holding the bridge and the taps (at most 15 bytes,
+    /// because host-side interface names derive from it).
+    #[arg(long, env = "WEBHOSTER_NETNS", default_value = "whns")]
+    pub netns: String,
+
+    /// VM subnet. The first host address is the gateway on the bridge.
+    #[arg(long, env = "WEBHOSTER_SUBNET", default_value = "10.83.0.0/24")]
+    pub subnet: Ipv4Net,
+
+    /// Host address the SSH forwards listen on.
+    #[arg(long, env = "WEBHOSTER_SSH_BIND", default_value = "0.0.0.0")]
+    pub ssh_bind: Ipv4Addr,
+
+    /// Host ports handed out for SSH forwards, `LOW-HIGH`.
+    #[arg(long, env = "WEBHOSTER_SSH_PORTS", default_value = "10000-20000", value_parser = parse_port_range)]
+    pub ssh_ports: RangeInclusive<u16>,
+
+    /// Uplink interface: when set, guests get forwarding and masquerade to it.
+    /// Off by default: guests have no egress.
+    #[arg(long, env = "WEBHOSTER_EGRESS")]
+    pub egress: Option<String>,
+}
+
+/// `webhoster serve`.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub vmm: VmmArgs,
+
+    #[command(flatten)]
+    pub net: NetArgs,
+
+    /// REST API listen address.
+    #[arg(long, env = "WEBHOSTER_API_ADDR", default_value = "127.0.0.1:8000")]
+    pub api_addr: SocketAddr,
+
+    /// Where webhoster's nginx listens for the sites.
+    #[arg(long, env = "WEBHOSTER_HTTP_ADDR", default_value = "0.0.0.0:80")]
+    pub http_addr: SocketAddr,
+
+    /// Host name put in `web_url` and `ssh_command`. Defaults to the address
+    /// the request came in on (its Host header).
+    #[arg(long, env = "WEBHOSTER_PUBLIC_HOST")]
+    pub public_host: Option<String>,
+
+    /// Database URL. Default: SQLite at `<state>/webhoster.db`.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+
+    /// JWT signing secret. Default: generated once, kept 0600 in the state dir.
+    #[arg(long, env = "WEBHOSTER_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Token lifetime in seconds.
+    #[arg(long, env = "WEBHOSTER_TOKEN_TTL", default_value_t = 24 * 3600)]
+    pub token_ttl: u64,
+
+    /// Also serve each site at `http://<username>.<domain>/` by Host header.
+    #[arg(long, env = "WEBHOSTER_SITE_DOMAIN")]
+    pub site_domain: Option<String>,
+
+    /// VM plan for new hostings (a file `qemu/plans/<name>.toml`).
+    #[arg(long, env = "WEBHOSTER_PLAN", default_value = "standard")]
+    pub plan: String,
+
+    /// Redis URL for scale-out; unset on a single machine.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+}
+
+pub fn parse_port_range(s: &str) -> Result<RangeInclusive<u16>, String> {
+    let (lo, hi) = s
+        .split_once('-')
+        .ok_or_else(|| format!("port range {s:?} is not LOW-HIGH"))?;
+    let lo: u16 = lo
+        .trim()
+        .parse()
+        .map_err(|e| format!("port range start {lo:?}: {e}"))?;
+    let hi: u16 = hi
+        .trim()
+        .parse()
+        .map_err(|e| format!("port range end {hi:?}: {e}"))?;
+    if lo == 0 || lo > hi {
+        return Err(format!("port range {s:?} must have 0 < LOW <= HIGH"));
+    }
+    Ok(lo..=hi)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges() {
+        assert_eq!(parse_port_range("10000-20000").unwrap(), 10000..=20000);
+        assert_eq!(parse_port_range("22-22").unwrap(), 22..=22);
+        assert!(parse_port_range("20000-10000").is_err());
+        assert!(parse_port_range("0-10").is_err());
+        assert!(parse_port_range("10000").is_err());
+        assert!(parse_port_range("1-70000").is_err());
+    }
+}

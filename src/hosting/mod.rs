@@ -1,0 +1,3 @@
+//! hosting: the orchestrator (being written).
+
+pub mod serve;

@@ -1,0 +1,3 @@
+//! image: (being written)
+
+pub mod cli;

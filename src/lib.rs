@@ -1,0 +1,20 @@
+//! webhoster: one API call turns into a running, isolated, web-serving VM.
+//!
+//! One module per external system (see `ARCHITECTURE.md` in the shared docs):
+//! `vmm` owns qemu-system, `net` the kernel network, `proxy` nginx, `store`
+//! the database, `seed` cloud-init documents, `image` the guest image.
+//! `hosting` orchestrates them; `api` is the only module that knows HTTP.
+
+pub mod api;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod doctor;
+pub mod hosting;
+pub mod image;
+pub mod net;
+pub mod proxy;
+pub mod seed;
+pub mod store;
+pub mod sys;
+pub mod vmm;

@@ -1,0 +1,3 @@
+//! net: (being written)
+
+pub mod cli;

@@ -1,0 +1,1 @@
+//! Host helpers for tests: unique names, free ports, cleanup guards.

@@ -1,0 +1,6 @@
+//! Shared support for the integration tests: each area keeps its helpers in its
+//! own file. Not every test binary uses every helper.
+#![allow(dead_code)]
+
+pub mod guest;
+pub mod host;
