@@ -17,8 +17,9 @@ pub enum KeyError {
 
 /// Checks one public key line against webhoster's policy and returns it trimmed.
 pub fn check(line: &str) -> Result<String, KeyError> {
-    crate::seed::check_ssh_key(line).map_err(|e| KeyError::Invalid(error_reason(&e)))?;
+    // A key pasted from a file ends with a newline; any other line break is refused.
     let trimmed = line.trim();
+    crate::seed::check_ssh_key(trimmed).map_err(|e| KeyError::Invalid(error_reason(&e)))?;
     let key = PublicKey::from_openssh(trimmed).map_err(|e| KeyError::Invalid(e.to_string()))?;
     match key.algorithm() {
         Algorithm::Ed25519 | Algorithm::Ecdsa { .. } => {}
