@@ -37,13 +37,23 @@ async fn accounts(db: Db) {
 
     // Duplicate email (any case) and duplicate username.
     let (s, b) = api
-        .call(Method::POST, "/api/v1/auth/register", None, Some(json!({
-            "email": "ALICE@example.com", "username": "alice2", "password": "password123"})))
+        .call(
+            Method::POST,
+            "/api/v1/auth/register",
+            None,
+            Some(json!({
+            "email": "ALICE@example.com", "username": "alice2", "password": "password123"})),
+        )
         .await;
     assert_error(s, &b, 409, "email_taken");
     let (s, b) = api
-        .call(Method::POST, "/api/v1/auth/register", None, Some(json!({
-            "email": "other@example.com", "username": "alice", "password": "password123"})))
+        .call(
+            Method::POST,
+            "/api/v1/auth/register",
+            None,
+            Some(json!({
+            "email": "other@example.com", "username": "alice", "password": "password123"})),
+        )
         .await;
     assert_error(s, &b, 409, "username_taken");
 
@@ -66,8 +76,12 @@ async fn accounts(db: Db) {
     assert_eq!(b["data"]["token_type"], "bearer");
     assert_eq!(b["data"]["expires_in"], 600);
     let (s, b) = api
-        .call(Method::POST, "/api/v1/auth/login", None,
-            Some(json!({"username": "alice", "password": "password123"})))
+        .call(
+            Method::POST,
+            "/api/v1/auth/login",
+            None,
+            Some(json!({"username": "alice", "password": "password123"})),
+        )
         .await;
     assert_eq!(s, 200, "{b}");
     assert!(b["data"]["access_token"].is_string());
@@ -75,8 +89,12 @@ async fn accounts(db: Db) {
     // Wrong password and unknown account look the same.
     for (user, pw) in [("alice", "wrongpassword"), ("nobody", "password123")] {
         let (s, b) = api
-            .call(Method::POST, "/api/v1/auth/login", None,
-                Some(json!({"username": user, "password": pw})))
+            .call(
+                Method::POST,
+                "/api/v1/auth/login",
+                None,
+                Some(json!({"username": user, "password": pw})),
+            )
             .await;
         assert_error(s, &b, 401, "invalid_credentials");
     }
@@ -176,9 +194,8 @@ async fn tokens(db: Db) {
     let api = TestApi::start(db).await;
     let token = api.user("carol").await;
     let api = &api;
-    let me = |t: Option<String>| async move {
-        api.call(Method::GET, "/api/v1/auth/me", t.as_deref(), None).await
-    };
+    let me =
+        |t: Option<String>| async move { api.call(Method::GET, "/api/v1/auth/me", t.as_deref(), None).await };
     let (s, _) = me(Some(token.clone())).await;
     assert_eq!(s, 200);
 
@@ -209,7 +226,14 @@ async fn tokens(db: Db) {
         &jsonwebtoken::EncodingKey::from_secret(common::control::SECRET),
     )
     .unwrap();
-    for bad in [None, Some(alg_none), Some(tampered), Some(expired), Some(hs512), Some("garbage".into())] {
+    for bad in [
+        None,
+        Some(alg_none),
+        Some(tampered),
+        Some(expired),
+        Some(hs512),
+        Some("garbage".into()),
+    ] {
         let (s, b) = me(bad.clone()).await;
         assert_error(s, &b, 401, "unauthorized");
     }
@@ -253,7 +277,9 @@ async fn host_lifecycle(db: Db) {
     let (s, b) = api.call(Method::POST, "/api/v1/host", t, None).await;
     assert_eq!(s, 201, "{b}");
     let d = &b["data"];
-    let user_id = api.call(Method::GET, "/api/v1/auth/me", t, None).await.1["data"]["id"].as_i64().unwrap();
+    let user_id = api.call(Method::GET, "/api/v1/auth/me", t, None).await.1["data"]["id"]
+        .as_i64()
+        .unwrap();
     assert_eq!(d["hosting"]["status"], "running");
     let port = d["hosting"]["ssh_port"].as_u64().unwrap();
     assert!((10000..=20000).contains(&port));
@@ -265,7 +291,15 @@ async fn host_lifecycle(db: Db) {
     let private = d["private_key"].as_str().unwrap();
     assert!(private.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----"));
     let held = api.world.held();
-    assert_eq!((held.vms.len(), held.taps.len(), held.disks.len(), held.seeds.len()), (1, 1, 1, 1));
+    assert_eq!(
+        (
+            held.vms.len(),
+            held.taps.len(),
+            held.disks.len(),
+            held.seeds.len()
+        ),
+        (1, 1, 1, 1)
+    );
     assert_eq!(held.sites[&user_id].username, "dave");
     assert_eq!(held.forwards.values().next().unwrap().0 as u64, port);
 
@@ -273,7 +307,10 @@ async fn host_lifecycle(db: Db) {
     assert_eq!(s, 200);
     assert_eq!(b2["data"]["hosting"], d["hosting"]);
     assert_eq!(b2["data"]["web_url"], d["web_url"]);
-    assert!(b2["data"].get("private_key").is_none(), "the private key is shown once");
+    assert!(
+        b2["data"].get("private_key").is_none(),
+        "the private key is shown once"
+    );
 
     let (s, b) = api.call(Method::POST, "/api/v1/host", t, None).await;
     assert_error(s, &b, 409, "hosting_exists");
@@ -287,12 +324,21 @@ async fn host_lifecycle(db: Db) {
     let (s, b) = api.call(Method::POST, "/api/v1/host/my/stop", t, None).await;
     assert_error(s, &b, 409, "already_in_state");
     let (s, b) = api.call(Method::POST, "/api/v1/host/my/start", t, None).await;
-    assert_eq!((s, b["data"]["hosting"]["status"].as_str()), (200, Some("running")));
+    assert_eq!(
+        (s, b["data"]["hosting"]["status"].as_str()),
+        (200, Some("running"))
+    );
     let (s, b) = api.call(Method::POST, "/api/v1/host/my/restart", t, None).await;
-    assert_eq!((s, b["data"]["hosting"]["status"].as_str()), (200, Some("running")));
+    assert_eq!(
+        (s, b["data"]["hosting"]["status"].as_str()),
+        (200, Some("running"))
+    );
     let calls = api.world.calls();
     for c in ["engine.stop", "engine.restart"] {
-        assert!(calls.iter().any(|x| x.starts_with(c)), "{c} not called: {calls:?}");
+        assert!(
+            calls.iter().any(|x| x.starts_with(c)),
+            "{c} not called: {calls:?}"
+        );
     }
 
     // Console: the tail of the serial log.
@@ -301,10 +347,17 @@ async fn host_lifecycle(db: Db) {
     std::fs::create_dir_all(log.parent().unwrap()).unwrap();
     let text: String = (1..=300).map(|i| format!("line {i}\n")).collect();
     std::fs::write(&log, text).unwrap();
-    let (s, b) = api.call(Method::GET, "/api/v1/host/my/console?lines=5", t, None).await;
+    let (s, b) = api
+        .call(Method::GET, "/api/v1/host/my/console?lines=5", t, None)
+        .await;
     assert_eq!(s, 200, "{b}");
-    assert_eq!(b["data"]["lines"], json!(["line 296", "line 297", "line 298", "line 299", "line 300"]));
-    let (s, b) = api.call(Method::GET, "/api/v1/host/my/console?lines=0", t, None).await;
+    assert_eq!(
+        b["data"]["lines"],
+        json!(["line 296", "line 297", "line 298", "line 299", "line 300"])
+    );
+    let (s, b) = api
+        .call(Method::GET, "/api/v1/host/my/console?lines=0", t, None)
+        .await;
     assert_error(s, &b, 422, "validation_failed");
 
     let (s, b) = api.call(Method::DELETE, "/api/v1/host/my", t, None).await;
@@ -333,12 +386,22 @@ async fn host_keys(db: Db) {
         "ssh-ed25519".to_owned(),
     ] {
         let (s, b) = api
-            .call(Method::POST, "/api/v1/host", t, Some(json!({"ssh_public_key": bad})))
+            .call(
+                Method::POST,
+                "/api/v1/host",
+                t,
+                Some(json!({"ssh_public_key": bad})),
+            )
             .await;
         assert_error(s, &b, 422, "invalid_ssh_key");
     }
     let (s, b) = api
-        .call(Method::POST, "/api/v1/host", t, Some(json!({"ssh_public_key": ED25519, "extra": 1})))
+        .call(
+            Method::POST,
+            "/api/v1/host",
+            t,
+            Some(json!({"ssh_public_key": ED25519, "extra": 1})),
+        )
         .await;
     assert_error(s, &b, 400, "bad_request");
     let (s, _) = api.call(Method::GET, "/api/v1/host/my", t, None).await;
@@ -346,7 +409,12 @@ async fn host_keys(db: Db) {
     assert!(api.world.calls().is_empty());
 
     let (s, b) = api
-        .call(Method::POST, "/api/v1/host", t, Some(json!({"ssh_public_key": format!("{ECDSA}\n")})))
+        .call(
+            Method::POST,
+            "/api/v1/host",
+            t,
+            Some(json!({"ssh_public_key": format!("{ECDSA}\n")})),
+        )
         .await;
     assert_eq!(s, 201, "{b}");
     assert!(b["data"].get("private_key").is_none());
@@ -356,7 +424,14 @@ async fn async_create(db: Db) {
     let api = TestApi::start(db).await;
     let token = api.user("frank").await;
     let t = Some(token.as_str());
-    let (s, b) = api.call(Method::POST, "/api/v1/host?wait=false", t, Some(json!({"ssh_public_key": ED25519}))).await;
+    let (s, b) = api
+        .call(
+            Method::POST,
+            "/api/v1/host?wait=false",
+            t,
+            Some(json!({"ssh_public_key": ED25519})),
+        )
+        .await;
     assert_eq!(s, 202, "{b}");
     assert_eq!(b["data"]["hosting"]["status"], "creating");
     let mut last = Value::Null;
@@ -404,7 +479,12 @@ async fn system(db: Db) {
     assert_eq!((s, b["success"].as_bool()), (200, Some(true)));
     let (s, b) = api.call(Method::GET, "/api/v1/health/detailed", None, None).await;
     assert_eq!(s, 200, "{b}");
-    let names: Vec<&str> = b["data"]["checks"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = b["data"]["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
     for n in ["database", "qemu", "accel", "image", "namespace", "nginx", "disk"] {
         assert!(names.contains(&n), "{n} missing in {names:?}");
     }
@@ -423,7 +503,12 @@ async fn system(db: Db) {
     let (s, doc) = api.call(Method::GET, "/api/v1/openapi.json", None, None).await;
     assert_eq!(s, 200);
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
-    for p in ["/api/v1/auth/login", "/api/v1/host", "/api/v1/host/my", "/metrics"] {
+    for p in [
+        "/api/v1/auth/login",
+        "/api/v1/host",
+        "/api/v1/host/my",
+        "/metrics",
+    ] {
         assert!(doc["paths"][p].is_object(), "{p} missing");
     }
     assert!(doc["paths"]["/api/v1/host/my"]["delete"].is_object());
@@ -444,7 +529,15 @@ async fn system(db: Db) {
     let token = api.user("heidi").await;
     let (s, _) = api.call(Method::POST, "/api/v1/host", Some(&token), None).await;
     assert_eq!(s, 201);
-    let text = api.client.get(api.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let text = api
+        .client
+        .get(api.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     for needle in [
         "webhoster_http_requests_total{route=\"/api/v1/auth/register\",status=\"2xx\"} 1",
         "webhoster_http_requests_total{route=\"unmatched\",status=\"4xx\"} 1",
@@ -456,4 +549,12 @@ async fn system(db: Db) {
     }
 }
 
-both_backends!(accounts, validation, tokens, host_lifecycle, host_keys, async_create, system);
+both_backends!(
+    accounts,
+    validation,
+    tokens,
+    host_lifecycle,
+    host_keys,
+    async_create,
+    system
+);

@@ -32,7 +32,12 @@ impl Rig {
         let store = Store::connect(&db.url).await.unwrap();
         let world = FakeWorld::new(db.dir(), "10.98.0.0/24".parse().unwrap());
         let svc = HostingService::new(store.clone(), world.ports(), fast_hosting_config());
-        Rig { store, world, svc, db }
+        Rig {
+            store,
+            world,
+            svc,
+            db,
+        }
     }
 
     /// A new service on the same database and fakes: a restarted webhoster.
@@ -103,10 +108,17 @@ async fn rollback_at_every_step(db: Db) {
         assert_eq!(undo_order(&calls), want, "step {step:?}: {calls:?}");
         assert!(calls.last().unwrap().starts_with("engine.destroy"), "{calls:?}");
         // Nothing held, no row, no allocation.
-        assert!(rig.world.held().is_empty(), "step {step:?}: {:?}", rig.world.held());
+        assert!(
+            rig.world.held().is_empty(),
+            "step {step:?}: {:?}",
+            rig.world.held()
+        );
         assert!(rig.store.hosting_by_user(user.id).await.unwrap().is_none());
         assert!(rig.store.used_allocations().await.unwrap().ips.is_empty());
-        assert!(rig.store.ssh_keys(user.id).await.unwrap().is_empty(), "keys kept only on success");
+        assert!(
+            rig.store.ssh_keys(user.id).await.unwrap().is_empty(),
+            "keys kept only on success"
+        );
     }
     // With the fault gone, the same user gets a hosting.
     rig.world.clear_faults();
@@ -153,7 +165,10 @@ async fn crash_at_every_step_is_undone_on_restart(db: Db) {
         let mut seen = false;
         for _ in 0..500 {
             let journal = rig.store.steps(id).await.unwrap();
-            if journal.iter().any(|r| r.step == step.name() && r.state == StepState::Pending) {
+            if journal
+                .iter()
+                .any(|r| r.step == step.name() && r.state == StepState::Pending)
+            {
                 seen = true;
                 break;
             }
@@ -166,7 +181,11 @@ async fn crash_at_every_step_is_undone_on_restart(db: Db) {
         assert_eq!(report.undone, vec![created.hosting.vm_id.clone()], "{report:?}");
         assert!(report.failed.is_empty());
         assert!(rig.store.hosting_by_user(user.id).await.unwrap().is_none());
-        assert!(rig.world.held().is_empty(), "step {step:?}: {:?}", rig.world.held());
+        assert!(
+            rig.world.held().is_empty(),
+            "step {step:?}: {:?}",
+            rig.world.held()
+        );
     }
     // Recovery is idempotent, and the service works after it.
     let report = rig.svc.recover().await.unwrap();
@@ -211,7 +230,14 @@ async fn concurrent_creates_by_one_user(db: Db) {
         let url = api.url("/api/v1/host");
         let token = token.clone();
         tasks.push(tokio::spawn(async move {
-            client.post(url).bearer_auth(token).send().await.unwrap().status().as_u16()
+            client
+                .post(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
         }));
     }
     let mut statuses = Vec::new();
@@ -222,7 +248,18 @@ async fn concurrent_creates_by_one_user(db: Db) {
     assert_eq!(statuses.iter().filter(|s| **s == 201).count(), 1, "{statuses:?}");
     assert!(statuses.iter().all(|s| *s == 201 || *s == 409), "{statuses:?}");
     let held = api.world.held();
-    assert_eq!((held.vms.len(), held.taps.len(), held.disks.len(), held.forwards.len(), held.sites.len(), held.seeds.len()), (1, 1, 1, 1, 1, 1), "{held:?}");
+    assert_eq!(
+        (
+            held.vms.len(),
+            held.taps.len(),
+            held.disks.len(),
+            held.forwards.len(),
+            held.sites.len(),
+            held.seeds.len()
+        ),
+        (1, 1, 1, 1, 1, 1),
+        "{held:?}"
+    );
     let (s, _) = api.call(Method::GET, "/api/v1/host/my", Some(&token), None).await;
     assert_eq!(s, 200);
 }
@@ -247,9 +284,15 @@ async fn concurrent_creates_by_many_users(db: Db) {
         let (s, b) = t.await.unwrap();
         assert_eq!(s, 201, "{b}");
         let h = &b["data"]["hosting"];
-        assert!(ips.insert(h["vm_ip"].as_str().unwrap().to_owned()), "duplicate ip");
+        assert!(
+            ips.insert(h["vm_ip"].as_str().unwrap().to_owned()),
+            "duplicate ip"
+        );
         assert!(ports.insert(h["ssh_port"].as_u64().unwrap()), "duplicate port");
-        assert!(vms.insert(h["vm_id"].as_str().unwrap().to_owned()), "duplicate vm_id");
+        assert!(
+            vms.insert(h["vm_id"].as_str().unwrap().to_owned()),
+            "duplicate vm_id"
+        );
     }
     let all = api.store.all_hostings().await.unwrap();
     let macs: HashSet<_> = all.iter().map(|h| h.mac.clone()).collect();

@@ -48,8 +48,7 @@ pub const MAX_PASSWORD: usize = 1024;
 
 pub fn valid_username(u: &str) -> bool {
     (3..=32).contains(&u.len())
-        && u
-            .bytes()
+        && u.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
@@ -134,9 +133,7 @@ impl CreateHostRequest {
     pub fn validate(self) -> Result<CreateHostRequest, ApiError> {
         match self.ssh_public_key {
             None => Ok(self),
-            Some(k) if k.trim().is_empty() => Ok(CreateHostRequest {
-                ssh_public_key: None,
-            }),
+            Some(k) if k.trim().is_empty() => Ok(CreateHostRequest { ssh_public_key: None }),
             Some(k) => crate::hosting::keys::check(&k)
                 .map(|k| CreateHostRequest {
                     ssh_public_key: Some(k),
@@ -240,15 +237,24 @@ mod tests {
             assert!(valid_email(good), "{good}");
         }
         for bad in [
-            "", "plain", "@x.io", "a@", "a@b", "a@b.c", "a b@c.io", "a@b..io", "a@-b.io",
-            "a\n@b.io", "a@b.io\n", ".a@b.io", "a@b.12",
+            "", "plain", "@x.io", "a@", "a@b", "a@b.c", "a b@c.io", "a@b..io", "a@-b.io", "a\n@b.io",
+            "a@b.io\n", ".a@b.io", "a@b.12",
         ] {
             assert!(!valid_email(bad), "{bad:?}");
         }
         for good in ["abc", "a_b-c", "user123", &"x".repeat(32)] {
             assert!(valid_username(good), "{good}");
         }
-        for bad in ["ab", "Abc", "a b", "a.b", "ü-user", "x;drop", &"x".repeat(33), "a\nb"] {
+        for bad in [
+            "ab",
+            "Abc",
+            "a b",
+            "a.b",
+            "ü-user",
+            "x;drop",
+            &"x".repeat(33),
+            "a\nb",
+        ] {
             assert!(!valid_username(bad), "{bad:?}");
         }
     }

@@ -101,10 +101,8 @@ pub fn envelope<T: Serialize>(
     });
     let mut resp = Response::new(bytes.into());
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
 }
 
@@ -120,11 +118,9 @@ impl From<StoreError> for ApiError {
                 "email_taken",
                 "an account with this email already exists",
             ),
-            StoreError::Conflict(Conflict::Username) => ApiError::new(
-                StatusCode::CONFLICT,
-                "username_taken",
-                "this username is taken",
-            ),
+            StoreError::Conflict(Conflict::Username) => {
+                ApiError::new(StatusCode::CONFLICT, "username_taken", "this username is taken")
+            }
             StoreError::Conflict(Conflict::HostingForUser) => ApiError::new(
                 StatusCode::CONFLICT,
                 "hosting_exists",
@@ -161,9 +157,7 @@ impl From<HostingError> for ApiError {
             ref e @ H::StepFailed { .. } if e.is_timeout() => {
                 ApiError::new(StatusCode::GATEWAY_TIMEOUT, "create_timeout", msg)
             }
-            H::StepFailed { .. } => {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "create_failed", msg)
-            }
+            H::StepFailed { .. } => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "create_failed", msg),
             H::RollbackFailed { .. } => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "cleanup_failed", msg)
             }

@@ -4,9 +4,9 @@ use serde::de::DeserializeOwned;
 use warp::http::{StatusCode, header};
 use warp::reply::Response;
 
+use super::Request;
 use super::dto::*;
 use super::error::{ApiError, ok};
-use super::Request;
 use crate::store::User;
 
 type Reply = Result<Response, ApiError>;
@@ -62,10 +62,7 @@ fn query_param<'a>(req: &'a Request<'_>, name: &str) -> Option<std::borrow::Cow<
 fn url_pairs(q: &str) -> impl Iterator<Item = (std::borrow::Cow<'_, str>, std::borrow::Cow<'_, str>)> {
     q.split('&').filter(|p| !p.is_empty()).map(|p| {
         let (k, v) = p.split_once('=').unwrap_or((p, ""));
-        (
-            std::borrow::Cow::Borrowed(k),
-            std::borrow::Cow::Borrowed(v),
-        )
+        (std::borrow::Cow::Borrowed(k), std::borrow::Cow::Borrowed(v))
     })
 }
 
@@ -81,7 +78,9 @@ fn public_host(req: &Request<'_>) -> String {
         .unwrap_or("localhost");
     // Strip the API port; bracketed IPv6 keeps its brackets.
     let name = if host.starts_with('[') {
-        host.split_once(']').map(|(h, _)| format!("{h}]")).unwrap_or_else(|| host.to_owned())
+        host.split_once(']')
+            .map(|(h, _)| format!("{h}]"))
+            .unwrap_or_else(|| host.to_owned())
     } else {
         host.split(':').next().unwrap_or(host).to_owned()
     };
@@ -102,11 +101,7 @@ pub async fn register(req: &Request<'_>) -> Reply {
         .create_user(&body.email, &body.username, &hash)
         .await?;
     tracing::info!(user_id = user.id, "account registered");
-    Ok(ok(
-        StatusCode::CREATED,
-        "account created",
-        &UserData::from(&user),
-    ))
+    Ok(ok(StatusCode::CREATED, "account created", &UserData::from(&user)))
 }
 
 pub async fn login(req: &Request<'_>) -> Reply {
@@ -181,15 +176,14 @@ pub async fn create_host(req: &Request<'_>) -> Reply {
         Some("false") | Some("0") => false,
         Some(_) => return Err(ApiError::validation("wait must be true or false")),
     };
-    let created = req
-        .state
-        .hosting
-        .create(&user, body.ssh_public_key, wait)
-        .await?;
+    let created = req.state.hosting.create(&user, body.ssh_public_key, wait).await?;
     let (status, message) = if wait {
         (StatusCode::CREATED, "hosting created")
     } else {
-        (StatusCode::ACCEPTED, "hosting is being created; GET /api/v1/host/my shows progress")
+        (
+            StatusCode::ACCEPTED,
+            "hosting is being created; GET /api/v1/host/my shows progress",
+        )
     };
     Ok(host_reply(
         req,
@@ -209,11 +203,7 @@ pub async fn get_host(req: &Request<'_>) -> Reply {
 pub async fn delete_host(req: &Request<'_>) -> Reply {
     let user_id = bearer(req)?;
     req.state.hosting.delete(user_id).await?;
-    Ok(ok(
-        StatusCode::OK,
-        "hosting deleted",
-        &serde_json::Value::Null,
-    ))
+    Ok(ok(StatusCode::OK, "hosting deleted", &serde_json::Value::Null))
 }
 
 pub async fn power(req: &Request<'_>, action: &str) -> Reply {

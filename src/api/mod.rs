@@ -79,12 +79,7 @@ pub struct ApiState {
 }
 
 impl ApiState {
-    pub fn new(
-        store: Store,
-        auth: Auth,
-        hosting: Arc<HostingService>,
-        config: ApiConfig,
-    ) -> ApiState {
+    pub fn new(store: Store, auth: Auth, hosting: Arc<HostingService>, config: ApiConfig) -> ApiState {
         let mut labels: Vec<&'static str> = ROUTES.iter().map(|r| r.path).collect();
         labels.push("unmatched");
         ApiState {
@@ -121,20 +116,98 @@ macro_rules! route {
 }
 
 pub static ROUTES: &[RouteDef] = &[
-    route!(POST, "/api/v1/auth/register", "Create an account (JSON email, username, password)", false, &[201, 400, 409, 413, 422]),
-    route!(POST, "/api/v1/auth/login", "Log in (form-encoded or JSON username + password); returns a bearer token", false, &[200, 400, 401, 422]),
-    route!(GET, "/api/v1/auth/me", "The account of the token", true, &[200, 401]),
-    route!(POST, "/api/v1/host", "Create the account's hosting (optional JSON ssh_public_key; ?wait=false returns 202)", true, &[201, 202, 400, 401, 409, 422, 503, 504]),
-    route!(GET, "/api/v1/host/my", "The account's hosting, with progress while it is created", true, &[200, 401, 404]),
-    route!(DELETE, "/api/v1/host/my", "Delete the hosting and everything it holds", true, &[200, 401, 404, 409]),
-    route!(POST, "/api/v1/host/my/start", "Start a stopped VM", true, &[200, 401, 404, 409]),
-    route!(POST, "/api/v1/host/my/stop", "Stop the VM", true, &[200, 401, 404, 409]),
-    route!(POST, "/api/v1/host/my/restart", "Restart the VM", true, &[200, 401, 404, 409]),
-    route!(GET, "/api/v1/host/my/console", "Last lines of the VM's serial console (?lines=N, at most 1000)", true, &[200, 401, 404]),
+    route!(
+        POST,
+        "/api/v1/auth/register",
+        "Create an account (JSON email, username, password)",
+        false,
+        &[201, 400, 409, 413, 422]
+    ),
+    route!(
+        POST,
+        "/api/v1/auth/login",
+        "Log in (form-encoded or JSON username + password); returns a bearer token",
+        false,
+        &[200, 400, 401, 422]
+    ),
+    route!(
+        GET,
+        "/api/v1/auth/me",
+        "The account of the token",
+        true,
+        &[200, 401]
+    ),
+    route!(
+        POST,
+        "/api/v1/host",
+        "Create the account's hosting (optional JSON ssh_public_key; ?wait=false returns 202)",
+        true,
+        &[201, 202, 400, 401, 409, 422, 503, 504]
+    ),
+    route!(
+        GET,
+        "/api/v1/host/my",
+        "The account's hosting, with progress while it is created",
+        true,
+        &[200, 401, 404]
+    ),
+    route!(
+        DELETE,
+        "/api/v1/host/my",
+        "Delete the hosting and everything it holds",
+        true,
+        &[200, 401, 404, 409]
+    ),
+    route!(
+        POST,
+        "/api/v1/host/my/start",
+        "Start a stopped VM",
+        true,
+        &[200, 401, 404, 409]
+    ),
+    route!(
+        POST,
+        "/api/v1/host/my/stop",
+        "Stop the VM",
+        true,
+        &[200, 401, 404, 409]
+    ),
+    route!(
+        POST,
+        "/api/v1/host/my/restart",
+        "Restart the VM",
+        true,
+        &[200, 401, 404, 409]
+    ),
+    route!(
+        GET,
+        "/api/v1/host/my/console",
+        "Last lines of the VM's serial console (?lines=N, at most 1000)",
+        true,
+        &[200, 401, 404]
+    ),
     route!(GET, "/api/v1/health", "Liveness", false, &[200]),
-    route!(GET, "/api/v1/health/detailed", "Database, QEMU, accel, image, namespace, nginx, disk, VMs by state", false, &[200, 503]),
-    route!(GET, "/api/v1/version", "Version, git commit, QEMU version", false, &[200]),
-    route!(GET, "/api/v1/openapi.json", "This OpenAPI document", false, &[200]),
+    route!(
+        GET,
+        "/api/v1/health/detailed",
+        "Database, QEMU, accel, image, namespace, nginx, disk, VMs by state",
+        false,
+        &[200, 503]
+    ),
+    route!(
+        GET,
+        "/api/v1/version",
+        "Version, git commit, QEMU version",
+        false,
+        &[200]
+    ),
+    route!(
+        GET,
+        "/api/v1/openapi.json",
+        "This OpenAPI document",
+        false,
+        &[200]
+    ),
     route!(GET, "/docs", "API documentation page", false, &[200]),
     route!(GET, "/metrics", "Prometheus metrics", false, &[200]),
 ];
@@ -162,10 +235,7 @@ pub fn routes(
     state: ApiState,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
     let state = warp::any().map(move || state.clone());
-    let query = warp::query::raw()
-        .map(Some)
-        .or(warp::any().map(|| None))
-        .unify();
+    let query = warp::query::raw().map(Some).or(warp::any().map(|| None)).unify();
     state
         .and(warp::method())
         .and(warp::path::full())
@@ -183,9 +253,18 @@ pub fn routes(
              body| async move {
                 let id = request_id();
                 let span = tracing::info_span!("request", request_id = %id);
-                handle(state, method, path.as_str().to_owned(), query, headers, remote, body, id)
-                    .instrument(span)
-                    .await
+                handle(
+                    state,
+                    method,
+                    path.as_str().to_owned(),
+                    query,
+                    headers,
+                    remote,
+                    body,
+                    id,
+                )
+                .instrument(span)
+                .await
             },
         )
         .or(warp::any().map(|| {
@@ -285,12 +364,7 @@ where
 async fn dispatch(req: &Request<'_>, path: &str) -> Response {
     let matching: Vec<&RouteDef> = ROUTES.iter().filter(|r| r.path == path).collect();
     if matching.is_empty() {
-        return ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no route {path}"),
-        )
-        .into_response();
+        return ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no route {path}")).into_response();
     }
     // HEAD is answered like GET by hyper's body handling.
     let method = if *req.method == Method::HEAD {
@@ -303,7 +377,11 @@ async fn dispatch(req: &Request<'_>, path: &str) -> Response {
         let mut resp = ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
-            format!("{} is not allowed on {path}; use {}", req.method, allow.join(", ")),
+            format!(
+                "{} is not allowed on {path}; use {}",
+                req.method,
+                allow.join(", ")
+            ),
         )
         .into_response();
         if let Ok(v) = HeaderValue::from_str(&allow.join(", ")) {

@@ -51,7 +51,10 @@ pub fn build(version: &str) -> utoipa::openapi::OpenApi {
                 r.path.replace(['/', '.'], "_")
             )));
         for s in r.statuses {
-            op = op.response(s.to_string(), ResponseBuilder::new().description(describe(*s)).build());
+            op = op.response(
+                s.to_string(),
+                ResponseBuilder::new().description(describe(*s)).build(),
+            );
         }
         if r.auth {
             op = op.security(SecurityRequirement::new("bearer", Vec::<String>::new()));
@@ -132,7 +135,9 @@ fetch('/api/v1/openapi.json').then(r => r.json()).then(doc => {
 pub fn docs_page() -> Response {
     let mut resp = Response::new(DOCS.into());
     *resp.status_mut() = StatusCode::OK;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
     resp
 }

@@ -29,7 +29,7 @@ pub async fn health(req: &Request<'_>) -> Reply {
 fn free_disk_check(path: &std::path::Path) -> HealthCheck {
     match nix::sys::statvfs::statvfs(path) {
         Ok(st) => {
-            let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+            let free = st.blocks_available() * st.fragment_size();
             HealthCheck {
                 name: "disk".into(),
                 ok: free >= MIN_FREE_DISK,
@@ -120,12 +120,7 @@ pub async fn metrics(req: &Request<'_>) -> Reply {
     let mut out = String::with_capacity(8192);
     state.metrics.render(&mut out);
     out.push_str("# HELP webhoster_hostings Hostings by status.\n# TYPE webhoster_hostings gauge\n");
-    let counts: BTreeMap<String, i64> = state
-        .store
-        .count_by_status()
-        .await?
-        .into_iter()
-        .collect();
+    let counts: BTreeMap<String, i64> = state.store.count_by_status().await?.into_iter().collect();
     for s in crate::hosting::Status::ALL {
         let n = counts.get(s.as_str()).copied().unwrap_or(0);
         let _ = writeln!(out, "webhoster_hostings{{status=\"{}\"}} {n}", s.as_str());

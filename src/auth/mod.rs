@@ -131,11 +131,7 @@ impl Auth {
 
     /// Whether `password` matches `hash`; with no hash (unknown account) a
     /// dummy is checked so the answer takes the same time, and is false.
-    pub async fn verify_password(
-        &self,
-        password: String,
-        hash: Option<String>,
-    ) -> Result<bool, AuthError> {
+    pub async fn verify_password(&self, password: String, hash: Option<String>) -> Result<bool, AuthError> {
         let known = hash.is_some();
         let hash = hash.unwrap_or_else(|| self.inner.dummy_hash.clone());
         let ok = self
@@ -156,12 +152,9 @@ impl Auth {
             iat: now,
             exp: now + ttl,
         };
-        let access_token = jsonwebtoken::encode(
-            &Header::new(Algorithm::HS256),
-            &claims,
-            &self.inner.encoding,
-        )
-        .map_err(AuthError::Sign)?;
+        let access_token =
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.inner.encoding)
+                .map_err(AuthError::Sign)?;
         Ok(Token {
             access_token,
             expires_in: ttl,
@@ -170,22 +163,15 @@ impl Auth {
 
     /// Signs arbitrary claims; tests use it to make expired tokens.
     pub fn sign(&self, claims: &Claims) -> Result<String, AuthError> {
-        jsonwebtoken::encode(
-            &Header::new(Algorithm::HS256),
-            claims,
-            &self.inner.encoding,
-        )
-        .map_err(AuthError::Sign)
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.inner.encoding)
+            .map_err(AuthError::Sign)
     }
 
     /// The user id in a valid, unexpired HS256 token signed with our secret.
     pub fn verify(&self, token: &str) -> Result<i64, AuthError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.inner.decoding, &self.inner.validation)
             .map_err(|_| AuthError::InvalidToken)?;
-        data.claims
-            .sub
-            .parse()
-            .map_err(|_| AuthError::InvalidToken)
+        data.claims.sub.parse().map_err(|_| AuthError::InvalidToken)
     }
 }
 
@@ -219,9 +205,7 @@ pub fn load_or_create_secret(state_dir: &Path) -> Result<Vec<u8>, AuthError> {
             file.sync_all().map_err(err)?;
             Ok(encoded)
         }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            std::fs::read(&path).map_err(err)
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => std::fs::read(&path).map_err(err),
         Err(e) => Err(err(e)),
     }
 }
@@ -240,9 +224,17 @@ mod tests {
         let a = auth();
         let hash = a.hash_password("correct horse".into()).await.unwrap();
         assert!(hash.starts_with("$argon2id$"), "{hash}");
-        assert!(a.verify_password("correct horse".into(), Some(hash.clone())).await.unwrap());
+        assert!(
+            a.verify_password("correct horse".into(), Some(hash.clone()))
+                .await
+                .unwrap()
+        );
         assert!(!a.verify_password("wrong horse".into(), Some(hash)).await.unwrap());
-        assert!(!a.verify_password("not a password of anyone".into(), None).await.unwrap());
+        assert!(
+            !a.verify_password("not a password of anyone".into(), None)
+                .await
+                .unwrap()
+        );
     }
 
     #[test]
@@ -265,7 +257,11 @@ mod tests {
         assert!(a.verify(&other.issue(42).unwrap().access_token).is_err());
         // Expired.
         let expired = a
-            .sign(&Claims { sub: "42".into(), iat: now - 120, exp: now - 60 })
+            .sign(&Claims {
+                sub: "42".into(),
+                iat: now - 120,
+                exp: now - 60,
+            })
             .unwrap();
         assert!(a.verify(&expired).is_err());
         assert!(a.verify("garbage").is_err());
@@ -279,7 +275,10 @@ mod tests {
         let s2 = load_or_create_secret(dir.path()).unwrap();
         assert_eq!(s1, s2);
         assert!(s1.len() >= 64);
-        let mode = std::fs::metadata(dir.path().join("jwt.secret")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join("jwt.secret"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 }

@@ -241,12 +241,7 @@ impl VmNetwork for FakeWorld {
         self.with(|h| h.taps.remove(&name));
         Ok(())
     }
-    async fn add_forward(
-        &self,
-        vm_id: &str,
-        host_port: u16,
-        guest_ip: Ipv4Addr,
-    ) -> Result<(), PortError> {
+    async fn add_forward(&self, vm_id: &str, host_port: u16, guest_ip: Ipv4Addr) -> Result<(), PortError> {
         self.enter("net.add_forward", vm_id).await?;
         self.with(|h| h.forwards.insert(vm_id.to_owned(), (host_port, guest_ip)));
         Ok(())
@@ -297,8 +292,7 @@ impl GuestProbe for FakeWorld {
         self.enter("probe.guest_ready", &guest_ip.to_string()).await
     }
     async fn published_ready(&self, user_id: i64, _ssh_port: u16) -> Result<(), PortError> {
-        self.enter("probe.published_ready", &user_id.to_string())
-            .await?;
+        self.enter("probe.published_ready", &user_id.to_string()).await?;
         if self.with(|h| h.sites.contains_key(&user_id)) {
             Ok(())
         } else {
@@ -317,7 +311,12 @@ impl SystemInfo for FakeWorld {
                 name: name.into(),
                 ok: !bad.contains(name),
                 required: name != "accel",
-                detail: if bad.contains(name) { "down (fake)" } else { "ok (fake)" }.into(),
+                detail: if bad.contains(name) {
+                    "down (fake)"
+                } else {
+                    "ok (fake)"
+                }
+                .into(),
             })
             .collect()
     }

@@ -47,13 +47,8 @@ pub fn generate(comment: &str) -> Result<(String, String), KeyError> {
     rand::fill(&mut seed);
     let mut private = PrivateKey::from(Ed25519Keypair::from_seed(&seed));
     private.set_comment(comment);
-    let public = private
-        .public_key()
-        .to_openssh()
-        .map_err(KeyError::Generate)?;
-    let pem = private
-        .to_openssh(LineEnding::LF)
-        .map_err(KeyError::Generate)?;
+    let public = private.public_key().to_openssh().map_err(KeyError::Generate)?;
+    let pem = private.to_openssh(LineEnding::LF).map_err(KeyError::Generate)?;
     Ok((public, pem.to_string()))
 }
 

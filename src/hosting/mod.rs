@@ -215,10 +215,7 @@ impl HostingService {
         if !set.insert(id) {
             return Err(HostingError::Busy(what));
         }
-        Ok(BusyGuard {
-            set: &self.busy,
-            id,
-        })
+        Ok(BusyGuard { set: &self.busy, id })
     }
 
     /// The steps' view of a hosting row.
@@ -256,8 +253,8 @@ impl HostingService {
         let net = &self.ports.network;
         for _ in 0..ALLOC_ATTEMPTS {
             let used = self.store.used_allocations().await?;
-            let ip = alloc::pick_ip(net.subnet(), net.gateway(), &used.ips)
-                .ok_or(HostingError::SubnetFull)?;
+            let ip =
+                alloc::pick_ip(net.subnet(), net.gateway(), &used.ips).ok_or(HostingError::SubnetFull)?;
             let port = alloc::pick_port(&self.cfg.ssh_ports, &used.ports, |p| net.port_is_free(p))
                 .ok_or(HostingError::PortsFull)?;
             let vm_id = alloc::new_vm_id();
@@ -322,16 +319,10 @@ impl HostingService {
             tasks.push(handle.abort_handle());
         }
         if !wait {
-            return Ok(Created {
-                hosting,
-                private_key,
-            });
+            return Ok(Created { hosting, private_key });
         }
         match handle.await {
-            Ok(Ok(hosting)) => Ok(Created {
-                hosting,
-                private_key,
-            }),
+            Ok(Ok(hosting)) => Ok(Created { hosting, private_key }),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(HostingError::TaskLost),
         }
@@ -372,10 +363,7 @@ impl HostingService {
         let took = started.elapsed();
         self.create_durations.observe(took.as_secs_f64());
         info!(vm_id = %vm_id, seconds = took.as_secs_f64(), "create: running");
-        self.store
-            .hosting_by_id(id)
-            .await?
-            .ok_or(HostingError::NotFound)
+        self.store.hosting_by_id(id).await?.ok_or(HostingError::NotFound)
     }
 
     /// Journals and runs one step. A journal write that fails fails the step.
@@ -420,7 +408,12 @@ impl HostingService {
         if let Err(e) = self.ports.engine.destroy(&job.launch.vm_id).await {
             let _ = self
                 .store
-                .set_hosting_state(id, Status::Failed.as_str(), None, Some("removing the VM directory failed"))
+                .set_hosting_state(
+                    id,
+                    Status::Failed.as_str(),
+                    None,
+                    Some("removing the VM directory failed"),
+                )
                 .await;
             return Err((Step::Seed, e));
         }
@@ -535,9 +528,7 @@ impl HostingService {
         };
         if !allowed {
             return Err(match status {
-                Some(s @ (Status::Running | Status::Stopped)) => {
-                    HostingError::AlreadyInState(s.as_str())
-                }
+                Some(s @ (Status::Running | Status::Stopped)) => HostingError::AlreadyInState(s.as_str()),
                 Some(Status::Creating) => HostingError::Busy("being created"),
                 Some(Status::Deleting) => HostingError::Busy("being deleted"),
                 _ => HostingError::Busy("failed; delete it and create it again"),
@@ -552,10 +543,7 @@ impl HostingService {
         };
         result.map_err(|source| {
             warn!(vm_id = %h.vm_id, error = %chain(&*source), "{verb} failed");
-            HostingError::Vm {
-                action: verb,
-                source,
-            }
+            HostingError::Vm { action: verb, source }
         })?;
         info!(vm_id = %h.vm_id, "{verb}: done");
         self.store

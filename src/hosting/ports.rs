@@ -74,12 +74,7 @@ pub trait VmNetwork: Send + Sync {
     /// Creates the VM's tap and returns its name.
     async fn create_tap(&self, vm_id: &str) -> Result<String, PortError>;
     async fn delete_tap(&self, vm_id: &str) -> Result<(), PortError>;
-    async fn add_forward(
-        &self,
-        vm_id: &str,
-        host_port: u16,
-        guest_ip: Ipv4Addr,
-    ) -> Result<(), PortError>;
+    async fn add_forward(&self, vm_id: &str, host_port: u16, guest_ip: Ipv4Addr) -> Result<(), PortError>;
     async fn remove_forward(&self, vm_id: &str) -> Result<(), PortError>;
 }
 
@@ -101,8 +96,7 @@ pub trait SiteProxy: Send + Sync {
 /// Writes and removes a VM's cloud-init seed ISO (`seed::write`).
 #[async_trait]
 pub trait SeedWriter: Send + Sync {
-    async fn write(&self, spec: &crate::seed::SeedSpec, path: &std::path::Path)
-    -> Result<(), PortError>;
+    async fn write(&self, spec: &crate::seed::SeedSpec, path: &std::path::Path) -> Result<(), PortError>;
     async fn remove(&self, path: &std::path::Path) -> Result<(), PortError>;
 }
 

@@ -47,7 +47,11 @@ pub async fn http_ok(addr: SocketAddr, host: &str, path: &str) -> Result<(), Por
     if head.starts_with("HTTP/") && status.starts_with('2') {
         Ok(())
     } else {
-        Err(format!("HTTP probe of {addr}{path} answered {:?}", head.lines().next().unwrap_or("")).into())
+        Err(format!(
+            "HTTP probe of {addr}{path} answered {:?}",
+            head.lines().next().unwrap_or("")
+        )
+        .into())
     }
 }
 

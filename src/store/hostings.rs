@@ -118,11 +118,15 @@ impl Store {
     }
 
     pub async fn hosting_by_user(&self, user_id: i64) -> Result<Option<Hosting>, StoreError> {
-        let row = sqlx::query(concat!("SELECT ", columns!(), " FROM hostings WHERE user_id = $1"))
-            .bind(user_id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| StoreError::Query("find hosting by user", e))?;
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM hostings WHERE user_id = $1"
+        ))
+        .bind(user_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| StoreError::Query("find hosting by user", e))?;
         row.as_ref().map(hosting_from).transpose()
     }
 
@@ -151,38 +155,30 @@ impl Store {
         step: Option<&str>,
         error: Option<&str>,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE hostings SET status = $2, step = $3, error = $4, updated_at = $5 WHERE id = $1",
-        )
-        .bind(id)
-        .bind(status)
-        .bind(step)
-        .bind(error)
-        .bind(now())
-        .execute(&self.pool)
-        .await
-        .map_err(|e| StoreError::Query("update hosting state", e))?;
+        sqlx::query("UPDATE hostings SET status = $2, step = $3, error = $4, updated_at = $5 WHERE id = $1")
+            .bind(id)
+            .bind(status)
+            .bind(step)
+            .bind(error)
+            .bind(now())
+            .execute(&self.pool)
+            .await
+            .map_err(|e| StoreError::Query("update hosting state", e))?;
         Ok(())
     }
 
     /// Moves `id` from `from` to `to` only if it is still in `from`; false when
     /// another request got there first.
-    pub async fn swap_hosting_status(
-        &self,
-        id: i64,
-        from: &str,
-        to: &str,
-    ) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "UPDATE hostings SET status = $3, updated_at = $4 WHERE id = $1 AND status = $2",
-        )
-        .bind(id)
-        .bind(from)
-        .bind(to)
-        .bind(now())
-        .execute(&self.pool)
-        .await
-        .map_err(|e| StoreError::Query("swap hosting status", e))?;
+    pub async fn swap_hosting_status(&self, id: i64, from: &str, to: &str) -> Result<bool, StoreError> {
+        let done =
+            sqlx::query("UPDATE hostings SET status = $3, updated_at = $4 WHERE id = $1 AND status = $2")
+                .bind(id)
+                .bind(from)
+                .bind(to)
+                .bind(now())
+                .execute(&self.pool)
+                .await
+                .map_err(|e| StoreError::Query("swap hosting status", e))?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -215,12 +211,10 @@ impl Store {
 
     /// Number of hostings per status.
     pub async fn count_by_status(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT status, COUNT(*) AS n FROM hostings GROUP BY status ORDER BY status",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| StoreError::Query("count hostings", e))?;
+        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM hostings GROUP BY status ORDER BY status")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| StoreError::Query("count hostings", e))?;
         rows.iter()
             .map(|r| Ok((r.try_get("status")?, r.try_get("n")?)))
             .collect::<Result<_, sqlx::Error>>()
@@ -254,13 +248,12 @@ impl Store {
 
     /// The journal of one hosting, in step order.
     pub async fn steps(&self, hosting_id: i64) -> Result<Vec<StepRecord>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT seq, step, state FROM hosting_steps WHERE hosting_id = $1 ORDER BY seq",
-        )
-        .bind(hosting_id)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| StoreError::Query("read journal", e))?;
+        let rows =
+            sqlx::query("SELECT seq, step, state FROM hosting_steps WHERE hosting_id = $1 ORDER BY seq")
+                .bind(hosting_id)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| StoreError::Query("read journal", e))?;
         rows.iter()
             .map(|r| {
                 let get = |e| StoreError::Query("read journal", e);

@@ -141,9 +141,7 @@ impl Store {
         if backend == Backend::Sqlite {
             // WAL is a property of the database file: set once, kept by every
             // connection. Foreign keys and the busy timeout are sqlx defaults.
-            pool.execute("PRAGMA journal_mode = WAL")
-                .await
-                .map_err(connect)?;
+            pool.execute("PRAGMA journal_mode = WAL").await.map_err(connect)?;
         }
         let migrator = match backend {
             Backend::Sqlite => &SQLITE_MIGRATOR,

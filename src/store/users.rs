@@ -71,12 +71,11 @@ impl Store {
     }
 
     pub async fn user_by_id(&self, id: i64) -> Result<Option<User>, StoreError> {
-        let row =
-            sqlx::query("SELECT id, email, username, created_at FROM users WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(|e| StoreError::Query("find user by id", e))?;
+        let row = sqlx::query("SELECT id, email, username, created_at FROM users WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| StoreError::Query("find user by id", e))?;
         row.as_ref()
             .map(user_from)
             .transpose()

@@ -20,9 +20,8 @@ pub enum Db {
 }
 
 pub fn pg_admin_url() -> String {
-    std::env::var("WEBHOSTER_TEST_DATABASE_URL").unwrap_or_else(|_| {
-        "postgres://webhoster:webhoster@127.0.0.1:5432/webhoster_test".into()
-    })
+    std::env::var("WEBHOSTER_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://webhoster:webhoster@127.0.0.1:5432/webhoster_test".into())
 }
 
 /// A database of its own; dropped (PostgreSQL) or deleted (SQLite) on drop.
@@ -47,9 +46,7 @@ impl TestDb {
                 let name = format!("t_{:016x}", rand::random::<u64>());
                 let mut conn = sqlx::PgConnection::connect(&admin)
                     .await
-                    .unwrap_or_else(|e| {
-                        panic!("PostgreSQL at {admin} is needed (make test starts it): {e}")
-                    });
+                    .unwrap_or_else(|e| panic!("PostgreSQL at {admin} is needed (make test starts it): {e}"));
                 sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
                     .execute(&mut conn)
                     .await
@@ -181,12 +178,14 @@ impl TestApi {
         }
         self.hosting.abort_creates();
         self.store.close().await;
-        let db = std::mem::replace(&mut self.db, TestDb {
-            url: String::new(),
-            pg_name: None,
-            _dir: tempfile::tempdir().unwrap(),
-        });
-        db
+        std::mem::replace(
+            &mut self.db,
+            TestDb {
+                url: String::new(),
+                pg_name: None,
+                _dir: tempfile::tempdir().unwrap(),
+            },
+        )
     }
 
     /// Sends a request; returns status and the JSON body (Null when not JSON).
