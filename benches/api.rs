@@ -120,7 +120,7 @@ fn main() {
         let auth = Auth::new(
             b"bench-secret-bench-secret-bench-secret!!",
             Duration::from_secs(3600),
-            cores,
+            cores.saturating_sub(1).max(1),
         )
         .unwrap();
         let state = ApiState::new(store.clone(), auth.clone(), hosting.clone(), ApiConfig::default());

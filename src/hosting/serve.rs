@@ -58,8 +58,14 @@ pub async fn run(paths: Paths, args: ServeArgs) -> anyhow::Result<ExitCode> {
         Some(s) => s.as_bytes().to_vec(),
         None => auth::load_or_create_secret(&paths.state_dir)?,
     };
+    // Hashing gets all cores but one: a login flood then leaves a core for
+    // every other route (each hash is ~20 MiB and tens of ms of one core).
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let auth = Auth::new(&secret, Duration::from_secs(args.token_ttl), cores)?;
+    let auth = Auth::new(
+        &secret,
+        Duration::from_secs(args.token_ttl),
+        cores.saturating_sub(1).max(1),
+    )?;
     let backends = build_backends(&paths, &args).await?;
     let cfg = HostingConfig {
         login_user: "ubuntu".into(),
