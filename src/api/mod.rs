@@ -1,1 +1,437 @@
-//! api: (to be written)
+//! api: the REST API on warp, the only module that knows HTTP.
+//!
+//! One warp filter takes every request (method, path, query, headers, body
+//! read with a 1 MiB cap) and [`dispatch`] routes it by hand from a single
+//! table ([`ROUTES`]), so every outcome, including 404, 405, 413 and bad
+//! bodies, comes out in the envelope `{"success", "message", "data"}` with
+//! `error.code` on failures. Handlers parse, validate, then call `auth`,
+//! `store` or `hosting`. Each request gets an id (`x-request-id`) and one
+//! access log line; metrics are counted per route.
+//! This module never runs a VM step itself and never writes SQL.
+
+mod dto;
+mod error;
+mod handlers;
+mod metrics;
+mod openapi;
+mod system;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures::StreamExt;
+use tracing::Instrument;
+use warp::Filter;
+use warp::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use warp::reply::Response;
+
+pub use dto::{valid_email, valid_username};
+pub use error::ApiError;
+pub use metrics::Metrics;
+
+use crate::auth::Auth;
+use crate::hosting::HostingService;
+use crate::store::Store;
+
+/// Request bodies above this get 413.
+pub const MAX_BODY: usize = 1024 * 1024;
+
+/// What the API needs besides the services.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Host name for `web_url` and `ssh_command`; default: the request's Host.
+    pub public_host: Option<String>,
+    /// Port the nginx front listens on (added to `web_url` unless 80).
+    pub http_port: u16,
+    /// The login user in the guests (`ubuntu`).
+    pub login_user: String,
+    pub version: &'static str,
+    /// State dir, for the free-disk health check.
+    pub state_dir: Option<std::path::PathBuf>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            public_host: None,
+            http_port: 80,
+            login_user: "ubuntu".into(),
+            version: env!("CARGO_PKG_VERSION"),
+            state_dir: None,
+        }
+    }
+}
+
+/// Everything the handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    pub store: Store,
+    pub auth: Auth,
+    pub hosting: Arc<HostingService>,
+    pub config: Arc<ApiConfig>,
+    pub metrics: Arc<Metrics>,
+    started: Instant,
+}
+
+impl ApiState {
+    pub fn new(store: Store, auth: Auth, hosting: Arc<HostingService>, config: ApiConfig) -> ApiState {
+        let mut labels: Vec<&'static str> = ROUTES.iter().map(|r| r.path).collect();
+        labels.push("unmatched");
+        ApiState {
+            store,
+            auth,
+            hosting,
+            config: Arc::new(config),
+            metrics: Arc::new(Metrics::new(&labels)),
+            started: Instant::now(),
+        }
+    }
+}
+
+/// One route: the table drives dispatch, 405s, metrics labels and OpenAPI.
+pub struct RouteDef {
+    pub method: Method,
+    pub path: &'static str,
+    pub summary: &'static str,
+    pub auth: bool,
+    /// Success status and the error statuses documented for it.
+    pub statuses: &'static [u16],
+}
+
+macro_rules! route {
+    ($m:ident, $p:expr, $s:expr, $a:expr, $st:expr) => {
+        RouteDef {
+            method: Method::$m,
+            path: $p,
+            summary: $s,
+            auth: $a,
+            statuses: $st,
+        }
+    };
+}
+
+pub static ROUTES: &[RouteDef] = &[
+    route!(
+        POST,
+        "/api/v1/auth/register",
+        "Create an account (JSON email, username, password)",
+        false,
+        &[201, 400, 409, 413, 422]
+    ),
+    route!(
+        POST,
+        "/api/v1/auth/login",
+        "Log in (form-encoded or JSON username + password); returns a bearer token",
+        false,
+        &[200, 400, 401, 422]
+    ),
+    route!(
+        GET,
+        "/api/v1/auth/me",
+        "The account of the token",
+        true,
+        &[200, 401]
+    ),
+    route!(
+        POST,
+        "/api/v1/host",
+        "Create the account's hosting (optional JSON ssh_public_key; ?wait=false returns 202)",
+        true,
+        &[201, 202, 400, 401, 409, 422, 503, 504]
+    ),
+    route!(
+        GET,
+        "/api/v1/host/my",
+        "The account's hosting, with progress while it is created",
+        true,
+        &[200, 401, 404]
+    ),
+    route!(
+        DELETE,
+        "/api/v1/host/my",
+        "Delete the hosting and everything it holds",
+        true,
+        &[200, 401, 404, 409]
+    ),
+    route!(
+        POST,
+        "/api/v1/host/my/start",
+        "Start a stopped VM",
+        true,
+        &[200, 401, 404, 409]
+    ),
+    route!(
+        POST,
+        "/api/v1/host/my/stop",
+        "Stop the VM",
+        true,
+        &[200, 401, 404, 409]
+    ),
+    route!(
+        POST,
+        "/api/v1/host/my/restart",
+        "Restart the VM",
+        true,
+        &[200, 401, 404, 409]
+    ),
+    route!(
+        GET,
+        "/api/v1/host/my/console",
+        "Last lines of the VM's serial console (?lines=N, at most 1000)",
+        true,
+        &[200, 401, 404]
+    ),
+    route!(GET, "/api/v1/health", "Liveness", false, &[200]),
+    route!(
+        GET,
+        "/api/v1/health/detailed",
+        "Database, QEMU, accel, image, namespace, nginx, disk, VMs by state",
+        false,
+        &[200, 503]
+    ),
+    route!(
+        GET,
+        "/api/v1/version",
+        "Version, git commit, QEMU version",
+        false,
+        &[200]
+    ),
+    route!(
+        GET,
+        "/api/v1/openapi.json",
+        "This OpenAPI document",
+        false,
+        &[200]
+    ),
+    route!(GET, "/docs", "API documentation page", false, &[200]),
+    route!(GET, "/metrics", "Prometheus metrics", false, &[200]),
+];
+
+/// One parsed request, as handlers see it.
+pub(crate) struct Request<'a> {
+    pub state: &'a ApiState,
+    pub method: &'a Method,
+    pub headers: &'a HeaderMap,
+    pub query: Option<&'a str>,
+    pub body: Bytes,
+}
+
+static REQUEST_SEQ: AtomicU64 = AtomicU64::new(0);
+
+fn request_id() -> String {
+    // Unique across restarts (random prefix) and cheap (counter).
+    static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let prefix = PREFIX.get_or_init(|| format!("{:08x}", rand::random::<u32>()));
+    format!("{prefix}-{:x}", REQUEST_SEQ.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The whole API as one warp filter. Never rejects: every answer is an envelope.
+pub fn routes(
+    state: ApiState,
+) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
+    let state = warp::any().map(move || state.clone());
+    let query = warp::query::raw().map(Some).or(warp::any().map(|| None)).unify();
+    state
+        .and(warp::method())
+        .and(warp::path::full())
+        .and(query)
+        .and(warp::header::headers_cloned())
+        .and(warp::addr::remote())
+        .and(warp::body::stream())
+        .then(
+            |state: ApiState,
+             method: Method,
+             path: warp::path::FullPath,
+             query: Option<String>,
+             headers: HeaderMap,
+             remote: Option<SocketAddr>,
+             body| async move {
+                let id = request_id();
+                let span = tracing::info_span!("request", request_id = %id);
+                handle(
+                    state,
+                    method,
+                    path.as_str().to_owned(),
+                    query,
+                    headers,
+                    remote,
+                    body,
+                    id,
+                )
+                .instrument(span)
+                .await
+            },
+        )
+        .or(warp::any().map(|| {
+            // Only reached when the body stream cannot be taken.
+            ApiError::bad_request("unreadable request").into_response()
+        }))
+        .unify()
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn handle<S, B>(
+    state: ApiState,
+    method: Method,
+    path: String,
+    query: Option<String>,
+    headers: HeaderMap,
+    remote: Option<SocketAddr>,
+    body: S,
+    id: String,
+) -> Response
+where
+    S: futures::Stream<Item = Result<B, warp::Error>> + Send,
+    B: Buf,
+{
+    let started = Instant::now();
+    let route = ROUTES.iter().find(|r| r.path == path);
+    let label = route.map(|r| r.path).unwrap_or("unmatched");
+    let mut resp = match read_body(&headers, body).await {
+        Err(e) => e.into_response(),
+        Ok(body) => {
+            let req = Request {
+                state: &state,
+                method: &method,
+                headers: &headers,
+                query: query.as_deref(),
+                body,
+            };
+            dispatch(&req, &path).await
+        }
+    };
+    let status = resp.status().as_u16();
+    let elapsed = started.elapsed();
+    state.metrics.record(label, status, elapsed.as_secs_f64());
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    tracing::info!(
+        target: "webhoster::access",
+        method = %method,
+        path = %path,
+        status,
+        micros = elapsed.as_micros() as u64,
+        remote = %remote.map(|r| r.to_string()).unwrap_or_default(),
+        "request"
+    );
+    resp
+}
+
+/// Reads the body with the 1 MiB cap (a larger Content-Length is refused
+/// before reading anything).
+async fn read_body<S, B>(headers: &HeaderMap, body: S) -> Result<Bytes, ApiError>
+where
+    S: futures::Stream<Item = Result<B, warp::Error>> + Send,
+    B: Buf,
+{
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("request bodies are limited to {MAX_BODY} bytes"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(too_large());
+    }
+    let mut buf = BytesMut::new();
+    let mut body = std::pin::pin!(body);
+    while let Some(chunk) = body.next().await {
+        let mut chunk = chunk.map_err(|_| ApiError::bad_request("the request body could not be read"))?;
+        if buf.len() + chunk.remaining() > MAX_BODY {
+            return Err(too_large());
+        }
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            buf.extend_from_slice(part);
+            let n = part.len();
+            chunk.advance(n);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+async fn dispatch(req: &Request<'_>, path: &str) -> Response {
+    let matching: Vec<&RouteDef> = ROUTES.iter().filter(|r| r.path == path).collect();
+    if matching.is_empty() {
+        return ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no route {path}")).into_response();
+    }
+    // HEAD is answered like GET by hyper's body handling.
+    let method = if *req.method == Method::HEAD {
+        &Method::GET
+    } else {
+        req.method
+    };
+    if !matching.iter().any(|r| r.method == *method) {
+        let allow: Vec<&str> = matching.iter().map(|r| r.method.as_str()).collect();
+        let mut resp = ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!(
+                "{} is not allowed on {path}; use {}",
+                req.method,
+                allow.join(", ")
+            ),
+        )
+        .into_response();
+        if let Ok(v) = HeaderValue::from_str(&allow.join(", ")) {
+            resp.headers_mut().insert(header::ALLOW, v);
+        }
+        return resp;
+    }
+    let result = match (method.as_str(), path) {
+        ("POST", "/api/v1/auth/register") => handlers::register(req).await,
+        ("POST", "/api/v1/auth/login") => handlers::login(req).await,
+        ("GET", "/api/v1/auth/me") => handlers::me(req).await,
+        ("POST", "/api/v1/host") => handlers::create_host(req).await,
+        ("GET", "/api/v1/host/my") => handlers::get_host(req).await,
+        ("DELETE", "/api/v1/host/my") => handlers::delete_host(req).await,
+        ("POST", "/api/v1/host/my/start") => handlers::power(req, "start").await,
+        ("POST", "/api/v1/host/my/stop") => handlers::power(req, "stop").await,
+        ("POST", "/api/v1/host/my/restart") => handlers::power(req, "restart").await,
+        ("GET", "/api/v1/host/my/console") => handlers::console(req).await,
+        ("GET", "/api/v1/health") => system::health(req).await,
+        ("GET", "/api/v1/health/detailed") => system::health_detailed(req).await,
+        ("GET", "/api/v1/version") => system::version(req).await,
+        ("GET", "/api/v1/openapi.json") => Ok(openapi::document(req)),
+        ("GET", "/docs") => Ok(openapi::docs_page()),
+        ("GET", "/metrics") => system::metrics(req).await,
+        _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")),
+    };
+    result.unwrap_or_else(ApiError::into_response)
+}
+
+/// Serves `routes(state)` on `listener` until `shutdown` resolves, then lets
+/// requests in flight finish.
+pub async fn serve_listener(
+    listener: tokio::net::TcpListener,
+    state: ApiState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    warp::serve(routes(state))
+        .incoming(listener)
+        .graceful(shutdown)
+        .run()
+        .await;
+}
+
+/// Binds `addr` and serves; returns the bound address and the server future.
+pub async fn serve(
+    addr: SocketAddr,
+    state: ApiState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<(SocketAddr, impl Future<Output = ()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    Ok((bound, serve_listener(listener, state, shutdown)))
+}

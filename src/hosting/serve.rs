@@ -1,9 +1,104 @@
-//! `webhoster serve`: wires the real engine, network, proxy and store.
+//! `webhoster serve`: opens the store, recovers unfinished work, wires the
+//! real engine, network, proxy and probes ([`build_backends`]), and serves
+//! the API until SIGTERM or SIGINT.
 
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
+use anyhow::Context;
+
+use super::ports::Ports;
+use super::{HostingConfig, HostingService, Readiness};
+use crate::api::{self, ApiConfig, ApiState};
+use crate::auth::{self, Auth};
 use crate::config::{Paths, ServeArgs};
+use crate::store::{self, Store};
 
-pub async fn run(_paths: Paths, _args: ServeArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not written yet")
+/// The real parts behind the ports, and what must live as long as the service.
+pub struct Backends {
+    pub ports: Ports,
+}
+
+/// Wires `vmm::Engine`, `net::Network`, `proxy::Proxy`, the seed writer and
+/// the TCP probe into [`Ports`]. The coordinator fills this in when the
+/// engine, network and proxy modules are merged.
+pub async fn build_backends(_paths: &Paths, _args: &ServeArgs) -> anyhow::Result<Backends> {
+    anyhow::bail!(
+        "the real VM engine, network and proxy are not wired into `serve` yet \
+         (hosting::serve::build_backends)"
+    )
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+pub async fn run(paths: Paths, args: ServeArgs) -> anyhow::Result<ExitCode> {
+    std::fs::create_dir_all(&paths.state_dir)
+        .with_context(|| format!("creating the state dir {}", paths.state_dir.display()))?;
+    let url = args
+        .database_url
+        .clone()
+        .unwrap_or_else(|| store::default_url(&paths.state_dir));
+    let store = Store::connect(&url).await.context("opening the database")?;
+    let secret = match &args.jwt_secret {
+        Some(s) => s.as_bytes().to_vec(),
+        None => auth::load_or_create_secret(&paths.state_dir)?,
+    };
+    // Hashing gets all cores but one: a login flood then leaves a core for
+    // every other route (each hash is ~20 MiB and tens of ms of one core).
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let auth = Auth::new(
+        &secret,
+        Duration::from_secs(args.token_ttl),
+        cores.saturating_sub(1).max(1),
+    )?;
+    let backends = build_backends(&paths, &args).await?;
+    let cfg = HostingConfig {
+        login_user: "ubuntu".into(),
+        ssh_ports: args.net.ssh_ports.clone(),
+        ready: Readiness {
+            timeout: Duration::from_secs(300),
+            interval: Duration::from_millis(500),
+        },
+    };
+    let hosting = HostingService::new(store.clone(), backends.ports, cfg);
+    // Before the API accepts work: undo unfinished creates, finish deletes.
+    let report = hosting.recover().await.context("recovering unfinished work")?;
+    tracing::info!(undone = ?report.undone, deleted = ?report.deleted, failed = ?report.failed, "recovery done");
+    let state = ApiState::new(
+        store.clone(),
+        auth,
+        Arc::clone(&hosting),
+        ApiConfig {
+            public_host: args.public_host.clone(),
+            http_port: args.http_addr.port(),
+            state_dir: Some(paths.state_dir.clone()),
+            ..ApiConfig::default()
+        },
+    );
+    let (addr, server) = api::serve(args.api_addr, state, shutdown_signal())
+        .await
+        .with_context(|| format!("binding the API to {}", args.api_addr))?;
+    tracing::info!(%addr, "API listening");
+    server.await;
+    // Creates still running are cut where they stand; the journal lets the
+    // next start undo them.
+    hosting.abort_creates();
+    store.close().await;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
 }

@@ -2,5 +2,6 @@
 //! own file. Not every test binary uses every helper.
 #![allow(dead_code)]
 
+pub mod control;
 pub mod guest;
 pub mod host;

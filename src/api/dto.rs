@@ -1,0 +1,261 @@
+//! Request bodies: parsed strictly (unknown fields rejected), then validated
+//! as a separate step. Response data shapes.
+
+use serde::{Deserialize, Serialize};
+
+use super::error::ApiError;
+use crate::store::{Hosting, User};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    pub email: String,
+    pub username: String,
+    pub password: String,
+}
+
+/// OAuth2 password-grant style: the optional OAuth2 fields are accepted and ignored.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    /// Email or username.
+    pub username: String,
+    pub password: String,
+    #[serde(default)]
+    pub grant_type: Option<String>,
+    // Accepted so OAuth2 clients work; webhoster has no scopes or clients.
+    #[serde(default)]
+    #[allow(dead_code)]
+    pub scope: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    pub client_id: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    pub client_secret: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateHostRequest {
+    #[serde(default)]
+    pub ssh_public_key: Option<String>,
+}
+
+pub const MIN_PASSWORD: usize = 8;
+/// Longer passwords only cost hashing time.
+pub const MAX_PASSWORD: usize = 1024;
+
+pub fn valid_username(u: &str) -> bool {
+    (3..=32).contains(&u.len())
+        && u.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// A practical email check: one `@`, a non-empty local part, a dotted domain
+/// of letters, digits, `-` and `.`, no spaces or control characters.
+pub fn valid_email(e: &str) -> bool {
+    if e.len() > 254 || e.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return false;
+    }
+    let Some((local, domain)) = e.split_once('@') else {
+        return false;
+    };
+    let local_ok = !local.is_empty()
+        && local.len() <= 64
+        && !local.starts_with('.')
+        && !local.ends_with('.')
+        && !local.contains("..")
+        && local
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+/=?^_`{|}~.-".contains(c));
+    let labels: Vec<&str> = domain.split('.').collect();
+    let domain_ok = labels.len() >= 2
+        && labels.iter().all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+        && labels
+            .last()
+            .is_some_and(|tld| tld.len() >= 2 && tld.chars().all(|c| c.is_ascii_alphabetic()));
+    local_ok && domain_ok
+}
+
+impl RegisterRequest {
+    /// Normalizes (email lowercased) and validates.
+    pub fn validate(mut self) -> Result<RegisterRequest, ApiError> {
+        self.email = self.email.trim().to_ascii_lowercase();
+        if !valid_email(&self.email) {
+            return Err(ApiError::validation("email is not a valid email address"));
+        }
+        if !valid_username(&self.username) {
+            return Err(ApiError::validation(
+                "username must be 3 to 32 characters of a-z, 0-9, '_' and '-'",
+            ));
+        }
+        let n = self.password.chars().count();
+        if n < MIN_PASSWORD {
+            return Err(ApiError::validation(format!(
+                "password must be at least {MIN_PASSWORD} characters"
+            )));
+        }
+        if n > MAX_PASSWORD {
+            return Err(ApiError::validation(format!(
+                "password must be at most {MAX_PASSWORD} characters"
+            )));
+        }
+        Ok(self)
+    }
+}
+
+impl LoginRequest {
+    pub fn validate(mut self) -> Result<LoginRequest, ApiError> {
+        self.username = self.username.trim().to_ascii_lowercase();
+        if self.username.is_empty() || self.password.is_empty() {
+            return Err(ApiError::validation("username and password are required"));
+        }
+        if let Some(g) = &self.grant_type
+            && g != "password"
+        {
+            return Err(ApiError::validation("grant_type must be \"password\""));
+        }
+        if self.password.len() > 4 * MAX_PASSWORD || self.username.len() > 254 {
+            return Err(ApiError::validation("username or password too long"));
+        }
+        Ok(self)
+    }
+}
+
+impl CreateHostRequest {
+    pub fn validate(self) -> Result<CreateHostRequest, ApiError> {
+        match self.ssh_public_key {
+            None => Ok(self),
+            Some(k) if k.trim().is_empty() => Ok(CreateHostRequest { ssh_public_key: None }),
+            Some(k) => crate::hosting::keys::check(&k)
+                .map(|k| CreateHostRequest {
+                    ssh_public_key: Some(k),
+                })
+                .map_err(|e| {
+                    ApiError::new(
+                        warp::http::StatusCode::UNPROCESSABLE_ENTITY,
+                        "invalid_ssh_key",
+                        e.to_string(),
+                    )
+                }),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct UserData<'a> {
+    pub id: i64,
+    pub email: &'a str,
+    pub username: &'a str,
+    pub created_at: &'a str,
+}
+
+impl<'a> From<&'a User> for UserData<'a> {
+    fn from(u: &'a User) -> Self {
+        UserData {
+            id: u.id,
+            email: &u.email,
+            username: &u.username,
+            created_at: &u.created_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct TokenData {
+    pub access_token: String,
+    pub token_type: &'static str,
+    pub expires_in: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HostingData<'a> {
+    pub id: i64,
+    pub vm_id: &'a str,
+    pub vm_ip: &'a str,
+    pub ssh_port: u16,
+    pub status: &'a str,
+    /// The create or delete step under way, if any (progress of `?wait=false`).
+    pub step: Option<&'a str>,
+    pub created_at: &'a str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HostData<'a> {
+    pub hosting: HostingData<'a>,
+    pub web_url: String,
+    pub ssh_command: String,
+    /// Only in the create response, only when webhoster generated the key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub private_key: Option<&'a str>,
+}
+
+impl<'a> HostData<'a> {
+    pub fn new(
+        h: &'a Hosting,
+        host: &str,
+        http_port: u16,
+        login_user: &str,
+        private_key: Option<&'a str>,
+    ) -> HostData<'a> {
+        let authority = if http_port == 80 {
+            host.to_owned()
+        } else {
+            format!("{host}:{http_port}")
+        };
+        HostData {
+            hosting: HostingData {
+                id: h.id,
+                vm_id: &h.vm_id,
+                vm_ip: &h.vm_ip,
+                ssh_port: h.ssh_port,
+                status: &h.status,
+                step: h.step.as_deref(),
+                created_at: &h.created_at,
+            },
+            web_url: format!("http://{authority}/{}/", h.user_id),
+            ssh_command: format!("ssh -p {} {login_user}@{host}", h.ssh_port),
+            private_key,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emails_and_usernames() {
+        for good in ["a@b.co", "first.last+tag@example.org", "x_y@sub.domain.io"] {
+            assert!(valid_email(good), "{good}");
+        }
+        for bad in [
+            "", "plain", "@x.io", "a@", "a@b", "a@b.c", "a b@c.io", "a@b..io", "a@-b.io", "a\n@b.io",
+            "a@b.io\n", ".a@b.io", "a@b.12",
+        ] {
+            assert!(!valid_email(bad), "{bad:?}");
+        }
+        for good in ["abc", "a_b-c", "user123", &"x".repeat(32)] {
+            assert!(valid_username(good), "{good}");
+        }
+        for bad in [
+            "ab",
+            "Abc",
+            "a b",
+            "a.b",
+            "ü-user",
+            "x;drop",
+            &"x".repeat(33),
+            "a\nb",
+        ] {
+            assert!(!valid_username(bad), "{bad:?}");
+        }
+    }
+}

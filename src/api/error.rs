@@ -1,0 +1,168 @@
+//! The envelope and the one error type that maps every module's errors to an
+//! HTTP status and a stable `error.code`. A 500 is logged with its chain and
+//! never echoed: the client gets a generic message.
+
+use serde::Serialize;
+use warp::http::{HeaderValue, StatusCode, header};
+use warp::reply::Response;
+
+use crate::auth::AuthError;
+use crate::hosting::{HostingError, chain};
+use crate::store::{Conflict, StoreError};
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    pub fn validation(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", message)
+    }
+
+    pub fn unauthorized() -> ApiError {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid bearer token is required",
+        )
+    }
+
+    /// Logs `err` with its chain and hides it behind a generic 500.
+    pub fn internal(err: &(dyn std::error::Error + 'static)) -> ApiError {
+        tracing::error!(error = %chain(err), "internal error");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; it has been logged",
+        )
+    }
+
+    pub fn into_response(self) -> Response {
+        let mut resp = envelope(
+            self.status,
+            false,
+            &self.message,
+            &serde_json::Value::Null,
+            Some(self.code),
+        );
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+#[derive(Serialize)]
+struct Envelope<'a, T: Serialize> {
+    success: bool,
+    message: &'a str,
+    data: &'a T,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<ErrorBody>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody {
+    code: &'static str,
+}
+
+/// `{"success", "message", "data"[, "error": {"code"}]}` as a JSON response.
+pub fn envelope<T: Serialize>(
+    status: StatusCode,
+    success: bool,
+    message: &str,
+    data: &T,
+    code: Option<&'static str>,
+) -> Response {
+    let body = Envelope {
+        success,
+        message,
+        data,
+        error: code.map(|code| ErrorBody { code }),
+    };
+    let bytes = serde_json::to_vec(&body).unwrap_or_else(|_| {
+        br#"{"success":false,"message":"unserializable response","data":null,"error":{"code":"internal"}}"#.to_vec()
+    });
+    let mut resp = Response::new(bytes.into());
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+pub fn ok<T: Serialize>(status: StatusCode, message: &str, data: &T) -> Response {
+    envelope(status, true, message, data, None)
+}
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> ApiError {
+        match err {
+            StoreError::Conflict(Conflict::Email) => ApiError::new(
+                StatusCode::CONFLICT,
+                "email_taken",
+                "an account with this email already exists",
+            ),
+            StoreError::Conflict(Conflict::Username) => {
+                ApiError::new(StatusCode::CONFLICT, "username_taken", "this username is taken")
+            }
+            StoreError::Conflict(Conflict::HostingForUser) => ApiError::new(
+                StatusCode::CONFLICT,
+                "hosting_exists",
+                "this account already has a hosting",
+            ),
+            other => ApiError::internal(&other),
+        }
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(err: AuthError) -> ApiError {
+        match err {
+            AuthError::InvalidToken => ApiError::unauthorized(),
+            other => ApiError::internal(&other),
+        }
+    }
+}
+
+impl From<HostingError> for ApiError {
+    fn from(err: HostingError) -> ApiError {
+        use HostingError as H;
+        let msg = err.to_string();
+        match err {
+            H::Exists => ApiError::new(StatusCode::CONFLICT, "hosting_exists", msg),
+            H::NotFound => ApiError::new(StatusCode::NOT_FOUND, "no_hosting", msg),
+            H::Busy(_) => ApiError::new(StatusCode::CONFLICT, "hosting_busy", msg),
+            H::AlreadyInState(_) => ApiError::new(StatusCode::CONFLICT, "already_in_state", msg),
+            H::SubnetFull | H::PortsFull | H::AllocContention(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_capacity", msg)
+            }
+            H::Key(_) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_ssh_key", msg),
+            H::Store(e) => e.into(),
+            ref e @ H::StepFailed { .. } if e.is_timeout() => {
+                ApiError::new(StatusCode::GATEWAY_TIMEOUT, "create_timeout", msg)
+            }
+            H::StepFailed { .. } => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "create_failed", msg),
+            H::RollbackFailed { .. } => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "cleanup_failed", msg)
+            }
+            H::Vm { .. } => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "vm_failed", msg),
+            ref other @ H::TaskLost => ApiError::internal(other),
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! Account and hosting handlers: parse, validate, call the service, answer.
+
+use serde::de::DeserializeOwned;
+use warp::http::{StatusCode, header};
+use warp::reply::Response;
+
+use super::Request;
+use super::dto::*;
+use super::error::{ApiError, ok};
+use crate::store::User;
+
+type Reply = Result<Response, ApiError>;
+
+fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        // serde's message names the field or position, never a secret value.
+        ApiError::bad_request(format!("invalid JSON body: {e}"))
+    })
+}
+
+fn content_type(req: &Request<'_>) -> String {
+    req.headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}
+
+/// The user id of a valid bearer token.
+fn bearer(req: &Request<'_>) -> Result<i64, ApiError> {
+    let value = req
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(ApiError::unauthorized)?;
+    let (scheme, token) = value.split_once(' ').ok_or_else(ApiError::unauthorized)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(ApiError::unauthorized());
+    }
+    Ok(req.state.auth.verify(token.trim())?)
+}
+
+/// The account of a valid bearer token (a token of a deleted account is 401).
+async fn current_user(req: &Request<'_>) -> Result<User, ApiError> {
+    let id = bearer(req)?;
+    req.state
+        .store
+        .user_by_id(id)
+        .await?
+        .ok_or_else(ApiError::unauthorized)
+}
+
+fn query_param<'a>(req: &'a Request<'_>, name: &str) -> Option<std::borrow::Cow<'a, str>> {
+    let q = req.query?;
+    url_pairs(q).find(|(k, _)| k == name).map(|(_, v)| v)
+}
+
+fn url_pairs(q: &str) -> impl Iterator<Item = (std::borrow::Cow<'_, str>, std::borrow::Cow<'_, str>)> {
+    q.split('&').filter(|p| !p.is_empty()).map(|p| {
+        let (k, v) = p.split_once('=').unwrap_or((p, ""));
+        (std::borrow::Cow::Borrowed(k), std::borrow::Cow::Borrowed(v))
+    })
+}
+
+/// The host name users reach webhoster by: config, else the Host header.
+fn public_host(req: &Request<'_>) -> String {
+    if let Some(h) = &req.state.config.public_host {
+        return h.clone();
+    }
+    let host = req
+        .headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("localhost");
+    // Strip the API port; bracketed IPv6 keeps its brackets.
+    let name = if host.starts_with('[') {
+        host.split_once(']')
+            .map(|(h, _)| format!("{h}]"))
+            .unwrap_or_else(|| host.to_owned())
+    } else {
+        host.split(':').next().unwrap_or(host).to_owned()
+    };
+    let valid = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".-_[]:".contains(c));
+    if valid { name } else { "localhost".into() }
+}
+
+pub async fn register(req: &Request<'_>) -> Reply {
+    let body: RegisterRequest = parse_json(&req.body)?;
+    let body = body.validate()?;
+    let hash = req.state.auth.hash_password(body.password).await?;
+    let user = req
+        .state
+        .store
+        .create_user(&body.email, &body.username, &hash)
+        .await?;
+    tracing::info!(user_id = user.id, "account registered");
+    Ok(ok(StatusCode::CREATED, "account created", &UserData::from(&user)))
+}
+
+pub async fn login(req: &Request<'_>) -> Reply {
+    let body: LoginRequest = match content_type(req).as_str() {
+        "application/json" => parse_json(&req.body)?,
+        "application/x-www-form-urlencoded" | "" => serde_urlencoded::from_bytes(&req.body)
+            .map_err(|e| ApiError::bad_request(format!("invalid form body: {e}")))?,
+        other => {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                format!("login takes application/x-www-form-urlencoded or application/json, not {other}"),
+            ));
+        }
+    };
+    let body = body.validate()?;
+    let found = req.state.store.user_by_login(&body.username).await?;
+    let (user, hash) = match found {
+        Some(u) => (Some(u.user), Some(u.password_hash)),
+        None => (None, None),
+    };
+    let valid = req.state.auth.verify_password(body.password, hash).await?;
+    let user = match (valid, user) {
+        (true, Some(user)) => user,
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_credentials",
+                "wrong username or password",
+            ));
+        }
+    };
+    let token = req.state.auth.issue(user.id)?;
+    Ok(ok(
+        StatusCode::OK,
+        "logged in",
+        &TokenData {
+            access_token: token.access_token,
+            token_type: "bearer",
+            expires_in: token.expires_in,
+        },
+    ))
+}
+
+pub async fn me(req: &Request<'_>) -> Reply {
+    let user = current_user(req).await?;
+    Ok(ok(StatusCode::OK, "your account", &UserData::from(&user)))
+}
+
+fn host_reply(
+    req: &Request<'_>,
+    status: StatusCode,
+    message: &str,
+    h: &crate::store::Hosting,
+    private_key: Option<&str>,
+) -> Response {
+    let cfg = &req.state.config;
+    let data = HostData::new(h, &public_host(req), cfg.http_port, &cfg.login_user, private_key);
+    ok(status, message, &data)
+}
+
+pub async fn create_host(req: &Request<'_>) -> Reply {
+    let user = current_user(req).await?;
+    let body: CreateHostRequest = if req.body.iter().all(|b| b.is_ascii_whitespace()) {
+        CreateHostRequest::default()
+    } else {
+        parse_json(&req.body)?
+    };
+    let body = body.validate()?;
+    let wait = match query_param(req, "wait").as_deref() {
+        None | Some("true") | Some("1") | Some("") => true,
+        Some("false") | Some("0") => false,
+        Some(_) => return Err(ApiError::validation("wait must be true or false")),
+    };
+    let created = req.state.hosting.create(&user, body.ssh_public_key, wait).await?;
+    let (status, message) = if wait {
+        (StatusCode::CREATED, "hosting created")
+    } else {
+        (
+            StatusCode::ACCEPTED,
+            "hosting is being created; GET /api/v1/host/my shows progress",
+        )
+    };
+    Ok(host_reply(
+        req,
+        status,
+        message,
+        &created.hosting,
+        created.private_key.as_deref(),
+    ))
+}
+
+pub async fn get_host(req: &Request<'_>) -> Reply {
+    let user_id = bearer(req)?;
+    let h = req.state.hosting.get(user_id).await?;
+    Ok(host_reply(req, StatusCode::OK, "your hosting", &h, None))
+}
+
+pub async fn delete_host(req: &Request<'_>) -> Reply {
+    let user_id = bearer(req)?;
+    req.state.hosting.delete(user_id).await?;
+    Ok(ok(StatusCode::OK, "hosting deleted", &serde_json::Value::Null))
+}
+
+pub async fn power(req: &Request<'_>, action: &str) -> Reply {
+    let user_id = bearer(req)?;
+    let hosting = &req.state.hosting;
+    let (h, message) = match action {
+        "start" => (hosting.start(user_id).await?, "VM started"),
+        "stop" => (hosting.stop(user_id).await?, "VM stopped"),
+        _ => (hosting.restart(user_id).await?, "VM restarted"),
+    };
+    Ok(host_reply(req, StatusCode::OK, message, &h, None))
+}
+
+pub async fn console(req: &Request<'_>) -> Reply {
+    let user_id = bearer(req)?;
+    let lines = match query_param(req, "lines") {
+        None => 100,
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| ApiError::validation("lines must be a number from 1 to 1000"))?,
+    };
+    let text = req.state.hosting.console(user_id, lines).await?;
+    Ok(ok(
+        StatusCode::OK,
+        "serial console",
+        &serde_json::json!({ "lines": text.lines().collect::<Vec<_>>() }),
+    ))
+}

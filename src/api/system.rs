@@ -1,0 +1,144 @@
+//! Operational endpoints: liveness, detailed health, version, metrics.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use warp::http::{HeaderValue, StatusCode, header};
+use warp::reply::Response;
+
+use super::Request;
+use super::error::{ApiError, envelope, ok};
+use crate::hosting::ports::HealthCheck;
+
+type Reply = Result<Response, ApiError>;
+
+/// Free space below this on the state dir's filesystem makes health fail.
+const MIN_FREE_DISK: u64 = 512 * 1024 * 1024;
+
+pub async fn health(req: &Request<'_>) -> Reply {
+    Ok(ok(
+        StatusCode::OK,
+        "alive",
+        &serde_json::json!({
+            "status": "ok",
+            "uptime_seconds": req.state.started.elapsed().as_secs(),
+        }),
+    ))
+}
+
+fn free_disk_check(path: &std::path::Path) -> HealthCheck {
+    match nix::sys::statvfs::statvfs(path) {
+        Ok(st) => {
+            let free = st.blocks_available() * st.fragment_size();
+            HealthCheck {
+                name: "disk".into(),
+                ok: free >= MIN_FREE_DISK,
+                required: true,
+                detail: format!("{} MiB free in {}", free / (1024 * 1024), path.display()),
+            }
+        }
+        Err(e) => HealthCheck {
+            name: "disk".into(),
+            ok: false,
+            required: true,
+            detail: format!("statvfs {}: {e}", path.display()),
+        },
+    }
+}
+
+pub async fn health_detailed(req: &Request<'_>) -> Reply {
+    let state = req.state;
+    let mut checks = Vec::new();
+    let db = state.store.ping().await;
+    checks.push(HealthCheck {
+        name: "database".into(),
+        ok: db.is_ok(),
+        required: true,
+        detail: match &db {
+            Ok(()) => format!("{} answers", state.store.backend().name()),
+            Err(_) => format!("{} does not answer", state.store.backend().name()),
+        },
+    });
+    if let Err(e) = &db {
+        tracing::warn!(error = %crate::hosting::chain(e), "health: database");
+    }
+    checks.extend(state.hosting.ports().system.checks().await);
+    if let Some(dir) = &state.config.state_dir {
+        checks.push(free_disk_check(dir));
+    }
+    let vms: BTreeMap<String, i64> = state
+        .store
+        .count_by_status()
+        .await
+        .map(|v| v.into_iter().collect())
+        .unwrap_or_default();
+    let healthy = checks.iter().all(|c| c.ok || !c.required);
+    let status = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let data = serde_json::json!({
+        "status": if healthy { "ok" } else { "unavailable" },
+        "checks": checks,
+        "vms_by_status": vms,
+        "creates_in_flight": state.hosting.creates_in_flight(),
+    });
+    if healthy {
+        Ok(ok(status, "all required parts are up", &data))
+    } else {
+        let down: Vec<&str> = checks
+            .iter()
+            .filter(|c| c.required && !c.ok)
+            .map(|c| c.name.as_str())
+            .collect();
+        Ok(envelope(
+            status,
+            false,
+            &format!("down: {}", down.join(", ")),
+            &data,
+            Some("unhealthy"),
+        ))
+    }
+}
+
+pub async fn version(req: &Request<'_>) -> Reply {
+    let qemu = req.state.hosting.ports().system.qemu_version().await;
+    Ok(ok(
+        StatusCode::OK,
+        "version",
+        &serde_json::json!({
+            "version": req.state.config.version,
+            "git_commit": option_env!("WEBHOSTER_GIT_COMMIT").unwrap_or("unknown"),
+            "qemu_version": qemu,
+        }),
+    ))
+}
+
+pub async fn metrics(req: &Request<'_>) -> Reply {
+    let state = req.state;
+    let mut out = String::with_capacity(8192);
+    state.metrics.render(&mut out);
+    out.push_str("# HELP webhoster_hostings Hostings by status.\n# TYPE webhoster_hostings gauge\n");
+    let counts: BTreeMap<String, i64> = state.store.count_by_status().await?.into_iter().collect();
+    for s in crate::hosting::Status::ALL {
+        let n = counts.get(s.as_str()).copied().unwrap_or(0);
+        let _ = writeln!(out, "webhoster_hostings{{status=\"{}\"}} {n}", s.as_str());
+    }
+    out.push_str("# HELP webhoster_create_duration_seconds Time from create request to a published site.\n# TYPE webhoster_create_duration_seconds histogram\n");
+    state
+        .hosting
+        .create_durations()
+        .render(&mut out, "webhoster_create_duration_seconds", "");
+    let _ = writeln!(
+        out,
+        "# TYPE webhoster_uptime_seconds gauge\nwebhoster_uptime_seconds {}",
+        state.started.elapsed().as_secs()
+    );
+    let mut resp = Response::new(out.into());
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    Ok(resp)
+}

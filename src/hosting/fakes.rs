@@ -1,0 +1,326 @@
+//! In-memory fakes of every port, for fast tests and the API bench. They
+//! record each call (`"engine.spawn vm-..."`), keep the resources they "hold"
+//! so a test can assert that nothing leaked, and fail or hang on request at
+//! any named method. A fake is never the proof that a real part works.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use ipnet::Ipv4Net;
+
+use super::ports::*;
+use super::steps::Step;
+use crate::seed::SeedSpec;
+
+/// What the fakes hold right now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Held {
+    pub seeds: BTreeSet<PathBuf>,
+    pub disks: BTreeSet<String>,
+    pub taps: BTreeSet<String>,
+    /// vm_id -> running
+    pub vms: BTreeMap<String, bool>,
+    pub forwards: BTreeMap<String, (u16, Ipv4Addr)>,
+    pub sites: BTreeMap<i64, Site>,
+}
+
+impl Held {
+    pub fn is_empty(&self) -> bool {
+        *self == Held::default()
+    }
+}
+
+#[derive(Default)]
+struct World {
+    calls: Vec<String>,
+    fail: HashSet<String>,
+    hang: HashSet<String>,
+    held: Held,
+    unhealthy: BTreeSet<String>,
+}
+
+pub struct FakeWorld {
+    dir: PathBuf,
+    subnet: Ipv4Net,
+    world: Mutex<World>,
+}
+
+/// The port method that does `step` (for failure injection by step).
+pub fn step_method(step: Step) -> &'static str {
+    match step {
+        Step::Seed => "seed.write",
+        Step::Disk => "engine.create_disk",
+        Step::Tap => "net.create_tap",
+        Step::Spawn => "engine.spawn",
+        Step::Forward => "net.add_forward",
+        Step::Ready => "probe.guest_ready",
+        Step::Proxy => "proxy.add_site",
+        Step::Publish => "probe.published_ready",
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("injected failure in {0}")]
+pub struct Injected(pub String);
+
+impl FakeWorld {
+    /// `dir` is where VM directories would be (serial logs are read from there).
+    pub fn new(dir: &Path, subnet: Ipv4Net) -> Arc<FakeWorld> {
+        Arc::new(FakeWorld {
+            dir: dir.to_owned(),
+            subnet,
+            world: Mutex::new(World::default()),
+        })
+    }
+
+    pub fn ports(self: &Arc<Self>) -> Ports {
+        Ports {
+            engine: self.clone(),
+            network: self.clone(),
+            proxy: self.clone(),
+            seeder: self.clone(),
+            probe: self.clone(),
+            system: self.clone(),
+        }
+    }
+
+    fn w(&self) -> std::sync::MutexGuard<'_, World> {
+        self.world.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every later call of `method` fails.
+    pub fn fail_on(&self, method: &str) {
+        self.w().fail.insert(method.to_owned());
+    }
+
+    /// Every later call of `method` never returns (a crash or hang mid-step).
+    pub fn hang_on(&self, method: &str) {
+        self.w().hang.insert(method.to_owned());
+    }
+
+    pub fn clear_faults(&self) {
+        let mut w = self.w();
+        w.fail.clear();
+        w.hang.clear();
+    }
+
+    /// Marks a health check failed.
+    pub fn set_unhealthy(&self, check: &str, bad: bool) {
+        let mut w = self.w();
+        if bad {
+            w.unhealthy.insert(check.to_owned());
+        } else {
+            w.unhealthy.remove(check);
+        }
+    }
+
+    pub fn calls(&self) -> Vec<String> {
+        self.w().calls.clone()
+    }
+
+    pub fn held(&self) -> Held {
+        self.w().held.clone()
+    }
+
+    /// Records the call, then fails or hangs if asked to.
+    async fn enter(&self, method: &str, arg: &str) -> Result<(), PortError> {
+        let (fail, hang) = {
+            let mut w = self.w();
+            w.calls.push(format!("{method} {arg}"));
+            (w.fail.contains(method), w.hang.contains(method))
+        };
+        if hang {
+            std::future::pending::<()>().await;
+        }
+        if fail {
+            return Err(Box::new(Injected(method.to_owned())));
+        }
+        Ok(())
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Held) -> T) -> T {
+        f(&mut self.w().held)
+    }
+}
+
+#[async_trait]
+impl VmEngine for FakeWorld {
+    fn vm_dir(&self, vm_id: &str) -> PathBuf {
+        self.dir.join("vms").join(vm_id)
+    }
+    async fn create_disk(&self, vm: &VmLaunch) -> Result<(), PortError> {
+        self.enter("engine.create_disk", &vm.vm_id).await?;
+        self.with(|h| h.disks.insert(vm.vm_id.clone()));
+        Ok(())
+    }
+    async fn remove_disk(&self, vm_id: &str) -> Result<(), PortError> {
+        self.enter("engine.remove_disk", vm_id).await?;
+        self.with(|h| h.disks.remove(vm_id));
+        Ok(())
+    }
+    async fn spawn(&self, vm: &VmLaunch) -> Result<(), PortError> {
+        self.enter("engine.spawn", &vm.vm_id).await?;
+        let ok = self.with(|h| {
+            let ready = h.disks.contains(&vm.vm_id)
+                && h.taps.contains(&vm.tap_name)
+                && h.seeds.contains(&vm.seed_iso);
+            if ready {
+                h.vms.insert(vm.vm_id.clone(), true);
+            }
+            ready
+        });
+        if ok {
+            Ok(())
+        } else {
+            Err("fake engine: spawn without disk, tap or seed".into())
+        }
+    }
+    async fn kill(&self, vm_id: &str) -> Result<(), PortError> {
+        self.enter("engine.kill", vm_id).await?;
+        self.with(|h| h.vms.remove(vm_id));
+        Ok(())
+    }
+    async fn stop(&self, vm_id: &str) -> Result<(), PortError> {
+        self.enter("engine.stop", vm_id).await?;
+        self.with(|h| h.vms.insert(vm_id.to_owned(), false));
+        Ok(())
+    }
+    async fn restart(&self, vm: &VmLaunch) -> Result<(), PortError> {
+        self.enter("engine.restart", &vm.vm_id).await?;
+        self.with(|h| h.vms.insert(vm.vm_id.clone(), true));
+        Ok(())
+    }
+    async fn destroy(&self, vm_id: &str) -> Result<(), PortError> {
+        self.enter("engine.destroy", vm_id).await?;
+        self.with(|h| {
+            h.vms.remove(vm_id);
+            h.disks.remove(vm_id);
+        });
+        Ok(())
+    }
+    fn run_state(&self, vm_id: &str) -> Option<VmRunState> {
+        self.with(|h| h.vms.get(vm_id).copied()).map(|running| {
+            if running {
+                VmRunState::Running
+            } else {
+                VmRunState::Stopped
+            }
+        })
+    }
+    fn serial_log(&self, vm_id: &str) -> PathBuf {
+        self.vm_dir(vm_id).join("serial.log")
+    }
+}
+
+#[async_trait]
+impl VmNetwork for FakeWorld {
+    fn subnet(&self) -> Ipv4Net {
+        self.subnet
+    }
+    fn gateway(&self) -> Ipv4Addr {
+        self.subnet.hosts().next().unwrap_or(self.subnet.addr())
+    }
+    fn port_is_free(&self, _port: u16) -> bool {
+        true
+    }
+    fn tap_name(&self, vm_id: &str) -> String {
+        format!("tap{}", vm_id.trim_start_matches("vm-"))
+    }
+    async fn create_tap(&self, vm_id: &str) -> Result<String, PortError> {
+        self.enter("net.create_tap", vm_id).await?;
+        let name = self.tap_name(vm_id);
+        self.with(|h| h.taps.insert(name.clone()));
+        Ok(name)
+    }
+    async fn delete_tap(&self, vm_id: &str) -> Result<(), PortError> {
+        self.enter("net.delete_tap", vm_id).await?;
+        let name = self.tap_name(vm_id);
+        self.with(|h| h.taps.remove(&name));
+        Ok(())
+    }
+    async fn add_forward(&self, vm_id: &str, host_port: u16, guest_ip: Ipv4Addr) -> Result<(), PortError> {
+        self.enter("net.add_forward", vm_id).await?;
+        self.with(|h| h.forwards.insert(vm_id.to_owned(), (host_port, guest_ip)));
+        Ok(())
+    }
+    async fn remove_forward(&self, vm_id: &str) -> Result<(), PortError> {
+        self.enter("net.remove_forward", vm_id).await?;
+        self.with(|h| h.forwards.remove(vm_id));
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl SiteProxy for FakeWorld {
+    async fn add_site(&self, site: &Site) -> Result<(), PortError> {
+        self.enter("proxy.add_site", &site.user_id.to_string()).await?;
+        self.with(|h| h.sites.insert(site.user_id, site.clone()));
+        Ok(())
+    }
+    async fn remove_site(&self, user_id: i64) -> Result<(), PortError> {
+        self.enter("proxy.remove_site", &user_id.to_string()).await?;
+        self.with(|h| h.sites.remove(&user_id));
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl SeedWriter for FakeWorld {
+    async fn write(&self, spec: &SeedSpec, path: &Path) -> Result<(), PortError> {
+        self.enter("seed.write", &spec.instance_id).await?;
+        self.with(|h| h.seeds.insert(path.to_owned()));
+        Ok(())
+    }
+    async fn remove(&self, path: &Path) -> Result<(), PortError> {
+        let vm = path
+            .parent()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        self.enter("seed.remove", &vm).await?;
+        self.with(|h| h.seeds.remove(path));
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl GuestProbe for FakeWorld {
+    async fn guest_ready(&self, guest_ip: Ipv4Addr) -> Result<(), PortError> {
+        self.enter("probe.guest_ready", &guest_ip.to_string()).await
+    }
+    async fn published_ready(&self, user_id: i64, _ssh_port: u16) -> Result<(), PortError> {
+        self.enter("probe.published_ready", &user_id.to_string()).await?;
+        if self.with(|h| h.sites.contains_key(&user_id)) {
+            Ok(())
+        } else {
+            Err("fake proxy: no site".into())
+        }
+    }
+}
+
+#[async_trait]
+impl SystemInfo for FakeWorld {
+    async fn checks(&self) -> Vec<HealthCheck> {
+        let bad = self.w().unhealthy.clone();
+        ["qemu", "accel", "image", "namespace", "nginx"]
+            .into_iter()
+            .map(|name| HealthCheck {
+                name: name.into(),
+                ok: !bad.contains(name),
+                required: name != "accel",
+                detail: if bad.contains(name) {
+                    "down (fake)"
+                } else {
+                    "ok (fake)"
+                }
+                .into(),
+            })
+            .collect()
+    }
+    async fn qemu_version(&self) -> Option<String> {
+        Some("fake".into())
+    }
+}

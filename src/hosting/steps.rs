@@ -1,0 +1,185 @@
+//! The create steps, in order, each with its undo. The order is the one of
+//! ARCHITECTURE.md ("the path of one request"); undo runs in reverse.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::seed::{SeedSpec, StaticNetwork};
+
+use super::ports::{PortError, Ports, Site, VmLaunch};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Step {
+    /// Render cloud-init and write the seed ISO.
+    Seed,
+    /// qcow2 overlay on the base image.
+    Disk,
+    /// Tap in the namespace, on the bridge.
+    Tap,
+    /// QEMU running.
+    Spawn,
+    /// Host SSH port to guest :22.
+    Forward,
+    /// Guest answers HTTP :80 and SSH :22.
+    Ready,
+    /// nginx site block for `/<user_id>/`.
+    Proxy,
+    /// The site answers through nginx and SSH through the forward.
+    Publish,
+}
+
+impl Step {
+    pub const ALL: [Step; 8] = [
+        Step::Seed,
+        Step::Disk,
+        Step::Tap,
+        Step::Spawn,
+        Step::Forward,
+        Step::Ready,
+        Step::Proxy,
+        Step::Publish,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Seed => "seed",
+            Step::Disk => "disk",
+            Step::Tap => "tap",
+            Step::Spawn => "spawn",
+            Step::Forward => "forward",
+            Step::Ready => "ready",
+            Step::Proxy => "proxy",
+            Step::Publish => "publish",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Step> {
+        Step::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    /// Position in the journal.
+    pub fn seq(self) -> i64 {
+        Step::ALL.iter().position(|s| *s == self).unwrap_or(0) as i64 + 1
+    }
+}
+
+/// What the steps of one hosting work on (all derived from its row).
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub hosting_id: i64,
+    pub user_id: i64,
+    pub username: String,
+    pub login_user: String,
+    pub keys: Vec<String>,
+    pub launch: VmLaunch,
+    pub prefix_len: u8,
+    pub gateway: Ipv4Addr,
+}
+
+impl Job {
+    pub fn seed_spec(&self) -> SeedSpec {
+        SeedSpec {
+            instance_id: self.launch.vm_id.clone(),
+            hostname: self.launch.vm_id.clone(),
+            user: self.login_user.clone(),
+            ssh_keys: self.keys.clone(),
+            owner: self.username.clone(),
+            network: Some(StaticNetwork {
+                mac: self.launch.mac.clone(),
+                address: ipnet::Ipv4Net::new(self.launch.guest_ip, self.prefix_len)
+                    .unwrap_or_else(|_| ipnet::Ipv4Net::from(self.launch.guest_ip)),
+                gateway: self.gateway,
+            }),
+        }
+    }
+
+    fn seed_path(&self) -> PathBuf {
+        self.launch.seed_iso.clone()
+    }
+}
+
+/// How long readiness may take, and how often it is probed.
+#[derive(Debug, Clone, Copy)]
+pub struct Readiness {
+    pub timeout: Duration,
+    pub interval: Duration,
+}
+
+/// A readiness wait that ran out of time; carries the last probe error.
+#[derive(Debug, thiserror::Error)]
+#[error("not ready within {0:?}")]
+pub struct NotReady(pub Duration, #[source] pub PortError);
+
+async fn wait_until<F, Fut>(ready: Readiness, mut probe: F) -> Result<(), PortError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), PortError>>,
+{
+    let deadline = tokio::time::Instant::now() + ready.timeout;
+    loop {
+        let attempt = tokio::time::timeout_at(deadline, probe()).await;
+        match attempt {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) if tokio::time::Instant::now() + ready.interval >= deadline => {
+                return Err(Box::new(NotReady(ready.timeout, e)));
+            }
+            Ok(Err(_)) => tokio::time::sleep(ready.interval).await,
+            Err(_) => return Err(Box::new(NotReady(ready.timeout, "probe timed out".into()))),
+        }
+    }
+}
+
+pub async fn run(step: Step, job: &Job, ports: &Ports, ready: Readiness) -> Result<(), PortError> {
+    let vm_id = job.launch.vm_id.as_str();
+    match step {
+        Step::Seed => {
+            let spec = job.seed_spec();
+            // Validate before touching the disk: a bad key never reaches a file.
+            crate::seed::render(&spec)?;
+            ports.seeder.write(&spec, &job.seed_path()).await
+        }
+        Step::Disk => ports.engine.create_disk(&job.launch).await,
+        Step::Tap => ports.network.create_tap(vm_id).await.map(|_| ()),
+        Step::Spawn => ports.engine.spawn(&job.launch).await,
+        Step::Forward => {
+            ports
+                .network
+                .add_forward(vm_id, job.launch.ssh_port, job.launch.guest_ip)
+                .await
+        }
+        Step::Ready => {
+            let ip = job.launch.guest_ip;
+            wait_until(ready, || ports.probe.guest_ready(ip)).await
+        }
+        Step::Proxy => {
+            ports
+                .proxy
+                .add_site(&Site {
+                    user_id: job.user_id,
+                    username: job.username.clone(),
+                    upstream: SocketAddrV4::new(job.launch.guest_ip, 80),
+                })
+                .await
+        }
+        Step::Publish => {
+            let (user, port) = (job.user_id, job.launch.ssh_port);
+            wait_until(ready, || ports.probe.published_ready(user, port)).await
+        }
+    }
+}
+
+/// Undoes `step`. Idempotent: also used for a step that failed half-way and
+/// for steps found in the journal after a crash.
+pub async fn undo(step: Step, job: &Job, ports: &Ports) -> Result<(), PortError> {
+    let vm_id = job.launch.vm_id.as_str();
+    match step {
+        Step::Seed => ports.seeder.remove(&job.seed_path()).await,
+        Step::Disk => ports.engine.remove_disk(vm_id).await,
+        Step::Tap => ports.network.delete_tap(vm_id).await,
+        Step::Spawn => ports.engine.kill(vm_id).await,
+        Step::Forward => ports.network.remove_forward(vm_id).await,
+        Step::Ready | Step::Publish => Ok(()),
+        Step::Proxy => ports.proxy.remove_site(job.user_id).await,
+    }
+}

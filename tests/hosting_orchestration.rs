@@ -1,0 +1,328 @@
+//! The orchestrator on fakes over a real store (SQLite and PostgreSQL):
+//! a failure injected at every step rolls everything back in reverse; a
+//! crash at every step is undone by recovery from the journal alone; a delete
+//! cut short is finished; concurrent creates never share an allocation.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::Method;
+
+use common::control::{Db, TestApi, TestDb, fast_hosting_config};
+use webhoster::hosting::fakes::{FakeWorld, step_method};
+use webhoster::hosting::{HostingError, HostingService, Step};
+use webhoster::store::{StepState, Store, User};
+
+const KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl test@example";
+
+struct Rig {
+    store: Store,
+    world: Arc<FakeWorld>,
+    svc: Arc<HostingService>,
+    db: TestDb,
+}
+
+impl Rig {
+    async fn new(kind: Db) -> Rig {
+        let db = TestDb::new(kind).await;
+        let store = Store::connect(&db.url).await.unwrap();
+        let world = FakeWorld::new(db.dir(), "10.98.0.0/24".parse().unwrap());
+        let svc = HostingService::new(store.clone(), world.ports(), fast_hosting_config());
+        Rig {
+            store,
+            world,
+            svc,
+            db,
+        }
+    }
+
+    /// A new service on the same database and fakes: a restarted webhoster.
+    fn restart(&mut self) {
+        self.svc.abort_creates();
+        self.svc = HostingService::new(self.store.clone(), self.world.ports(), fast_hosting_config());
+    }
+
+    async fn user(&self, name: &str) -> User {
+        self.store
+            .create_user(&format!("{name}@example.com"), name, "x")
+            .await
+            .unwrap()
+    }
+}
+
+/// The "do" method of each step that ran, from the call log, in order.
+fn done_steps(calls: &[String]) -> Vec<Step> {
+    Step::ALL
+        .into_iter()
+        .filter(|s| calls.iter().any(|c| c.starts_with(step_method(*s))))
+        .collect()
+}
+
+/// The undo calls, in order, mapped back to their step.
+fn undo_order(calls: &[String]) -> Vec<Step> {
+    let undo = |c: &str| match c.split(' ').next().unwrap() {
+        "seed.remove" => Some(Step::Seed),
+        "engine.remove_disk" => Some(Step::Disk),
+        "net.delete_tap" => Some(Step::Tap),
+        "engine.kill" => Some(Step::Spawn),
+        "net.remove_forward" => Some(Step::Forward),
+        "proxy.remove_site" => Some(Step::Proxy),
+        _ => None,
+    };
+    calls.iter().filter_map(|c| undo(c)).collect()
+}
+
+fn undoable(steps: &[Step]) -> Vec<Step> {
+    steps
+        .iter()
+        .copied()
+        .filter(|s| !matches!(s, Step::Ready | Step::Publish))
+        .collect()
+}
+
+async fn rollback_at_every_step(db: Db) {
+    let rig = Rig::new(db).await;
+    for (i, step) in Step::ALL.into_iter().enumerate() {
+        let user = rig.user(&format!("user{i}")).await;
+        rig.world.clear_faults();
+        rig.world.fail_on(step_method(step));
+        let before = rig.world.calls().len();
+        let err = rig.svc.create(&user, Some(KEY.into()), true).await.unwrap_err();
+        match &err {
+            HostingError::StepFailed { step: s, .. } => assert_eq!(*s, step.name()),
+            other => panic!("step {step:?}: unexpected {other:?}"),
+        }
+        assert_eq!(err.is_timeout(), matches!(step, Step::Ready | Step::Publish));
+        let calls = rig.world.calls()[before..].to_vec();
+        // Every step up to the failed one ran, in order; none after it.
+        let ran = done_steps(&calls);
+        assert_eq!(ran, Step::ALL[..=i].to_vec(), "step {step:?}: {calls:?}");
+        // The touched steps (the failed one included: it may have half-run)
+        // are undone in exact reverse order, then the VM leftovers destroyed.
+        let mut want = undoable(&ran);
+        want.reverse();
+        assert_eq!(undo_order(&calls), want, "step {step:?}: {calls:?}");
+        assert!(calls.last().unwrap().starts_with("engine.destroy"), "{calls:?}");
+        // Nothing held, no row, no allocation.
+        assert!(
+            rig.world.held().is_empty(),
+            "step {step:?}: {:?}",
+            rig.world.held()
+        );
+        assert!(rig.store.hosting_by_user(user.id).await.unwrap().is_none());
+        assert!(rig.store.used_allocations().await.unwrap().ips.is_empty());
+        assert!(
+            rig.store.ssh_keys(user.id).await.unwrap().is_empty(),
+            "keys kept only on success"
+        );
+    }
+    // With the fault gone, the same user gets a hosting.
+    rig.world.clear_faults();
+    let user = rig.store.user_by_login("user0").await.unwrap().unwrap().user;
+    let created = rig.svc.create(&user, Some(KEY.into()), true).await.unwrap();
+    assert_eq!(created.hosting.status, "running");
+    let journal = rig.store.steps(created.hosting.id).await.unwrap();
+    assert_eq!(journal.len(), Step::ALL.len());
+    assert!(journal.iter().all(|r| r.state == StepState::Done), "{journal:?}");
+    drop(rig.db);
+}
+
+async fn failed_undo_keeps_the_row_until_delete(db: Db) {
+    let rig = Rig::new(db).await;
+    let user = rig.user("ivan").await;
+    rig.world.fail_on(step_method(Step::Forward));
+    rig.world.fail_on("engine.remove_disk");
+    let err = rig.svc.create(&user, Some(KEY.into()), true).await.unwrap_err();
+    assert!(matches!(err, HostingError::RollbackFailed { .. }), "{err:?}");
+    let h = rig.store.hosting_by_user(user.id).await.unwrap().unwrap();
+    assert_eq!(h.status, "failed");
+    assert!(!rig.world.held().is_empty(), "the disk is still there");
+    // A second create is refused while the failed one holds the slot.
+    assert!(matches!(
+        rig.svc.create(&user, None, true).await.unwrap_err(),
+        HostingError::Exists
+    ));
+    rig.world.clear_faults();
+    rig.svc.delete(user.id).await.unwrap();
+    assert!(rig.world.held().is_empty(), "{:?}", rig.world.held());
+    assert!(rig.store.hosting_by_user(user.id).await.unwrap().is_none());
+    drop(rig.db);
+}
+
+async fn crash_at_every_step_is_undone_on_restart(db: Db) {
+    let mut rig = Rig::new(db).await;
+    for (i, step) in Step::ALL.into_iter().enumerate() {
+        let user = rig.user(&format!("crash{i}")).await;
+        rig.world.clear_faults();
+        rig.world.hang_on(step_method(step));
+        let created = rig.svc.create(&user, Some(KEY.into()), false).await.unwrap();
+        let id = created.hosting.id;
+        // Wait until the journal shows the step under way, then "kill -9".
+        let mut seen = false;
+        for _ in 0..500 {
+            let journal = rig.store.steps(id).await.unwrap();
+            if journal
+                .iter()
+                .any(|r| r.step == step.name() && r.state == StepState::Pending)
+            {
+                seen = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(seen, "step {step:?} never started");
+        rig.restart();
+        rig.world.clear_faults();
+        let report = rig.svc.recover().await.unwrap();
+        assert_eq!(report.undone, vec![created.hosting.vm_id.clone()], "{report:?}");
+        assert!(report.failed.is_empty());
+        assert!(rig.store.hosting_by_user(user.id).await.unwrap().is_none());
+        assert!(
+            rig.world.held().is_empty(),
+            "step {step:?}: {:?}",
+            rig.world.held()
+        );
+    }
+    // Recovery is idempotent, and the service works after it.
+    let report = rig.svc.recover().await.unwrap();
+    assert!(report.undone.is_empty() && report.deleted.is_empty());
+    let user = rig.store.user_by_login("crash0").await.unwrap().unwrap().user;
+    rig.svc.create(&user, Some(KEY.into()), true).await.unwrap();
+    drop(rig.db);
+}
+
+async fn crash_during_delete_is_finished_on_restart(db: Db) {
+    let mut rig = Rig::new(db).await;
+    let user = rig.user("judy").await;
+    rig.svc.create(&user, Some(KEY.into()), true).await.unwrap();
+    rig.world.hang_on("net.delete_tap");
+    let svc = rig.svc.clone();
+    let uid = user.id;
+    let delete = tokio::spawn(async move { svc.delete(uid).await });
+    for _ in 0..500 {
+        if rig.world.calls().iter().any(|c| c.starts_with("net.delete_tap")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    delete.abort();
+    let h = rig.store.hosting_by_user(user.id).await.unwrap().unwrap();
+    assert_eq!(h.status, "deleting");
+    rig.restart();
+    rig.world.clear_faults();
+    let report = rig.svc.recover().await.unwrap();
+    assert_eq!(report.deleted, vec![h.vm_id]);
+    assert!(rig.world.held().is_empty(), "{:?}", rig.world.held());
+    assert!(rig.store.hosting_by_user(user.id).await.unwrap().is_none());
+    drop(rig.db);
+}
+
+async fn concurrent_creates_by_one_user(db: Db) {
+    let api = TestApi::start(db).await;
+    let token = api.user("kate").await;
+    let mut tasks = Vec::new();
+    for _ in 0..12 {
+        let client = api.client.clone();
+        let url = api.url("/api/v1/host");
+        let token = token.clone();
+        tasks.push(tokio::spawn(async move {
+            client
+                .post(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }));
+    }
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    statuses.sort();
+    assert_eq!(statuses.iter().filter(|s| **s == 201).count(), 1, "{statuses:?}");
+    assert!(statuses.iter().all(|s| *s == 201 || *s == 409), "{statuses:?}");
+    let held = api.world.held();
+    assert_eq!(
+        (
+            held.vms.len(),
+            held.taps.len(),
+            held.disks.len(),
+            held.forwards.len(),
+            held.sites.len(),
+            held.seeds.len()
+        ),
+        (1, 1, 1, 1, 1, 1),
+        "{held:?}"
+    );
+    let (s, _) = api.call(Method::GET, "/api/v1/host/my", Some(&token), None).await;
+    assert_eq!(s, 200);
+}
+
+async fn concurrent_creates_by_many_users(db: Db) {
+    let api = TestApi::start(db).await;
+    let mut tokens = Vec::new();
+    for i in 0..16 {
+        tokens.push(api.user(&format!("many{i}")).await);
+    }
+    let mut tasks = Vec::new();
+    for token in tokens {
+        let client = api.client.clone();
+        let url = api.url("/api/v1/host");
+        tasks.push(tokio::spawn(async move {
+            let r = client.post(url).bearer_auth(token).send().await.unwrap();
+            (r.status().as_u16(), r.json::<serde_json::Value>().await.unwrap())
+        }));
+    }
+    let (mut ips, mut ports, mut vms) = (HashSet::new(), HashSet::new(), HashSet::new());
+    for t in tasks {
+        let (s, b) = t.await.unwrap();
+        assert_eq!(s, 201, "{b}");
+        let h = &b["data"]["hosting"];
+        assert!(
+            ips.insert(h["vm_ip"].as_str().unwrap().to_owned()),
+            "duplicate ip"
+        );
+        assert!(ports.insert(h["ssh_port"].as_u64().unwrap()), "duplicate port");
+        assert!(
+            vms.insert(h["vm_id"].as_str().unwrap().to_owned()),
+            "duplicate vm_id"
+        );
+    }
+    let all = api.store.all_hostings().await.unwrap();
+    let macs: HashSet<_> = all.iter().map(|h| h.mac.clone()).collect();
+    assert_eq!((all.len(), macs.len()), (16, 16));
+    assert_eq!(api.world.held().vms.len(), 16);
+}
+
+async fn subnet_full_is_503(db: Db) {
+    let db = TestDb::new(db).await;
+    let store = Store::connect(&db.url).await.unwrap();
+    // A /30 holds one guest next to the gateway.
+    let world = FakeWorld::new(db.dir(), "10.97.0.0/30".parse().unwrap());
+    let svc = HostingService::new(store.clone(), world.ports(), fast_hosting_config());
+    let a = store.create_user("a@example.com", "aaa", "x").await.unwrap();
+    let b = store.create_user("b@example.com", "bbb", "x").await.unwrap();
+    svc.create(&a, Some(KEY.into()), true).await.unwrap();
+    let err = svc.create(&b, Some(KEY.into()), true).await.unwrap_err();
+    assert!(matches!(err, HostingError::SubnetFull), "{err:?}");
+    assert!(store.hosting_by_user(b.id).await.unwrap().is_none());
+    // Deleting releases the address.
+    svc.delete(a.id).await.unwrap();
+    svc.create(&b, Some(KEY.into()), true).await.unwrap();
+}
+
+both_backends!(
+    rollback_at_every_step,
+    failed_undo_keeps_the_row_until_delete,
+    crash_at_every_step_is_undone_on_restart,
+    crash_during_delete_is_finished_on_restart,
+    concurrent_creates_by_one_user,
+    concurrent_creates_by_many_users,
+    subnet_full_is_503,
+);
