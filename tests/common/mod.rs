@@ -4,3 +4,4 @@
 
 pub mod guest;
 pub mod host;
+pub mod vmm_stub;
