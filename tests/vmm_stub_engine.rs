@@ -384,3 +384,56 @@ async fn missing_qemu_names_the_package() {
     opts.qemu = "no-such-qemu-system".into();
     assert!(matches!(Engine::new(opts), Err(VmmError::QemuMissing { .. })));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_cli_list_info_qmp() {
+    let fx = Fixture::new();
+    let engine = fx.engine(fast_restarts(3));
+    let mut spec = fx.spec("cli", StubAction::Idle);
+    spec.labels = [
+        ("owner".to_owned(), "alice".to_owned()),
+        ("ip".to_owned(), "10.83.0.7".to_owned()),
+        ("ssh_port".to_owned(), "10007".to_owned()),
+    ]
+    .into();
+    engine.create_disk(&spec).await.unwrap();
+    let pid = engine.start(&spec).await.unwrap().pid.unwrap();
+    let bin = env!("CARGO_BIN_EXE_webhoster");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(bin)
+            .arg("--state-dir")
+            .arg(&fx.root)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = run(&["vm", "list"]);
+    assert!(ok, "{err}");
+    let line = out.lines().find(|l| l.starts_with(&spec.vm_id)).expect(&out);
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(&cols[1..6], &["alice", "running", &pid.to_string(), "10.83.0.7", "10007"], "{out}");
+    assert!(out.starts_with("VM_ID"), "{out}");
+
+    let (ok, out, err) = run(&["vm", "qmp", &spec.vm_id, r#"{"execute":"query-status"}"#]);
+    assert!(ok, "{err}");
+    let reply: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(reply["return"]["status"], "running");
+
+    let (ok, out, err) = run(&["vm", "info", &spec.vm_id]);
+    assert!(ok, "{err}");
+    assert!(out.contains(&format!("pid:        {pid}")) && out.contains("\"running\""), "{out}");
+
+    let (ok, _, err) = run(&["vm", "info", "nope"]);
+    assert!(!ok && err.contains("unknown VM \"nope\""), "{err}");
+    let (ok, _, err) = run(&["vm", "qmp", &spec.vm_id, "not json"]);
+    assert!(!ok && err.contains("not JSON"), "{err}");
+
+    engine.stop(&spec.vm_id, Duration::from_millis(200)).await.unwrap();
+    let (_, out, _) = run(&["vm", "list"]);
+    assert!(out.lines().any(|l| l.starts_with(&spec.vm_id) && l.contains("stopped")), "{out}");
+}
