@@ -5,3 +5,4 @@
 pub mod control;
 pub mod guest;
 pub mod host;
+pub mod vmm_stub;

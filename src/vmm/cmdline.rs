@@ -1,0 +1,361 @@
+//! The typed QEMU command builder: one small type per switch group, each
+//! pushing its own arguments. The result is an argv for `Command::args`, never
+//! a shell string. Golden tests (`tests/vmm_golden.rs`) pin the output.
+//!
+//! Hardware (the guest image is built for exactly this): q35, virtio-blk root
+//! disk first (`/dev/vda`), the read-only NoCloud seed second (`/dev/vdb`),
+//! one virtio-net-pci NIC, virtio-rng-pci, isa-serial on ttyS0, pvpanic so a
+//! guest kernel panic reaches us as `GUEST_PANICKED`, no graphics, no
+//! default devices. Must never decide policy (which VM, which plan): it only
+//! spells out a [`CmdlineConfig`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use super::accel::AccelChoice;
+use super::plan::Plan;
+
+/// Where a passed file descriptor lands in QEMU (0-2 are stdio).
+pub const TAP_FD: i32 = 3;
+
+/// QEMU's default MAC, used when the spec has no tap (user networking).
+pub const USER_NET_MAC: &str = "52:54:00:12:34:56";
+
+/// Everything the command line depends on, already resolved to paths.
+#[derive(Debug, Clone)]
+pub struct CmdlineConfig {
+    pub vm_id: String,
+    pub plan: Plan,
+    pub accel: AccelChoice,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub append: String,
+    pub disk: PathBuf,
+    pub seed_iso: PathBuf,
+    pub nic: Nic,
+    pub qmp_socket: PathBuf,
+    pub operator_socket: PathBuf,
+    pub serial_log: PathBuf,
+    pub pidfile: PathBuf,
+}
+
+/// One switch group.
+pub trait Switch {
+    fn push_args(&self, argv: &mut Vec<String>);
+}
+
+/// QEMU splits option values on `,`; a literal comma is written twice.
+pub fn escape(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
+fn path(p: &Path) -> String {
+    escape(&p.to_string_lossy())
+}
+
+/// `-name`: the vm_id on the command line is how a pid is recognised as ours.
+pub struct Name<'a>(pub &'a str);
+impl Switch for Name<'_> {
+    fn push_args(&self, argv: &mut Vec<String>) {
+        argv.extend(["-name".into(), escape(self.0)]);
+    }
+}
+
+/// No defaults, no user config, no display: only what we list exists.
+pub struct Baseline;
+impl Switch for Baseline {
+    fn push_args(&self, argv: &mut Vec<String>) {
+        argv.extend(
+            [
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                // A guest reboot stays a reboot (RESET event, same QEMU), a
+                // poweroff ends QEMU (SHUTDOWN guest=true), a panic ends it
+                // too (GUEST_PANICKED) and the supervisor restarts it.
+                "-action",
+                "reboot=reset,shutdown=poweroff,panic=shutdown",
+            ]
+            .map(String::from),
+        );
+    }
+}
+
+/// Machine type and accelerator.
+pub struct Machine {
+    pub accel: AccelChoice,
+}
+impl Switch for Machine {
+    fn push_args(&self, argv: &mut Vec<String>) {
+        argv.extend(["-machine".into(), "q35".into(), "-accel".into()]);
+        argv.push(match self.accel {
+            AccelChoice::Kvm => "kvm".into(),
+            // Bound the translation cache: QEMU's default reserves up to 1 GiB
+            // per VM; 128 MiB keeps a Debian guest fast and RSS predictable.
+            AccelChoice::Tcg => "tcg,tb-size=128".into(),
+        });
+    }
+}
+
+/// CPU model, vCPUs and memory.
+pub struct Cpu<'a> {
+    pub accel: AccelChoice,
+    pub plan: &'a Plan,
+}
+impl Switch for Cpu<'_> {
+    fn push_args(&self, argv: &mut Vec<String>) {
+        // Under TCG `max` would enable 5-level paging and other features that
+        // only cost emulation time; qemu64 is enough for Debian amd64.
+        let model = match self.accel {
+            AccelChoice::Kvm => "host",
+            AccelChoice::Tcg => "qemu64",
+        };
+        argv.extend([
+            "-cpu".into(),
+            model.into(),
+            "-smp".into(),
+            self.plan.vcpus.to_string(),
+            "-m".into(),
+            format!("{}M", self.plan.memory_mib),
+        ]);
+    }
+}
+
+/// Direct kernel boot.
+pub struct Boot<'a> {
+    pub kernel: &'a Path,
+    pub initrd: &'a Path,
+    pub append: &'a str,
+}
+impl Switch for Boot<'_> {
+    fn push_args(&self, argv: &mut Vec<String>) {
+        argv.extend([
+            "-kernel".into(),
+            self.kernel.to_string_lossy().into_owned(),
+            "-initrd".into(),
+            self.initrd.to_string_lossy().into_owned(),
+            "-append".into(),
+            self.append.to_owned(),
+        ]);
+    }
+}
+
+/// A virtio-blk disk: `-drive` backend plus its device. Order on the command
+/// line is PCI order is guest name order (vda, vdb, ...).
+pub struct Drive<'a> {
+    pub id: &'a str,
+    pub path: &'a Path,
+    pub format: &'a str,
+    pub read_only: bool,
+}
+impl Switch for Drive<'_> {
+    fn push_args(&self, argv: &mut Vec<String>) {
+        let mut drive = format!(
+            "file={},format={},if=none,id={}",
+            path(self.path),
+            self.format,
+            self.id
+        );
+        if self.read_only {
+            drive.push_str(",readonly=on");
+        } else {
+            drive.push_str(",discard=unmap");
+        }
+        argv.extend([
+            "-drive".into(),
+            drive,
+            "-device".into(),
+            format!("virtio-blk-pci,drive={}", self.id),
+        ]);
+    }
+}
+
+/// The NIC backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Nic {
+    None,
+    /// QEMU user networking with `restrict=on` (no egress), forwarding host
+    /// addresses to guest ports. For tests and single-user setups.
+    User { hostfwd: Vec<(SocketAddr, u16)> },
+    /// A tap already open in the parent, passed as fd [`TAP_FD`].
+    Tap { mac: String },
+}
+
+/// The netdev + device pair (Kata's `add_nic`): they always come together.
+pub struct NetPair<'a>(pub &'a Nic);
+impl Switch for NetPair<'_> {
+    fn push_args(&self, argv: &mut Vec<String>) {
+        let (netdev, mac) = match self.0 {
+            Nic::None => return,
+            Nic::User { hostfwd } => {
+                let mut netdev = "user,id=net0,restrict=on".to_owned();
+                for (host, guest_port) in hostfwd {
+                    netdev.push_str(&format!(
+                        ",hostfwd=tcp:{}:{}-:{}",
+                        host.ip(),
+                        host.port(),
+                        guest_port
+                    ));
+                }
+                (netdev, USER_NET_MAC)
+            }
+            // vhost needs /dev/vhost-net and the tap's namespace; off keeps the
+            // fd self-contained.
+            Nic::Tap { mac } => (format!("tap,id=net0,fd={TAP_FD},vhost=off"), mac.as_str()),
+        };
+        argv.extend([
+            "-netdev".into(),
+            netdev,
+            "-device".into(),
+            format!("virtio-net-pci,netdev=net0,mac={mac}"),
+        ]);
+    }
+}
+
+/// Entropy for the guest: without it boot stalls on the entropy pool.
+pub struct Rng;
+impl Switch for Rng {
+    fn push_args(&self, argv: &mut Vec<String>) {
+        argv.extend(
+            [
+                "-object",
+                "rng-random,id=rng0,filename=/dev/urandom",
+                "-device",
+                "virtio-rng-pci,rng=rng0",
+            ]
+            .map(String::from),
+        );
+    }
+}
+
+/// Panic notification device (`GUEST_PANICKED`).
+pub struct PanicDevice;
+impl Switch for PanicDevice {
+    fn push_args(&self, argv: &mut Vec<String>) {
+        argv.extend(["-device".into(), "pvpanic".into()]);
+    }
+}
+
+/// A QMP monitor on a listening unix socket.
+pub struct QmpMonitor<'a> {
+    pub id: &'a str,
+    pub socket: &'a Path,
+}
+impl Switch for QmpMonitor<'_> {
+    fn push_args(&self, argv: &mut Vec<String>) {
+        argv.extend([
+            "-chardev".into(),
+            format!(
+                "socket,id={},path={},server=on,wait=off",
+                self.id,
+                path(self.socket)
+            ),
+            "-mon".into(),
+            format!("chardev={},mode=control", self.id),
+        ]);
+    }
+}
+
+/// The serial console, appended to a file. `append=on` makes QEMU write with
+/// O_APPEND, so the supervisor can truncate the file under it (rotation)
+/// without leaving a sparse hole.
+pub struct Serial<'a> {
+    pub log: &'a Path,
+}
+impl Switch for Serial<'_> {
+    fn push_args(&self, argv: &mut Vec<String>) {
+        argv.extend([
+            "-chardev".into(),
+            format!("file,id=serial0,path={},append=on", path(self.log)),
+            "-serial".into(),
+            "chardev:serial0".into(),
+        ]);
+    }
+}
+
+/// QEMU writes and locks its pidfile before it creates any socket, so a second
+/// QEMU for the same VM fails there instead of stealing the first's sockets.
+pub struct PidFile<'a>(pub &'a Path);
+impl Switch for PidFile<'_> {
+    fn push_args(&self, argv: &mut Vec<String>) {
+        argv.extend(["-pidfile".into(), self.0.to_string_lossy().into_owned()]);
+    }
+}
+
+/// The whole argv after the program name.
+pub fn build(cfg: &CmdlineConfig) -> Vec<String> {
+    let switches: Vec<Box<dyn Switch + '_>> = vec![
+        Box::new(Name(&cfg.vm_id)),
+        Box::new(Baseline),
+        Box::new(Machine { accel: cfg.accel }),
+        Box::new(Cpu {
+            accel: cfg.accel,
+            plan: &cfg.plan,
+        }),
+        Box::new(Boot {
+            kernel: &cfg.kernel,
+            initrd: &cfg.initrd,
+            append: &cfg.append,
+        }),
+        Box::new(Drive {
+            id: "disk0",
+            path: &cfg.disk,
+            format: "qcow2",
+            read_only: false,
+        }),
+        Box::new(Drive {
+            id: "seed0",
+            path: &cfg.seed_iso,
+            format: "raw",
+            read_only: true,
+        }),
+        Box::new(NetPair(&cfg.nic)),
+        Box::new(Rng),
+        Box::new(PanicDevice),
+        Box::new(QmpMonitor {
+            id: "qmp0",
+            socket: &cfg.qmp_socket,
+        }),
+        // A second monitor for operators (`webhoster vm qmp`, socat), so the
+        // supervisor's connection is never taken away.
+        Box::new(QmpMonitor {
+            id: "qmp1",
+            socket: &cfg.operator_socket,
+        }),
+        Box::new(Serial {
+            log: &cfg.serial_log,
+        }),
+        Box::new(PidFile(&cfg.pidfile)),
+    ];
+    let mut argv = Vec::with_capacity(64);
+    for switch in &switches {
+        switch.push_args(&mut argv);
+    }
+    argv
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commas_are_doubled_in_option_values() {
+        let mut argv = Vec::new();
+        Drive {
+            id: "d",
+            path: Path::new("/a,b/disk.qcow2"),
+            format: "qcow2",
+            read_only: false,
+        }
+        .push_args(&mut argv);
+        assert_eq!(argv[1], "file=/a,,b/disk.qcow2,format=qcow2,if=none,id=d,discard=unmap");
+    }
+
+    #[test]
+    fn no_nic_means_no_netdev() {
+        let mut argv = Vec::new();
+        NetPair(&Nic::None).push_args(&mut argv);
+        assert!(argv.is_empty());
+    }
+}

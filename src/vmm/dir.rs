@@ -1,0 +1,233 @@
+//! One VM on disk: `<vms_dir>/<vm_id>/` and the files in it, plus the checks
+//! that decide whether a pid is really this VM's QEMU. Never spawns or
+//! signals anything.
+//!
+//! ```text
+//! vm.json            the VmSpec (labels shown by `webhoster vm list`)
+//! disk.qcow2         qcow2 overlay on the base image, sized by plan
+//! seed.iso           NoCloud seed (written by the caller; the spec names it)
+//! qmp.sock           QMP for the supervisor (one client at a time)
+//! qmp-operator.sock  QMP for operators: `webhoster vm qmp`, socat
+//! qemu.pid           written and locked by QEMU
+//! serial.log (+.1)   serial console, rotated at SERIAL_LOG_MAX
+//! qemu.log (+.1)     QEMU's own stdout/stderr, rotated the same way
+//! ```
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use super::VmSpec;
+
+/// A log is rotated (copied to `<name>.1`, then truncated) once larger than
+/// this, so each log takes at most about twice this on disk.
+pub const LOG_MAX_BYTES: u64 = 1024 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct VmDir {
+    root: PathBuf,
+}
+
+impl VmDir {
+    pub fn new(vms_dir: &Path, vm_id: &str) -> VmDir {
+        VmDir {
+            root: vms_dir.join(vm_id),
+        }
+    }
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn spec_file(&self) -> PathBuf {
+        self.root.join("vm.json")
+    }
+    pub fn disk(&self) -> PathBuf {
+        self.root.join("disk.qcow2")
+    }
+    /// Where the orchestrator is expected to write the seed (the spec may
+    /// name another path).
+    pub fn seed_iso(&self) -> PathBuf {
+        self.root.join("seed.iso")
+    }
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.root.join("qmp.sock")
+    }
+    pub fn operator_socket(&self) -> PathBuf {
+        self.root.join("qmp-operator.sock")
+    }
+    pub fn pidfile(&self) -> PathBuf {
+        self.root.join("qemu.pid")
+    }
+    pub fn serial_log(&self) -> PathBuf {
+        self.root.join("serial.log")
+    }
+    pub fn qemu_log(&self) -> PathBuf {
+        self.root.join("qemu.log")
+    }
+
+    pub fn read_spec(&self) -> io::Result<VmSpec> {
+        let text = std::fs::read(self.spec_file())?;
+        serde_json::from_slice(&text).map_err(io::Error::other)
+    }
+
+    /// Atomic replace, so a crash never leaves half a vm.json.
+    pub fn write_spec(&self, spec: &VmSpec) -> io::Result<()> {
+        std::fs::create_dir_all(&self.root)?;
+        let tmp = self.root.join(".vm.json.tmp");
+        let text = serde_json::to_vec_pretty(spec).map_err(io::Error::other)?;
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, self.spec_file())
+    }
+
+    pub fn read_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.pidfile())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// The pid of this VM's live QEMU, trusting nothing: the pidfile's pid
+    /// must be alive (not a zombie) and run our `-name <vm_id>`.
+    pub fn live_pid(&self, vm_id: &str) -> Option<i32> {
+        self.read_pid().filter(|pid| is_our_qemu(*pid, vm_id))
+    }
+
+    /// Remove what a dead QEMU left behind. Only call when no QEMU of this
+    /// VM runs.
+    pub fn clean_runtime_files(&self) {
+        for path in [self.pidfile(), self.qmp_socket(), self.operator_socket()] {
+            match std::fs::remove_file(&path) {
+                Ok(()) => tracing::debug!(path = %path.display(), "removed stale file"),
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => tracing::warn!(path = %path.display(), %err, "cannot remove stale file"),
+            }
+        }
+    }
+
+    pub fn rotate_logs(&self) {
+        for log in [self.serial_log(), self.qemu_log()] {
+            if let Err(err) = rotate_if_larger(&log, LOG_MAX_BYTES) {
+                tracing::warn!(path = %log.display(), %err, "cannot rotate log");
+            }
+        }
+    }
+}
+
+/// Copy `path` to `<path>.1` and truncate it when larger than `max`. The
+/// writer (QEMU) appends with O_APPEND, so its next write lands at the new
+/// end; the few bytes written between copy and truncate are lost, which is
+/// the price of never stalling the guest's console.
+pub fn rotate_if_larger(path: &Path, max: u64) -> io::Result<bool> {
+    let len = match std::fs::metadata(path) {
+        Ok(meta) => meta.len(),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(err) => return Err(err),
+    };
+    if len <= max {
+        return Ok(false);
+    }
+    let mut old = path.as_os_str().to_owned();
+    old.push(".1");
+    std::fs::copy(path, &old)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)?
+        .set_len(0)?;
+    Ok(true)
+}
+
+/// Whether `pid` is alive (not a zombie) and its command line holds
+/// `-name <vm_id>` as two consecutive arguments. A reused pid runs something
+/// else and fails this.
+pub fn is_our_qemu(pid: i32, vm_id: &str) -> bool {
+    if pid <= 0 || !is_alive(pid) {
+        return false;
+    }
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    args.windows(2)
+        .any(|w| w[0] == b"-name" && w[1] == vm_id.as_bytes())
+}
+
+/// Alive and not a zombie (a zombie's QEMU is gone, whoever reaps it).
+pub fn is_alive(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the parenthesised command name, which may contain
+    // spaces and parentheses itself: split at the last ')'.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, None | Some("Z") | Some("X"))
+}
+
+/// Seconds since `pid` started, from /proc (for `vm list` uptime).
+pub fn uptime_secs(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    // Field 22 (starttime) is the 20th after the command name.
+    let start_ticks: u64 = rest.split_whitespace().nth(19)?.parse().ok()?;
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()? as u64;
+    let boot_uptime: f64 = std::fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some((boot_uptime as u64).saturating_sub(start_ticks / ticks.max(1)))
+}
+
+/// Resident memory of `pid` in KiB (benches, `vm info`).
+pub fn rss_kib(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The last `lines` lines of a log, for error messages.
+pub fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn our_own_process_is_not_a_qemu() {
+        let me = std::process::id() as i32;
+        assert!(is_alive(me));
+        assert!(!is_our_qemu(me, "vm-x"));
+        assert!(!is_our_qemu(0, "vm-x"));
+        assert!(!is_alive(i32::MAX));
+    }
+
+    #[test]
+    fn rotation_keeps_one_old_copy_and_truncates() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("serial.log");
+        std::fs::write(&log, vec![b'x'; 100]).unwrap();
+        assert!(!rotate_if_larger(&log, 100).unwrap());
+        std::fs::write(&log, vec![b'y'; 101]).unwrap();
+        assert!(rotate_if_larger(&log, 100).unwrap());
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
+        assert_eq!(std::fs::read(dir.path().join("serial.log.1")).unwrap().len(), 101);
+        assert!(!rotate_if_larger(&dir.path().join("missing"), 1).unwrap());
+    }
+
+    #[test]
+    fn uptime_and_rss_of_ourselves() {
+        let me = std::process::id() as i32;
+        assert!(uptime_secs(me).unwrap() < 3600 * 24 * 365);
+        assert!(rss_kib(me).unwrap() > 0);
+    }
+}

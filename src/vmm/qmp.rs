@@ -1,0 +1,288 @@
+//! QMP: the typed client the supervisor uses (on `qapi`), and a raw one-shot
+//! client for operator passthrough on the second monitor socket.
+//!
+//! One owner per socket: a QEMU monitor serves one client at a time, so the
+//! supervisor keeps `qmp.sock` and operators get `qmp-operator.sock`.
+//! The event stream is read all the time by a task (qapi completes command
+//! replies from that same stream). qapi's schema is QEMU 9.1's; an event it
+//! cannot decode (QEMU 7.2's `RTC_CHANGE` lacks `qom-path`) ends the stream.
+//! That surfaces as [`QmpEvent::Closed`] and the supervisor reconnects and
+//! resynchronises with `query-status`.
+//!
+//! Timeouts (why these values): connecting and negotiating waits
+//! [`CONNECT_TIMEOUT`], because a monitor busy with another client only
+//! answers once that client leaves; every command waits [`COMMAND_TIMEOUT`]:
+//! QEMU answers from its main loop within milliseconds even under TCG, so
+//! five seconds means the process is wedged. The commands only *request*
+//! things: how long a guest takes to power off is the caller's timeout.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::StreamExt;
+use qapi::futures::{QapiService, QmpStreamTokio};
+use qapi::qmp;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, WriteHalf};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    #[error("cannot connect to QMP socket {path}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QMP {what} got no answer within {after:?}")]
+    Timeout { what: String, after: Duration },
+    #[error("QMP {what} failed on the connection")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QEMU refused {what}: {desc}")]
+    Refused { what: String, desc: String },
+    #[error("QMP protocol error: {0}")]
+    Protocol(String),
+}
+
+/// The events the supervisor acts on; everything else is `Other` (logged).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QmpEvent {
+    /// QEMU is about to exit (or pause, with `-action shutdown=pause`).
+    /// `guest` is true when the guest asked (poweroff, panic).
+    Shutdown { guest: bool, reason: String },
+    /// A reboot; QEMU keeps running.
+    Reset { guest: bool, reason: String },
+    GuestPanicked,
+    Stop,
+    Resume,
+    Other(String),
+    /// The stream ended: QEMU exited, or an event could not be decoded.
+    Closed { error: Option<String> },
+}
+
+type Service = QapiService<QmpStreamTokio<WriteHalf<UnixStream>>>;
+
+/// A negotiated QMP connection. Dropping it closes the connection.
+pub struct QmpClient {
+    service: Service,
+    reader: tokio::task::AbortHandle,
+}
+
+impl Drop for QmpClient {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// Status as QEMU reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QmpStatus {
+    pub running: bool,
+    /// QEMU's RunState name: `running`, `paused`, `shutdown`, ...
+    pub status: String,
+}
+
+impl QmpClient {
+    /// Connect, read the greeting, negotiate capabilities and start reading
+    /// events into the returned channel.
+    pub async fn connect(
+        socket: &Path,
+    ) -> Result<(QmpClient, mpsc::UnboundedReceiver<QmpEvent>), QmpError> {
+        let negotiate = async {
+            let stream = QmpStreamTokio::open_uds(socket).await?;
+            stream.negotiate().await
+        };
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, negotiate)
+            .await
+            .map_err(|_| QmpError::Timeout {
+                what: format!("greeting on {}", socket.display()),
+                after: CONNECT_TIMEOUT,
+            })?
+            .map_err(|source| QmpError::Connect {
+                path: socket.to_owned(),
+                source,
+            })?;
+        let (service, events) = stream.into_parts();
+        // The reader task owns the stream; dropping the service stops it.
+        let _ = events.release();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let reader = tokio::spawn(async move {
+            let mut events = Box::pin(events);
+            let error = loop {
+                match events.next().await {
+                    Some(Ok(event)) => {
+                        if tx.send(map_event(event)).is_err() {
+                            return;
+                        }
+                    }
+                    Some(Err(err)) => break Some(err.to_string()),
+                    None => break None,
+                }
+            };
+            let _ = tx.send(QmpEvent::Closed { error });
+        });
+        Ok((
+            QmpClient {
+                service,
+                reader: reader.abort_handle(),
+            },
+            rx,
+        ))
+    }
+
+    async fn execute<C>(&self, what: &str, command: C) -> Result<C::Ok, QmpError>
+    where
+        C: qmp::QmpCommand + 'static,
+    {
+        match tokio::time::timeout(COMMAND_TIMEOUT, self.service.execute(command)).await {
+            Err(_) => Err(QmpError::Timeout {
+                what: what.to_owned(),
+                after: COMMAND_TIMEOUT,
+            }),
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(qapi::ExecuteError::Qapi(err))) => Err(QmpError::Refused {
+                what: what.to_owned(),
+                desc: err.desc,
+            }),
+            Ok(Err(qapi::ExecuteError::Io(source))) => Err(QmpError::Io {
+                what: what.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    pub async fn query_status(&self) -> Result<QmpStatus, QmpError> {
+        let info = self.execute("query-status", qmp::query_status {}).await?;
+        Ok(QmpStatus {
+            running: info.running,
+            status: qapi::Enum::name(&info.status).to_owned(),
+        })
+    }
+
+    /// ACPI power button: the guest decides whether and how fast to power off.
+    pub async fn system_powerdown(&self) -> Result<(), QmpError> {
+        self.execute("system_powerdown", qmp::system_powerdown {})
+            .await
+            .map(drop)
+    }
+
+    pub async fn system_reset(&self) -> Result<(), QmpError> {
+        self.execute("system_reset", qmp::system_reset {})
+            .await
+            .map(drop)
+    }
+
+    pub async fn stop(&self) -> Result<(), QmpError> {
+        self.execute("stop", qmp::stop {}).await.map(drop)
+    }
+
+    pub async fn cont(&self) -> Result<(), QmpError> {
+        self.execute("cont", qmp::cont {}).await.map(drop)
+    }
+
+    /// QEMU exits right after (or even before) answering, so a connection
+    /// that ends here counts as success.
+    pub async fn quit(&self) -> Result<(), QmpError> {
+        match self.execute("quit", qmp::quit {}).await {
+            Ok(_) | Err(QmpError::Io { .. }) => Ok(()),
+            Err(err) => Err(err),
+        }
+    }
+}
+
+fn map_event(event: qmp::Event) -> QmpEvent {
+    match event {
+        qmp::Event::SHUTDOWN { data, .. } => QmpEvent::Shutdown {
+            guest: data.guest,
+            reason: qapi::Enum::name(&data.reason).to_owned(),
+        },
+        qmp::Event::RESET { data, .. } => QmpEvent::Reset {
+            guest: data.guest,
+            reason: qapi::Enum::name(&data.reason).to_owned(),
+        },
+        qmp::Event::GUEST_PANICKED { .. } => QmpEvent::GuestPanicked,
+        qmp::Event::STOP { .. } => QmpEvent::Stop,
+        qmp::Event::RESUME { .. } => QmpEvent::Resume,
+        other => QmpEvent::Other(
+            serde_json::to_value(&other)
+                .ok()
+                .and_then(|v| v.get("event").and_then(|e| e.as_str()).map(str::to_owned))
+                .unwrap_or_else(|| "unknown".to_owned()),
+        ),
+    }
+}
+
+/// One command as raw JSON on a monitor socket (the operator passthrough):
+/// connect, negotiate, send `command`, return QEMU's reply object
+/// (`{"return": ...}` or `{"error": ...}`), skipping events.
+pub async fn raw_command(
+    socket: &Path,
+    command: &serde_json::Value,
+    timeout: Duration,
+) -> Result<serde_json::Value, QmpError> {
+    let what = command
+        .get("execute")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| QmpError::Protocol("the command needs an \"execute\" member".into()))?
+        .to_owned();
+    let run = async {
+        let stream = UnixStream::connect(socket)
+            .await
+            .map_err(|source| QmpError::Connect {
+                path: socket.to_owned(),
+                source,
+            })?;
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        let io = |what: &str| {
+            let what = what.to_owned();
+            move |source| QmpError::Io { what, source }
+        };
+        let next_reply = async |lines: &mut tokio::io::Lines<_>| -> Result<serde_json::Value, QmpError> {
+            loop {
+                let line = lines
+                    .next_line()
+                    .await
+                    .map_err(io("reading"))?
+                    .ok_or_else(|| QmpError::Protocol("QEMU closed the monitor".into()))?;
+                let value: serde_json::Value = serde_json::from_str(&line)
+                    .map_err(|e| QmpError::Protocol(format!("not JSON from QEMU: {e}")))?;
+                if value.get("return").is_some() || value.get("error").is_some() {
+                    return Ok(value);
+                }
+                if value.get("QMP").is_some() {
+                    return Ok(value);
+                }
+            }
+        };
+        let greeting = next_reply(&mut lines).await?;
+        if greeting.get("QMP").is_none() {
+            return Err(QmpError::Protocol("no QMP greeting".into()));
+        }
+        write
+            .write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
+            .await
+            .map_err(io("qmp_capabilities"))?;
+        let caps = next_reply(&mut lines).await?;
+        if caps.get("error").is_some() {
+            return Err(QmpError::Protocol(format!("negotiation refused: {caps}")));
+        }
+        let mut line = serde_json::to_vec(command).expect("a JSON value serializes");
+        line.push(b'\n');
+        write.write_all(&line).await.map_err(io(&what))?;
+        next_reply(&mut lines).await
+    };
+    tokio::time::timeout(timeout, run)
+        .await
+        .map_err(|_| QmpError::Timeout {
+            what: what.clone(),
+            after: timeout,
+        })?
+}
