@@ -269,3 +269,77 @@ async fn real_ssh_session_through_the_forward_survives_a_restart() {
     assert!(session.0.wait().unwrap().success());
     net.remove_forward("vm-ssh").await.unwrap();
 }
+
+#[tokio::test]
+async fn forward_from_outside_is_dnat_and_forwarded_but_guests_are_not_routed_to() {
+    // An "outside" client: its own namespace on a veth to the host, the host
+    // end carrying the SSH bind address.
+    let (link_net, _r) = common::host::unique_subnet();
+    let hosts: Vec<Ipv4Addr> = link_net.hosts().take(2).collect();
+    let (host_ip, client_ip) = (hosts[0], hosts[1]);
+    let client = common::host::NetnsGuard::new(&common::host::unique_name("wc"));
+    let host_if = common::host::unique_name("wx");
+    run_ok(
+        "ip",
+        &[
+            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &client.0,
+        ],
+    );
+    struct DelLink(String);
+    impl Drop for DelLink {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["link", "del", &self.0]).output();
+        }
+    }
+    let _del = DelLink(host_if.clone());
+    run_ok("ip", &["addr", "add", &format!("{host_ip}/24"), "dev", &host_if]);
+    run_ok("ip", &["link", "set", &host_if, "up"]);
+    client.exec_ok("ip", &["addr", "add", &format!("{client_ip}/24"), "dev", "eth0"]);
+    client.exec_ok("ip", &["link", "set", "eth0", "up"]);
+
+    let mut t = TestNet::new();
+    t.opts.ssh_bind = host_ip;
+    let o = t.opts.clone();
+    let fwd_key = format!("/proc/sys/net/ipv4/conf/{host_if}/forwarding");
+    assert_eq!(std::fs::read_to_string(&fwd_key).unwrap().trim(), "0");
+    let net = Network::up(o.clone()).await.expect("up");
+    assert_eq!(std::fs::read_to_string(&fwd_key).unwrap().trim(), "1");
+    let guest = TestGuest::plug(&net, alloc::guest_ips(net.subnet()).nth(1).unwrap()).await;
+    guest.serve_echo(22);
+    let port = *o.ssh_ports.start();
+    net.add_forward("vm-out", port, guest.ip).await.unwrap();
+
+    let path = client.path();
+    let to = SocketAddr::from((host_ip, port));
+    let mut conn = webhoster::sys::in_netns(&path, move || {
+        TcpStream::connect_timeout(&to, Duration::from_secs(5))
+    })
+    .unwrap()
+    .expect("outside client through the forward");
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    echo_roundtrip(&mut conn, b"from outside\n");
+
+    // Routing straight to a guest through the host is refused.
+    client.exec_ok(
+        "ip",
+        &["route", "add", &o.subnet.to_string(), "via", &host_ip.to_string()],
+    );
+    let direct = SocketAddr::from((guest.ip, 22));
+    let r = webhoster::sys::in_netns(&path, move || {
+        TcpStream::connect_timeout(&direct, Duration::from_secs(2))
+    })
+    .unwrap();
+    assert!(
+        r.is_err(),
+        "an outside client reached a guest without the forward"
+    );
+
+    drop(conn);
+    drop(net);
+    Network::down(&o).await.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&fwd_key).unwrap().trim(),
+        "0",
+        "down must restore the forwarding it turned on"
+    );
+}
