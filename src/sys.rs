@@ -67,3 +67,104 @@ pub fn spawn_detached(
     }
     tokio::process::Command::from(cmd).spawn()
 }
+
+// ---------------------------------------------------------------------------
+// net: tun/tap ioctls and running code inside a network namespace.
+// (Owned by the net module; keep other areas' helpers in their own block.)
+// ---------------------------------------------------------------------------
+
+pub use self::net_sys::{TapFlags, in_netns, tap_open};
+
+mod net_sys {
+    use std::ffi::c_int;
+    use std::fs::{File, OpenOptions};
+    use std::io;
+    use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+    use std::path::Path;
+
+    use nix::sched::{CloneFlags, setns};
+
+    /// `TUNSETIFF` is declared `_IOW('T', 202, int)` but takes a `struct ifreq *`.
+    const TUNSETIFF: u64 = nix::request_code_write!(b'T', 202, std::mem::size_of::<c_int>()) as u64;
+    /// `TUNSETPERSIST` is `_IOW('T', 203, int)` and takes the value itself.
+    const TUNSETPERSIST: u64 = nix::request_code_write!(b'T', 203, std::mem::size_of::<c_int>()) as u64;
+
+    /// Flags for [`tap_open`].
+    #[derive(Debug, Clone, Copy)]
+    pub struct TapFlags {
+        /// Prepend a `virtio_net_hdr` to each frame (QEMU's virtio-net wants it).
+        pub vnet_hdr: bool,
+        /// Make the device outlive this fd (`TUNSETPERSIST 1`).
+        pub persist: bool,
+    }
+
+    /// Open `/dev/net/tun` and attach it to the tap `name` (created if missing),
+    /// with `IFF_TAP | IFF_NO_PI` and optionally `IFF_VNET_HDR`. The device is
+    /// created in the network namespace of the calling thread.
+    pub fn tap_open(name: &str, flags: TapFlags) -> io::Result<OwnedFd> {
+        let bytes = name.as_bytes();
+        if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("tap name {name:?} must be 1..=15 bytes without NUL"),
+            ));
+        }
+        let file: File = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open("/dev/net/tun")?;
+        let fd: OwnedFd = file.into();
+
+        // SAFETY: `ifreq` is a plain C struct for which all-zero bytes is a valid value.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
+            *dst = *src as libc::c_char;
+        }
+        let mut ifflags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+        if flags.vnet_hdr {
+            ifflags |= libc::IFF_VNET_HDR as libc::c_short;
+        }
+        req.ifr_ifru.ifru_flags = ifflags;
+
+        // SAFETY: `fd` is an open /dev/net/tun descriptor and `req` is a valid,
+        // NUL-terminated `ifreq` that lives across the call; the kernel only
+        // reads and writes within `sizeof(struct ifreq)`.
+        let rc = unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF as _, &mut req as *mut libc::ifreq) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if flags.persist {
+            // SAFETY: `fd` is attached to a tap by the ioctl above; TUNSETPERSIST
+            // takes its argument by value and touches no memory of ours.
+            let rc = unsafe { libc::ioctl(fd.as_fd().as_raw_fd(), TUNSETPERSIST as _, 1 as libc::c_ulong) };
+            if rc < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(fd)
+    }
+
+    /// Run `f` on a fresh thread that has entered the network namespace at
+    /// `ns_path` (a bind mount such as `/run/netns/<name>`). Namespaces are
+    /// per thread, so the caller's thread never changes namespace; the helper
+    /// thread ends with `f`, so no pooled thread is left in the namespace.
+    /// Sockets and devices opened by `f` stay bound to that namespace.
+    pub fn in_netns<T, F>(ns_path: &Path, f: F) -> io::Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let ns = File::open(ns_path)?;
+        std::thread::Builder::new()
+            .name("netns".into())
+            .spawn(move || -> io::Result<T> {
+                setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+                Ok(f())
+            })?
+            .join()
+            .map_err(|_| io::Error::other("thread inside the network namespace panicked"))?
+    }
+
+    use std::os::unix::fs::OpenOptionsExt;
+}

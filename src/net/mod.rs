@@ -1,3 +1,747 @@
-//! net: (being written)
+//! net: the VM network, built with netlink (rtnetlink), tun ioctls and
+//! nftables. Owns one network namespace (default `whns`) holding a bridge with
+//! the gateway address and one persistent tap per VM (an isolated bridge port:
+//! guests reach the gateway, never each other), the veth pair joining it to
+//! the host (the host end is named like the namespace), the host route to the
+//! VM subnet, the SSH forwards (kernel DNAT in the host table
+//! `ip webhoster_<netns>`) and the few sysctls that make them work.
+//!
+//! Everything is found by name, so `up` is idempotent, `down` removes it all
+//! and `reclaim` removes what a crash left. This module never touches
+//! interfaces, namespaces or nftables tables it did not name, never persists
+//! allocations (the store does) and never starts processes other than `nft`.
 
+pub mod alloc;
 pub mod cli;
+mod errors;
+mod link;
+pub mod netns;
+pub mod nft;
+mod sysctl;
+mod tap;
+
+use std::collections::{BTreeSet, HashSet};
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::ops::RangeInclusive;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+
+use ipnet::Ipv4Net;
+use rtnetlink::Handle;
+use rtnetlink::packet_route::link::InfoKind;
+use sha2::{Digest, Sha256};
+use tracing::{debug, info, warn};
+
+pub use errors::NetError;
+pub use nft::Forward;
+pub use tap::{TAP_PREFIX, tap_name};
+
+use crate::config::NetArgs;
+
+/// The bridge inside the namespace (names inside are ours alone).
+pub const BRIDGE: &str = "br0";
+/// The namespace end of the veth pair.
+pub const NS_UPLINK: &str = "up0";
+/// Guests' SSH port.
+pub const GUEST_SSH_PORT: u16 = 22;
+
+/// What the network is built from; see `config::NetArgs`.
+#[derive(Debug, Clone)]
+pub struct NetOptions {
+    pub netns: String,
+    pub subnet: Ipv4Net,
+    pub ssh_bind: Ipv4Addr,
+    pub ssh_ports: RangeInclusive<u16>,
+    pub egress: Option<String>,
+}
+
+impl From<&NetArgs> for NetOptions {
+    fn from(a: &NetArgs) -> Self {
+        NetOptions {
+            netns: a.netns.clone(),
+            subnet: a.subnet,
+            ssh_bind: a.ssh_bind,
+            ssh_ports: a.ssh_ports.clone(),
+            egress: a.egress.clone(),
+        }
+    }
+}
+
+impl NetOptions {
+    /// The host table holding this network's forwards.
+    pub fn table(&self) -> String {
+        nft::host_table(&self.netns)
+    }
+
+    /// The host end of the veth pair carries the namespace's name.
+    pub fn host_veth(&self) -> &str {
+        &self.netns
+    }
+
+    pub fn netns_path(&self) -> PathBuf {
+        netns::path(&self.netns)
+    }
+
+    /// Checks that need nothing from the kernel.
+    pub fn validate(&self) -> Result<(), NetError> {
+        validate_netns_name(&self.netns)?;
+        let s = self.subnet;
+        let bad = |why| NetError::BadSubnet { subnet: s, why };
+        if s.prefix_len() > 30 {
+            return Err(bad(
+                "it needs at least a /30 (network, gateway, one guest, broadcast)",
+            ));
+        }
+        if s.prefix_len() < 8 {
+            return Err(bad("it is larger than a /8"));
+        }
+        let n = s.network();
+        if n.is_loopback() || n.is_link_local() || n.is_multicast() || n.is_unspecified() || n.is_broadcast()
+        {
+            return Err(bad("it is loopback, link-local, multicast or reserved"));
+        }
+        if s.trunc() != s {
+            return Err(bad("it has host bits set"));
+        }
+        if let Some(up) = &self.egress {
+            if up.is_empty() || up.len() > 15 || up == &self.netns {
+                return Err(NetError::BadPortRange {
+                    lo: 0,
+                    hi: 0,
+                    why: format!("egress uplink {up:?} is not a usable interface name"),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A namespace name is also the host veth's name, so it must be a valid
+/// interface name (<= 15 bytes) and must not clash with names inside.
+pub fn validate_netns_name(name: &str) -> Result<(), NetError> {
+    let bad = |why| NetError::BadNetnsName {
+        name: name.to_string(),
+        why,
+    };
+    if name.is_empty() {
+        return Err(bad("it is empty"));
+    }
+    if name.len() > 15 {
+        return Err(bad(
+            "it is longer than 15 bytes (it also names the host veth, IFNAMSIZ)",
+        ));
+    }
+    if !name.chars().next().is_some_and(|c| c.is_ascii_alphabetic()) {
+        return Err(bad("it must start with a letter"));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(bad("only letters, digits, '_' and '-' are allowed"));
+    }
+    if [BRIDGE, NS_UPLINK, "lo"].contains(&name) || name.starts_with(TAP_PREFIX) {
+        return Err(bad("it clashes with an interface name used inside the namespace"));
+    }
+    Ok(())
+}
+
+/// What `reclaim` removed.
+#[derive(Debug, Default, Clone)]
+pub struct Reclaimed {
+    pub taps: Vec<String>,
+    pub forwards: Vec<Forward>,
+}
+
+/// The live VM network. Holds netlink sockets in the host and in the
+/// namespace; dropping it changes nothing in the kernel.
+pub struct Network {
+    opts: NetOptions,
+    host: Handle,
+    ns: Handle,
+    bridge_index: u32,
+    transfer: Ipv4Net,
+}
+
+impl std::fmt::Debug for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Network")
+            .field("opts", &self.opts)
+            .field("transfer", &self.transfer)
+            .finish()
+    }
+}
+
+/// A netlink connection whose socket lives in the calling (host) namespace.
+fn host_handle() -> Result<Handle, NetError> {
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(NetError::io("open a netlink socket"))?;
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+/// A netlink connection whose socket was opened on a thread inside `ns`, so
+/// every request on it applies there, whichever thread sends it.
+fn ns_handle(opts: &NetOptions) -> Result<Handle, NetError> {
+    let rt = tokio::runtime::Handle::current();
+    let (conn, handle, _) = crate::sys::in_netns(&opts.netns_path(), move || {
+        let _guard = rt.enter();
+        rtnetlink::new_connection()
+    })
+    .and_then(|r| r)
+    .map_err(NetError::io(format!(
+        "open a netlink socket in namespace {:?}",
+        opts.netns
+    )))?;
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+/// Run blocking work (nft, ioctls on helper threads) off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, NetError> + Send + 'static,
+) -> Result<T, NetError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| NetError::Io {
+        op: "run a blocking network task".into(),
+        source: std::io::Error::other(e.to_string()),
+    })?
+}
+
+/// Run `f` on a thread inside the namespace (sysctls, nft).
+async fn in_ns<T: Send + 'static>(
+    opts: &NetOptions,
+    what: &str,
+    f: impl FnOnce() -> Result<T, NetError> + Send + 'static,
+) -> Result<T, NetError> {
+    let path = opts.netns_path();
+    let what = what.to_string();
+    blocking(move || crate::sys::in_netns(&path, f).map_err(NetError::io(what))?).await
+}
+
+/// The /30 joining host and namespace: derived from the namespace name inside
+/// 169.254.0.0/16 (link-local: never routed, never a VM subnet), skipping
+/// blocks used by anything else. The host end is `.1`, the namespace `.2`.
+fn transfer_candidates(netns: &str) -> impl Iterator<Item = Ipv4Net> {
+    let digest = Sha256::digest(netns.as_bytes());
+    let start = u16::from_be_bytes([digest[0], digest[1]]) as u32;
+    // 169.254.1.0 - 169.254.254.255: RFC 3927 reserves the first and last /24.
+    const FIRST: u32 = 0xA9FE_0100;
+    const BLOCKS: u32 = (254 * 256) / 4;
+    (0..BLOCKS).filter_map(move |i| {
+        let block = (start + i) % BLOCKS;
+        let net = FIRST + block * 4;
+        let n = Ipv4Net::new(Ipv4Addr::from(net), 30).ok()?;
+        // 169.254.169.254 is the cloud metadata address on many hosts.
+        (!n.contains(&Ipv4Addr::new(169, 254, 169, 254))).then_some(n)
+    })
+}
+
+fn host_end(t: Ipv4Net) -> Ipv4Net {
+    Ipv4Net::new(Ipv4Addr::from(u32::from(t.network()) + 1), 30).expect("valid /30")
+}
+
+fn ns_end(t: Ipv4Net) -> Ipv4Net {
+    Ipv4Net::new(Ipv4Addr::from(u32::from(t.network()) + 2), 30).expect("valid /30")
+}
+
+impl Network {
+    /// Build the network, or adopt what is there: calling it again changes
+    /// nothing; after a host reboot it builds everything anew. All checks on
+    /// the options run before anything is created.
+    pub async fn up(opts: NetOptions) -> Result<Network, NetError> {
+        opts.validate()?;
+        let host = host_handle()?;
+        let veth = opts.host_veth().to_string();
+        let table = opts.table();
+
+        let existing = link::get(&host, &veth).await?;
+        if let Some(l) = &existing {
+            if l.kind != Some(InfoKind::Veth) {
+                return Err(NetError::ForeignInterface { name: veth });
+            }
+        }
+        check_subnet(&host, opts.subnet, existing.as_ref().map(|l| l.index)).await?;
+        {
+            let (o, t) = (opts.clone(), table.clone());
+            blocking(move || check_ports(&o, &t)).await?;
+        }
+
+        if netns::create(&opts.netns)? {
+            info!(netns = %opts.netns, "created network namespace");
+        }
+        let ns = ns_handle(&opts)?;
+
+        let host_index = match existing {
+            Some(l) => l.index,
+            None => create_veth(&host, &ns, &veth).await?,
+        };
+        let transfer = pick_transfer(&host, &opts.netns, host_index).await?;
+
+        // Host end.
+        link::ensure_address(&host, host_index, host_end(transfer)).await?;
+        link::up(&host, host_index).await?;
+
+        // Namespace: loopback, uplink, bridge with the gateway.
+        if let Some(lo) = link::get(&ns, "lo").await? {
+            link::up(&ns, lo.index).await?;
+        }
+        let uplink = link::get(&ns, NS_UPLINK)
+            .await?
+            .ok_or_else(|| NetError::NoNamespace(opts.netns.clone()))?;
+        link::ensure_address(&ns, uplink.index, ns_end(transfer)).await?;
+        link::up(&ns, uplink.index).await?;
+        let bridge_index = link::ensure_bridge(&ns, BRIDGE).await?;
+        let gw = Ipv4Net::new(alloc::gateway(opts.subnet), opts.subnet.prefix_len()).expect("valid prefix");
+        link::ensure_address(&ns, bridge_index, gw).await?;
+        link::up(&ns, bridge_index).await?;
+
+        // Routes: host -> subnet via the namespace; namespace default -> host
+        // (replies to the host and, with egress, the way out).
+        let any: Ipv4Net = "0.0.0.0/0".parse().expect("valid");
+        link::replace_route(&ns, any, host_end(transfer).addr(), uplink.index).await?;
+        link::replace_route(&host, opts.subnet, ns_end(transfer).addr(), host_index).await?;
+
+        // Namespace: forward between veth and bridge (filtered by nft).
+        {
+            let egress = opts.egress.is_some();
+            in_ns(&opts, "configure the namespace", move || {
+                sysctl::write("ip_forward", "1")?;
+                nft::apply(
+                    &nft::ns_ruleset(BRIDGE, NS_UPLINK, egress),
+                    "install the namespace table",
+                )
+            })
+            .await?;
+        }
+
+        // Host: 127.0.0.1 may leave through our veth after DNAT
+        // (route_localnet), and DNATed traffic may be forwarded to it.
+        sysctl::write(&sysctl::conf(&veth, "route_localnet"), "1")?;
+        sysctl::write(&sysctl::conf(&veth, "forwarding"), "1")?;
+        let opened = open_ingress(&host, &opts).await?;
+
+        {
+            let o = opts.clone();
+            blocking(move || {
+                let table = o.table();
+                let forwards = nft::forwards(&table)?;
+                let rules = nft::host_ruleset(&nft::HostRules {
+                    table: &table,
+                    veth: o.host_veth(),
+                    subnet: o.subnet,
+                    ssh_bind: o.ssh_bind,
+                    ports: o.ssh_ports.clone(),
+                    egress: o.egress.as_deref(),
+                    opened: &opened,
+                    forwards: &forwards,
+                });
+                nft::apply(&rules, "install the host table")
+            })
+            .await?;
+        }
+        info!(netns = %opts.netns, subnet = %opts.subnet, transfer = %transfer, "VM network up");
+        Ok(Network {
+            opts,
+            host,
+            ns,
+            bridge_index,
+            transfer,
+        })
+    }
+
+    /// Remove everything of the network named by `opts.netns`: host table,
+    /// forwarding we turned on, the veth (and with it the host route), the
+    /// namespace (and with it the bridge and taps). Missing parts are fine.
+    pub async fn down(opts: &NetOptions) -> Result<(), NetError> {
+        validate_netns_name(&opts.netns)?;
+        let table = opts.table();
+        let opened = {
+            let t = table.clone();
+            blocking(move || nft::opened(&t)).await?
+        };
+        for iface in &opened {
+            // The interface may be gone; nothing to restore then.
+            if let Err(e) = sysctl::write(&sysctl::conf(iface, "forwarding"), "0") {
+                debug!(%iface, error = %e, "forwarding not restored");
+            }
+        }
+        {
+            let t = table.clone();
+            blocking(move || nft::delete_table("ip", &t)).await?;
+        }
+        let host = host_handle()?;
+        if let Some(l) = link::get(&host, opts.host_veth()).await? {
+            if l.kind == Some(InfoKind::Veth) {
+                link::delete(&host, opts.host_veth()).await?;
+            } else {
+                warn!(name = %opts.host_veth(), "left alone: not a veth");
+            }
+        }
+        // The host route goes with the veth; the namespace takes the bridge,
+        // the taps and its own table with it.
+        netns::delete(&opts.netns)?;
+        info!(netns = %opts.netns, "VM network down");
+        Ok(())
+    }
+
+    pub fn options(&self) -> &NetOptions {
+        &self.opts
+    }
+
+    pub fn gateway(&self) -> Ipv4Addr {
+        alloc::gateway(self.opts.subnet)
+    }
+
+    pub fn subnet(&self) -> Ipv4Net {
+        self.opts.subnet
+    }
+
+    /// The host-side address of the veth: where guests see host traffic
+    /// (including SSH from 127.0.0.1) coming from.
+    pub fn host_address(&self) -> Ipv4Addr {
+        host_end(self.transfer).addr()
+    }
+
+    /// Create (or adopt) the VM's persistent tap and plug it into the bridge
+    /// as an isolated port, up. Returns the tap's name.
+    pub async fn create_tap(&self, vm_id: &str) -> Result<String, NetError> {
+        let name = tap_name(vm_id);
+        {
+            let (path, n) = (self.opts.netns_path(), name.clone());
+            blocking(move || tap::create(&path, &n).map_err(NetError::io(format!("create tap {n:?}"))))
+                .await?;
+        }
+        let l = link::get(&self.ns, &name).await?.ok_or_else(|| NetError::Io {
+            op: format!("tap {name:?} vanished after creation"),
+            source: std::io::Error::from_raw_os_error(libc::ENODEV),
+        })?;
+        self.plug_port_index(l.index).await?;
+        debug!(vm_id, tap = %name, "tap ready");
+        Ok(name)
+    }
+
+    /// Plug an existing interface of the namespace into the bridge as an
+    /// isolated port (what `create_tap` does to taps; tests plug veths).
+    pub async fn plug_port(&self, ifname: &str) -> Result<(), NetError> {
+        let l = link::get(&self.ns, ifname).await?.ok_or_else(|| NetError::Io {
+            op: format!("plug {ifname:?} into the bridge"),
+            source: std::io::Error::from_raw_os_error(libc::ENODEV),
+        })?;
+        self.plug_port_index(l.index).await
+    }
+
+    async fn plug_port_index(&self, index: u32) -> Result<(), NetError> {
+        link::plug_isolated(&self.ns, index, self.bridge_index).await
+    }
+
+    /// Delete the VM's tap (fine if it is gone). A QEMU still holding it keeps
+    /// a detached device until it exits.
+    pub async fn delete_tap(&self, vm_id: &str) -> Result<(), NetError> {
+        let name = tap_name(vm_id);
+        if link::delete(&self.ns, &name).await? {
+            debug!(vm_id, tap = %name, "tap deleted");
+        }
+        Ok(())
+    }
+
+    /// Taps webhoster made (by prefix) in the namespace.
+    pub async fn taps(&self) -> Result<Vec<String>, NetError> {
+        Ok(link::list(&self.ns)
+            .await?
+            .into_iter()
+            .map(|l| l.name)
+            .filter(|n| n.starts_with(TAP_PREFIX))
+            .collect())
+    }
+
+    /// An fd on the VM's persistent tap for QEMU's `-netdev tap,fd=N,vhost=off`.
+    /// Blocking (a short-lived helper thread enters the namespace).
+    pub fn open_tap(&self, tap_name: &str) -> std::io::Result<OwnedFd> {
+        tap::open(&self.opts.netns_path(), tap_name)
+    }
+
+    /// Forward host `ssh_bind:host_port` to `guest_ip:22` (kernel DNAT). The
+    /// rule outlives this process, and so do connections through it.
+    pub async fn add_forward(&self, vm_id: &str, host_port: u16, guest_ip: Ipv4Addr) -> Result<(), NetError> {
+        let (lo, hi) = (*self.opts.ssh_ports.start(), *self.opts.ssh_ports.end());
+        if !self.opts.ssh_ports.contains(&host_port) {
+            return Err(NetError::PortOutOfRange {
+                port: host_port,
+                lo,
+                hi,
+            });
+        }
+        let subnet = self.opts.subnet;
+        if !subnet.contains(&guest_ip)
+            || guest_ip == self.gateway()
+            || guest_ip == subnet.network()
+            || guest_ip == subnet.broadcast()
+        {
+            return Err(NetError::NotAGuestAddress { ip: guest_ip, subnet });
+        }
+        let table = self.opts.table();
+        let bind = self.opts.ssh_bind;
+        let want = Forward {
+            vm_id: vm_id.to_string(),
+            port: host_port,
+            guest: guest_ip,
+            guest_port: GUEST_SSH_PORT,
+        };
+        blocking(move || {
+            let current = nft::forwards(&table)?;
+            if let Some(f) = current.iter().find(|f| f.port == host_port) {
+                if *f == want {
+                    return Ok(());
+                }
+                if f.vm_id != want.vm_id {
+                    return Err(NetError::PortInUse {
+                        port: host_port,
+                        by: format!(" by the forward of VM {}", f.vm_id),
+                    });
+                }
+            }
+            if !alloc::port_is_free(bind, host_port) {
+                return Err(NetError::PortInUse {
+                    port: host_port,
+                    by: " by another process on the host".into(),
+                });
+            }
+            let old = current.iter().find(|f| f.vm_id == want.vm_id);
+            nft::add_forward(&table, &want, old)
+        })
+        .await?;
+        debug!(vm_id, host_port, %guest_ip, "SSH forward added");
+        Ok(())
+    }
+
+    /// Remove the VM's forward(s); fine if there is none.
+    pub async fn remove_forward(&self, vm_id: &str) -> Result<(), NetError> {
+        let table = self.opts.table();
+        let vm = vm_id.to_string();
+        blocking(move || {
+            let ports: Vec<u16> = nft::forwards(&table)?
+                .into_iter()
+                .filter(|f| f.vm_id == vm)
+                .map(|f| f.port)
+                .collect();
+            nft::delete_forwards(&table, &ports)
+        })
+        .await
+    }
+
+    /// Forwards currently in the host table.
+    pub async fn forwards(&self) -> Result<Vec<Forward>, NetError> {
+        let table = self.opts.table();
+        blocking(move || nft::forwards(&table)).await
+    }
+
+    /// Whether `port` can be handed out: in range, not forwarded by us (a
+    /// forwarded port is bound by nothing), and not held by anyone else.
+    pub async fn port_available(&self, port: u16) -> Result<bool, NetError> {
+        if !self.opts.ssh_ports.contains(&port) {
+            return Ok(false);
+        }
+        let forwarded = self.forwards().await?.iter().any(|f| f.port == port);
+        Ok(!forwarded && alloc::port_is_free(self.opts.ssh_bind, port))
+    }
+
+    /// Remove taps and forwards of VMs not in `keep` (service start: whatever
+    /// a crash left behind).
+    pub async fn reclaim(&self, keep: &HashSet<String>) -> Result<Reclaimed, NetError> {
+        let keep_taps: HashSet<String> = keep.iter().map(|v| tap_name(v)).collect();
+        let mut out = Reclaimed::default();
+        for tap in self.taps().await? {
+            if !keep_taps.contains(&tap) {
+                link::delete(&self.ns, &tap).await?;
+                out.taps.push(tap);
+            }
+        }
+        let stale: Vec<Forward> = self
+            .forwards()
+            .await?
+            .into_iter()
+            .filter(|f| !keep.contains(&f.vm_id))
+            .collect();
+        {
+            let table = self.opts.table();
+            let ports: Vec<u16> = stale.iter().map(|f| f.port).collect();
+            blocking(move || nft::delete_forwards(&table, &ports)).await?;
+        }
+        out.forwards = stale;
+        if !out.taps.is_empty() || !out.forwards.is_empty() {
+            info!(taps = ?out.taps, forwards = out.forwards.len(), "reclaimed leftovers");
+        }
+        Ok(out)
+    }
+
+    /// The host netlink handle (for diagnostics such as `net show`).
+    pub fn host_handle(&self) -> &Handle {
+        &self.host
+    }
+}
+
+/// Create the veth pair inside the namespace (no name clash possible there)
+/// and move the host end out to the host. Returns the host end's index.
+async fn create_veth(host: &Handle, ns: &Handle, veth: &str) -> Result<u32, NetError> {
+    // A crash between "create" and "move" leaves the host end inside.
+    link::delete(ns, veth).await?;
+    link::delete(ns, NS_UPLINK).await?;
+    link::add_veth(ns, NS_UPLINK, veth).await?;
+    let inner = link::get(ns, veth).await?.ok_or_else(|| NetError::Io {
+        op: format!("veth {veth:?} vanished after creation"),
+        source: std::io::Error::from_raw_os_error(libc::ENODEV),
+    })?;
+    let host_ns = File::open("/proc/self/ns/net").map_err(NetError::io("open the host network namespace"))?;
+    link::move_to_netns(ns, inner.index, host_ns.as_raw_fd()).await?;
+    link::get(host, veth)
+        .await?
+        .map(|l| l.index)
+        .ok_or_else(|| NetError::Io {
+            op: format!("veth {veth:?} did not arrive on the host"),
+            source: std::io::Error::from_raw_os_error(libc::ENODEV),
+        })
+}
+
+/// Reuse the /30 already on our veth, else the first derived block that no
+/// host address overlaps.
+async fn pick_transfer(host: &Handle, netns: &str, index: u32) -> Result<Ipv4Net, NetError> {
+    let addrs = link::addresses(host, None).await?;
+    if let Some((_, a)) = addrs
+        .iter()
+        .find(|(i, a)| *i == index && a.prefix_len() == 30 && a.addr().is_link_local())
+    {
+        return Ok(a.trunc());
+    }
+    transfer_candidates(netns)
+        .find(|t| {
+            !addrs
+                .iter()
+                .any(|(_, a)| a.contains(&t.network()) || t.contains(&a.addr()))
+        })
+        .ok_or_else(|| NetError::Io {
+            op: "find a free link-local /30 for the veth".into(),
+            source: std::io::Error::from_raw_os_error(libc::EADDRNOTAVAIL),
+        })
+}
+
+fn overlaps(a: Ipv4Net, b: Ipv4Net) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// The subnet must not overlap any host address or route, except our own
+/// route through our own veth (a second `up`).
+async fn check_subnet(host: &Handle, subnet: Ipv4Net, ours: Option<u32>) -> Result<(), NetError> {
+    for (index, a) in link::addresses(host, None).await? {
+        if Some(index) != ours && overlaps(a.trunc(), subnet) {
+            return Err(NetError::SubnetOverlap {
+                subnet,
+                what: format!("address {a}"),
+            });
+        }
+    }
+    for r in link::routes(host).await? {
+        if r.dest.prefix_len() == 0 || (ours.is_some() && r.oif == ours) {
+            continue;
+        }
+        if overlaps(r.dest, subnet) {
+            return Err(NetError::SubnetOverlap {
+                subnet,
+                what: format!("route {}", r.dest),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The SSH range must not overlap another webhoster network's range nor the
+/// kernel's ephemeral ports, and must have at least one port free now.
+fn check_ports(opts: &NetOptions, table: &str) -> Result<(), NetError> {
+    let (lo, hi) = (*opts.ssh_ports.start(), *opts.ssh_ports.end());
+    let bad = |why: String| NetError::BadPortRange { lo, hi, why };
+    let disjoint = |a: &RangeInclusive<u16>| a.end() < &lo || a.start() > &hi;
+    for (family, other) in nft::tables()? {
+        if family != "ip" || !other.starts_with("webhoster_") || other == table {
+            continue;
+        }
+        if let Some(r) = nft::declared_ports(&other)? {
+            if !disjoint(&r) {
+                return Err(bad(format!(
+                    "it overlaps {}-{} of the network in table {other}",
+                    r.start(),
+                    r.end()
+                )));
+            }
+        }
+    }
+    if let Ok(eph) = sysctl::read("ip_local_port_range") {
+        let mut it = eph.split_whitespace().filter_map(|p| p.parse::<u16>().ok());
+        if let (Some(a), Some(b)) = (it.next(), it.next()) {
+            if !disjoint(&(a..=b)) {
+                return Err(bad(format!(
+                    "it overlaps the kernel's ephemeral ports {a}-{b} (net.ipv4.ip_local_port_range)"
+                )));
+            }
+        }
+    }
+    let ours: HashSet<u16> = nft::forwards(table)?.iter().map(|f| f.port).collect();
+    if ours.is_empty()
+        && !opts
+            .ssh_ports
+            .clone()
+            .any(|p| alloc::port_is_free(opts.ssh_bind, p))
+    {
+        return Err(bad("every port in it is held by another process".into()));
+    }
+    Ok(())
+}
+
+/// Turn IPv4 forwarding on where DNATed SSH from outside (or egress) enters,
+/// and remember where we did, so `down` restores it and the host table
+/// stops those interfaces from forwarding anything else.
+async fn open_ingress(host: &Handle, opts: &NetOptions) -> Result<BTreeSet<String>, NetError> {
+    let table = opts.table();
+    let mut opened = {
+        let t = table.clone();
+        blocking(move || nft::opened(&t)).await?
+    };
+    let mut wanted: BTreeSet<String> = BTreeSet::new();
+    let bind = opts.ssh_bind;
+    if !bind.is_loopback() {
+        let links = link::list(host).await?;
+        let others: HashSet<String> = {
+            let t = table.clone();
+            blocking(move || {
+                Ok(nft::tables()?
+                    .into_iter()
+                    .filter(|(f, n)| f == "ip" && n.starts_with("webhoster_") && *n != t)
+                    .map(|(_, n)| n)
+                    .collect())
+            })
+            .await?
+        };
+        for (index, a) in link::addresses(host, None).await? {
+            let Some(l) = links.iter().find(|l| l.index == index) else {
+                continue;
+            };
+            let webhoster_veth = l.name == opts.host_veth() || others.contains(&nft::host_table(&l.name));
+            if a.addr().is_loopback() || webhoster_veth {
+                continue;
+            }
+            if bind.is_unspecified() || a.addr() == bind {
+                wanted.insert(l.name.clone());
+            }
+        }
+    }
+    if let Some(up) = &opts.egress {
+        wanted.insert(up.clone());
+    }
+    for iface in wanted {
+        let key = sysctl::conf(&iface, "forwarding");
+        if sysctl::read(&key)? == "0" {
+            sysctl::write(&key, "1")?;
+            info!(%iface, "turned IPv4 forwarding on for SSH forwards");
+            opened.insert(iface);
+        }
+    }
+    Ok(opened)
+}

@@ -1,1 +1,331 @@
 //! Host helpers for tests: unique names, free ports, cleanup guards.
+//!
+//! Names and resources are reserved with `O_EXCL` files under
+//! `/run/webhoster-tests/`, so concurrent test binaries (several engineers,
+//! parallel tests) never share a namespace, subnet or port range. Every guard
+//! cleans up in `Drop`, so a panicking test leaves nothing behind.
+
+use std::fs::{self, OpenOptions};
+use std::net::{Ipv4Addr, TcpListener};
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use rand::Rng;
+
+const RESERVE_DIR: &str = "/run/webhoster-tests";
+
+/// A reservation file, removed on drop.
+#[derive(Debug)]
+pub struct Reservation(PathBuf);
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+/// Reserve `kind/key` for this process; false if someone else holds it.
+fn reserve(kind: &str, key: &str) -> Option<Reservation> {
+    let dir = PathBuf::from(RESERVE_DIR);
+    fs::create_dir_all(&dir).ok()?;
+    let path = dir.join(format!("{kind}-{key}"));
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .ok()
+        .map(|_| Reservation(path))
+}
+
+/// A short unique name: `prefix` + 6 random base-36 characters + a counter
+/// digit (at most prefix + 7 bytes; keep prefixes <= 6 bytes for IFNAMSIZ).
+pub fn unique_name(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    const ALPHA: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    let tail: String = (0..6)
+        .map(|_| ALPHA[rng.random_range(0..ALPHA.len())] as char)
+        .collect();
+    let n = N.fetch_add(1, Ordering::Relaxed) % 36;
+    format!("{prefix}{tail}{}", ALPHA[n as usize] as char)
+}
+
+/// A free TCP port on 127.0.0.1 (the OS picks it; racy only against
+/// processes that bind explicit ports).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
+
+/// A /24 in 10.64.0.0/10 not used on the host and reserved for this test.
+pub fn unique_subnet() -> (ipnet::Ipv4Net, Reservation) {
+    let routes = run("ip", &["-4", "route", "show", "table", "all"]);
+    let routes = String::from_utf8_lossy(&routes.stdout).into_owned();
+    let mut rng = rand::rng();
+    for _ in 0..1000 {
+        let (b, c) = (rng.random_range(64..128u8), rng.random_range(0..=255u8));
+        let net: ipnet::Ipv4Net = format!("10.{b}.{c}.0/24").parse().unwrap();
+        if routes.contains(&format!("10.{b}.{c}.")) {
+            continue;
+        }
+        if let Some(r) = reserve("subnet", &format!("10.{b}.{c}.0")) {
+            return (net, r);
+        }
+    }
+    panic!("no free test subnet");
+}
+
+/// A reserved range of `len` (<= 20) SSH ports in 20000-31999 (below the
+/// kernel's ephemeral range), disjoint from every other test's range.
+pub fn unique_port_range(len: u16) -> (RangeInclusive<u16>, Reservation) {
+    assert!((1..=20).contains(&len));
+    let mut rng = rand::rng();
+    for _ in 0..1000 {
+        let slot = rng.random_range(0..600u16);
+        let lo = 20000 + slot * 20;
+        let range = lo..=lo + len - 1;
+        if !range
+            .clone()
+            .all(|p| webhoster::net::alloc::port_is_free(Ipv4Addr::UNSPECIFIED, p))
+        {
+            continue;
+        }
+        if let Some(r) = reserve("ports", &lo.to_string()) {
+            return (range, r);
+        }
+    }
+    panic!("no free test port range");
+}
+
+/// Run a command to completion (stdout/stderr captured).
+pub fn run(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {cmd} {args:?}: {e}"))
+}
+
+/// Run a command and panic with its stderr unless it succeeds; returns stdout.
+pub fn run_ok(cmd: &str, args: &[&str]) -> String {
+    let out = run(cmd, args);
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `ip netns add <name>`, deleted (with everything in it) on drop.
+#[derive(Debug)]
+pub struct NetnsGuard(pub String);
+
+impl NetnsGuard {
+    pub fn new(name: &str) -> NetnsGuard {
+        run_ok("ip", &["netns", "add", name]);
+        NetnsGuard(name.to_string())
+    }
+
+    /// Run `cmd args` inside the namespace.
+    pub fn exec(&self, cmd: &str, args: &[&str]) -> Output {
+        let mut all = vec!["netns", "exec", self.0.as_str(), cmd];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    pub fn exec_ok(&self, cmd: &str, args: &[&str]) -> String {
+        let out = self.exec(cmd, args);
+        assert!(
+            out.status.success(),
+            "in {}: {cmd} {args:?} failed: {}",
+            self.0,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.0)
+    }
+}
+
+impl Drop for NetnsGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+/// A child process killed (and reaped) on drop.
+#[derive(Debug)]
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A temporary directory removed on drop.
+pub fn temp_dir(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("create a temporary directory")
+}
+
+/// Options for a test VM network with its own namespace, subnet and SSH port
+/// range; the network is torn down on drop (whatever the test did).
+pub struct TestNet {
+    pub opts: webhoster::net::NetOptions,
+    _subnet: Reservation,
+    _ports: Reservation,
+}
+
+impl TestNet {
+    /// Fresh options; SSH forwards listen on 127.0.0.1 so tests never turn
+    /// forwarding on for the host's real interfaces.
+    pub fn new() -> TestNet {
+        let (subnet, sr) = unique_subnet();
+        let (ports, pr) = unique_port_range(8);
+        TestNet {
+            opts: webhoster::net::NetOptions {
+                netns: unique_name("wt"),
+                subnet,
+                ssh_bind: Ipv4Addr::LOCALHOST,
+                ssh_ports: ports,
+                egress: None,
+            },
+            _subnet: sr,
+            _ports: pr,
+        }
+    }
+}
+
+impl Drop for TestNet {
+    fn drop(&mut self) {
+        let opts = self.opts.clone();
+        // Drop may run inside a tokio runtime: tear down from a fresh thread.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            if let Err(e) = rt.block_on(webhoster::net::Network::down(&opts)) {
+                eprintln!("teardown of {} failed: {e}", opts.netns);
+            }
+        })
+        .join();
+    }
+}
+
+/// A "guest": its own namespace joined to the VM bridge by a veth whose
+/// bridge end is plugged as an isolated port, exactly like a tap.
+pub struct TestGuest {
+    pub ns: NetnsGuard,
+    pub ip: Ipv4Addr,
+    pub port: String,
+}
+
+impl TestGuest {
+    pub async fn plug(net: &webhoster::net::Network, ip: Ipv4Addr) -> TestGuest {
+        let ns = NetnsGuard::new(&unique_name("wg"));
+        let port = unique_name("gp");
+        let opts = net.options();
+        run_ok(
+            "ip",
+            &[
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                &ns.0,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &port,
+                "netns",
+                &opts.netns,
+            ],
+        );
+        net.plug_port(&port).await.expect("plug the guest port");
+        let cidr = format!("{ip}/{}", net.subnet().prefix_len());
+        ns.exec_ok("ip", &["addr", "add", &cidr, "dev", "eth0"]);
+        ns.exec_ok("ip", &["link", "set", "eth0", "up"]);
+        ns.exec_ok("ip", &["link", "set", "lo", "up"]);
+        ns.exec_ok(
+            "ip",
+            &["route", "add", "default", "via", &net.gateway().to_string()],
+        );
+        TestGuest { ns, ip, port }
+    }
+
+    /// Bind a TCP listener inside the guest namespace (the socket stays there).
+    pub fn listen(&self, port: u16) -> TcpListener {
+        let addr = std::net::SocketAddrV4::new(self.ip, port);
+        webhoster::sys::in_netns(&self.ns.path(), move || TcpListener::bind(addr))
+            .and_then(|r| r)
+            .expect("bind in the guest namespace")
+    }
+
+    /// Connect from inside the guest namespace.
+    pub fn connect(
+        &self,
+        to: std::net::SocketAddr,
+        timeout: std::time::Duration,
+    ) -> std::io::Result<std::net::TcpStream> {
+        webhoster::sys::in_netns(&self.ns.path(), move || {
+            std::net::TcpStream::connect_timeout(&to, timeout)
+        })?
+    }
+
+    /// Serve a fixed HTTP 200 body on `ip:80` from a background thread.
+    pub fn serve_http(&self, body: &str) {
+        let listener = self.listen(80);
+        let body = body.to_string();
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            for conn in listener.incoming() {
+                let Ok(mut c) = conn else { break };
+                let mut buf = [0u8; 1024];
+                let _ = c.read(&mut buf);
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = c.write_all(resp.as_bytes());
+            }
+        });
+    }
+
+    /// Echo every TCP connection on `ip:port` back, from background threads.
+    pub fn serve_echo(&self, port: u16) {
+        let listener = self.listen(port);
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(c) = conn else { break };
+                std::thread::spawn(move || {
+                    let mut r = c.try_clone().expect("clone");
+                    let mut w = c;
+                    let _ = std::io::copy(&mut r, &mut w);
+                });
+            }
+        });
+    }
+}
+
+/// GET http://<addr>/ with a plain TCP client; returns the body.
+pub fn http_get(addr: std::net::SocketAddr) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    s.write_all(format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
+}

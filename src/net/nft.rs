@@ -1,0 +1,295 @@
+//! nftables, through `nft -f -` and `nft -j`: webhoster's own table on the
+//! host (`ip webhoster_<netns>`: SSH DNAT map, loopback masquerade, forward
+//! guard) and its table inside the namespace (`inet webhoster`: guests get no
+//! egress). Only ever creates, replaces or deletes those tables; never
+//! flushes the ruleset or touches another table.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::ops::RangeInclusive;
+use std::process::{Command, Stdio};
+
+use ipnet::Ipv4Net;
+use serde_json::Value;
+
+use super::NetError;
+
+/// Inside the namespace the table name is fixed: the namespace is ours.
+pub const NS_TABLE: &str = "webhoster";
+
+/// The host table of namespace `netns`. nft identifiers allow `_`, not all
+/// of what a namespace name may hold, so `-` becomes `_`.
+pub fn host_table(netns: &str) -> String {
+    format!("webhoster_{}", netns.replace('-', "_"))
+}
+
+/// One SSH forward: host `port` to `guest`:22, tagged with its vm_id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    pub vm_id: String,
+    pub port: u16,
+    pub guest: Ipv4Addr,
+    pub guest_port: u16,
+}
+
+/// Everything the host table is built from.
+pub struct HostRules<'a> {
+    pub table: &'a str,
+    pub veth: &'a str,
+    pub subnet: Ipv4Net,
+    pub ssh_bind: Ipv4Addr,
+    pub ports: RangeInclusive<u16>,
+    pub egress: Option<&'a str>,
+    /// Interfaces on which we turned IPv4 forwarding on (restored on down).
+    pub opened: &'a BTreeSet<String>,
+    pub forwards: &'a [Forward],
+}
+
+fn q(s: &str) -> String {
+    format!("\"{}\"", s.replace(['"', '\\'], ""))
+}
+
+fn element(f: &Forward) -> String {
+    format!(
+        "{} comment {} : {} . {}",
+        f.port,
+        q(&f.vm_id),
+        f.guest,
+        f.guest_port
+    )
+}
+
+/// The whole host table, replacing any previous version atomically (one nft
+/// transaction: add, delete, define). Conntrack entries of open connections
+/// are not part of the ruleset, so they survive this.
+pub fn host_ruleset(r: &HostRules) -> String {
+    let t = r.table;
+    let veth = q(r.veth);
+    let daddr = if r.ssh_bind.is_unspecified() {
+        "fib daddr type local".to_string()
+    } else {
+        format!("ip daddr {}", r.ssh_bind)
+    };
+    let mut s = format!("add table ip {t}\ndelete table ip {t}\ntable ip {t} {{\n");
+    s += &format!(
+        "  set ports {{ type inet_service; flags interval; elements = {{ {}-{} }}; }}\n",
+        r.ports.start(),
+        r.ports.end()
+    );
+    s += "  set opened { type ifname;";
+    if !r.opened.is_empty() {
+        let names: Vec<String> = r.opened.iter().map(|n| q(n)).collect();
+        s += &format!(" elements = {{ {} }};", names.join(", "));
+    }
+    s += " }\n";
+    s += "  map ssh_fwd { type inet_service : ipv4_addr . inet_service;";
+    if !r.forwards.is_empty() {
+        let els: Vec<String> = r.forwards.iter().map(element).collect();
+        s += &format!(" elements = {{ {} }};", els.join(", "));
+    }
+    s += " }\n";
+    s += &format!(
+        "  chain prerouting {{ type nat hook prerouting priority -100; policy accept;\n    {daddr} tcp dport @ports dnat ip to tcp dport map @ssh_fwd\n  }}\n"
+    );
+    s += &format!(
+        "  chain output {{ type nat hook output priority -100; policy accept;\n    {daddr} tcp dport @ports dnat ip to tcp dport map @ssh_fwd\n  }}\n"
+    );
+    s += "  chain postrouting { type nat hook postrouting priority 100; policy accept;\n";
+    // Connections to 127.0.0.1:<port> leave through the veth after DNAT
+    // (route_localnet allows that); the guest cannot answer 127.0.0.1, so
+    // the source becomes the veth's address.
+    s += &format!("    oifname {veth} ip saddr 127.0.0.0/8 masquerade\n");
+    if let Some(up) = r.egress {
+        s += &format!("    oifname {} ip saddr {} masquerade\n", q(up), r.subnet);
+    }
+    s += "  }\n";
+    s += "  chain forward { type filter hook forward priority 0; policy accept;\n";
+    s += &format!("    oifname {veth} ct status dnat accept\n");
+    s += &format!("    oifname {veth} ct state established,related accept\n");
+    s += &format!("    oifname {veth} drop\n");
+    s += &format!("    iifname {veth} ct state established,related accept\n");
+    if let Some(up) = r.egress {
+        s += &format!("    iifname {veth} oifname {} accept\n", q(up));
+    }
+    s += &format!("    iifname {veth} drop\n");
+    // We turned forwarding on for these only so DNATed SSH reaches guests:
+    // they must not start routing anything else.
+    s += "    iifname @opened drop\n";
+    s += "  }\n}\n";
+    s
+}
+
+/// The namespace's table: forward host->guests and replies; guests start
+/// nothing beyond the gateway unless `egress`.
+pub fn ns_ruleset(bridge: &str, uplink: &str, egress: bool) -> String {
+    let t = NS_TABLE;
+    let mut s = format!("add table inet {t}\ndelete table inet {t}\ntable inet {t} {{\n");
+    s += "  chain forward { type filter hook forward priority 0; policy drop;\n";
+    s += "    ct state established,related accept\n";
+    s += &format!("    iifname {} oifname {} accept\n", q(uplink), q(bridge));
+    if egress {
+        s += &format!("    iifname {} oifname {} accept\n", q(bridge), q(uplink));
+    }
+    s += "  }\n}\n";
+    s
+}
+
+/// Run `nft` with `args`, feeding `stdin`; returns stdout. Runs in the
+/// calling thread's network namespace.
+pub fn run(args: &[&str], stdin: Option<&str>, op: &str) -> Result<String, NetError> {
+    let mut child = Command::new("nft")
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(NetError::io(format!("run nft to {op}")))?;
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().expect("stdin is piped");
+        pipe.write_all(input.as_bytes())
+            .map_err(NetError::io(format!("write nft input to {op}")))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(NetError::io(format!("wait for nft to {op}")))?;
+    if !out.status.success() {
+        return Err(NetError::Nft {
+            op: op.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn apply(ruleset: &str, op: &str) -> Result<(), NetError> {
+    run(&["-f", "-"], Some(ruleset), op).map(|_| ())
+}
+
+/// Names of all `ip` tables (to tell whether ours exists).
+pub fn tables() -> Result<Vec<(String, String)>, NetError> {
+    let out = run(&["-j", "list", "tables"], None, "list tables")?;
+    let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+    let mut names = Vec::new();
+    for item in v["nftables"].as_array().into_iter().flatten() {
+        if let Some(t) = item.get("table") {
+            if let (Some(f), Some(n)) = (t["family"].as_str(), t["name"].as_str()) {
+                names.push((f.to_string(), n.to_string()));
+            }
+        }
+    }
+    Ok(names)
+}
+
+pub fn table_exists(family: &str, table: &str) -> Result<bool, NetError> {
+    Ok(tables()?.iter().any(|(f, n)| f == family && n == table))
+}
+
+pub fn delete_table(family: &str, table: &str) -> Result<bool, NetError> {
+    if !table_exists(family, table)? {
+        return Ok(false);
+    }
+    apply(
+        &format!("delete table {family} {table}\n"),
+        &format!("delete table {family} {table}"),
+    )?;
+    Ok(true)
+}
+
+fn set_json(table: &str, kind: &str, name: &str) -> Result<Option<Value>, NetError> {
+    if !table_exists("ip", table)? {
+        return Ok(None);
+    }
+    let out = run(
+        &["-j", "list", kind, "ip", table, name],
+        None,
+        &format!("list {kind} {name}"),
+    )?;
+    let v: Value = serde_json::from_str(&out).map_err(|e| NetError::Nft {
+        op: format!("parse {kind} {name}"),
+        stderr: e.to_string(),
+    })?;
+    Ok(v["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find_map(|i| i.get(kind).cloned()))
+}
+
+/// The forwards in the host table (empty when the table does not exist).
+pub fn forwards(table: &str) -> Result<Vec<Forward>, NetError> {
+    let Some(map) = set_json(table, "map", "ssh_fwd")? else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for el in map["elem"].as_array().into_iter().flatten() {
+        let (key, val) = (&el[0], &el[1]);
+        let (port, vm_id) = match key.get("elem") {
+            Some(e) => (e["val"].as_u64(), e["comment"].as_str().unwrap_or("")),
+            None => (key.as_u64(), ""),
+        };
+        let concat = &val["concat"];
+        let guest = concat[0].as_str().and_then(|s| s.parse().ok());
+        let guest_port = concat[1].as_u64();
+        if let (Some(port), Some(guest), Some(guest_port)) = (port, guest, guest_port) {
+            out.push(Forward {
+                vm_id: vm_id.to_string(),
+                port: port as u16,
+                guest,
+                guest_port: guest_port as u16,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// The `opened` interface set of the host table.
+pub fn opened(table: &str) -> Result<BTreeSet<String>, NetError> {
+    let Some(set) = set_json(table, "set", "opened")? else {
+        return Ok(BTreeSet::new());
+    };
+    Ok(set["elem"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.as_str().map(str::to_string))
+        .collect())
+}
+
+/// The SSH port range declared by a host table, if it has one.
+pub fn declared_ports(table: &str) -> Result<Option<RangeInclusive<u16>>, NetError> {
+    let Some(set) = set_json(table, "set", "ports")? else {
+        return Ok(None);
+    };
+    let el = &set["elem"][0];
+    let range = &el["range"];
+    match (range[0].as_u64(), range[1].as_u64(), el.as_u64()) {
+        (Some(lo), Some(hi), _) => Ok(Some(lo as u16..=hi as u16)),
+        (_, _, Some(p)) => Ok(Some(p as u16..=p as u16)),
+        _ => Ok(None),
+    }
+}
+
+pub fn add_forward(table: &str, f: &Forward, replace: Option<&Forward>) -> Result<(), NetError> {
+    let mut s = String::new();
+    if let Some(old) = replace {
+        s += &format!("delete element ip {table} ssh_fwd {{ {} }}\n", old.port);
+    }
+    s += &format!("add element ip {table} ssh_fwd {{ {} }}\n", element(f));
+    apply(&s, &format!("add SSH forward for {}", f.vm_id))
+}
+
+pub fn delete_forwards(table: &str, ports: &[u16]) -> Result<(), NetError> {
+    if ports.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+    apply(
+        &format!("delete element ip {table} ssh_fwd {{ {} }}\n", list.join(", ")),
+        "delete SSH forwards",
+    )
+}

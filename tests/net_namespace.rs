@@ -1,0 +1,216 @@
+//! The VM network against the real kernel (root): namespace, bridge, veth,
+//! routes and nftables, set up twice, checked, and torn down completely.
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use common::host::{TestGuest, TestNet, run, run_ok, unique_name};
+use webhoster::net::{NetError, NetOptions, Network, netns, nft};
+
+fn host_has_table(table: &str) -> bool {
+    run_ok("nft", &["list", "tables"])
+        .lines()
+        .any(|l| l.trim() == format!("table ip {table}"))
+}
+
+#[tokio::test]
+async fn up_is_idempotent_and_down_removes_everything() {
+    let t = TestNet::new();
+    let o = t.opts.clone();
+    let net = Network::up(o.clone()).await.expect("first up");
+    let snapshot = || {
+        (
+            run_ok("ip", &["-o", "addr", "show", "dev", &o.netns]),
+            run_ok("ip", &["route", "show", &o.subnet.to_string()]),
+            run_ok("ip", &["netns", "exec", &o.netns, "ip", "-o", "addr"]),
+            run_ok("ip", &["netns", "exec", &o.netns, "ip", "route"]),
+            run_ok("nft", &["list", "table", "ip", &o.table()]),
+            run_ok("ip", &["netns", "exec", &o.netns, "nft", "list", "ruleset"]),
+        )
+    };
+    let first = snapshot();
+    assert!(
+        first.1.contains(&format!("dev {}", o.netns)),
+        "host route: {}",
+        first.1
+    );
+    assert!(
+        first
+            .2
+            .contains(&format!("{}/{}", net.gateway(), o.subnet.prefix_len()))
+    );
+    drop(net);
+
+    let net = Network::up(o.clone()).await.expect("second up");
+    assert_eq!(snapshot(), first, "a second up changed something");
+    assert_eq!(
+        run_ok(
+            "ip",
+            &["netns", "exec", &o.netns, "cat", "/proc/sys/net/ipv4/ip_forward"]
+        )
+        .trim(),
+        "1"
+    );
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{}/route_localnet", o.netns))
+            .unwrap()
+            .trim(),
+        "1"
+    );
+
+    // The host reaches the gateway through the route.
+    // (Refused = the gateway answered with a reset: it is reachable.)
+    let e =
+        std::net::TcpStream::connect_timeout(&SocketAddr::from((net.gateway(), 80)), Duration::from_secs(3))
+            .unwrap_err();
+    assert_eq!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "host -> gateway: {e}"
+    );
+
+    Network::down(&o).await.expect("down");
+    assert!(!netns::exists(&o.netns));
+    assert!(!run_ok("ip", &["netns", "list"]).contains(&o.netns));
+    assert!(!run("ip", &["link", "show", "dev", &o.netns]).status.success());
+    assert!(!run_ok("ip", &["route"]).contains(&o.subnet.network().to_string()));
+    assert!(!host_has_table(&o.table()));
+    // Down twice is fine.
+    Network::down(&o).await.expect("second down");
+}
+
+#[tokio::test]
+async fn bad_input_fails_before_anything_is_created() {
+    // Too long a name.
+    let mut o = TestNet::new().opts.clone();
+    o.netns = "a-name-longer-than-15".into();
+    assert!(matches!(Network::up(o).await, Err(NetError::BadNetnsName { .. })));
+
+    let a = TestNet::new();
+    let _net_a = Network::up(a.opts.clone()).await.expect("up A");
+
+    // A subnet overlapping A's (a route on the host).
+    let b = TestNet::new();
+    let mut ob = b.opts.clone();
+    ob.subnet = format!("{}/25", a.opts.subnet.network()).parse().unwrap();
+    let err = Network::up(ob.clone()).await.unwrap_err();
+    assert!(matches!(err, NetError::SubnetOverlap { .. }), "{err}");
+    assert!(!netns::exists(&ob.netns), "namespace created despite the error");
+
+    // A port range overlapping A's.
+    let mut ob = b.opts.clone();
+    ob.ssh_ports = *a.opts.ssh_ports.start()..=*a.opts.ssh_ports.start();
+    let err = Network::up(ob.clone()).await.unwrap_err();
+    assert!(matches!(err, NetError::BadPortRange { .. }), "{err}");
+    assert!(!netns::exists(&ob.netns));
+
+    // A port range inside the kernel's ephemeral range.
+    let mut ob = b.opts.clone();
+    ob.ssh_ports = 40000..=40010;
+    assert!(matches!(
+        Network::up(ob.clone()).await,
+        Err(NetError::BadPortRange { .. })
+    ));
+
+    // A port range entirely held by someone else.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut ob = b.opts.clone();
+    let p = held.local_addr().unwrap().port();
+    if p < 32768 {
+        ob.ssh_ports = p..=p;
+        assert!(matches!(
+            Network::up(ob.clone()).await,
+            Err(NetError::BadPortRange { .. })
+        ));
+    }
+
+    // An existing host interface of that name that is not ours.
+    let mut ob = b.opts.clone();
+    ob.netns = unique_name("wd");
+    run_ok("ip", &["link", "add", &ob.netns, "type", "bridge"]);
+    let err = Network::up(ob.clone()).await.unwrap_err();
+    run_ok("ip", &["link", "del", &ob.netns]);
+    assert!(matches!(err, NetError::ForeignInterface { .. }), "{err}");
+    assert!(!netns::exists(&ob.netns));
+    assert!(!host_has_table(&nft::host_table(&ob.netns)));
+}
+
+#[tokio::test]
+async fn host_reaches_each_guest_and_guests_cannot_reach_each_other() {
+    let t = TestNet::new();
+    let net = Network::up(t.opts.clone()).await.expect("up");
+    let mut ips = webhoster::net::alloc::guest_ips(net.subnet());
+    let a = TestGuest::plug(&net, ips.next().unwrap()).await;
+    let b = TestGuest::plug(&net, ips.next().unwrap()).await;
+    a.serve_http("guest A");
+    b.serve_http("guest B");
+
+    // Host -> each guest's :80 through the route.
+    let body = common::host::http_get(SocketAddr::from((a.ip, 80))).expect("GET A");
+    assert_eq!(body, "guest A");
+    let body = common::host::http_get(SocketAddr::from((b.ip, 80))).expect("GET B");
+    assert_eq!(body, "guest B");
+
+    // The port is an isolated bridge port.
+    let detail = run_ok(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &t.opts.netns,
+            "ip",
+            "-d",
+            "link",
+            "show",
+            "dev",
+            &a.port,
+        ],
+    );
+    assert!(detail.contains("isolated on"), "{detail}");
+
+    // A reaches the gateway (connection refused = it answered) ...
+    let gw = SocketAddr::from((net.gateway(), 80));
+    let e = a.connect(gw, Duration::from_secs(3)).unwrap_err();
+    assert_eq!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "A -> gateway: {e}"
+    );
+    // ... but never B, neither on the bridge nor routed through the gateway.
+    let r = a.connect(SocketAddr::from((b.ip, 80)), Duration::from_secs(3));
+    assert!(r.is_err(), "guest A reached guest B");
+    let r = b.connect(SocketAddr::from((a.ip, 80)), Duration::from_secs(3));
+    assert!(r.is_err(), "guest B reached guest A");
+    // And no egress: the host side of the veth is not reachable from guests.
+    let probe = std::net::TcpListener::bind(SocketAddr::from((net.host_address(), 0))).unwrap();
+    let r = a.connect(probe.local_addr().unwrap(), Duration::from_secs(2));
+    assert!(r.is_err(), "guest A reached the host through the namespace");
+    let _ = Ipv4Addr::LOCALHOST;
+}
+
+#[tokio::test]
+async fn network_is_rebuilt_after_namespace_loss() {
+    // Like a host reboot: the namespace (and with it the veth) disappears,
+    // the host table stays stale; up rebuilds and keeps the forwards.
+    let t = TestNet::new();
+    let o: NetOptions = t.opts.clone();
+    let net = Network::up(o.clone()).await.expect("up");
+    let ip = webhoster::net::alloc::guest_ips(net.subnet()).next().unwrap();
+    net.add_forward("vm-reboot", *o.ssh_ports.start(), ip)
+        .await
+        .unwrap();
+    drop(net);
+    netns::delete(&o.netns).unwrap();
+    // The kernel destroys the veth pair with the namespace, asynchronously.
+    for _ in 0..50 {
+        if !run("ip", &["link", "show", "dev", &o.netns]).status.success() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let net = Network::up(o.clone()).await.expect("up after loss");
+    assert_eq!(net.forwards().await.unwrap().len(), 1);
+    assert!(run_ok("ip", &["route", "show", &o.subnet.to_string()]).contains(&o.netns));
+}
