@@ -1,0 +1,118 @@
+#!/bin/bash
+# Builds the webhoster guest image. Run by `webhoster image build` (which
+# checks root, tools, disk space and the mirror first, and owns the cache);
+# not meant to be run by hand. Inputs, from the environment:
+#   WH_RECIPE   directory holding this recipe (packages.txt, overlay/, ...)
+#   WH_WORK     empty build directory; outputs are written here
+#   WH_SUITE    Debian suite (the host's release)
+#   WH_SOURCES  file of one-line `deb URI SUITE COMPONENTS` sources, read
+#               from the host's apt configuration
+#   WH_APTOPTS  file of extra apt options, one per line (may be empty)
+# Outputs in WH_WORK: vmlinuz, initrd.img, disk.qcow2, packages.tsv,
+# kernel-version. Lines `@@stage NAME` on stdout mark progress.
+set -euo pipefail
+umask 022
+: "${WH_RECIPE:?}" "${WH_WORK:?}" "${WH_SUITE:?}" "${WH_SOURCES:?}" "${WH_APTOPTS:?}"
+export LC_ALL=C.UTF-8 DEBIAN_FRONTEND=noninteractive
+rootfs="$WH_WORK/rootfs"
+
+stage() { echo "@@stage $1"; }
+
+stage rootfs
+packages=$(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$WH_RECIPE/packages.txt" | tr -s '[:space:]' ',' | sed 's/,$//')
+mirrors=()
+while IFS= read -r line; do [ -n "$line" ] && mirrors+=("$line"); done < "$WH_SOURCES"
+aptopts=(--aptopt='Apt::Install-Recommends "false"')
+while IFS= read -r line; do [ -n "$line" ] && aptopts+=(--aptopt="$line"); done < "$WH_APTOPTS"
+dpkgopts=()
+while IFS= read -r line; do
+    case "$line" in ''|'#'*) ;; *) dpkgopts+=(--dpkgopt="$line") ;; esac
+done < "$WH_RECIPE/dpkg-excludes.cfg"
+mmdebstrap --mode=root --variant=minbase --format=directory \
+    "${aptopts[@]}" "${dpkgopts[@]}" --include="$packages" \
+    "$WH_SUITE" "$rootfs" -- "${mirrors[@]}"
+
+stage configure
+cp -a "$WH_RECIPE/overlay/." "$rootfs/"
+# Unique per VM, made at first boot: machine-id (systemd), host keys (cloud-init).
+: > "$rootfs/etc/machine-id"
+rm -f "$rootfs/var/lib/dbus/machine-id" "$rootfs"/etc/ssh/ssh_host_*
+echo localhost > "$rootfs/etc/hostname"
+printf '127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' > "$rootfs/etc/hosts"
+printf '# Set by cloud-init or the administrator: guests have no resolver by default.\n' > "$rootfs/etc/resolv.conf"
+echo 'LANG=C.UTF-8' > "$rootfs/etc/default/locale"
+# The seed adds the login user to www-data so SFTP uploads land as pages.
+chown root:www-data "$rootfs/var/www/html"
+chmod 2775 "$rootfs/var/www/html"
+sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$WH_RECIPE/masked-units.txt" | while read -r unit; do
+    ln -sfn /dev/null "$rootfs/etc/systemd/system/$unit"
+done
+chroot "$rootfs" systemctl enable systemd-networkd.service >/dev/null
+chroot "$rootfs" systemctl enable nginx.service ssh.service >/dev/null
+# A build leaves no state that would make every VM look alike or stale.
+rm -rf "$rootfs"/var/lib/cloud/* "$rootfs"/var/log/cloud-init* \
+    "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin \
+    "$rootfs"/var/cache/debconf/*-old "$rootfs"/var/lib/dpkg/*-old \
+    "$rootfs"/tmp/* "$rootfs"/var/tmp/*
+find "$rootfs/var/log" -type f -exec truncate -s 0 {} +
+# Python bytecode is precompiled by the packages; compile anything missed so
+# no boot pays for it (and a read-only root would still be fast).
+chroot "$rootfs" python3 -m compileall -q -j 0 /usr/lib/python3/dist-packages >/dev/null 2>&1 || true
+
+stage kernel
+kver=$(basename "$(ls -1 "$rootfs"/boot/vmlinuz-* | sort -V | tail -n 1)")
+kver=${kver#vmlinuz-}
+echo "$kver" > "$WH_WORK/kernel-version"
+cp "$rootfs/boot/vmlinuz-$kver" "$WH_WORK/vmlinuz"
+# The guest boots our initrd below, never this one: keep the disk small.
+rm -f "$rootfs"/boot/initrd.img*
+
+stage initrd
+moddir="$rootfs/lib/modules/$kver"
+initrd="$WH_WORK/initrd"
+mkdir -p "$initrd"/{bin,dev,proc,sys,newroot,lib/modules}
+cp /bin/busybox "$initrd/bin/busybox"
+cp "$WH_RECIPE/initrd/init" "$initrd/init"
+chmod 755 "$initrd/init"
+: > "$initrd/modules.list"
+declare -A added=()
+# Adds a module after its dependencies (modules.dep order), decompressed.
+add_module() {
+    local name=$1 path dep
+    path=$(grep -E "(^|/)${name//_/[_-]}\.ko(\.[a-z]+)?:" "$moddir/modules.dep" | head -n 1 | cut -d: -f1) || true
+    if [ -z "$path" ]; then
+        grep -qE "/${name//_/[_-]}\.ko" "$moddir/modules.builtin" && return 0
+        echo "module $name is neither built in nor in modules.dep" >&2
+        return 1
+    fi
+    [ -n "${added[$path]:-}" ] && return 0
+    added[$path]=1
+    for dep in $(grep -E "^$path:" "$moddir/modules.dep" | cut -d: -f2); do
+        dep=$(basename "$dep"); dep=${dep%%.ko*}
+        add_module "$dep"
+    done
+    local base; base=$(basename "$path"); base=${base%%.ko*}.ko
+    case "$path" in
+        *.xz) xz -dc "$moddir/$path" > "$initrd/lib/modules/$base" ;;
+        *.zst) zstd -qdc "$moddir/$path" > "$initrd/lib/modules/$base" ;;
+        *.gz) gzip -dc "$moddir/$path" > "$initrd/lib/modules/$base" ;;
+        *) cp "$moddir/$path" "$initrd/lib/modules/$base" ;;
+    esac
+    echo "$base" >> "$initrd/modules.list"
+}
+# virtio_rng early: the kernel's entropy pool is ready before systemd starts.
+for m in virtio_pci virtio_blk virtio_rng crc32c_generic ext4; do add_module "$m"; done
+(cd "$initrd" && find . -print0 | sort -z | cpio --null -o -H newc --quiet) | gzip -9n > "$WH_WORK/initrd.img"
+rm -rf "$initrd"
+
+stage disk
+dpkg-query --admindir="$rootfs/var/lib/dpkg" -W -f '${Package}\t${Version}\t${Installed-Size}\n' > "$WH_WORK/packages.tsv"
+used_mib=$(du -sxm "$rootfs" | cut -f1)
+# Room for the first boot's writes; cloud-init's resizefs grows it to the VM's disk.
+size_mib=$(( (used_mib * 5 / 4 + 256 + 63) / 64 * 64 ))
+[ "$size_mib" -lt 1024 ] && size_mib=1024
+mkfs.ext4 -q -F -L whroot -T default -b 4096 -m 1 -d "$rootfs" "$WH_WORK/disk.raw" "${size_mib}M"
+rm -rf "$rootfs"
+qemu-img convert -f raw -O qcow2 "$WH_WORK/disk.raw" "$WH_WORK/disk.qcow2"
+rm -f "$WH_WORK/disk.raw"
+stage done
