@@ -2,41 +2,40 @@
 # Both install the system packages they need when missing and build the guest
 # image when it is not cached. Everything runs as root (VMs, netns, nginx).
 SHELL := /bin/bash
-.ONESHELL:
 .SHELLFLAGS := -eu -o pipefail -c
 
 export WEBHOSTER_STATE_DIR ?= /var/lib/webhoster
 export WEBHOSTER_IMAGE_CACHE ?= /var/cache/webhoster/images
+export WEBHOSTER_TEST_DATABASE_URL ?= postgres://webhoster:webhoster@127.0.0.1:5432/webhoster_test
 
 # Debian packages, by what needs them.
 RUN_PKGS := qemu-system-x86 qemu-utils nginx-light mmdebstrap e2fsprogs busybox-static cpio zstd \
 	genisoimage nftables iproute2 openssh-client socat ca-certificates
 TEST_PKGS := postgresql wrk sshpass jq
 
-.PHONY: run test deps test-deps image release bench lint
+.PHONY: run test bench deps test-deps
 
-run: deps image release
+run: deps
+	cargo build --release
+	target/release/webhoster image build > /dev/null
 	exec target/release/webhoster serve
 
-test: deps test-deps image
+test: deps test-deps
 	cargo fmt --check
+	cargo build --all-targets
+	target/debug/webhoster image build > /dev/null
 	cargo clippy --all-targets -- -D warnings
 	.ci/postgres-up
-	export WEBHOSTER_TEST_DATABASE_URL=postgres://webhoster:webhoster@127.0.0.1:5432/webhoster_test
 	cargo test --no-fail-fast
 
-bench: deps test-deps image
-	cargo bench
-
-release:
+bench: deps test-deps
 	cargo build --release
+	target/release/webhoster image build > /dev/null
+	.ci/postgres-up
+	cargo bench
 
 deps:
 	@.ci/host-packages $(RUN_PKGS)
 
 test-deps:
 	@.ci/host-packages $(TEST_PKGS)
-
-image:
-	cargo build --release
-	target/release/webhoster image build > /dev/null

@@ -37,6 +37,9 @@ pub enum Command {
     Net(crate::net::cli::NetCmd),
     /// Check that everything the service needs is present.
     Doctor(crate::doctor::DoctorArgs),
+    /// Stop every VM and the nginx master, and remove the VM network.
+    /// Disks, seeds and the database stay; `serve` brings it all back.
+    Teardown(crate::config::NetArgs),
 }
 
 /// Log to stderr; `RUST_LOG` filters (default `info`).
@@ -66,6 +69,10 @@ pub fn main() -> ExitCode {
             Command::Vm(cmd) => crate::vmm::cli::run(cli.paths, cmd).await,
             Command::Net(cmd) => crate::net::cli::run(cli.paths, cmd).await,
             Command::Doctor(args) => crate::doctor::run(cli.paths, args).await,
+            Command::Teardown(args) => {
+                crate::backends::teardown(&cli.paths, &args).await?;
+                Ok(ExitCode::SUCCESS)
+            }
         }
     });
     match result {
