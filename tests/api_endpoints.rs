@@ -549,6 +549,38 @@ async fn system(db: Db) {
     }
 }
 
+async fn graceful_shutdown(db: Db) {
+    let api = TestApi::start(db).await;
+    let token = api.user("olga").await;
+    api.world
+        .delay_on("proxy.add_site", std::time::Duration::from_millis(400));
+    let client = api.client.clone();
+    let url = api.url("/api/v1/host");
+    let in_flight = tokio::spawn(async move {
+        client
+            .post(url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    // Let the request get in, then stop the server while it runs.
+    for _ in 0..200 {
+        if api.world.calls().iter().any(|c| c.starts_with("proxy.add_site")) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let addr = api.addr;
+    let store = api.store.clone();
+    let _db = api.stop().await;
+    // The request in flight finished; new connections are refused.
+    assert_eq!(in_flight.await.unwrap().unwrap(), 201);
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    let all = store.all_hostings().await;
+    assert!(all.is_err() || all.unwrap().iter().all(|h| h.status == "running"));
+}
+
 both_backends!(
     accounts,
     validation,
@@ -556,5 +588,6 @@ both_backends!(
     host_lifecycle,
     host_keys,
     async_create,
-    system
+    system,
+    graceful_shutdown,
 );

@@ -38,6 +38,7 @@ struct World {
     calls: Vec<String>,
     fail: HashSet<String>,
     hang: HashSet<String>,
+    delay: std::collections::HashMap<String, std::time::Duration>,
     held: Held,
     unhealthy: BTreeSet<String>,
 }
@@ -101,10 +102,16 @@ impl FakeWorld {
         self.w().hang.insert(method.to_owned());
     }
 
+    /// Every later call of `method` takes `d` first (a slow part).
+    pub fn delay_on(&self, method: &str, d: std::time::Duration) {
+        self.w().delay.insert(method.to_owned(), d);
+    }
+
     pub fn clear_faults(&self) {
         let mut w = self.w();
         w.fail.clear();
         w.hang.clear();
+        w.delay.clear();
     }
 
     /// Marks a health check failed.
@@ -127,11 +134,18 @@ impl FakeWorld {
 
     /// Records the call, then fails or hangs if asked to.
     async fn enter(&self, method: &str, arg: &str) -> Result<(), PortError> {
-        let (fail, hang) = {
+        let (fail, hang, delay) = {
             let mut w = self.w();
             w.calls.push(format!("{method} {arg}"));
-            (w.fail.contains(method), w.hang.contains(method))
+            (
+                w.fail.contains(method),
+                w.hang.contains(method),
+                w.delay.get(method).copied(),
+            )
         };
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
+        }
         if hang {
             std::future::pending::<()>().await;
         }
@@ -166,7 +180,8 @@ impl VmEngine for FakeWorld {
         let ok = self.with(|h| {
             let ready = h.disks.contains(&vm.vm_id)
                 && h.taps.contains(&vm.tap_name)
-                && h.seeds.contains(&vm.seed_iso);
+                // A real seed writer may stand in for the fake one.
+                && (h.seeds.contains(&vm.seed_iso) || vm.seed_iso.exists());
             if ready {
                 h.vms.insert(vm.vm_id.clone(), true);
             }

@@ -30,6 +30,9 @@ pub async fn build_backends(_paths: &Paths, _args: &ServeArgs) -> anyhow::Result
     )
 }
 
+/// How long requests in flight may finish after SIGTERM.
+const GRACE: Duration = Duration::from_secs(30);
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = match signal(SignalKind::terminate()) {
@@ -47,6 +50,13 @@ async fn shutdown_signal() {
 }
 
 pub async fn run(paths: Paths, args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let backends = build_backends(&paths, &args).await?;
+    run_with(paths, args, backends).await
+}
+
+/// `serve` over any backends (the real ones from [`build_backends`], or
+/// fakes in a test that runs the whole service).
+pub async fn run_with(paths: Paths, args: ServeArgs, backends: Backends) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&paths.state_dir)
         .with_context(|| format!("creating the state dir {}", paths.state_dir.display()))?;
     let url = args
@@ -66,7 +76,6 @@ pub async fn run(paths: Paths, args: ServeArgs) -> anyhow::Result<ExitCode> {
         Duration::from_secs(args.token_ttl),
         cores.saturating_sub(1).max(1),
     )?;
-    let backends = build_backends(&paths, &args).await?;
     let cfg = HostingConfig {
         login_user: "ubuntu".into(),
         ssh_ports: args.net.ssh_ports.clone(),
@@ -90,11 +99,31 @@ pub async fn run(paths: Paths, args: ServeArgs) -> anyhow::Result<ExitCode> {
             ..ApiConfig::default()
         },
     );
-    let (addr, server) = api::serve(args.api_addr, state, shutdown_signal())
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let mut graceful_rx = stop_rx.clone();
+    let graceful = async move {
+        let _ = graceful_rx.wait_for(|stop| *stop).await;
+    };
+    let (addr, server) = api::serve(args.api_addr, state, graceful)
         .await
         .with_context(|| format!("binding the API to {}", args.api_addr))?;
     tracing::info!(%addr, "API listening");
-    server.await;
+    let mut deadline_rx = stop_rx;
+    tokio::select! {
+        () = server => {}
+        () = async move {
+            let _ = deadline_rx.wait_for(|stop| *stop).await;
+            tokio::time::sleep(GRACE).await;
+        } => {
+            // A synchronous create can take minutes under TCG; the journal
+            // makes cutting it safe.
+            tracing::warn!(grace = ?GRACE, "requests still in flight after the grace period; stopping anyway");
+        }
+    }
     // Creates still running are cut where they stand; the journal lets the
     // next start undo them.
     hosting.abort_creates();
