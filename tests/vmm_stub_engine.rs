@@ -437,3 +437,27 @@ async fn operator_cli_list_info_qmp() {
     let (_, out, _) = run(&["vm", "list"]);
     assert!(out.lines().any(|l| l.starts_with(&spec.vm_id) && l.contains("stopped")), "{out}");
 }
+
+/// A console that never stops writing cannot fill the disk: the supervisor
+/// rotates serial.log (one old copy) once it passes the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serial_log_stays_bounded() {
+    use webhoster::vmm::dir::LOG_MAX_BYTES;
+    let fx = Fixture::new();
+    let engine = fx.engine(fast_restarts(3));
+    let spec = fx.spec("spam", StubAction::Spam);
+    engine.create_disk(&spec).await.unwrap();
+    engine.start(&spec).await.unwrap();
+    let dir = engine.vm_dir(&spec.vm_id);
+    let old = dir.root().join("serial.log.1");
+    wait_for("a rotation", Duration::from_secs(60), || old.exists()).await;
+    // Keep it talking through a few more supervisor ticks.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let (cur, prev) = (size(&dir.serial_log()), size(&old));
+    eprintln!("serial.log {cur} bytes, serial.log.1 {prev} bytes");
+    // The bound: the limit plus what the guest writes in one supervisor tick.
+    assert!(cur < 8 * LOG_MAX_BYTES && prev < 8 * LOG_MAX_BYTES, "{cur} / {prev}");
+    assert!(std::fs::read_to_string(&dir.serial_log()).unwrap_or_default().contains(BOOT_LINE));
+    engine.stop(&spec.vm_id, Duration::from_millis(100)).await.unwrap();
+}

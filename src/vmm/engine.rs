@@ -296,7 +296,8 @@ impl Engine {
     /// At service start: for each VM that should exist, find its QEMU
     /// (pidfile, then /proc cmdline, then QMP) and supervise it again without
     /// touching the guest, or report it stopped or crashed. Stale pidfiles
-    /// and sockets are removed. Nothing is started here.
+    /// and sockets are removed. Nothing is started here, and no events are
+    /// sent: the outcomes are the report (this engine had no state before).
     pub async fn reattach(&self, specs: &[VmSpec]) -> Vec<(String, Result<ReattachOutcome, VmmError>)> {
         let mut out = Vec::with_capacity(specs.len());
         for spec in specs {

@@ -117,10 +117,10 @@ impl QmpClient {
             let mut events = Box::pin(events);
             let error = loop {
                 match events.next().await {
+                    // Keep reading even when nobody listens for events any
+                    // more: command replies arrive on this same stream.
                     Some(Ok(event)) => {
-                        if tx.send(map_event(event)).is_err() {
-                            return;
-                        }
+                        let _ = tx.send(map_event(event));
                     }
                     Some(Err(err)) => break Some(err.to_string()),
                     None => break None,
