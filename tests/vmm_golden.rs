@@ -24,9 +24,14 @@ fn spec(vm_id: &str, plan: &str, net: VmNet) -> VmSpec {
 fn check(name: &str, accel: AccelChoice, spec: &VmSpec) {
     let argv = argv_for(accel, Path::new("/var/lib/webhoster/vms"), spec);
     let actual = argv.join("\n") + "\n";
-    let file: PathBuf = [env!("CARGO_MANIFEST_DIR"), "tests", "golden", &format!("{name}.args")]
-        .iter()
-        .collect();
+    let file: PathBuf = [
+        env!("CARGO_MANIFEST_DIR"),
+        "tests",
+        "golden",
+        &format!("{name}.args"),
+    ]
+    .iter()
+    .collect();
     match std::fs::read_to_string(&file) {
         Ok(expected) => assert_eq!(
             actual,

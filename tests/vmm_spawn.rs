@@ -14,8 +14,11 @@ async fn fds_land_at_their_numbers_in_a_new_session() {
     b.rewind().unwrap();
     let mut cmd = std::process::Command::new("sh");
     // Read fd 3 and 4, then print our session id and pid.
-    cmd.args(["-c", "cat <&3; echo; cat <&4; echo; cut -d" " -f6 /proc/self/stat; echo $$"])
-        .stdout(std::process::Stdio::piped());
+    cmd.args([
+        "-c",
+        "cat <&3; echo; cat <&4; echo; cut -d' ' -f6 /proc/self/stat; echo $$",
+    ])
+    .stdout(std::process::Stdio::piped());
     // Targets that collide with each other's sources must still work:
     // swap the natural order.
     let child = webhoster::sys::spawn_detached(cmd, &[(b.as_fd(), 4), (a.as_fd(), 3)]).unwrap();

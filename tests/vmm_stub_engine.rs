@@ -12,8 +12,7 @@ use std::time::Duration;
 use common::vmm_stub::{BOOT_LINE, QemuReaper, StubAction, stub_files, unique_vm_id};
 use webhoster::config::Accel;
 use webhoster::vmm::{
-    Engine, EngineOptions, Plan, ReattachOutcome, RestartPolicy, VmEvent, VmNet, VmSpec, VmState,
-    VmmError,
+    Engine, EngineOptions, Plan, ReattachOutcome, RestartPolicy, VmEvent, VmNet, VmSpec, VmState, VmmError,
 };
 
 struct Fixture {
@@ -102,7 +101,10 @@ async fn expect_transition(
 async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + timeout;
     while !f() {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -152,11 +154,17 @@ async fn start_query_and_stop() {
     assert_eq!(reply["error"]["class"], "CommandNotFound", "{reply}");
 
     let dir = engine.vm_dir(&spec.vm_id);
-    wait_for("the stub's boot line", Duration::from_secs(30), || boots(&dir.serial_log()) == 1).await;
+    wait_for("the stub's boot line", Duration::from_secs(30), || {
+        boots(&dir.serial_log()) == 1
+    })
+    .await;
     assert_eq!(dir.read_pid(), Some(pid));
 
     // The stub ignores the ACPI power button: powerdown, then quit.
-    engine.stop(&spec.vm_id, Duration::from_millis(500)).await.unwrap();
+    engine
+        .stop(&spec.vm_id, Duration::from_millis(500))
+        .await
+        .unwrap();
     expect_transition(&mut events, &spec.vm_id, VmState::Running, VmState::Stopping).await;
     let ev = expect_transition(&mut events, &spec.vm_id, VmState::Stopping, VmState::Stopped).await;
     assert!(ev.reason.contains("quit"), "{ev:?}");
@@ -167,7 +175,10 @@ async fn start_query_and_stop() {
     engine.stop(&spec.vm_id, Duration::from_secs(1)).await.unwrap();
     let err = engine.stop("nope", Duration::from_secs(1)).await.unwrap_err();
     assert!(matches!(err, VmmError::UnknownVm(_)), "{err}");
-    let err = engine.qmp("nope", serde_json::json!({"execute": "quit"})).await.unwrap_err();
+    let err = engine
+        .qmp("nope", serde_json::json!({"execute": "quit"}))
+        .await
+        .unwrap_err();
     assert_eq!(err.to_string(), "unknown VM \"nope\"");
 
     engine.destroy(&spec.vm_id).await.unwrap();
@@ -201,7 +212,10 @@ async fn kill_9_is_a_crash_restarted_with_backoff_then_failed() {
     let ev = expect_transition(&mut events, &spec.vm_id, VmState::Crashed, VmState::Failed).await;
     assert!(ev.reason.contains("2 crashes"), "{ev:?}");
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert!(QemuReaper::pids_of(&spec.vm_id).is_empty(), "a failed VM is not restarted");
+    assert!(
+        QemuReaper::pids_of(&spec.vm_id).is_empty(),
+        "a failed VM is not restarted"
+    );
 
     // An explicit start clears the crash history.
     let third = engine.start(&spec).await.unwrap();
@@ -222,7 +236,10 @@ async fn guest_poweroff_leaves_the_vm_stopped() {
     let ev = expect_transition(&mut events, &spec.vm_id, VmState::Running, VmState::Stopped).await;
     assert!(ev.reason.contains("guest powered off"), "{ev:?}");
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert!(QemuReaper::pids_of(&spec.vm_id).is_empty(), "no restart after a guest poweroff");
+    assert!(
+        QemuReaper::pids_of(&spec.vm_id).is_empty(),
+        "no restart after a guest poweroff"
+    );
     assert_eq!(engine.status(&spec.vm_id).unwrap().state, VmState::Stopped);
 }
 
@@ -277,7 +294,10 @@ async fn undecodable_event_reconnects_and_keeps_the_vm_managed() {
     let engine = fx.engine(fast_restarts(3));
     let mut events = engine.subscribe();
     let outcome = engine.reattach(std::slice::from_ref(&spec)).await;
-    assert_eq!(outcome[0].1.as_ref().unwrap(), &ReattachOutcome::Reattached { pid });
+    assert_eq!(
+        outcome[0].1.as_ref().unwrap(),
+        &ReattachOutcome::Reattached { pid }
+    );
     wait_for("a second QMP connection", Duration::from_secs(20), || {
         connections.load(std::sync::atomic::Ordering::SeqCst) >= 2
     })
@@ -285,9 +305,15 @@ async fn undecodable_event_reconnects_and_keeps_the_vm_managed() {
     assert_eq!(engine.status(&spec.vm_id).unwrap().state, VmState::Running);
     // Still managed: the operator passthrough and a graceful stop work, and
     // the stop is recognised as ours (no crash event).
-    let reply = engine.qmp(&spec.vm_id, serde_json::json!({"execute": "query-status"})).await.unwrap();
+    let reply = engine
+        .qmp(&spec.vm_id, serde_json::json!({"execute": "query-status"}))
+        .await
+        .unwrap();
     assert_eq!(reply["return"]["running"], true, "{reply}");
-    engine.stop(&spec.vm_id, Duration::from_millis(300)).await.unwrap();
+    engine
+        .stop(&spec.vm_id, Duration::from_millis(300))
+        .await
+        .unwrap();
     expect_transition(&mut events, &spec.vm_id, VmState::Running, VmState::Stopping).await;
     expect_transition(&mut events, &spec.vm_id, VmState::Stopping, VmState::Stopped).await;
     assert!(QemuReaper::pids_of(&spec.vm_id).is_empty());
@@ -302,14 +328,20 @@ async fn a_new_engine_reattaches_to_the_same_pid_without_reboot() {
     engine.create_disk(&spec).await.unwrap();
     let pid = engine.start(&spec).await.unwrap().pid.unwrap();
     let dir = engine.vm_dir(&spec.vm_id);
-    wait_for("the stub's boot", Duration::from_secs(30), || boots(&dir.serial_log()) == 1).await;
+    wait_for("the stub's boot", Duration::from_secs(30), || {
+        boots(&dir.serial_log()) == 1
+    })
+    .await;
     drop(engine);
 
     let engine = fx.engine(fast_restarts(3));
     let mut events = engine.subscribe();
     let outcome = engine.reattach(std::slice::from_ref(&spec)).await;
     assert_eq!(outcome.len(), 1);
-    assert_eq!(outcome[0].1.as_ref().unwrap(), &ReattachOutcome::Reattached { pid });
+    assert_eq!(
+        outcome[0].1.as_ref().unwrap(),
+        &ReattachOutcome::Reattached { pid }
+    );
     let status = engine.status(&spec.vm_id).unwrap();
     assert_eq!((status.state, status.pid), (VmState::Running, Some(pid)));
     assert_eq!(boots(&dir.serial_log()), 1, "the guest did not reboot");
@@ -338,8 +370,14 @@ async fn stale_pidfile_naming_an_unrelated_process() {
         ReattachOutcome::Crashed { reason } => assert!(reason.contains("not this VM"), "{reason}"),
         other => panic!("expected Crashed, got {other:?}"),
     }
-    assert!(!dir.pidfile().exists() && !dir.qmp_socket().exists(), "stale files cleaned");
-    assert!(sleeper.try_wait().unwrap().is_none(), "the unrelated process is untouched");
+    assert!(
+        !dir.pidfile().exists() && !dir.qmp_socket().exists(),
+        "stale files cleaned"
+    );
+    assert!(
+        sleeper.try_wait().unwrap().is_none(),
+        "the unrelated process is untouched"
+    );
     // Starting works from there.
     let status = engine.start(&spec).await.unwrap();
     assert_ne!(status.pid, Some(sleeper.id() as i32));
@@ -416,7 +454,11 @@ async fn operator_cli_list_info_qmp() {
     assert!(ok, "{err}");
     let line = out.lines().find(|l| l.starts_with(&spec.vm_id)).expect(&out);
     let cols: Vec<&str> = line.split_whitespace().collect();
-    assert_eq!(&cols[1..6], &["alice", "running", &pid.to_string(), "10.83.0.7", "10007"], "{out}");
+    assert_eq!(
+        &cols[1..6],
+        &["alice", "running", &pid.to_string(), "10.83.0.7", "10007"],
+        "{out}"
+    );
     assert!(out.starts_with("VM_ID"), "{out}");
 
     let (ok, out, err) = run(&["vm", "qmp", &spec.vm_id, r#"{"execute":"query-status"}"#]);
@@ -426,14 +468,58 @@ async fn operator_cli_list_info_qmp() {
 
     let (ok, out, err) = run(&["vm", "info", &spec.vm_id]);
     assert!(ok, "{err}");
-    assert!(out.contains(&format!("pid:        {pid}")) && out.contains("\"running\""), "{out}");
+    assert!(
+        out.contains(&format!("pid:        {pid}")) && out.contains("\"running\""),
+        "{out}"
+    );
 
     let (ok, _, err) = run(&["vm", "info", "nope"]);
     assert!(!ok && err.contains("unknown VM \"nope\""), "{err}");
     let (ok, _, err) = run(&["vm", "qmp", &spec.vm_id, "not json"]);
     assert!(!ok && err.contains("not JSON"), "{err}");
 
-    engine.stop(&spec.vm_id, Duration::from_millis(200)).await.unwrap();
+    engine
+        .stop(&spec.vm_id, Duration::from_millis(200))
+        .await
+        .unwrap();
     let (_, out, _) = run(&["vm", "list"]);
-    assert!(out.lines().any(|l| l.starts_with(&spec.vm_id) && l.contains("stopped")), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with(&spec.vm_id) && l.contains("stopped")),
+        "{out}"
+    );
+}
+
+/// A console that never stops writing cannot fill the disk: the supervisor
+/// rotates serial.log (one old copy) once it passes the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serial_log_stays_bounded() {
+    use webhoster::vmm::dir::LOG_MAX_BYTES;
+    let fx = Fixture::new();
+    let engine = fx.engine(fast_restarts(3));
+    let spec = fx.spec("spam", StubAction::Spam);
+    engine.create_disk(&spec).await.unwrap();
+    engine.start(&spec).await.unwrap();
+    let dir = engine.vm_dir(&spec.vm_id);
+    let old = dir.root().join("serial.log.1");
+    wait_for("a rotation", Duration::from_secs(60), || old.exists()).await;
+    // Keep it talking through a few more supervisor ticks.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let (cur, prev) = (size(&dir.serial_log()), size(&old));
+    eprintln!("serial.log {cur} bytes, serial.log.1 {prev} bytes");
+    // The bound: the limit plus what the guest writes in one supervisor tick.
+    assert!(
+        cur < 8 * LOG_MAX_BYTES && prev < 8 * LOG_MAX_BYTES,
+        "{cur} / {prev}"
+    );
+    assert!(
+        std::fs::read_to_string(dir.serial_log())
+            .unwrap_or_default()
+            .contains(BOOT_LINE)
+    );
+    engine
+        .stop(&spec.vm_id, Duration::from_millis(100))
+        .await
+        .unwrap();
 }

@@ -122,8 +122,7 @@ pub fn list(vms_dir: &Path) -> anyhow::Result<String> {
             pid.map_or("-".into(), |p| p.to_string()),
             label("ip"),
             label("ssh_port"),
-            pid.and_then(dir::uptime_secs)
-                .map_or("-".into(), human_duration),
+            pid.and_then(dir::uptime_secs).map_or("-".into(), human_duration),
         ]);
     }
     let mut widths = [0usize; 7];

@@ -177,9 +177,13 @@ pub enum Nic {
     None,
     /// QEMU user networking with `restrict=on` (no egress), forwarding host
     /// addresses to guest ports. For tests and single-user setups.
-    User { hostfwd: Vec<(SocketAddr, u16)> },
+    User {
+        hostfwd: Vec<(SocketAddr, u16)>,
+    },
     /// A tap already open in the parent, passed as fd [`TAP_FD`].
-    Tap { mac: String },
+    Tap {
+        mac: String,
+    },
 }
 
 /// The netdev + device pair (Kata's `add_nic`): they always come together.
@@ -323,9 +327,7 @@ pub fn build(cfg: &CmdlineConfig) -> Vec<String> {
             id: "qmp1",
             socket: &cfg.operator_socket,
         }),
-        Box::new(Serial {
-            log: &cfg.serial_log,
-        }),
+        Box::new(Serial { log: &cfg.serial_log }),
         Box::new(PidFile(&cfg.pidfile)),
     ];
     let mut argv = Vec::with_capacity(64);
@@ -349,7 +351,10 @@ mod tests {
             read_only: false,
         }
         .push_args(&mut argv);
-        assert_eq!(argv[1], "file=/a,,b/disk.qcow2,format=qcow2,if=none,id=d,discard=unmap");
+        assert_eq!(
+            argv[1],
+            "file=/a,,b/disk.qcow2,format=qcow2,if=none,id=d,discard=unmap"
+        );
     }
 
     #[test]

@@ -78,11 +78,7 @@ impl VmDir {
     }
 
     pub fn read_pid(&self) -> Option<i32> {
-        std::fs::read_to_string(self.pidfile())
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
+        std::fs::read_to_string(self.pidfile()).ok()?.trim().parse().ok()
     }
 
     /// The pid of this VM's live QEMU, trusting nothing: the pidfile's pid
@@ -128,10 +124,7 @@ pub fn rotate_if_larger(path: &Path, max: u64) -> io::Result<bool> {
     let mut old = path.as_os_str().to_owned();
     old.push(".1");
     std::fs::copy(path, &old)?;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)?
-        .set_len(0)?;
+    std::fs::OpenOptions::new().write(true).open(path)?.set_len(0)?;
     Ok(true)
 }
 

@@ -21,8 +21,8 @@ use super::cmdline::{self, CmdlineConfig, Nic};
 use super::dir::{self, VmDir};
 use super::qmp::{self, QmpClient, QmpEvent};
 use super::{
-    EngineOptions, ReattachOutcome, RestartPolicy, TapOpener, VmEvent, VmNet, VmSpec, VmState,
-    VmStatus, VmmError,
+    EngineOptions, ReattachOutcome, RestartPolicy, TapOpener, VmEvent, VmNet, VmSpec, VmState, VmStatus,
+    VmmError,
 };
 
 /// How long a spawned QEMU may take to answer QMP. QEMU itself needs well
@@ -145,11 +145,7 @@ impl Engine {
         let dir = self.vm_dir(&spec.vm_id);
         let io = |what: String| {
             let vm_id = spec.vm_id.clone();
-            move |source| VmmError::Io {
-                vm_id,
-                what,
-                source,
-            }
+            move |source| VmmError::Io { vm_id, what, source }
         };
         dir.write_spec(spec)
             .map_err(io(format!("cannot write {}", dir.spec_file().display())))?;
@@ -159,8 +155,7 @@ impl Engine {
         }
         let base = std::path::absolute(&spec.base_disk)
             .map_err(io(format!("bad base disk path {}", spec.base_disk.display())))?;
-        let format = disk_format(&base)
-            .map_err(io(format!("cannot read base disk {}", base.display())))?;
+        let format = disk_format(&base).map_err(io(format!("cannot read base disk {}", base.display())))?;
         let tmp = dir.root().join(".disk.qcow2.tmp");
         let out = tokio::process::Command::new("qemu-img")
             .arg("create")
@@ -213,10 +208,7 @@ impl Engine {
         self.inner.stop_supervisor(&vm);
         {
             let state = vm.rt.lock().unwrap().state;
-            if matches!(
-                state,
-                VmState::Running | VmState::Starting | VmState::Stopping
-            ) {
+            if matches!(state, VmState::Running | VmState::Starting | VmState::Stopping) {
                 self.inner
                     .set_state(&vm, VmState::Crashed, "QEMU vanished while unsupervised")?;
             }
@@ -231,10 +223,11 @@ impl Engine {
                     return Err(err);
                 }
             };
-            return self.inner.run_attached(&vm, attached, "reattached to a running QEMU");
+            return self
+                .inner
+                .run_attached(&vm, attached, "reattached to a running QEMU");
         }
-        self.inner
-            .set_state(&vm, VmState::Starting, "start requested")?;
+        self.inner.set_state(&vm, VmState::Starting, "start requested")?;
         vm.rt.lock().unwrap().crashes.clear();
         match self.inner.spawn_qemu(&vm, spec).await {
             Ok(attached) => self.inner.run_attached(&vm, attached, "QEMU running"),
@@ -296,7 +289,8 @@ impl Engine {
     /// At service start: for each VM that should exist, find its QEMU
     /// (pidfile, then /proc cmdline, then QMP) and supervise it again without
     /// touching the guest, or report it stopped or crashed. Stale pidfiles
-    /// and sockets are removed. Nothing is started here.
+    /// and sockets are removed. Nothing is started here, and no events are
+    /// sent: the outcomes are the report (this engine had no state before).
     pub async fn reattach(&self, specs: &[VmSpec]) -> Vec<(String, Result<ReattachOutcome, VmmError>)> {
         let mut out = Vec::with_capacity(specs.len());
         for spec in specs {
@@ -374,11 +368,7 @@ impl Engine {
 
     /// Operator passthrough: one raw QMP command on the VM's operator
     /// monitor; returns QEMU's reply (`{"return":..}` or `{"error":..}`).
-    pub async fn qmp(
-        &self,
-        vm_id: &str,
-        command: serde_json::Value,
-    ) -> Result<serde_json::Value, VmmError> {
+    pub async fn qmp(&self, vm_id: &str, command: serde_json::Value) -> Result<serde_json::Value, VmmError> {
         super::validate_vm_id(vm_id)?;
         let dir = self.vm_dir(vm_id);
         if !dir.root().exists() {
@@ -524,9 +514,7 @@ impl Inner {
             vm_id: vm.vm_id.clone(),
             source,
         };
-        let (client, events) = QmpClient::connect(&vm.dir.qmp_socket())
-            .await
-            .map_err(qmp_err)?;
+        let (client, events) = QmpClient::connect(&vm.dir.qmp_socket()).await.map_err(qmp_err)?;
         let status = client.query_status().await.map_err(qmp_err)?;
         tracing::info!(vm_id = %vm.vm_id, pid, status = %status.status, "attached to QEMU");
         Ok(Attached {
@@ -544,11 +532,7 @@ impl Inner {
         let dir = &vm.dir;
         let io = |what: &str| {
             let (vm_id, what) = (vm_id.clone(), what.to_owned());
-            move |source| VmmError::Io {
-                vm_id,
-                what,
-                source,
-            }
+            move |source| VmmError::Io { vm_id, what, source }
         };
         if !dir.disk().exists() {
             return Err(VmmError::NoDisk {
@@ -559,9 +543,10 @@ impl Inner {
         dir.clean_runtime_files();
         let tap = match &spec.net {
             VmNet::Tap { tap_name, .. } => {
-                let opener = self.tap_opener.as_ref().ok_or_else(|| VmmError::NoTapOpener {
-                    vm_id: vm_id.clone(),
-                })?;
+                let opener = self
+                    .tap_opener
+                    .as_ref()
+                    .ok_or_else(|| VmmError::NoTapOpener { vm_id: vm_id.clone() })?;
                 Some(opener.open(tap_name).map_err(|source| VmmError::Tap {
                     vm_id: vm_id.clone(),
                     tap_name: tap_name.clone(),
@@ -583,10 +568,7 @@ impl Inner {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);
-        let fds: Vec<_> = tap
-            .iter()
-            .map(|fd| (fd.as_fd(), cmdline::TAP_FD))
-            .collect();
+        let fds: Vec<_> = tap.iter().map(|fd| (fd.as_fd(), cmdline::TAP_FD)).collect();
         let started = Instant::now();
         let mut child = crate::sys::spawn_detached(cmd, &fds).map_err(|err| {
             if err.kind() == std::io::ErrorKind::NotFound {

@@ -55,9 +55,14 @@ pub enum VmNet {
     None,
     /// QEMU user networking, `restrict=on` (no egress); each entry forwards
     /// a host address to a guest TCP port.
-    User { hostfwd: Vec<(SocketAddr, u16)> },
+    User {
+        hostfwd: Vec<(SocketAddr, u16)>,
+    },
     /// A persistent tap opened through the engine's [`TapOpener`].
-    Tap { tap_name: String, mac: String },
+    Tap {
+        tap_name: String,
+        mac: String,
+    },
 }
 
 impl VmSpec {
@@ -69,7 +74,9 @@ impl VmSpec {
         if let VmNet::Tap { mac, .. } = &self.net {
             let ok = mac.len() == 17
                 && mac.split(':').count() == 6
-                && mac.split(':').all(|b| b.len() == 2 && u8::from_str_radix(b, 16).is_ok());
+                && mac
+                    .split(':')
+                    .all(|b| b.len() == 2 && u8::from_str_radix(b, 16).is_ok());
             if !ok {
                 return Err(VmmError::BadSpec(format!("MAC {mac:?} is not aa:bb:cc:dd:ee:ff")));
             }

@@ -145,7 +145,10 @@ mod tests {
         ));
         assert!(matches!(
             Plan::parse("x", "vcpus = 1\nmemory_mib = 536870912\ndisk_gib = 10\n"),
-            Err(PlanError::OutOfRange { field: "memory_mib", .. })
+            Err(PlanError::OutOfRange {
+                field: "memory_mib",
+                ..
+            })
         ));
     }
 }

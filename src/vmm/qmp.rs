@@ -56,15 +56,23 @@ pub enum QmpError {
 pub enum QmpEvent {
     /// QEMU is about to exit (or pause, with `-action shutdown=pause`).
     /// `guest` is true when the guest asked (poweroff, panic).
-    Shutdown { guest: bool, reason: String },
+    Shutdown {
+        guest: bool,
+        reason: String,
+    },
     /// A reboot; QEMU keeps running.
-    Reset { guest: bool, reason: String },
+    Reset {
+        guest: bool,
+        reason: String,
+    },
     GuestPanicked,
     Stop,
     Resume,
     Other(String),
     /// The stream ended: QEMU exited, or an event could not be decoded.
-    Closed { error: Option<String> },
+    Closed {
+        error: Option<String>,
+    },
 }
 
 type Service = QapiService<QmpStreamTokio<WriteHalf<UnixStream>>>;
@@ -92,9 +100,7 @@ pub struct QmpStatus {
 impl QmpClient {
     /// Connect, read the greeting, negotiate capabilities and start reading
     /// events into the returned channel.
-    pub async fn connect(
-        socket: &Path,
-    ) -> Result<(QmpClient, mpsc::UnboundedReceiver<QmpEvent>), QmpError> {
+    pub async fn connect(socket: &Path) -> Result<(QmpClient, mpsc::UnboundedReceiver<QmpEvent>), QmpError> {
         let negotiate = async {
             let stream = QmpStreamTokio::open_uds(socket).await?;
             stream.negotiate().await
@@ -117,10 +123,10 @@ impl QmpClient {
             let mut events = Box::pin(events);
             let error = loop {
                 match events.next().await {
+                    // Keep reading even when nobody listens for events any
+                    // more: command replies arrive on this same stream.
                     Some(Ok(event)) => {
-                        if tx.send(map_event(event)).is_err() {
-                            return;
-                        }
+                        let _ = tx.send(map_event(event));
                     }
                     Some(Err(err)) => break Some(err.to_string()),
                     None => break None,
@@ -174,9 +180,7 @@ impl QmpClient {
     }
 
     pub async fn system_reset(&self) -> Result<(), QmpError> {
-        self.execute("system_reset", qmp::system_reset {})
-            .await
-            .map(drop)
+        self.execute("system_reset", qmp::system_reset {}).await.map(drop)
     }
 
     pub async fn stop(&self) -> Result<(), QmpError> {

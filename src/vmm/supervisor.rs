@@ -93,10 +93,7 @@ async fn restart_after_crash(inner: &Arc<Inner>, vm: &Arc<Vm>, mut reason: Strin
             rt.crashes.len() as u32
         };
         if crashes >= policy.max_crashes {
-            let why = format!(
-                "{crashes} crashes within {:?}; last: {reason}",
-                policy.window
-            );
+            let why = format!("{crashes} crashes within {:?}; last: {reason}", policy.window);
             let _ = inner.set_state(vm, VmState::Failed, &why);
             return None;
         }
@@ -128,7 +125,11 @@ async fn restart_after_crash(inner: &Arc<Inner>, vm: &Arc<Vm>, mut reason: Strin
                     rt.pid = Some(pid);
                     rt.qmp = Some(attached.qmp.clone());
                 }
-                let _ = inner.set_state(vm, VmState::Running, &format!("restarted after crash (pid {pid})"));
+                let _ = inner.set_state(
+                    vm,
+                    VmState::Running,
+                    &format!("restarted after crash (pid {pid})"),
+                );
                 return Some(attached);
             }
             Err(err) => {
@@ -184,7 +185,8 @@ async fn watch(inner: &Inner, vm: &Vm, attached: &mut Attached) -> Option<Exit> 
         if !dir::is_our_qemu(pid, &vm.vm_id) {
             let status = match &mut attached.exit {
                 Some(rx) => {
-                    let _ = tokio::time::timeout(Duration::from_millis(500), rx.wait_for(|s| s.is_some())).await;
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(500), rx.wait_for(|s| s.is_some())).await;
                     *rx.borrow()
                 }
                 None => None,
@@ -222,16 +224,12 @@ async fn watch(inner: &Inner, vm: &Vm, attached: &mut Attached) -> Option<Exit> 
 
 /// A fresh QMP connection, resynchronised with `query-status` (events were
 /// missed while disconnected).
-async fn reconnect(
-    vm: &Vm,
-) -> Result<(QmpClient, tokio::sync::mpsc::UnboundedReceiver<QmpEvent>), VmmError> {
+async fn reconnect(vm: &Vm) -> Result<(QmpClient, tokio::sync::mpsc::UnboundedReceiver<QmpEvent>), VmmError> {
     let qmp_err = |source| VmmError::Qmp {
         vm_id: vm.vm_id.clone(),
         source,
     };
-    let (client, events) = QmpClient::connect(&vm.dir.qmp_socket())
-        .await
-        .map_err(qmp_err)?;
+    let (client, events) = QmpClient::connect(&vm.dir.qmp_socket()).await.map_err(qmp_err)?;
     let status = client.query_status().await.map_err(qmp_err)?;
     tracing::info!(vm_id = %vm.vm_id, status = %status.status, "QMP reconnected");
     Ok((client, events))

@@ -17,6 +17,8 @@ pub enum StubAction {
     RtcChange,
     /// ACPI soft-off (PM1a_CNT at 0x604, SLP_EN): a poweroff from inside the guest.
     Poweroff,
+    /// Print the boot line forever (a console that never stops talking).
+    Spam,
 }
 
 const LOAD: u32 = 0x0010_0000;
@@ -45,8 +47,12 @@ pub fn stub_kernel(action: StubAction) -> Vec<u8> {
         // mov al, 0; out 0x70, al; mov al, 0x30; out 0x71, al
         StubAction::RtcChange => code.extend([0xB0, 0x00, 0xE6, 0x70, 0xB0, 0x30, 0xE6, 0x71]),
         // mov dx, 0x604; mov ax, 0x2000; out dx, ax
-        StubAction::Poweroff => {
-            code.extend([0x66, 0xBA, 0x04, 0x06, 0x66, 0xB8, 0x00, 0x20, 0x66, 0xEF])
+        StubAction::Poweroff => code.extend([0x66, 0xBA, 0x04, 0x06, 0x66, 0xB8, 0x00, 0x20, 0x66, 0xEF]),
+        // jmp to the start (mov esi, msg), with a 32-bit displacement.
+        StubAction::Spam => {
+            let rel = -((code.len() + 5) as i32);
+            code.push(0xE9);
+            code.extend(rel.to_le_bytes());
         }
     }
     let hlt = code.len();
@@ -64,7 +70,16 @@ pub fn stub_kernel(action: StubAction) -> Vec<u8> {
     let flags: u32 = 1 << 16; // the address fields below are valid
     let checksum = 0u32.wrapping_sub(magic.wrapping_add(flags));
     let mut image = Vec::new();
-    for word in [magic, flags, checksum, LOAD, LOAD, LOAD + total, 0, LOAD + HEADER_LEN as u32] {
+    for word in [
+        magic,
+        flags,
+        checksum,
+        LOAD,
+        LOAD,
+        LOAD + total,
+        0,
+        LOAD + HEADER_LEN as u32,
+    ] {
         image.extend(word.to_le_bytes());
     }
     image.extend(code);

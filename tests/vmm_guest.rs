@@ -1,0 +1,306 @@
+//! The engine with the real Debian guest under TCG (needs the cached guest
+//! image: `make test` builds it first). One VM goes through everything, to
+//! spare the CPU: start and `running` over QMP, the welcome page over HTTP,
+//! data written over SSH, `kill -9` (the supervisor restarts it, the data is
+//! still there), a new engine reattaching to the same pid without a guest
+//! reboot, and a graceful stop that the guest performs itself.
+//! Guest networking is QEMU user mode, `restrict=on`, forwards on 127.0.0.1.
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::vmm_stub::{QemuReaper, unique_vm_id};
+use webhoster::seed::{SeedSpec, StaticNetwork};
+use webhoster::vmm::cmdline::USER_NET_MAC;
+use webhoster::vmm::{Engine, EngineOptions, Plan, ReattachOutcome, RestartPolicy, VmNet, VmSpec, VmState};
+
+/// Under TCG on a loaded 2-core host a Debian boot takes 20-90 s.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The image module's kernel command line (`image::KERNEL_CMDLINE`).
+const CMDLINE: &str = "console=ttyS0 root=/dev/vda rw";
+
+struct Image {
+    kernel: PathBuf,
+    initrd: PathBuf,
+    disk: PathBuf,
+}
+
+fn complete(dir: &Path) -> bool {
+    ["vmlinuz", "initrd.img", "disk.qcow2"]
+        .iter()
+        .all(|f| dir.join(f).is_file())
+}
+
+/// `WEBHOSTER_TEST_IMAGE_DIR` (a directory with vmlinuz, initrd.img,
+/// disk.qcow2), else the newest complete image in the cache (the image
+/// module's layout: `<cache>/<recipe hash>/...`).
+fn guest_image() -> Image {
+    let dir = match std::env::var_os("WEBHOSTER_TEST_IMAGE_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let cache = std::env::var_os("WEBHOSTER_IMAGE_CACHE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| "/var/cache/webhoster/images".into());
+            let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
+            for entry in std::fs::read_dir(&cache).into_iter().flatten().flatten() {
+                let dir = entry.path();
+                if !complete(&dir) {
+                    continue;
+                }
+                let Ok(modified) = dir.join("disk.qcow2").metadata().and_then(|m| m.modified()) else {
+                    continue;
+                };
+                if best.as_ref().is_none_or(|(t, _)| modified > *t) {
+                    best = Some((modified, dir));
+                }
+            }
+            best.unwrap_or_else(|| {
+                panic!(
+                    "no guest image in {}: build it first (`webhoster image build`, done by `make test`)",
+                    cache.display()
+                )
+            })
+            .1
+        }
+    };
+    assert!(
+        complete(&dir),
+        "{} lacks vmlinuz, initrd.img or disk.qcow2",
+        dir.display()
+    );
+    Image {
+        kernel: dir.join("vmlinuz"),
+        initrd: dir.join("initrd.img"),
+        disk: dir.join("disk.qcow2"),
+    }
+}
+
+async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let resp = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}{path}"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?;
+    let status = resp.status().as_u16();
+    Some((status, resp.text().await.ok()?))
+}
+
+async fn wait_http(port: u16, path: &str) -> String {
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    loop {
+        if let Some((200, body)) = http_get(port, path).await {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no HTTP 200 for {path} within {BOOT_TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+fn ssh(key: &Path, port: u16, command: &str) -> std::process::Output {
+    std::process::Command::new("ssh")
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=5",
+            "-o",
+            "LogLevel=ERROR",
+            "-i",
+        ])
+        .arg(key)
+        .args(["-p", &port.to_string(), "ubuntu@127.0.0.1", command])
+        .output()
+        .unwrap()
+}
+
+async fn wait_ssh(key: &Path, port: u16, command: &str) -> String {
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    loop {
+        let out = ssh(key, port, command);
+        if out.status.success() {
+            return String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ssh {command:?} failed until the timeout: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+fn kernel_boots(serial_log: &Path) -> usize {
+    std::fs::read_to_string(serial_log)
+        .unwrap_or_default()
+        .matches("Linux version")
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debian_guest_serves_survives_kill_9_and_reattach() {
+    let image = guest_image();
+    let tmp = tempfile::Builder::new().prefix("vmm-guest").tempdir().unwrap();
+    let reaper = QemuReaper::default();
+    let vm_id = unique_vm_id("guest");
+    reaper.track(&vm_id);
+    let engine_opts = || {
+        let mut opts = EngineOptions::new(tmp.path().join("vms"));
+        opts.restart = RestartPolicy {
+            backoff_initial: Duration::from_millis(200),
+            ..RestartPolicy::default()
+        };
+        opts
+    };
+    let engine = Engine::new(engine_opts()).unwrap();
+
+    let key = tmp.path().join("id_ed25519");
+    assert!(
+        std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "vmm-test", "-f"])
+            .arg(&key)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let pubkey = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let (http_port, ssh_port) = (free_port(), free_port());
+    let dir = engine.vm_dir(&vm_id);
+    std::fs::create_dir_all(dir.root()).unwrap();
+    webhoster::seed::write(
+        &SeedSpec {
+            instance_id: vm_id.clone(),
+            hostname: "vmmtest".into(),
+            user: "ubuntu".into(),
+            ssh_keys: vec![pubkey.trim().to_owned()],
+            owner: "vmmtest".into(),
+            network: Some(StaticNetwork {
+                mac: USER_NET_MAC.into(),
+                address: "10.0.2.15/24".parse().unwrap(),
+                gateway: "10.0.2.2".parse().unwrap(),
+            }),
+        },
+        &dir.seed_iso(),
+    )
+    .await
+    .unwrap();
+    let spec = VmSpec {
+        vm_id: vm_id.clone(),
+        plan: Plan::load("small").unwrap(),
+        kernel: image.kernel.clone(),
+        initrd: image.initrd.clone(),
+        base_disk: image.disk.clone(),
+        append: CMDLINE.into(),
+        seed_iso: dir.seed_iso(),
+        net: VmNet::User {
+            hostfwd: vec![
+                (SocketAddr::from(([127, 0, 0, 1], http_port)), 80),
+                (SocketAddr::from(([127, 0, 0, 1], ssh_port)), 22),
+            ],
+        },
+        labels: Default::default(),
+    };
+    engine.create_disk(&spec).await.unwrap();
+    let status = engine.start(&spec).await.unwrap();
+    assert_eq!(status.state, VmState::Running);
+    let reply = engine
+        .qmp(&vm_id, serde_json::json!({"execute": "query-status"}))
+        .await
+        .unwrap();
+    assert_eq!(reply["return"]["status"], "running", "{reply}");
+
+    let page = wait_http(http_port, "/").await;
+    assert!(page.contains("vmmtest"), "welcome page names the owner: {page}");
+
+    // Data written (and synced) inside the guest before the kill.
+    let token = format!("token-{}", std::process::id());
+    wait_ssh(
+        &key,
+        ssh_port,
+        &format!("echo {token} > /var/www/html/marker.txt && sync"),
+    )
+    .await;
+    assert_eq!(wait_http(http_port, "/marker.txt").await.trim(), token);
+
+    let mut events = engine.subscribe();
+    let first = engine.status(&vm_id).unwrap().pid.unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let mut seen = Vec::new();
+    while seen.last() != Some(&VmState::Running) {
+        let ev = tokio::time::timeout(Duration::from_secs(60), events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        seen.push(ev.to);
+    }
+    assert_eq!(seen, vec![VmState::Crashed, VmState::Starting, VmState::Running]);
+    let second = engine.status(&vm_id).unwrap().pid.unwrap();
+    assert_ne!(first, second);
+    assert_eq!(
+        wait_http(http_port, "/marker.txt").await.trim(),
+        token,
+        "data survived kill -9"
+    );
+
+    // A new engine reattaches: same pid, no second kernel boot, uptime goes on.
+    let uptime_before: f64 = wait_ssh(&key, ssh_port, "cut -d' ' -f1 /proc/uptime")
+        .await
+        .parse()
+        .unwrap();
+    let boots_before = kernel_boots(&dir.serial_log());
+    drop(engine);
+    let engine = Engine::new(engine_opts()).unwrap();
+    let outcome = engine.reattach(std::slice::from_ref(&spec)).await;
+    assert_eq!(
+        outcome[0].1.as_ref().unwrap(),
+        &ReattachOutcome::Reattached { pid: second }
+    );
+    let uptime_after: f64 = wait_ssh(&key, ssh_port, "cut -d' ' -f1 /proc/uptime")
+        .await
+        .parse()
+        .unwrap();
+    assert!(
+        uptime_after > uptime_before,
+        "{uptime_after} <= {uptime_before}: the guest rebooted"
+    );
+    assert_eq!(kernel_boots(&dir.serial_log()), boots_before);
+
+    // Graceful stop: the guest powers itself off on the ACPI button.
+    let mut events = engine.subscribe();
+    engine.stop(&vm_id, Duration::from_secs(120)).await.unwrap();
+    let mut last = None;
+    while let Ok(Ok(ev)) = tokio::time::timeout(Duration::from_secs(1), events.recv()).await {
+        last = Some(ev);
+    }
+    let last = last.expect("stop events");
+    assert_eq!(last.to, VmState::Stopped);
+    assert!(
+        last.reason.contains("powered off"),
+        "the guest shut down by itself: {last:?}"
+    );
+    assert!(QemuReaper::pids_of(&vm_id).is_empty());
+    engine.destroy(&vm_id).await.unwrap();
+}
