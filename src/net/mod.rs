@@ -104,14 +104,10 @@ impl NetOptions {
         if s.trunc() != s {
             return Err(bad("it has host bits set"));
         }
-        if let Some(up) = &self.egress {
-            if up.is_empty() || up.len() > 15 || up == &self.netns {
-                return Err(NetError::BadPortRange {
-                    lo: 0,
-                    hi: 0,
-                    why: format!("egress uplink {up:?} is not a usable interface name"),
-                });
-            }
+        if let Some(up) = &self.egress
+            && (up.is_empty() || up.len() > 15 || up == &self.netns)
+        {
+            return Err(NetError::BadEgress(up.clone()));
         }
         Ok(())
     }
@@ -255,10 +251,10 @@ impl Network {
         let table = opts.table();
 
         let existing = link::get(&host, &veth).await?;
-        if let Some(l) = &existing {
-            if l.kind != Some(InfoKind::Veth) {
-                return Err(NetError::ForeignInterface { name: veth });
-            }
+        if let Some(l) = &existing
+            && l.kind != Some(InfoKind::Veth)
+        {
+            return Err(NetError::ForeignInterface { name: veth });
         }
         check_subnet(&host, opts.subnet, existing.as_ref().map(|l| l.index)).await?;
         {
@@ -663,24 +659,24 @@ fn check_ports(opts: &NetOptions, table: &str) -> Result<(), NetError> {
         if family != "ip" || !other.starts_with("webhoster_") || other == table {
             continue;
         }
-        if let Some(r) = nft::declared_ports(&other)? {
-            if !disjoint(&r) {
-                return Err(bad(format!(
-                    "it overlaps {}-{} of the network in table {other}",
-                    r.start(),
-                    r.end()
-                )));
-            }
+        if let Some(r) = nft::declared_ports(&other)?
+            && !disjoint(&r)
+        {
+            return Err(bad(format!(
+                "it overlaps {}-{} of the network in table {other}",
+                r.start(),
+                r.end()
+            )));
         }
     }
     if let Ok(eph) = sysctl::read("ip_local_port_range") {
         let mut it = eph.split_whitespace().filter_map(|p| p.parse::<u16>().ok());
-        if let (Some(a), Some(b)) = (it.next(), it.next()) {
-            if !disjoint(&(a..=b)) {
-                return Err(bad(format!(
-                    "it overlaps the kernel's ephemeral ports {a}-{b} (net.ipv4.ip_local_port_range)"
-                )));
-            }
+        if let (Some(a), Some(b)) = (it.next(), it.next())
+            && !disjoint(&(a..=b))
+        {
+            return Err(bad(format!(
+                "it overlaps the kernel's ephemeral ports {a}-{b} (net.ipv4.ip_local_port_range)"
+            )));
         }
     }
     let ours: HashSet<u16> = nft::forwards(table)?.iter().map(|f| f.port).collect();

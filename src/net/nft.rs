@@ -176,10 +176,10 @@ pub fn tables() -> Result<Vec<(String, String)>, NetError> {
     let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
     let mut names = Vec::new();
     for item in v["nftables"].as_array().into_iter().flatten() {
-        if let Some(t) = item.get("table") {
-            if let (Some(f), Some(n)) = (t["family"].as_str(), t["name"].as_str()) {
-                names.push((f.to_string(), n.to_string()));
-            }
+        if let Some(t) = item.get("table")
+            && let (Some(f), Some(n)) = (t["family"].as_str(), t["name"].as_str())
+        {
+            names.push((f.to_string(), n.to_string()));
         }
     }
     Ok(names)
