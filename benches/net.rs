@@ -134,13 +134,16 @@ async fn tap_and_forward_timing(net: &Network) {
     );
 }
 
-/// scp of a 100 MiB file from a real sshd in the guest, via the forward and
-/// direct. Skipped when openssh-server is not installed.
-fn scp_compare(guest: &TestGuest, port: u16) {
+/// scp of a 100 MiB file from a real sshd in a second guest, via the forward
+/// and direct. Skipped when openssh-server is not installed.
+async fn scp_compare(net: &Network) {
     if !std::path::Path::new("/usr/sbin/sshd").exists() {
         println!("scp: skipped (no /usr/sbin/sshd)");
         return;
     }
+    let guest = TestGuest::plug(net, alloc::guest_ips(net.subnet()).nth(1).unwrap()).await;
+    let port = *net.options().ssh_ports.start() + 1;
+    net.add_forward("bench-scp", port, guest.ip).await.unwrap();
     let dir = host::temp_dir("wh-bench-ssh-");
     let d = dir.path();
     for k in ["hk", "ck"] {
@@ -156,7 +159,7 @@ fn scp_compare(guest: &TestGuest, port: u16) {
     std::fs::write(
         &cfg,
         format!(
-            "Port 22\nListenAddress {}\nHostKey {}\nAuthorizedKeysFile {}\nPidFile {}\nUsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\n",
+            "Port 22\nListenAddress {}\nHostKey {}\nAuthorizedKeysFile {}\nPidFile {}\nUsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\n",
             guest.ip,
             d.join("hk").display(),
             d.join("auth").display(),
@@ -172,7 +175,14 @@ fn scp_compare(guest: &TestGuest, port: u16) {
         .spawn()
         .unwrap();
     let _sshd = host::ChildGuard(child);
-    std::thread::sleep(Duration::from_millis(500));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while guest
+        .connect(SocketAddr::from((guest.ip, 22)), Duration::from_millis(500))
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "sshd did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let scp = |host: String, port: u16| -> f64 {
         let t = Instant::now();
         let st = Command::new("scp")
@@ -192,7 +202,7 @@ fn scp_compare(guest: &TestGuest, port: u16) {
                 "BatchMode=yes",
             ])
             .arg(format!("root@{host}:{}", blob.display()))
-            .arg("/dev/null")
+            .arg(d.join("copy"))
             .status()
             .unwrap();
         assert!(st.success(), "scp failed");
@@ -202,6 +212,7 @@ fn scp_compare(guest: &TestGuest, port: u16) {
     let direct = scp(guest.ip.to_string(), 22);
     println!("scp 100 MiB via SSH forward        {fwd:>9.0} MiB/s");
     println!("scp 100 MiB direct to guest :22    {direct:>9.0} MiB/s");
+    net.remove_forward("bench-scp").await.unwrap();
 }
 
 #[tokio::main]
@@ -228,7 +239,7 @@ async fn main() {
     );
     let (p50, p99) = http_latency(SocketAddr::from((guest.ip, 80)), 500);
     println!("HTTP GET guest:80 via the route    connect+request+response p50 {p50:.1} us  p99 {p99:.1} us");
-    scp_compare(&guest, port);
+    scp_compare(&net).await;
     net.remove_forward("bench-fwd").await.unwrap();
     tap_and_forward_timing(&net).await;
 }

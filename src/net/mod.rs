@@ -741,3 +741,92 @@ async fn open_ingress(host: &Handle, opts: &NetOptions) -> Result<BTreeSet<Strin
     }
     Ok(opened)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> NetOptions {
+        NetOptions {
+            netns: "whns".into(),
+            subnet: "10.83.0.0/24".parse().unwrap(),
+            ssh_bind: Ipv4Addr::UNSPECIFIED,
+            ssh_ports: 10000..=20000,
+            egress: None,
+        }
+    }
+
+    #[test]
+    fn netns_names() {
+        assert!(validate_netns_name("whns").is_ok());
+        assert!(validate_netns_name("a-b_c9").is_ok());
+        assert!(validate_netns_name("abcdefghijklmno").is_ok());
+        for bad in [
+            "",
+            "abcdefghijklmnop",
+            "9ns",
+            "has space",
+            "a/b",
+            "br0",
+            "up0",
+            "lo",
+            "whvabc",
+        ] {
+            assert!(
+                matches!(validate_netns_name(bad), Err(NetError::BadNetnsName { .. })),
+                "{bad:?} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn subnets() {
+        assert!(opts().validate().is_ok());
+        for bad in [
+            "10.0.0.0/31",
+            "127.0.0.0/24",
+            "169.254.0.0/24",
+            "224.0.0.0/24",
+            "10.0.0.1/24",
+            "10.0.0.0/7",
+        ] {
+            let mut o = opts();
+            o.subnet = bad.parse().unwrap();
+            assert!(
+                matches!(o.validate(), Err(NetError::BadSubnet { .. })),
+                "{bad} accepted"
+            );
+        }
+        let mut o = opts();
+        o.egress = Some("whns".into());
+        assert!(matches!(o.validate(), Err(NetError::BadEgress(_))));
+    }
+
+    #[test]
+    fn transfer_nets_are_link_local_and_stable() {
+        let a: Vec<_> = transfer_candidates("whns").take(3).collect();
+        assert_eq!(a, transfer_candidates("whns").take(3).collect::<Vec<_>>());
+        assert_ne!(a[0], transfer_candidates("other").next().unwrap());
+        for t in transfer_candidates("whns") {
+            assert_eq!(t.prefix_len(), 30);
+            assert!(t.network().is_link_local());
+            assert!(!t.contains(&Ipv4Addr::new(169, 254, 169, 254)));
+            assert_ne!(t.network().octets()[2], 0);
+            assert_ne!(t.network().octets()[2], 255);
+        }
+        assert_eq!(
+            host_end(a[0]).addr(),
+            Ipv4Addr::from(u32::from(a[0].network()) + 1)
+        );
+        assert_eq!(ns_end(a[0]).addr(), Ipv4Addr::from(u32::from(a[0].network()) + 2));
+    }
+
+    #[test]
+    fn tap_names_fit_ifnamsiz() {
+        let n = tap_name("0f8fad5b-d9cb-469f-a165-70867728950e");
+        assert_eq!(n.len(), 15);
+        assert!(n.starts_with(TAP_PREFIX));
+        assert_eq!(n, tap_name("0f8fad5b-d9cb-469f-a165-70867728950e"));
+        assert_ne!(n, tap_name("another"));
+    }
+}
