@@ -255,6 +255,9 @@ async fn cli_and_operator_script_build_show_and_tear_down() {
     webhoster("up");
     webhoster("up");
     let show = webhoster("show");
+    let attached = Network::attach(o.clone()).await.expect("attach");
+    assert_eq!(attached.gateway(), webhoster::net::alloc::gateway(o.subnet));
+    drop(attached);
     assert!(
         show.contains(&format!("gateway {}", webhoster::net::alloc::gateway(o.subnet))),
         "{show}"

@@ -345,6 +345,34 @@ impl Network {
         })
     }
 
+    /// Use the network `up` built, changing nothing (operator tools, `net
+    /// show`). Fails with `NoNamespace` when it is not (fully) there.
+    pub async fn attach(opts: NetOptions) -> Result<Network, NetError> {
+        opts.validate()?;
+        if !netns::exists(&opts.netns) {
+            return Err(NetError::NoNamespace(opts.netns.clone()));
+        }
+        let host = host_handle()?;
+        let ns = ns_handle(&opts)?;
+        let missing = || NetError::NoNamespace(opts.netns.clone());
+        let bridge_index = link::get(&ns, BRIDGE).await?.ok_or_else(missing)?.index;
+        let veth = link::get(&host, opts.host_veth()).await?.ok_or_else(missing)?;
+        let transfer = link::addresses(&host, Some(veth.index))
+            .await?
+            .into_iter()
+            .map(|(_, a)| a)
+            .find(|a| a.prefix_len() == 30 && a.addr().is_link_local())
+            .ok_or_else(missing)?
+            .trunc();
+        Ok(Network {
+            opts,
+            host,
+            ns,
+            bridge_index,
+            transfer,
+        })
+    }
+
     /// Remove everything of the network named by `opts.netns`: host table,
     /// forwarding we turned on, the veth (and with it the host route), the
     /// namespace (and with it the bridge and taps). Missing parts are fine.
