@@ -553,6 +553,14 @@ impl Network {
         .await
     }
 
+    /// Remove the VM's tap and forward together (VM deletion). Both wait on
+    /// kernel RCU grace periods (netdev unregister, nft commit), so they run
+    /// concurrently: the cost is the slower of the two, not the sum.
+    pub async fn release_vm(&self, vm_id: &str) -> Result<(), NetError> {
+        let (tap, fwd) = tokio::join!(self.delete_tap(vm_id), self.remove_forward(vm_id));
+        tap.and(fwd)
+    }
+
     /// Forwards currently in the host table.
     pub async fn forwards(&self) -> Result<Vec<Forward>, NetError> {
         let table = self.opts.table();
