@@ -7,7 +7,7 @@
 # Running VMs lose their network; stop them first.
 set -eu
 ns=${1:-${WEBHOSTER_NETNS:-whns}}
-table="webhoster_$(printf '%s' "$ns" | tr '-' '_')"
+table="webhoster_$ns"
 
 if nft list table ip "$table" >/dev/null 2>&1; then
     # Interfaces whose IPv4 forwarding webhoster turned on (set "opened").

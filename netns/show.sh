@@ -3,7 +3,7 @@
 # Usage: netns/show.sh [NETNS]   (default: $WEBHOSTER_NETNS or whns)
 set -u
 ns=${1:-${WEBHOSTER_NETNS:-whns}}
-table="webhoster_$(printf '%s' "$ns" | tr '-' '_')"
+table="webhoster_$ns"
 
 echo "== namespace"
 ip netns list | grep -E "^$ns( |\$)" || echo "(no namespace $ns)"

@@ -214,3 +214,155 @@ async fn network_is_rebuilt_after_namespace_loss() {
     assert_eq!(net.forwards().await.unwrap().len(), 1);
     assert!(run_ok("ip", &["route", "show", &o.subnet.to_string()]).contains(&o.netns));
 }
+
+#[tokio::test]
+async fn cli_and_operator_script_build_show_and_tear_down() {
+    let t = TestNet::new();
+    let o = t.opts.clone();
+    let ports = format!("{}-{}", o.ssh_ports.start(), o.ssh_ports.end());
+    let subnet = o.subnet.to_string();
+    let args = |cmd: &str| -> Vec<String> {
+        [
+            "net",
+            cmd,
+            "--netns",
+            &o.netns,
+            "--subnet",
+            &subnet,
+            "--ssh-bind",
+            "127.0.0.1",
+            "--ssh-ports",
+            &ports,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let bin = env!("CARGO_BIN_EXE_webhoster");
+    let webhoster = |cmd: &str| {
+        let out = std::process::Command::new(bin)
+            .args(args(cmd))
+            .env("WEBHOSTER_STATE_DIR", "/nonexistent-unused")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "net {cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    webhoster("up");
+    webhoster("up");
+    let show = webhoster("show");
+    let attached = Network::attach(o.clone()).await.expect("attach");
+    assert_eq!(attached.gateway(), webhoster::net::alloc::gateway(o.subnet));
+    drop(attached);
+    assert!(
+        show.contains(&format!("gateway {}", webhoster::net::alloc::gateway(o.subnet))),
+        "{show}"
+    );
+    let script = run_ok(
+        "sh",
+        &[concat!(env!("CARGO_MANIFEST_DIR"), "/netns/show.sh"), &o.netns],
+    );
+    assert!(script.contains("isolated") || script.contains("br0"), "{script}");
+    assert!(script.contains(&format!("table ip {}", o.table())), "{script}");
+
+    // The operator script removes everything by name.
+    run_ok(
+        "sh",
+        &[concat!(env!("CARGO_MANIFEST_DIR"), "/netns/down.sh"), &o.netns],
+    );
+    assert!(!netns::exists(&o.netns));
+    assert!(!run("ip", &["link", "show", "dev", &o.netns]).status.success());
+    assert!(!host_has_table(&o.table()));
+    run_ok(
+        "sh",
+        &[concat!(env!("CARGO_MANIFEST_DIR"), "/netns/down.sh"), &o.netns],
+    );
+
+    // And `net down` does too.
+    webhoster("up");
+    webhoster("down");
+    assert!(!netns::exists(&o.netns));
+    assert!(!run("ip", &["link", "show", "dev", &o.netns]).status.success());
+    assert!(!host_has_table(&o.table()));
+    assert!(!run_ok("nft", &["list", "ruleset"]).contains(&o.netns));
+}
+
+#[tokio::test]
+async fn egress_is_off_by_default_and_on_with_an_uplink() {
+    // The "uplink" is a veth to a namespace standing in for the outside
+    // world, so no traffic leaves the machine.
+    let (link_net, _r) = common::host::unique_subnet();
+    let hosts: Vec<Ipv4Addr> = link_net.hosts().take(2).collect();
+    let (host_ip, outside_ip) = (hosts[0], hosts[1]);
+    let outside = common::host::NetnsGuard::new(&unique_name("wo"));
+    let uplink = unique_name("wu");
+    run_ok(
+        "ip",
+        &[
+            "link", "add", &uplink, "type", "veth", "peer", "name", "eth0", "netns", &outside.0,
+        ],
+    );
+    struct DelLink(String);
+    impl Drop for DelLink {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", &self.0])
+                .output();
+        }
+    }
+    let _del = DelLink(uplink.clone());
+    run_ok("ip", &["addr", "add", &format!("{host_ip}/24"), "dev", &uplink]);
+    run_ok("ip", &["link", "set", &uplink, "up"]);
+    outside.exec_ok("ip", &["addr", "add", &format!("{outside_ip}/24"), "dev", "eth0"]);
+    outside.exec_ok("ip", &["link", "set", "eth0", "up"]);
+    let server = webhoster::sys::in_netns(&outside.path(), move || {
+        std::net::TcpListener::bind((outside_ip, 0))
+    })
+    .unwrap()
+    .unwrap();
+    let target = server.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            for c in server.incoming().flatten() {
+                seen.lock().unwrap().push(c.peer_addr().unwrap().ip());
+            }
+        });
+    }
+
+    let mut t = TestNet::new();
+    let net = Network::up(t.opts.clone()).await.expect("up without egress");
+    let guest = TestGuest::plug(
+        &net,
+        webhoster::net::alloc::guest_ips(net.subnet()).next().unwrap(),
+    )
+    .await;
+    let r = guest.connect(target, Duration::from_secs(2));
+    assert!(r.is_err(), "a guest got out without --egress");
+    drop(net);
+
+    t.opts.egress = Some(uplink.clone());
+    let fwd_key = format!("/proc/sys/net/ipv4/conf/{uplink}/forwarding");
+    let _net = Network::up(t.opts.clone()).await.expect("up with egress");
+    assert_eq!(std::fs::read_to_string(&fwd_key).unwrap().trim(), "1");
+    guest
+        .connect(target, Duration::from_secs(5))
+        .expect("egress through the uplink");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        seen.lock().unwrap().as_slice(),
+        &[std::net::IpAddr::V4(host_ip)],
+        "the guest must be masqueraded behind the uplink's address"
+    );
+    Network::down(&t.opts).await.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&fwd_key).unwrap().trim(),
+        "0",
+        "forwarding restored"
+    );
+}

@@ -14,7 +14,7 @@ pub enum NetCmd {
     Up(NetArgs),
     /// Remove the namespace, veth, routes, rules and sysctls, by name.
     Down(NetArgs),
-    /// Print the network: addresses, taps and SSH forwards.
+    /// Print the network: addresses, taps and SSH forwards (changes nothing).
     Show(NetArgs),
 }
 
@@ -45,7 +45,7 @@ pub async fn run(_paths: Paths, cmd: NetCmd) -> anyhow::Result<ExitCode> {
                 println!("netns {} does not exist", opts.netns);
                 return Ok(ExitCode::from(3));
             }
-            let net = Network::up(opts.clone())
+            let net = Network::attach(opts.clone())
                 .await
                 .context("attach to the VM network")?;
             println!("netns     {}", opts.netns);

@@ -14,6 +14,8 @@ pub enum NetError {
     SubnetOverlap { subnet: Ipv4Net, what: String },
     #[error("SSH port range {lo}-{hi} is unusable: {why}")]
     BadPortRange { lo: u16, hi: u16, why: String },
+    #[error("egress uplink {0:?} is not a usable interface name")]
+    BadEgress(String),
     #[error("host interface {name:?} exists and is not webhoster's veth")]
     ForeignInterface { name: String },
     #[error("no free guest address left in {0}")]

@@ -173,10 +173,10 @@ pub async fn addresses(h: &Handle, index: Option<u32>) -> Result<Vec<(u32, Ipv4N
             continue;
         }
         for a in &m.attributes {
-            if let AddressAttribute::Local(IpAddr::V4(ip)) = a {
-                if let Ok(net) = Ipv4Net::new(*ip, m.header.prefix_len) {
-                    out.push((m.header.index, net));
-                }
+            if let AddressAttribute::Local(IpAddr::V4(ip)) = a
+                && let Ok(net) = Ipv4Net::new(*ip, m.header.prefix_len)
+            {
+                out.push((m.header.index, net));
             }
         }
     }

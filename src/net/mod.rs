@@ -104,14 +104,10 @@ impl NetOptions {
         if s.trunc() != s {
             return Err(bad("it has host bits set"));
         }
-        if let Some(up) = &self.egress {
-            if up.is_empty() || up.len() > 15 || up == &self.netns {
-                return Err(NetError::BadPortRange {
-                    lo: 0,
-                    hi: 0,
-                    why: format!("egress uplink {up:?} is not a usable interface name"),
-                });
-            }
+        if let Some(up) = &self.egress
+            && (up.is_empty() || up.len() > 15 || up == &self.netns)
+        {
+            return Err(NetError::BadEgress(up.clone()));
         }
         Ok(())
     }
@@ -255,10 +251,10 @@ impl Network {
         let table = opts.table();
 
         let existing = link::get(&host, &veth).await?;
-        if let Some(l) = &existing {
-            if l.kind != Some(InfoKind::Veth) {
-                return Err(NetError::ForeignInterface { name: veth });
-            }
+        if let Some(l) = &existing
+            && l.kind != Some(InfoKind::Veth)
+        {
+            return Err(NetError::ForeignInterface { name: veth });
         }
         check_subnet(&host, opts.subnet, existing.as_ref().map(|l| l.index)).await?;
         {
@@ -340,6 +336,34 @@ impl Network {
             .await?;
         }
         info!(netns = %opts.netns, subnet = %opts.subnet, transfer = %transfer, "VM network up");
+        Ok(Network {
+            opts,
+            host,
+            ns,
+            bridge_index,
+            transfer,
+        })
+    }
+
+    /// Use the network `up` built, changing nothing (operator tools, `net
+    /// show`). Fails with `NoNamespace` when it is not (fully) there.
+    pub async fn attach(opts: NetOptions) -> Result<Network, NetError> {
+        opts.validate()?;
+        if !netns::exists(&opts.netns) {
+            return Err(NetError::NoNamespace(opts.netns.clone()));
+        }
+        let host = host_handle()?;
+        let ns = ns_handle(&opts)?;
+        let missing = || NetError::NoNamespace(opts.netns.clone());
+        let bridge_index = link::get(&ns, BRIDGE).await?.ok_or_else(missing)?.index;
+        let veth = link::get(&host, opts.host_veth()).await?.ok_or_else(missing)?;
+        let transfer = link::addresses(&host, Some(veth.index))
+            .await?
+            .into_iter()
+            .map(|(_, a)| a)
+            .find(|a| a.prefix_len() == 30 && a.addr().is_link_local())
+            .ok_or_else(missing)?
+            .trunc();
         Ok(Network {
             opts,
             host,
@@ -529,6 +553,14 @@ impl Network {
         .await
     }
 
+    /// Remove the VM's tap and forward together (VM deletion). Both wait on
+    /// kernel RCU grace periods (netdev unregister, nft commit), so they run
+    /// concurrently: the cost is the slower of the two, not the sum.
+    pub async fn release_vm(&self, vm_id: &str) -> Result<(), NetError> {
+        let (tap, fwd) = tokio::join!(self.delete_tap(vm_id), self.remove_forward(vm_id));
+        tap.and(fwd)
+    }
+
     /// Forwards currently in the host table.
     pub async fn forwards(&self) -> Result<Vec<Forward>, NetError> {
         let table = self.opts.table();
@@ -663,24 +695,24 @@ fn check_ports(opts: &NetOptions, table: &str) -> Result<(), NetError> {
         if family != "ip" || !other.starts_with("webhoster_") || other == table {
             continue;
         }
-        if let Some(r) = nft::declared_ports(&other)? {
-            if !disjoint(&r) {
-                return Err(bad(format!(
-                    "it overlaps {}-{} of the network in table {other}",
-                    r.start(),
-                    r.end()
-                )));
-            }
+        if let Some(r) = nft::declared_ports(&other)?
+            && !disjoint(&r)
+        {
+            return Err(bad(format!(
+                "it overlaps {}-{} of the network in table {other}",
+                r.start(),
+                r.end()
+            )));
         }
     }
     if let Ok(eph) = sysctl::read("ip_local_port_range") {
         let mut it = eph.split_whitespace().filter_map(|p| p.parse::<u16>().ok());
-        if let (Some(a), Some(b)) = (it.next(), it.next()) {
-            if !disjoint(&(a..=b)) {
-                return Err(bad(format!(
-                    "it overlaps the kernel's ephemeral ports {a}-{b} (net.ipv4.ip_local_port_range)"
-                )));
-            }
+        if let (Some(a), Some(b)) = (it.next(), it.next())
+            && !disjoint(&(a..=b))
+        {
+            return Err(bad(format!(
+                "it overlaps the kernel's ephemeral ports {a}-{b} (net.ipv4.ip_local_port_range)"
+            )));
         }
     }
     let ours: HashSet<u16> = nft::forwards(table)?.iter().map(|f| f.port).collect();
@@ -744,4 +776,93 @@ async fn open_ingress(host: &Handle, opts: &NetOptions) -> Result<BTreeSet<Strin
         }
     }
     Ok(opened)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> NetOptions {
+        NetOptions {
+            netns: "whns".into(),
+            subnet: "10.83.0.0/24".parse().unwrap(),
+            ssh_bind: Ipv4Addr::UNSPECIFIED,
+            ssh_ports: 10000..=20000,
+            egress: None,
+        }
+    }
+
+    #[test]
+    fn netns_names() {
+        assert!(validate_netns_name("whns").is_ok());
+        assert!(validate_netns_name("a-b_c9").is_ok());
+        assert!(validate_netns_name("abcdefghijklmno").is_ok());
+        for bad in [
+            "",
+            "abcdefghijklmnop",
+            "9ns",
+            "has space",
+            "a/b",
+            "br0",
+            "up0",
+            "lo",
+            "whvabc",
+        ] {
+            assert!(
+                matches!(validate_netns_name(bad), Err(NetError::BadNetnsName { .. })),
+                "{bad:?} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn subnets() {
+        assert!(opts().validate().is_ok());
+        for bad in [
+            "10.0.0.0/31",
+            "127.0.0.0/24",
+            "169.254.0.0/24",
+            "224.0.0.0/24",
+            "10.0.0.1/24",
+            "10.0.0.0/7",
+        ] {
+            let mut o = opts();
+            o.subnet = bad.parse().unwrap();
+            assert!(
+                matches!(o.validate(), Err(NetError::BadSubnet { .. })),
+                "{bad} accepted"
+            );
+        }
+        let mut o = opts();
+        o.egress = Some("whns".into());
+        assert!(matches!(o.validate(), Err(NetError::BadEgress(_))));
+    }
+
+    #[test]
+    fn transfer_nets_are_link_local_and_stable() {
+        let a: Vec<_> = transfer_candidates("whns").take(3).collect();
+        assert_eq!(a, transfer_candidates("whns").take(3).collect::<Vec<_>>());
+        assert_ne!(a[0], transfer_candidates("other").next().unwrap());
+        for t in transfer_candidates("whns") {
+            assert_eq!(t.prefix_len(), 30);
+            assert!(t.network().is_link_local());
+            assert!(!t.contains(&Ipv4Addr::new(169, 254, 169, 254)));
+            assert_ne!(t.network().octets()[2], 0);
+            assert_ne!(t.network().octets()[2], 255);
+        }
+        assert_eq!(
+            host_end(a[0]).addr(),
+            Ipv4Addr::from(u32::from(a[0].network()) + 1)
+        );
+        assert_eq!(ns_end(a[0]).addr(), Ipv4Addr::from(u32::from(a[0].network()) + 2));
+    }
+
+    #[test]
+    fn tap_names_fit_ifnamsiz() {
+        let n = tap_name("0f8fad5b-d9cb-469f-a165-70867728950e");
+        assert_eq!(n.len(), 15);
+        assert!(n.starts_with(TAP_PREFIX));
+        assert_eq!(n, tap_name("0f8fad5b-d9cb-469f-a165-70867728950e"));
+        assert_ne!(n, tap_name("another"));
+    }
 }

@@ -18,10 +18,10 @@ use super::NetError;
 /// Inside the namespace the table name is fixed: the namespace is ours.
 pub const NS_TABLE: &str = "webhoster";
 
-/// The host table of namespace `netns`. nft identifiers allow `_`, not all
-/// of what a namespace name may hold, so `-` becomes `_`.
+/// The host table of namespace `netns` (nft identifiers allow every
+/// character a valid namespace name may hold).
 pub fn host_table(netns: &str) -> String {
-    format!("webhoster_{}", netns.replace('-', "_"))
+    format!("webhoster_{netns}")
 }
 
 /// One SSH forward: host `port` to `guest`:22, tagged with its vm_id.
@@ -176,10 +176,10 @@ pub fn tables() -> Result<Vec<(String, String)>, NetError> {
     let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
     let mut names = Vec::new();
     for item in v["nftables"].as_array().into_iter().flatten() {
-        if let Some(t) = item.get("table") {
-            if let (Some(f), Some(n)) = (t["family"].as_str(), t["name"].as_str()) {
-                names.push((f.to_string(), n.to_string()));
-            }
+        if let Some(t) = item.get("table")
+            && let (Some(f), Some(n)) = (t["family"].as_str(), t["name"].as_str())
+        {
+            names.push((f.to_string(), n.to_string()));
         }
     }
     Ok(names)
@@ -200,15 +200,20 @@ pub fn delete_table(family: &str, table: &str) -> Result<bool, NetError> {
     Ok(true)
 }
 
+/// One nft call (each costs a process spawn): a missing table or set is
+/// `None`, recognised by nft's ENOENT message rather than asked first.
 fn set_json(table: &str, kind: &str, name: &str) -> Result<Option<Value>, NetError> {
-    if !table_exists("ip", table)? {
-        return Ok(None);
-    }
-    let out = run(
+    let out = match run(
         &["-j", "list", kind, "ip", table, name],
         None,
         &format!("list {kind} {name}"),
-    )?;
+    ) {
+        Ok(out) => out,
+        Err(NetError::Nft { stderr, .. }) if stderr.contains("No such file or directory") => {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
     let v: Value = serde_json::from_str(&out).map_err(|e| NetError::Nft {
         op: format!("parse {kind} {name}"),
         stderr: e.to_string(),
@@ -292,4 +297,61 @@ pub fn delete_forwards(table: &str, ports: &[u16]) -> Result<(), NetError> {
         &format!("delete element ip {table} ssh_fwd {{ {} }}\n", list.join(", ")),
         "delete SSH forwards",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(bind: Ipv4Addr, egress: Option<&str>, opened: &BTreeSet<String>, fw: &[Forward]) -> String {
+        host_ruleset(&HostRules {
+            table: "webhoster_whns",
+            veth: "whns",
+            subnet: "10.83.0.0/24".parse().unwrap(),
+            ssh_bind: bind,
+            ports: 10000..=20000,
+            egress,
+            opened,
+            forwards: fw,
+        })
+    }
+
+    #[test]
+    fn host_table_replaces_itself_atomically_and_keeps_forwards() {
+        let fw = [Forward {
+            vm_id: "vm-1".into(),
+            port: 10001,
+            guest: Ipv4Addr::new(10, 83, 0, 2),
+            guest_port: 22,
+        }];
+        let s = rules(Ipv4Addr::UNSPECIFIED, None, &BTreeSet::new(), &fw);
+        assert!(s.starts_with("add table ip webhoster_whns\ndelete table ip webhoster_whns\n"));
+        assert!(s.contains("elements = { 10001 comment \"vm-1\" : 10.83.0.2 . 22 }"));
+        assert!(s.contains("fib daddr type local tcp dport @ports dnat ip to tcp dport map @ssh_fwd"));
+        assert!(s.contains("oifname \"whns\" ip saddr 127.0.0.0/8 masquerade"));
+        assert!(s.contains("iifname \"whns\" drop"));
+        assert!(!s.contains("10.83.0.0/24 masquerade"), "no egress by default");
+        assert!(!s.contains("set opened { type ifname; elements"));
+    }
+
+    #[test]
+    fn specific_bind_and_egress() {
+        let opened: BTreeSet<String> = ["eth1".to_string()].into();
+        let s = rules(Ipv4Addr::new(192, 0, 2, 2), Some("eth1"), &opened, &[]);
+        assert!(s.contains("ip daddr 192.0.2.2 tcp dport @ports dnat"));
+        assert!(s.contains("oifname \"eth1\" ip saddr 10.83.0.0/24 masquerade"));
+        assert!(s.contains("iifname \"whns\" oifname \"eth1\" accept"));
+        assert!(s.contains("elements = { \"eth1\" }"));
+        let ns = ns_ruleset("br0", "up0", false);
+        assert!(ns.contains("policy drop"));
+        assert!(ns.contains("iifname \"up0\" oifname \"br0\" accept"));
+        assert!(!ns.contains("iifname \"br0\" oifname \"up0\""));
+        assert!(ns_ruleset("br0", "up0", true).contains("iifname \"br0\" oifname \"up0\" accept"));
+    }
+
+    #[test]
+    fn table_names() {
+        assert_eq!(host_table("whns"), "webhoster_whns");
+        assert_eq!(host_table("a-b"), "webhoster_a-b");
+    }
 }

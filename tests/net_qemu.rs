@@ -1,0 +1,271 @@
+//! Real QEMU guests (TCG) on webhoster's taps: two Debian guests from the
+//! cached image, each on its own persistent tap (fd from `open_tap`, handed to
+//! QEMU as `-netdev tap,fd=N`), configured by a NoCloud seed with a static
+//! address. The host reaches both on :80, a real SSH session reaches guest A
+//! through the forward on 127.0.0.1, and from inside A guest B is unreachable.
+//!
+//! Needs the guest image in the cache (`make test` builds it first).
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::host::{ChildGuard, TestNet, http_get, run_ok, temp_dir, unique_name};
+use ipnet::Ipv4Net;
+use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+use webhoster::net::{Network, alloc};
+use webhoster::seed::{SeedSpec, StaticNetwork};
+
+const CMDLINE: &str = "console=ttyS0 root=/dev/vda rw";
+
+struct Image {
+    kernel: PathBuf,
+    initrd: PathBuf,
+    disk: PathBuf,
+}
+
+/// The newest complete image in the cache (the image module's layout:
+/// `<cache>/<recipe hash>/{vmlinuz,initrd.img,disk.qcow2}`).
+fn cached_image() -> Image {
+    let cache =
+        std::env::var("WEBHOSTER_IMAGE_CACHE").unwrap_or_else(|_| "/var/cache/webhoster/images".into());
+    let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
+    for e in std::fs::read_dir(&cache).into_iter().flatten().flatten() {
+        let d = e.path();
+        if ["vmlinuz", "initrd.img", "disk.qcow2"]
+            .iter()
+            .all(|f| d.join(f).is_file())
+        {
+            let t = d.join("disk.qcow2").metadata().and_then(|m| m.modified()).ok();
+            if let Some(t) = t
+                && best.as_ref().is_none_or(|(bt, _)| t > *bt)
+            {
+                best = Some((t, d));
+            }
+        }
+    }
+    let (_, d) = best.unwrap_or_else(|| {
+        panic!("no guest image in {cache}: build it first (`webhoster image build`, done by `make test`)")
+    });
+    Image {
+        kernel: d.join("vmlinuz"),
+        initrd: d.join("initrd.img"),
+        disk: d.join("disk.qcow2"),
+    }
+}
+
+struct Vm {
+    _qemu: ChildGuard,
+    ip: Ipv4Addr,
+    serial: PathBuf,
+}
+
+async fn boot(net: &Network, img: &Image, dir: &Path, vm_id: &str, ip: Ipv4Addr, pubkey: &str) -> Vm {
+    let mac = alloc::mac_for(vm_id);
+    let tap = net.create_tap(vm_id).await.expect("create tap");
+    let fd = net.open_tap(&tap).expect("open tap");
+    // QEMU inherits the fd: clear close-on-exec on our copy.
+    fcntl(&fd, FcntlArg::F_SETFD(FdFlag::empty())).expect("clear FD_CLOEXEC");
+
+    let seed = dir.join(format!("{vm_id}-seed.iso"));
+    webhoster::seed::write(
+        &SeedSpec {
+            instance_id: vm_id.into(),
+            hostname: vm_id.into(),
+            user: "ubuntu".into(),
+            ssh_keys: vec![pubkey.trim().to_string()],
+            owner: format!("owner-{vm_id}"),
+            network: Some(StaticNetwork {
+                mac: mac.clone(),
+                address: Ipv4Net::new(ip, net.subnet().prefix_len()).unwrap(),
+                gateway: net.gateway(),
+            }),
+        },
+        &seed,
+    )
+    .await
+    .expect("write seed");
+    let disk = dir.join(format!("{vm_id}.qcow2"));
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            img.disk.to_str().unwrap(),
+            disk.to_str().unwrap(),
+        ],
+    );
+    let serial = dir.join(format!("{vm_id}-serial.log"));
+    let child = Command::new("qemu-system-x86_64")
+        .args([
+            "-machine",
+            "q35,accel=tcg",
+            "-cpu",
+            "max",
+            "-smp",
+            "1",
+            "-m",
+            "1024",
+        ])
+        .args([
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-nodefaults",
+            "-no-user-config",
+        ])
+        .arg("-kernel")
+        .arg(&img.kernel)
+        .arg("-initrd")
+        .arg(&img.initrd)
+        .args(["-append", CMDLINE])
+        .arg("-drive")
+        .arg(format!("file={},if=virtio,format=qcow2", disk.display()))
+        .arg("-drive")
+        .arg(format!(
+            "file={},if=virtio,format=raw,readonly=on",
+            seed.display()
+        ))
+        .args(["-netdev", &format!("tap,id=n0,fd={},vhost=off", fd.as_raw_fd())])
+        .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={mac}")])
+        .args(["-device", "virtio-rng-pci"])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn qemu-system-x86_64");
+    drop(fd);
+    Vm {
+        _qemu: ChildGuard(child),
+        ip,
+        serial,
+    }
+}
+
+fn wait_http(vm: &Vm, deadline: Instant) -> String {
+    loop {
+        if let Ok(body) = http_get(SocketAddr::from((vm.ip, 80)))
+            && !body.is_empty()
+        {
+            return body;
+        }
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(&vm.serial).unwrap_or_default();
+            let tail: String = log
+                .lines()
+                .rev()
+                .take(40)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n");
+            panic!("guest {} never answered HTTP; serial tail:\n{tail}", vm.ip);
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+fn ssh(key: &Path, port: u16, cmd: &str) -> std::process::Output {
+    Command::new("ssh")
+        .args(["-i", key.to_str().unwrap(), "-p", &port.to_string()])
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+        ])
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=10",
+            "-o",
+            "LogLevel=ERROR",
+        ])
+        .arg("ubuntu@127.0.0.1")
+        .arg(cmd)
+        .output()
+        .expect("run ssh")
+}
+
+#[tokio::test]
+async fn qemu_guests_on_taps_are_reachable_and_isolated() {
+    let img = cached_image();
+    let t = TestNet::new();
+    let net = Network::up(t.opts.clone()).await.expect("up");
+    let dir = temp_dir("wh-net-qemu-");
+    let key = dir.path().join("id_ed25519");
+    run_ok(
+        "ssh-keygen",
+        &["-q", "-t", "ed25519", "-N", "", "-f", key.to_str().unwrap()],
+    );
+    let pubkey = std::fs::read_to_string(dir.path().join("id_ed25519.pub")).unwrap();
+
+    let mut ips = alloc::guest_ips(net.subnet());
+    let (id_a, id_b) = (unique_name("qa"), unique_name("qb"));
+    let a = boot(&net, &img, dir.path(), &id_a, ips.next().unwrap(), &pubkey).await;
+    let b = boot(&net, &img, dir.path(), &id_b, ips.next().unwrap(), &pubkey).await;
+    let port = *t.opts.ssh_ports.start();
+    net.add_forward(&id_a, port, a.ip).await.expect("forward");
+
+    // TCG on a shared 2-core machine: generous, bounded.
+    let deadline = Instant::now() + Duration::from_secs(420);
+    let body_a = wait_http(&a, deadline);
+    let body_b = wait_http(&b, deadline);
+    assert!(body_a.contains(&format!("owner-{id_a}")), "A's page: {body_a}");
+    assert!(body_b.contains(&format!("owner-{id_b}")), "B's page: {body_b}");
+
+    // A real SSH session into A through 127.0.0.1:<port>; sshd may come up
+    // a little after nginx.
+    let probe = format!(
+        "ip -4 -o addr show; \
+         for t in 127.0.0.1:80 {b}:80 {b}:22; do \
+           if timeout 5 bash -c \"exec 3<>/dev/tcp/${{t%:*}}/${{t#*:}}\" 2>/dev/null; \
+           then echo \"REACH $t\"; else echo \"BLOCK $t\"; fi; done",
+        b = b.ip
+    );
+    let out = loop {
+        let out = ssh(&key, port, &probe);
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "ssh into A: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(&format!("inet {}/", a.ip)), "{stdout}");
+    assert!(
+        stdout.contains("REACH 127.0.0.1:80"),
+        "the probe itself must work: {stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("BLOCK {}:80", b.ip)),
+        "A reached B: {stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("BLOCK {}:22", b.ip)),
+        "A reached B: {stdout}"
+    );
+
+    drop((a, b));
+    net.delete_tap(&id_a).await.unwrap();
+    net.delete_tap(&id_b).await.unwrap();
+    net.remove_forward(&id_a).await.unwrap();
+}
