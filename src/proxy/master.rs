@@ -85,6 +85,21 @@ fn children(pid: i32) -> Vec<i32> {
         .collect()
 }
 
+/// The master's workers that still accept connections: a worker shows
+/// "is shutting down" in its title from the moment it stops listening.
+pub(crate) fn accepting_workers(master: i32) -> Vec<i32> {
+    children(master)
+        .into_iter()
+        .filter(|w| is_accepting_worker(*w))
+        .collect()
+}
+
+pub(crate) fn is_accepting_worker(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).trim_end_matches(['\0', ' ']) == "nginx: worker process")
+        .unwrap_or(false)
+}
+
 /// Start a master on the config `current` points at and return its pid.
 /// The caller made sure none runs.
 pub(crate) async fn spawn(nginx: &Path, layout: &Layout) -> Result<i32, ProxyError> {

@@ -26,6 +26,8 @@ pub(crate) struct RenderInput<'a> {
     pub docs_url: &'a str,
     pub limits: &'a SiteLimits,
     pub workers: Option<u32>,
+    /// Open files each worker may have (at most the hard limit).
+    pub max_files: u64,
     pub sites: &'a [Site],
 }
 
@@ -75,6 +77,8 @@ struct Common<'a> {
     listen: String,
     domain: Option<&'a str>,
     workers: String,
+    max_files: u64,
+    worker_connections: u64,
     rate: u32,
     burst: u32,
     body_max_mib: u32,
@@ -135,6 +139,8 @@ pub(crate) fn render(input: &RenderInput<'_>) -> Result<Rendered, ProxyError> {
         listen: input.listen.to_string(),
         domain: input.site_domain,
         workers: input.workers.map_or("auto".to_string(), |w| w.to_string()),
+        max_files: input.max_files,
+        worker_connections: (input.max_files / 2).clamp(256, 16384),
         rate: input.limits.rate_per_sec,
         burst: input.limits.burst,
         body_max_mib: input.limits.body_max_mib,
@@ -196,6 +202,7 @@ mod tests {
             docs_url: "http://127.0.0.1:8000/docs?a=1&b=2",
             limits,
             workers: None,
+            max_files: 20000,
             sites,
         }
     }
