@@ -80,7 +80,11 @@ fn max_open_files() -> u64 {
         .and_then(|text| {
             let line = text.lines().find(|l| l.starts_with("Max open files"))?;
             let hard = line.split_whitespace().nth(4)?;
-            Some(if hard == "unlimited" { CAP } else { hard.parse().ok()? })
+            Some(if hard == "unlimited" {
+                CAP
+            } else {
+                hard.parse().ok()?
+            })
         })
         .unwrap_or(1024)
         .min(CAP)
@@ -106,7 +110,7 @@ fn on_disk_matches(layout: &Layout, generation: u64, rendered: &Rendered) -> boo
         }
     }
     on_disk.sort();
-    let mut wanted: Vec<_> = rendered.files.iter().cloned().collect();
+    let mut wanted = rendered.files.to_vec();
     wanted.sort();
     on_disk == wanted
 }
@@ -182,7 +186,12 @@ pub(crate) async fn converge(
         });
     }
     if changed {
-        tracing::info!(generation = target, pid, sites = sites.len(), "nginx serves a new config generation");
+        tracing::info!(
+            generation = target,
+            pid,
+            sites = sites.len(),
+            "nginx serves a new config generation"
+        );
         prune(layout, target);
     }
     Ok(Converged {
@@ -249,9 +258,11 @@ async fn test_generation(layout: &Layout, nginx: &Path, generation: u64) -> Resu
 /// Point `current` at `generation` with one rename(2): nginx reads either the
 /// whole old tree or the whole new one.
 fn swap_current(layout: &Layout, generation: u64) -> Result<(), ProxyError> {
-    let tmp = layout
-        .root()
-        .join(format!(".current.{}.{}", std::process::id(), gen_name(generation)));
+    let tmp = layout.root().join(format!(
+        ".current.{}.{}",
+        std::process::id(),
+        gen_name(generation)
+    ));
     let _ = std::fs::remove_file(&tmp);
     std::os::unix::fs::symlink(gen_name(generation), &tmp)
         .map_err(ProxyError::io("creating the symlink", &tmp))?;

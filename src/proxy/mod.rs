@@ -95,7 +95,10 @@ impl SiteLimits {
             reason,
         };
         if !(1..=65536).contains(&self.body_max_mib) {
-            return Err(bad(format!("body limit {} MiB is not in 1..=65536", self.body_max_mib)));
+            return Err(bad(format!(
+                "body limit {} MiB is not in 1..=65536",
+                self.body_max_mib
+            )));
         }
         if self.rate_per_sec > 1_000_000 || self.burst > 1_000_000 {
             return Err(bad("rate and burst must be at most 1000000".into()));
@@ -252,9 +255,8 @@ impl Proxy {
         }
         // An earlier caller's batch took our change and answered it.
         result.await.unwrap_or_else(|_| {
-            Err(ProxyError::Timeout {
-                step: "change",
-                waited: Duration::ZERO,
+            Err(ProxyError::NotApplied {
+                reason: "the task applying it stopped before answering".into(),
             })
         })
     }
@@ -280,10 +282,7 @@ impl Inner {
                     let _ = first.done.send(Err(e));
                 }
                 for p in batch {
-                    let _ = p.done.send(Err(ProxyError::Invalid {
-                        field: "lock",
-                        reason: text.clone(),
-                    }));
+                    let _ = p.done.send(Err(ProxyError::NotApplied { reason: text.clone() }));
                 }
                 return;
             }

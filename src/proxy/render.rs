@@ -47,7 +47,10 @@ static CONF: LazyLock<Handlebars<'static>> = LazyLock::new(|| {
         ("site.conf", include_str!("../../templates/nginx/site.conf.hbs")),
         ("route.conf", include_str!("../../templates/nginx/route.conf.hbs")),
         ("proxy", include_str!("../../templates/nginx/proxy.conf.hbs")),
-        ("unavailable", include_str!("../../templates/nginx/unavailable.conf.hbs")),
+        (
+            "unavailable",
+            include_str!("../../templates/nginx/unavailable.conf.hbs"),
+        ),
     ] {
         hb.register_template_string(name, text)
             .expect("the embedded nginx templates parse");
@@ -60,8 +63,14 @@ static HTML: LazyLock<Handlebars<'static>> = LazyLock::new(|| {
     hb.set_strict_mode(true);
     for (name, text) in [
         ("landing", include_str!("../../templates/nginx/landing.html.hbs")),
-        ("unavailable", include_str!("../../templates/nginx/unavailable.html.hbs")),
-        ("not-found", include_str!("../../templates/nginx/not-found.html.hbs")),
+        (
+            "unavailable",
+            include_str!("../../templates/nginx/unavailable.html.hbs"),
+        ),
+        (
+            "not-found",
+            include_str!("../../templates/nginx/not-found.html.hbs"),
+        ),
     ] {
         hb.register_template_string(name, text)
             .expect("the embedded page templates parse");
@@ -232,7 +241,10 @@ mod tests {
         assert!(main.contains("include /state/nginx/gen-0000000007/routes/*.conf;"));
         assert!(main.contains("listen 0.0.0.0:80 default_server;"));
         // The docs link is HTML-escaped inside the nginx string.
-        assert!(main.contains("href=\"http://127.0.0.1:8000/docs?a&#x3D;1&amp;b&#x3D;2\""), "{main}");
+        assert!(
+            main.contains("href=\"http://127.0.0.1:8000/docs?a&#x3D;1&amp;b&#x3D;2\""),
+            "{main}"
+        );
         assert!(main.contains("starting or stopped"));
         assert!(main.contains("limit_req_zone"));
         assert!(!main.contains("{{"));
