@@ -237,6 +237,15 @@ async fn each_prefix_reaches_only_its_own_backend() {
     assert!(log.contains("GET /10/x"), "{log}");
     assert!(!log.contains("GET /1/"), "{log}");
 
+    // After a rotation the master reopens the logs it writes.
+    std::fs::rename(&log_file, log_file.with_extension("log.1")).unwrap();
+    proxy.reopen_logs().unwrap();
+    let started = Instant::now();
+    while !log_file.exists() && started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(log_file.exists(), "USR1 reopened the site log");
+
     // Remove one: the others still serve, the removed one is a 404.
     proxy.remove_site(10).await.unwrap();
     assert_eq!(status(&c, &fx.url("/10/")).await, 404);
@@ -611,4 +620,47 @@ async fn the_next_request_after_a_change_sees_it() {
         let st = status(&c, &fx.url("/1/")).await;
         assert_eq!(st, 404, "round {round}: after remove");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_killed_hard_is_replaced_on_the_next_change() {
+    let fx = Fixture::new();
+    let proxy = Proxy::start(fx.opts()).await.unwrap();
+    let b1 = backend("one").await;
+    proxy.add_site(&site(1, "alice", b1)).await.unwrap();
+    let pid = proxy.master_pid().unwrap();
+    // As the OOM killer would: the master goes, its worker stays behind,
+    // still serving and holding the port.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL).unwrap();
+    let started = Instant::now();
+    while proxy.master_pid().is_some() && started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(proxy.master_pid(), None);
+
+    let b2 = backend("two").await;
+    proxy.add_site(&site(2, "bobby", b2)).await.unwrap();
+    let new_pid = proxy.master_pid().expect("a new master");
+    assert_ne!(new_pid, pid);
+    let c = client();
+    for _ in 0..5 {
+        assert_eq!(get_json(&c, &fx.url("/2/")).await["backend"], "two");
+    }
+    assert_eq!(get_json(&c, &fx.url("/1/")).await["backend"], "one");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_in_use_is_a_clear_start_error() {
+    let fx = Fixture::new();
+    let holder = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let mut opts = fx.opts();
+    opts.listen = holder.local_addr().unwrap();
+    let err = Proxy::start(opts).await.err().expect("the port is taken");
+    match &err {
+        ProxyError::StartFailed { output, .. } => {
+            assert!(output.contains("Address already in use"), "{output}")
+        }
+        other => panic!("expected a start failure, got {other:?}"),
+    }
+    assert!(!webhoster::proxy::stop(&fx.nginx_dir(), Duration::from_secs(5)).unwrap());
 }

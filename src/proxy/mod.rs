@@ -8,6 +8,12 @@
 //! The site files of the generation in force are the record of the sites,
 //! so they survive a webhoster restart, as does the detached master.
 //!
+//! When `add_site` or `remove_site` returns, every connection opened from then
+//! on is served by the new config: the workers answered with the new
+//! generation on the control socket and the old workers stopped accepting.
+//! Connections already open to an old worker finish on the old config (that
+//! is nginx's graceful reload; requests in flight are never cut).
+//!
 //! It never edits `/etc/nginx`, never uses the distribution's nginx service,
 //! never renders a value it has not validated itself, and never knows where
 //! a site's VM comes from (it gets an address).
@@ -199,6 +205,14 @@ impl Proxy {
     /// The master's pid, checked now (pidfile and `/proc/<pid>/cmdline`).
     pub fn master_pid(&self) -> Option<i32> {
         master::find(&self.inner.layout)
+    }
+
+    /// Have the master reopen its log files (after a log rotation moved them).
+    pub fn reopen_logs(&self) -> Result<(), ProxyError> {
+        let pid = self.master_pid().ok_or_else(|| ProxyError::NotRunning {
+            dir: self.dir().to_path_buf(),
+        })?;
+        master::reopen_logs(pid)
     }
 
     /// The config generation `current` points at.
