@@ -40,7 +40,6 @@ pub(crate) struct Rendered {
 static CONF: LazyLock<Handlebars<'static>> = LazyLock::new(|| {
     let mut hb = Handlebars::new();
     hb.set_strict_mode(true);
-    hb.set_prevent_indent(true);
     hb.register_escape_fn(handlebars::no_escape);
     for (name, text) in [
         ("nginx.conf", include_str!("../../templates/nginx/nginx.conf.hbs")),
