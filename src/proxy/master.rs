@@ -217,6 +217,12 @@ pub(crate) fn reopen_logs(pid: i32) -> Result<(), ProxyError> {
 /// Returns whether a master was running. Blocking, so it also works from a
 /// `Drop`.
 pub fn stop(dir: &Path, timeout: Duration) -> Result<bool, ProxyError> {
+    // The master was started with the resolved path; a dir that is gone
+    // has no master to stop either.
+    let Ok(dir) = std::fs::canonicalize(dir) else {
+        return Ok(false);
+    };
+    let dir = dir.as_path();
     let layout = Layout::new(dir.to_path_buf())?;
     let Some(pid) = find(&layout) else {
         return Ok(false);
