@@ -115,11 +115,13 @@ impl NginxBackend {
 impl NginxBackend {
     /// Connections the backend accepted and requests it handled so far.
     fn counters(&self) -> (u64, u64) {
-        let out = Command::new("curl")
-            .args(["-s", "--noproxy", "*", &format!("http://{}/__status", self.addr)])
-            .output()
-            .expect("curl runs");
-        let text = String::from_utf8_lossy(&out.stdout);
+        use std::io::{Read, Write};
+        let mut conn = std::net::TcpStream::connect(self.addr).expect("the backend answers");
+        conn.write_all(b"GET /__status HTTP/1.0\r\nHost: backend\r\n\r\n")
+            .unwrap();
+        let mut reply = String::new();
+        conn.read_to_string(&mut reply).unwrap();
+        let text = reply.split_once("\r\n\r\n").map_or("", |(_, body)| body);
         // "server accepts handled requests\n A H R"
         let nums: Vec<u64> = text
             .lines()
@@ -137,8 +139,10 @@ impl NginxBackend {
 
 impl Drop for NginxBackend {
     fn drop(&mut self) {
-        if let Ok(pid) = std::fs::read_to_string(self.dir.join("nginx.pid")) {
-            let _ = Command::new("kill").args(["-QUIT", pid.trim()]).status();
+        let pid = std::fs::read_to_string(self.dir.join("nginx.pid"));
+        if let Some(pid) = pid.ok().and_then(|p| p.trim().parse().ok()) {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGQUIT);
             std::thread::sleep(Duration::from_millis(300));
         }
     }
