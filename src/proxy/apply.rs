@@ -66,8 +66,28 @@ fn render_generation(
         docs_url: &opts.docs_url,
         limits: &opts.limits,
         workers: opts.workers,
+        max_files: max_open_files(),
         sites,
     })
+}
+
+/// The hard limit on open files this process (and so nginx) got, read from
+/// `/proc/self/limits`, capped at 65536.
+fn max_open_files() -> u64 {
+    const CAP: u64 = 65536;
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+            let hard = line.split_whitespace().nth(4)?;
+            Some(if hard == "unlimited" {
+                CAP
+            } else {
+                hard.parse().ok()?
+            })
+        })
+        .unwrap_or(1024)
+        .min(CAP)
 }
 
 /// Whether generation `generation` on disk is exactly what we would render.
@@ -90,7 +110,7 @@ fn on_disk_matches(layout: &Layout, generation: u64, rendered: &Rendered) -> boo
         }
     }
     on_disk.sort();
-    let mut wanted: Vec<_> = rendered.files.iter().cloned().collect();
+    let mut wanted = rendered.files.to_vec();
     wanted.sort();
     on_disk == wanted
 }
@@ -144,8 +164,10 @@ pub(crate) async fn converge(
     let answered = match control::generation(&layout.control_socket()).await {
         Ok(g) if g == target => Ok(()),
         _ => {
+            let old_workers = master::accepting_workers(pid);
+            tracing::debug!(pid, generation = target, ?old_workers, "reloading nginx");
             master::reload(pid)?;
-            confirm(layout, target).await
+            confirm(layout, target, &old_workers).await
         }
     };
     if let Err(answered) = answered {
@@ -164,7 +186,12 @@ pub(crate) async fn converge(
         });
     }
     if changed {
-        tracing::info!(generation = target, pid, sites = sites.len(), "nginx serves a new config generation");
+        tracing::info!(
+            generation = target,
+            pid,
+            sites = sites.len(),
+            "nginx serves a new config generation"
+        );
         prune(layout, target);
     }
     Ok(Converged {
@@ -231,9 +258,11 @@ async fn test_generation(layout: &Layout, nginx: &Path, generation: u64) -> Resu
 /// Point `current` at `generation` with one rename(2): nginx reads either the
 /// whole old tree or the whole new one.
 fn swap_current(layout: &Layout, generation: u64) -> Result<(), ProxyError> {
-    let tmp = layout
-        .root()
-        .join(format!(".current.{}.{}", std::process::id(), gen_name(generation)));
+    let tmp = layout.root().join(format!(
+        ".current.{}.{}",
+        std::process::id(),
+        gen_name(generation)
+    ));
     let _ = std::fs::remove_file(&tmp);
     std::os::unix::fs::symlink(gen_name(generation), &tmp)
         .map_err(ProxyError::io("creating the symlink", &tmp))?;
@@ -244,20 +273,37 @@ fn swap_current(layout: &Layout, generation: u64) -> Result<(), ProxyError> {
     })
 }
 
-/// Poll the control socket until the workers answer `generation`; the error
-/// says what they answered last.
-async fn confirm(layout: &Layout, generation: u64) -> Result<(), String> {
+/// Poll the control socket until the workers answer `generation`, then wait
+/// until the old workers stop accepting: until then a new visitor could
+/// still land on the old config. The error says what was answered last.
+async fn confirm(layout: &Layout, generation: u64, old_workers: &[i32]) -> Result<(), String> {
     let socket = layout.control_socket();
     let started = Instant::now();
-    let mut last;
     loop {
-        last = match control::generation(&socket).await {
-            Ok(g) if g == generation => return Ok(()),
+        let last = match control::generation(&socket).await {
+            Ok(g) if g == generation => break,
             Ok(g) => format!("generation {g}"),
             Err(e) => e,
         };
         if started.elapsed() > CONFIRM_TIMEOUT {
             return Err(last);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    loop {
+        let accepting: Vec<i32> = old_workers
+            .iter()
+            .copied()
+            .filter(|w| master::is_accepting_worker(*w))
+            .collect();
+        if accepting.is_empty() {
+            tracing::debug!(generation, ?old_workers, waited = ?started.elapsed(), "nginx reload confirmed");
+            return Ok(());
+        }
+        if started.elapsed() > CONFIRM_TIMEOUT {
+            return Err(format!(
+                "generation {generation}, but old workers {accepting:?} still accept connections"
+            ));
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

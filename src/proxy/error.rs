@@ -71,6 +71,11 @@ pub enum ProxyError {
         source: nix::Error,
     },
 
+    /// The change shared a batch with one that failed before anything was
+    /// written (or its task died); nothing of it is in force.
+    #[error("the change was not applied: {reason}")]
+    NotApplied { reason: String },
+
     #[error("a background task of the proxy failed")]
     Join(#[source] tokio::task::JoinError),
 }

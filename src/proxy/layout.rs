@@ -115,8 +115,7 @@ impl Layout {
     /// All generation directories on disk, oldest first.
     pub(crate) fn generations(&self) -> Result<Vec<u64>, ProxyError> {
         let mut gens = Vec::new();
-        let entries =
-            std::fs::read_dir(&self.root).map_err(ProxyError::io("listing", &self.root))?;
+        let entries = std::fs::read_dir(&self.root).map_err(ProxyError::io("listing", &self.root))?;
         for entry in entries {
             let entry = entry.map_err(ProxyError::io("listing", &self.root))?;
             if let Some(g) = entry.file_name().to_str().and_then(parse_gen_name) {

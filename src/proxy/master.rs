@@ -85,9 +85,64 @@ fn children(pid: i32) -> Vec<i32> {
         .collect()
 }
 
+/// The master's workers that still accept connections: a worker shows
+/// "is shutting down" in its title from the moment it stops listening.
+pub(crate) fn accepting_workers(master: i32) -> Vec<i32> {
+    children(master)
+        .into_iter()
+        .filter(|w| is_accepting_worker(*w))
+        .collect()
+}
+
+pub(crate) fn is_accepting_worker(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).trim_end_matches(['\0', ' ']) == "nginx: worker process")
+        .unwrap_or(false)
+}
+
+/// nginx processes left by a master of this dir that died hard (OOM killer,
+/// SIGKILL): its workers keep serving, and holding the listening sockets, on
+/// their own. They are known by their working directory, which webhoster
+/// sets to the dir when it starts a master and every worker inherits.
+fn orphans(layout: &Layout) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let title = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            title.starts_with(b"nginx: ")
+                && !title.starts_with(b"nginx: master process")
+                && std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == layout.root())
+        })
+        .collect()
+}
+
+/// Ask orphaned workers to stop listening and finish their requests; kill
+/// those that do not let go of the sockets in time.
+async fn retire_orphans(layout: &Layout) {
+    let orphans = orphans(layout);
+    if orphans.is_empty() {
+        return;
+    }
+    tracing::warn!(?orphans, dir = %layout.root().display(), "nginx workers without a master; retiring them");
+    for pid in &orphans {
+        let _ = kill(Pid::from_raw(*pid), Signal::SIGQUIT);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while orphans.iter().any(|w| is_accepting_worker(*w)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for pid in orphans.iter().filter(|w| is_accepting_worker(**w)) {
+        let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+    }
+}
+
 /// Start a master on the config `current` points at and return its pid.
 /// The caller made sure none runs.
 pub(crate) async fn spawn(nginx: &Path, layout: &Layout) -> Result<i32, ProxyError> {
+    retire_orphans(layout).await;
     // A master that died hard leaves its socket behind, and nginx refuses to
     // bind a unix socket whose file exists.
     for stale in [layout.control_socket(), layout.pidfile()] {
@@ -153,11 +208,21 @@ pub(crate) fn reload(pid: i32) -> Result<(), ProxyError> {
     kill(Pid::from_raw(pid), Signal::SIGHUP).map_err(|source| ProxyError::Signal { pid, source })
 }
 
+pub(crate) fn reopen_logs(pid: i32) -> Result<(), ProxyError> {
+    kill(Pid::from_raw(pid), Signal::SIGUSR1).map_err(|source| ProxyError::Signal { pid, source })
+}
+
 /// Stop the master of `layout` and its workers: graceful first (SIGQUIT lets
 /// requests in flight finish), then SIGTERM, then SIGKILL for all of them.
 /// Returns whether a master was running. Blocking, so it also works from a
 /// `Drop`.
 pub fn stop(dir: &Path, timeout: Duration) -> Result<bool, ProxyError> {
+    // The master was started with the resolved path; a dir that is gone
+    // has no master to stop either.
+    let Ok(dir) = std::fs::canonicalize(dir) else {
+        return Ok(false);
+    };
+    let dir = dir.as_path();
     let layout = Layout::new(dir.to_path_buf())?;
     let Some(pid) = find(&layout) else {
         return Ok(false);

@@ -8,6 +8,12 @@
 //! The site files of the generation in force are the record of the sites,
 //! so they survive a webhoster restart, as does the detached master.
 //!
+//! When `add_site` or `remove_site` returns, every connection opened from then
+//! on is served by the new config: the workers answered with the new
+//! generation on the control socket and the old workers stopped accepting.
+//! Connections already open to an old worker finish on the old config (that
+//! is nginx's graceful reload; requests in flight are never cut).
+//!
 //! It never edits `/etc/nginx`, never uses the distribution's nginx service,
 //! never renders a value it has not validated itself, and never knows where
 //! a site's VM comes from (it gets an address).
@@ -95,7 +101,10 @@ impl SiteLimits {
             reason,
         };
         if !(1..=65536).contains(&self.body_max_mib) {
-            return Err(bad(format!("body limit {} MiB is not in 1..=65536", self.body_max_mib)));
+            return Err(bad(format!(
+                "body limit {} MiB is not in 1..=65536",
+                self.body_max_mib
+            )));
         }
         if self.rate_per_sec > 1_000_000 || self.burst > 1_000_000 {
             return Err(bad("rate and burst must be at most 1000000".into()));
@@ -198,6 +207,14 @@ impl Proxy {
         master::find(&self.inner.layout)
     }
 
+    /// Have the master reopen its log files (after a log rotation moved them).
+    pub fn reopen_logs(&self) -> Result<(), ProxyError> {
+        let pid = self.master_pid().ok_or_else(|| ProxyError::NotRunning {
+            dir: self.dir().to_path_buf(),
+        })?;
+        master::reopen_logs(pid)
+    }
+
     /// The config generation `current` points at.
     pub fn generation(&self) -> Result<Option<u64>, ProxyError> {
         self.inner.layout.current_generation()
@@ -252,9 +269,8 @@ impl Proxy {
         }
         // An earlier caller's batch took our change and answered it.
         result.await.unwrap_or_else(|_| {
-            Err(ProxyError::Timeout {
-                step: "change",
-                waited: Duration::ZERO,
+            Err(ProxyError::NotApplied {
+                reason: "the task applying it stopped before answering".into(),
             })
         })
     }
@@ -280,10 +296,7 @@ impl Inner {
                     let _ = first.done.send(Err(e));
                 }
                 for p in batch {
-                    let _ = p.done.send(Err(ProxyError::Invalid {
-                        field: "lock",
-                        reason: text.clone(),
-                    }));
+                    let _ = p.done.send(Err(ProxyError::NotApplied { reason: text.clone() }));
                 }
                 return;
             }

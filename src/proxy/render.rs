@@ -26,6 +26,8 @@ pub(crate) struct RenderInput<'a> {
     pub docs_url: &'a str,
     pub limits: &'a SiteLimits,
     pub workers: Option<u32>,
+    /// Open files each worker may have (at most the hard limit).
+    pub max_files: u64,
     pub sites: &'a [Site],
 }
 
@@ -38,14 +40,16 @@ pub(crate) struct Rendered {
 static CONF: LazyLock<Handlebars<'static>> = LazyLock::new(|| {
     let mut hb = Handlebars::new();
     hb.set_strict_mode(true);
-    hb.set_prevent_indent(true);
     hb.register_escape_fn(handlebars::no_escape);
     for (name, text) in [
         ("nginx.conf", include_str!("../../templates/nginx/nginx.conf.hbs")),
         ("site.conf", include_str!("../../templates/nginx/site.conf.hbs")),
         ("route.conf", include_str!("../../templates/nginx/route.conf.hbs")),
         ("proxy", include_str!("../../templates/nginx/proxy.conf.hbs")),
-        ("unavailable", include_str!("../../templates/nginx/unavailable.conf.hbs")),
+        (
+            "unavailable",
+            include_str!("../../templates/nginx/unavailable.conf.hbs"),
+        ),
     ] {
         hb.register_template_string(name, text)
             .expect("the embedded nginx templates parse");
@@ -58,8 +62,14 @@ static HTML: LazyLock<Handlebars<'static>> = LazyLock::new(|| {
     hb.set_strict_mode(true);
     for (name, text) in [
         ("landing", include_str!("../../templates/nginx/landing.html.hbs")),
-        ("unavailable", include_str!("../../templates/nginx/unavailable.html.hbs")),
-        ("not-found", include_str!("../../templates/nginx/not-found.html.hbs")),
+        (
+            "unavailable",
+            include_str!("../../templates/nginx/unavailable.html.hbs"),
+        ),
+        (
+            "not-found",
+            include_str!("../../templates/nginx/not-found.html.hbs"),
+        ),
     ] {
         hb.register_template_string(name, text)
             .expect("the embedded page templates parse");
@@ -75,6 +85,8 @@ struct Common<'a> {
     listen: String,
     domain: Option<&'a str>,
     workers: String,
+    max_files: u64,
+    worker_connections: u64,
     rate: u32,
     burst: u32,
     body_max_mib: u32,
@@ -135,6 +147,8 @@ pub(crate) fn render(input: &RenderInput<'_>) -> Result<Rendered, ProxyError> {
         listen: input.listen.to_string(),
         domain: input.site_domain,
         workers: input.workers.map_or("auto".to_string(), |w| w.to_string()),
+        max_files: input.max_files,
+        worker_connections: (input.max_files / 2).clamp(256, 16384),
         rate: input.limits.rate_per_sec,
         burst: input.limits.burst,
         body_max_mib: input.limits.body_max_mib,
@@ -196,6 +210,7 @@ mod tests {
             docs_url: "http://127.0.0.1:8000/docs?a=1&b=2",
             limits,
             workers: None,
+            max_files: 20000,
             sites,
         }
     }
@@ -225,7 +240,10 @@ mod tests {
         assert!(main.contains("include /state/nginx/gen-0000000007/routes/*.conf;"));
         assert!(main.contains("listen 0.0.0.0:80 default_server;"));
         // The docs link is HTML-escaped inside the nginx string.
-        assert!(main.contains("href=\"http://127.0.0.1:8000/docs?a&#x3D;1&amp;b&#x3D;2\""), "{main}");
+        assert!(
+            main.contains("href=\"http://127.0.0.1:8000/docs?a&#x3D;1&amp;b&#x3D;2\""),
+            "{main}"
+        );
         assert!(main.contains("starting or stopped"));
         assert!(main.contains("limit_req_zone"));
         assert!(!main.contains("{{"));

@@ -78,9 +78,9 @@ pub(crate) fn validate_docs_url(url: &str) -> Result<(), ProxyError> {
     let scheme_ok = url.starts_with("http://") || url.starts_with("https://") || url.starts_with('/');
     let chars_ok = !url.is_empty()
         && url.len() <= 2048
-        && url.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || b"-._~:/?#[]@!&()*+,;=%".contains(&b)
-        });
+        && url
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~:/?#[]@!&()*+,;=%".contains(&b));
     if scheme_ok && chars_ok {
         Ok(())
     } else {
@@ -150,7 +150,16 @@ mod tests {
     fn domains() {
         validate_domain("example.test").unwrap();
         validate_domain("sites.example-1.org").unwrap();
-        for bad in ["", "Example.test", "a..b", "-a.b", "a b.c", "a;b", "a.b.", "x.$host"] {
+        for bad in [
+            "",
+            "Example.test",
+            "a..b",
+            "-a.b",
+            "a b.c",
+            "a;b",
+            "a.b.",
+            "x.$host",
+        ] {
             assert!(validate_domain(bad).is_err(), "{bad:?}");
         }
     }
@@ -161,8 +170,17 @@ mod tests {
         validate_docs_url("/docs").unwrap();
         validate_docs_url("https://api.example.test/docs?x=1&y=2#top").unwrap();
         for bad in [
-            "", "docs", "javascript:alert(1)", "http://a/'", "http://a/\"", "http://a/$host",
-            "http://a/\\", "http://a/ b", "http://a/<", "http://a/{", "http://a/\n",
+            "",
+            "docs",
+            "javascript:alert(1)",
+            "http://a/'",
+            "http://a/\"",
+            "http://a/$host",
+            "http://a/\\",
+            "http://a/ b",
+            "http://a/<",
+            "http://a/{",
+            "http://a/\n",
         ] {
             assert!(validate_docs_url(bad).is_err(), "{bad:?}");
         }
@@ -174,9 +192,12 @@ mod tests {
         let text = format!("{META_PREFIX}{}\nupstream x {{}}\n", encode_meta(&s));
         assert_eq!(decode_meta(&text).unwrap(), s);
         assert!(decode_meta("upstream x {}").is_err());
-        let forged = format!("{META_PREFIX}{{\"user_id\":1,\"username\":\"x;y\",\"upstream\":\"1.2.3.4:80\"}}");
+        let forged =
+            format!("{META_PREFIX}{{\"user_id\":1,\"username\":\"x;y\",\"upstream\":\"1.2.3.4:80\"}}");
         assert!(decode_meta(&forged).is_err());
-        let extra = format!("{META_PREFIX}{{\"user_id\":1,\"username\":\"abc\",\"upstream\":\"1.2.3.4:80\",\"x\":1}}");
+        let extra = format!(
+            "{META_PREFIX}{{\"user_id\":1,\"username\":\"abc\",\"upstream\":\"1.2.3.4:80\",\"x\":1}}"
+        );
         assert!(decode_meta(&extra).is_err());
     }
 }
