@@ -1,3 +1,105 @@
-//! image: (being written)
+//! image: finding or building the default guest image (kernel, initrd, base
+//! qcow2, manifest) from the recipe in `images/`, which is embedded in the
+//! binary and hashed into the cache key.
+//!
+//! Owns the image cache directory (`<cache>/<key>/`, a lock file, work
+//! directories of running builds). It never starts a VM, never writes outside
+//! the cache, and never names a package mirror: the mirror is the host's.
 
+mod build;
 pub mod cli;
+mod error;
+mod manifest;
+mod preflight;
+mod recipe;
+mod sources;
+
+use std::path::{Path, PathBuf};
+
+pub use error::ImageError;
+pub use manifest::{FileInfo, Manifest};
+
+/// The kernel command line the image is built to boot with. Beyond the
+/// standard `console=ttyS0 root=/dev/vda rw`:
+/// - `quiet`: under TCG every byte on the emulated UART costs; the kernel's
+///   boot messages alone cost about a second.
+pub const KERNEL_CMDLINE: &str = "console=ttyS0 root=/dev/vda rw quiet";
+
+/// A built image; all paths are absolute.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Image {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub disk: PathBuf,
+    pub manifest: Manifest,
+}
+
+impl Image {
+    fn from_manifest(manifest: Manifest) -> Image {
+        Image {
+            kernel: manifest.kernel.clone(),
+            initrd: manifest.initrd.clone(),
+            disk: manifest.disk.clone(),
+            manifest,
+        }
+    }
+}
+
+/// The cache key of the current recipe on this host.
+pub fn key() -> Result<String, ImageError> {
+    Ok(recipe::key(&sources::host_suite()?))
+}
+
+fn absolute(dir: &Path) -> Result<PathBuf, ImageError> {
+    std::path::absolute(dir).map_err(ImageError::io("resolving", dir))
+}
+
+/// The image for the current recipe if it is in the cache. Builds nothing.
+pub fn cached(cache_dir: &Path) -> Result<Option<Image>, ImageError> {
+    let dir = absolute(cache_dir)?.join(key()?);
+    if !dir.join(manifest::FILE).is_file() {
+        return Ok(None);
+    }
+    Manifest::load(&dir).map(|m| Some(Image::from_manifest(m)))
+}
+
+/// The cached image, or a fresh build of it. Concurrent callers (threads or
+/// processes) serialize on a lock file in the cache: one builds, the others
+/// wait and then find it cached.
+pub fn ensure(cache_dir: &Path) -> Result<Image, ImageError> {
+    if let Some(image) = cached(cache_dir)? {
+        return Ok(image);
+    }
+    preflight::check_root()?;
+    preflight::check_tools()?;
+    let cache_dir = absolute(cache_dir)?;
+    std::fs::create_dir_all(&cache_dir).map_err(ImageError::io("creating the image cache", &cache_dir))?;
+    let lock_path = cache_dir.join(".lock");
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(ImageError::io("opening the lock", &lock_path))?;
+    let _lock =
+        nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, errno)| {
+            ImageError::Io {
+                what: "locking",
+                path: lock_path.clone(),
+                source: errno.into(),
+            }
+        })?;
+    if let Some(image) = cached(&cache_dir)? {
+        return Ok(image);
+    }
+    build::sweep(&cache_dir);
+    preflight::check_space(&cache_dir)?;
+    let suite = sources::host_suite()?;
+    let srcs = sources::host_sources(Path::new("/etc/apt"), &suite)?;
+    let apt_options = sources::host_apt_options();
+    preflight::check_mirrors(&srcs, &apt_options)?;
+    let key = recipe::key(&suite);
+    tracing::info!(%key, %suite, cache = %cache_dir.display(), "building the guest image");
+    let dir = build::run(&cache_dir, &key, &suite, &srcs, &apt_options)?;
+    Manifest::load(&dir).map(Image::from_manifest)
+}

@@ -1,0 +1,181 @@
+//! Boots the real guest image under QEMU (TCG) with NoCloud seeds and checks
+//! what a user of the VM relies on: the page on :80, SSH, SFTP into
+//! /var/www/html, the hostname, the grown root filesystem. User-mode
+//! networking with loopback-only `hostfwd` and `restrict=on`: no egress.
+
+mod common;
+
+use std::time::Duration;
+
+use common::guest::{self, Guest, GuestOptions, TestKey};
+
+/// Under TCG on a busy 2-core machine a boot takes 10-60 s.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn wait_for_page(guest: &mut Guest, needle: &str) -> String {
+    let mut body = String::new();
+    let http = guest.http;
+    let waited = guest::wait_for("the page on :80", BOOT_TIMEOUT, || {
+        guest.assert_alive();
+        match guest::http_get(http, "/") {
+            Ok((200, b)) if b.contains(needle) => {
+                body = b;
+                true
+            }
+            _ => false,
+        }
+    });
+    eprintln!(
+        "page served {:.1}s after QEMU start",
+        (guest.started.elapsed()).as_secs_f64()
+    );
+    let _ = waited;
+    body
+}
+
+fn wait_for_ssh(guest: &mut Guest, user: &str, key: &TestKey) {
+    let port = guest.ssh_port;
+    guest::wait_for("an SSH login", BOOT_TIMEOUT, || {
+        guest.assert_alive();
+        guest::ssh("127.0.0.1", port, user, key, "true").status.success()
+    });
+    eprintln!(
+        "SSH login {:.1}s after QEMU start",
+        guest.started.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn boots_any_nocloud_seed() {
+    let image = guest::test_image();
+    let key = TestKey::new();
+    let dir = tempfile::tempdir().unwrap();
+    let user_data = format!(
+        r#"#cloud-config
+hostname: seedtest
+users:
+  - name: alice
+    shell: /bin/bash
+    groups: [www-data]
+    ssh_authorized_keys:
+      - {key}
+write_files:
+  - path: /var/www/html/index.html
+    content: |
+      <h1>hand-written seed page</h1>
+"#,
+        key = key.public_line()
+    );
+    let seed = dir.path().join("seed.iso");
+    guest::write_seed(
+        &[
+            ("user-data", user_data.as_bytes()),
+            ("meta-data", b"instance-id: iid-seedtest\n"),
+        ],
+        &seed,
+    );
+    let mut vm = Guest::boot(&image, &seed, &GuestOptions::default());
+
+    wait_for_page(&mut vm, "hand-written seed page");
+    wait_for_ssh(&mut vm, "alice", &key);
+    let ssh = |cmd: &str| {
+        let out = guest::ssh("127.0.0.1", vm.ssh_port, "alice", &key, cmd);
+        assert!(out.status.success(), "{cmd}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+
+    assert_eq!(ssh("hostname"), "seedtest");
+    assert_eq!(ssh("id -un"), "alice");
+
+    // The root filesystem grew past the base image's to the 4 GiB disk.
+    let root_bytes: u64 = ssh("df -B1 --output=size / | tail -n 1").parse().unwrap();
+    let base_virtual = qcow2_virtual_size(&image.disk);
+    assert!(
+        root_bytes > base_virtual,
+        "root fs {root_bytes} B is not larger than the base image's {base_virtual} B"
+    );
+    assert!(
+        root_bytes > 3 << 30,
+        "root fs {root_bytes} B did not grow to the disk"
+    );
+
+    // Host keys were made in this VM (not baked into the image).
+    assert!(
+        !ssh("ls /etc/ssh/").is_empty() && ssh("ls /etc/ssh/ssh_host_ed25519_key.pub") != "",
+        "no host key"
+    );
+
+    // SFTP into /var/www/html, then nginx serves it.
+    let local = dir.path().join("upload.html");
+    std::fs::write(&local, "<p>uploaded over sftp</p>\n").unwrap();
+    let out = guest::sftp_put(
+        "127.0.0.1",
+        vm.ssh_port,
+        "alice",
+        &key,
+        &local,
+        "/var/www/html/upload.html",
+    );
+    assert!(out.status.success(), "sftp: {out:?}");
+    let (status, body) = guest::http_get(vm.http, "/upload.html").unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("uploaded over sftp"), "{body}");
+}
+
+#[test]
+fn boots_webhosters_own_seed() {
+    let image = guest::test_image();
+    let key = TestKey::new();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = webhoster::seed::SeedSpec {
+        instance_id: "vm-imagetest".into(),
+        hostname: "vm-imagetest".into(),
+        user: "ubuntu".into(),
+        ssh_keys: vec![key.public_line().to_owned()],
+        owner: "carol".into(),
+        network: None,
+    };
+    let seed = dir.path().join("seed.iso");
+    let spec2 = spec.clone();
+    let seed2 = seed.clone();
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(webhoster::seed::write(&spec2, &seed2))
+    })
+    .join()
+    .unwrap()
+    .unwrap();
+    let mut vm = Guest::boot(&image, &seed, &GuestOptions::default());
+
+    let body = wait_for_page(&mut vm, "Welcome, carol!");
+    assert!(body.contains("vm-imagetest"), "{body}");
+    wait_for_ssh(&mut vm, "ubuntu", &key);
+    let out = guest::ssh(
+        "127.0.0.1",
+        vm.ssh_port,
+        "ubuntu",
+        &key,
+        "hostname; id -nG; stat -c '%U:%G %a' /var/www/html; sudo -n true && echo sudo-ok; systemctl is-active nginx ssh systemd-journald",
+    );
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "vm-imagetest");
+    assert!(lines[1].split_whitespace().any(|g| g == "www-data"), "{text}");
+    assert!(lines[1].split_whitespace().any(|g| g == "sudo"), "{text}");
+    assert_eq!(lines[2], "root:www-data 2775");
+    assert_eq!(lines[3], "sudo-ok");
+    assert_eq!(&lines[4..], ["active", "active", "active"], "{text}");
+}
+
+fn qcow2_virtual_size(path: &std::path::Path) -> u64 {
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(path)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["virtual-size"].as_u64().unwrap()
+}
