@@ -236,7 +236,11 @@ pub fn reachable(addr: SocketAddr) -> SocketAddr {
 /// Brings up image, network, engine and nginx, in that order: each later part
 /// needs the earlier ones (the engine opens taps in the namespace).
 pub async fn start(paths: &Paths, args: &ServeArgs) -> anyhow::Result<Live> {
-    let image = crate::image::ensure(&paths.image_cache).await.context("the guest image")?;
+    let cache = paths.image_cache.clone();
+    let image = tokio::task::spawn_blocking(move || crate::image::ensure(&cache))
+        .await
+        .context("the image build task")?
+        .context("the guest image")?;
     let plan = Plan::load(&args.plan).with_context(|| format!("the VM plan {:?}", args.plan))?;
     let network = Arc::new(
         Network::up(NetOptions::from(&args.net))
