@@ -14,30 +14,31 @@
 pub mod alloc;
 pub mod cli;
 mod errors;
+mod host;
 mod link;
 pub mod netns;
 pub mod nft;
+mod options;
 mod sysctl;
 mod tap;
+mod veth;
 
-use std::collections::{BTreeSet, HashSet};
-use std::fs::File;
+use std::collections::HashSet;
 use std::net::Ipv4Addr;
-use std::ops::RangeInclusive;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::os::fd::OwnedFd;
 
 use ipnet::Ipv4Net;
 use rtnetlink::Handle;
 use rtnetlink::packet_route::link::InfoKind;
-use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
 
 pub use errors::NetError;
 pub use nft::Forward;
-pub use tap::{TAP_PREFIX, tap_name};
+pub use options::{NetOptions, validate_netns_name};
 
-use crate::config::NetArgs;
+use host::{check_ports, check_subnet, open_ingress};
+pub use tap::{TAP_PREFIX, tap_name};
+use veth::{create_veth, host_end, ns_end, pick_transfer};
 
 /// The bridge inside the namespace (names inside are ours alone).
 pub const BRIDGE: &str = "br0";
@@ -45,103 +46,6 @@ pub const BRIDGE: &str = "br0";
 pub const NS_UPLINK: &str = "up0";
 /// Guests' SSH port.
 pub const GUEST_SSH_PORT: u16 = 22;
-
-/// What the network is built from; see `config::NetArgs`.
-#[derive(Debug, Clone)]
-pub struct NetOptions {
-    pub netns: String,
-    pub subnet: Ipv4Net,
-    pub ssh_bind: Ipv4Addr,
-    pub ssh_ports: RangeInclusive<u16>,
-    pub egress: Option<String>,
-}
-
-impl From<&NetArgs> for NetOptions {
-    fn from(a: &NetArgs) -> Self {
-        NetOptions {
-            netns: a.netns.clone(),
-            subnet: a.subnet,
-            ssh_bind: a.ssh_bind,
-            ssh_ports: a.ssh_ports.clone(),
-            egress: a.egress.clone(),
-        }
-    }
-}
-
-impl NetOptions {
-    /// The host table holding this network's forwards.
-    pub fn table(&self) -> String {
-        nft::host_table(&self.netns)
-    }
-
-    /// The host end of the veth pair carries the namespace's name.
-    pub fn host_veth(&self) -> &str {
-        &self.netns
-    }
-
-    pub fn netns_path(&self) -> PathBuf {
-        netns::path(&self.netns)
-    }
-
-    /// Checks that need nothing from the kernel.
-    pub fn validate(&self) -> Result<(), NetError> {
-        validate_netns_name(&self.netns)?;
-        let s = self.subnet;
-        let bad = |why| NetError::BadSubnet { subnet: s, why };
-        if s.prefix_len() > 30 {
-            return Err(bad(
-                "it needs at least a /30 (network, gateway, one guest, broadcast)",
-            ));
-        }
-        if s.prefix_len() < 8 {
-            return Err(bad("it is larger than a /8"));
-        }
-        let n = s.network();
-        if n.is_loopback() || n.is_link_local() || n.is_multicast() || n.is_unspecified() || n.is_broadcast()
-        {
-            return Err(bad("it is loopback, link-local, multicast or reserved"));
-        }
-        if s.trunc() != s {
-            return Err(bad("it has host bits set"));
-        }
-        if let Some(up) = &self.egress
-            && (up.is_empty() || up.len() > 15 || up == &self.netns)
-        {
-            return Err(NetError::BadEgress(up.clone()));
-        }
-        Ok(())
-    }
-}
-
-/// A namespace name is also the host veth's name, so it must be a valid
-/// interface name (<= 15 bytes) and must not clash with names inside.
-pub fn validate_netns_name(name: &str) -> Result<(), NetError> {
-    let bad = |why| NetError::BadNetnsName {
-        name: name.to_string(),
-        why,
-    };
-    if name.is_empty() {
-        return Err(bad("it is empty"));
-    }
-    if name.len() > 15 {
-        return Err(bad(
-            "it is longer than 15 bytes (it also names the host veth, IFNAMSIZ)",
-        ));
-    }
-    if !name.chars().next().is_some_and(|c| c.is_ascii_alphabetic()) {
-        return Err(bad("it must start with a letter"));
-    }
-    if !name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-    {
-        return Err(bad("only letters, digits, '_' and '-' are allowed"));
-    }
-    if [BRIDGE, NS_UPLINK, "lo"].contains(&name) || name.starts_with(TAP_PREFIX) {
-        return Err(bad("it clashes with an interface name used inside the namespace"));
-    }
-    Ok(())
-}
 
 /// What `reclaim` removed.
 #[derive(Debug, Default, Clone)]
@@ -212,32 +116,6 @@ async fn in_ns<T: Send + 'static>(
     let path = opts.netns_path();
     let what = what.to_string();
     blocking(move || crate::sys::in_netns(&path, f).map_err(NetError::io(what))?).await
-}
-
-/// The /30 joining host and namespace: derived from the namespace name inside
-/// 169.254.0.0/16 (link-local: never routed, never a VM subnet), skipping
-/// blocks used by anything else. The host end is `.1`, the namespace `.2`.
-fn transfer_candidates(netns: &str) -> impl Iterator<Item = Ipv4Net> {
-    let digest = Sha256::digest(netns.as_bytes());
-    let start = u16::from_be_bytes([digest[0], digest[1]]) as u32;
-    // 169.254.1.0 - 169.254.254.255: RFC 3927 reserves the first and last /24.
-    const FIRST: u32 = 0xA9FE_0100;
-    const BLOCKS: u32 = (254 * 256) / 4;
-    (0..BLOCKS).filter_map(move |i| {
-        let block = (start + i) % BLOCKS;
-        let net = FIRST + block * 4;
-        let n = Ipv4Net::new(Ipv4Addr::from(net), 30).ok()?;
-        // 169.254.169.254 is the cloud metadata address on many hosts.
-        (!n.contains(&Ipv4Addr::new(169, 254, 169, 254))).then_some(n)
-    })
-}
-
-fn host_end(t: Ipv4Net) -> Ipv4Net {
-    Ipv4Net::new(Ipv4Addr::from(u32::from(t.network()) + 1), 30).expect("valid /30")
-}
-
-fn ns_end(t: Ipv4Net) -> Ipv4Net {
-    Ipv4Net::new(Ipv4Addr::from(u32::from(t.network()) + 2), 30).expect("valid /30")
 }
 
 impl Network {
@@ -612,250 +490,9 @@ impl Network {
     }
 }
 
-/// Create the veth pair inside the namespace (no name clash possible there)
-/// and move the host end out to the host. Returns the host end's index.
-async fn create_veth(host: &Handle, ns: &Handle, veth: &str) -> Result<u32, NetError> {
-    // A crash between "create" and "move" leaves the host end inside.
-    link::delete(ns, veth).await?;
-    link::delete(ns, NS_UPLINK).await?;
-    link::add_veth(ns, NS_UPLINK, veth).await?;
-    let inner = link::get(ns, veth).await?.ok_or_else(|| NetError::Io {
-        op: format!("veth {veth:?} vanished after creation"),
-        source: std::io::Error::from_raw_os_error(libc::ENODEV),
-    })?;
-    let host_ns = File::open("/proc/self/ns/net").map_err(NetError::io("open the host network namespace"))?;
-    link::move_to_netns(ns, inner.index, host_ns.as_raw_fd()).await?;
-    link::get(host, veth)
-        .await?
-        .map(|l| l.index)
-        .ok_or_else(|| NetError::Io {
-            op: format!("veth {veth:?} did not arrive on the host"),
-            source: std::io::Error::from_raw_os_error(libc::ENODEV),
-        })
-}
-
-/// Reuse the /30 already on our veth, else the first derived block that no
-/// host address overlaps.
-async fn pick_transfer(host: &Handle, netns: &str, index: u32) -> Result<Ipv4Net, NetError> {
-    let addrs = link::addresses(host, None).await?;
-    if let Some((_, a)) = addrs
-        .iter()
-        .find(|(i, a)| *i == index && a.prefix_len() == 30 && a.addr().is_link_local())
-    {
-        return Ok(a.trunc());
-    }
-    transfer_candidates(netns)
-        .find(|t| {
-            !addrs
-                .iter()
-                .any(|(_, a)| a.contains(&t.network()) || t.contains(&a.addr()))
-        })
-        .ok_or_else(|| NetError::Io {
-            op: "find a free link-local /30 for the veth".into(),
-            source: std::io::Error::from_raw_os_error(libc::EADDRNOTAVAIL),
-        })
-}
-
-fn overlaps(a: Ipv4Net, b: Ipv4Net) -> bool {
-    a.contains(&b.network()) || b.contains(&a.network())
-}
-
-/// The subnet must not overlap any host address or route, except our own
-/// route through our own veth (a second `up`).
-async fn check_subnet(host: &Handle, subnet: Ipv4Net, ours: Option<u32>) -> Result<(), NetError> {
-    for (index, a) in link::addresses(host, None).await? {
-        if Some(index) != ours && overlaps(a.trunc(), subnet) {
-            return Err(NetError::SubnetOverlap {
-                subnet,
-                what: format!("address {a}"),
-            });
-        }
-    }
-    for r in link::routes(host).await? {
-        if r.dest.prefix_len() == 0 || (ours.is_some() && r.oif == ours) {
-            continue;
-        }
-        if overlaps(r.dest, subnet) {
-            return Err(NetError::SubnetOverlap {
-                subnet,
-                what: format!("route {}", r.dest),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// The SSH range must not overlap another webhoster network's range nor the
-/// kernel's ephemeral ports, and must have at least one port free now.
-fn check_ports(opts: &NetOptions, table: &str) -> Result<(), NetError> {
-    let (lo, hi) = (*opts.ssh_ports.start(), *opts.ssh_ports.end());
-    let bad = |why: String| NetError::BadPortRange { lo, hi, why };
-    let disjoint = |a: &RangeInclusive<u16>| a.end() < &lo || a.start() > &hi;
-    for (family, other) in nft::tables()? {
-        if family != "ip" || !other.starts_with("webhoster_") || other == table {
-            continue;
-        }
-        if let Some(r) = nft::declared_ports(&other)?
-            && !disjoint(&r)
-        {
-            return Err(bad(format!(
-                "it overlaps {}-{} of the network in table {other}",
-                r.start(),
-                r.end()
-            )));
-        }
-    }
-    if let Ok(eph) = sysctl::read("ip_local_port_range") {
-        let mut it = eph.split_whitespace().filter_map(|p| p.parse::<u16>().ok());
-        if let (Some(a), Some(b)) = (it.next(), it.next())
-            && !disjoint(&(a..=b))
-        {
-            return Err(bad(format!(
-                "it overlaps the kernel's ephemeral ports {a}-{b} (net.ipv4.ip_local_port_range)"
-            )));
-        }
-    }
-    let ours: HashSet<u16> = nft::forwards(table)?.iter().map(|f| f.port).collect();
-    if ours.is_empty()
-        && !opts
-            .ssh_ports
-            .clone()
-            .any(|p| alloc::port_is_free(opts.ssh_bind, p))
-    {
-        return Err(bad("every port in it is held by another process".into()));
-    }
-    Ok(())
-}
-
-/// Turn IPv4 forwarding on where DNATed SSH from outside (or egress) enters,
-/// and remember where we did, so `down` restores it and the host table
-/// stops those interfaces from forwarding anything else.
-async fn open_ingress(host: &Handle, opts: &NetOptions) -> Result<BTreeSet<String>, NetError> {
-    let table = opts.table();
-    let mut opened = {
-        let t = table.clone();
-        blocking(move || nft::opened(&t)).await?
-    };
-    let mut wanted: BTreeSet<String> = BTreeSet::new();
-    let bind = opts.ssh_bind;
-    if !bind.is_loopback() {
-        let links = link::list(host).await?;
-        let others: HashSet<String> = {
-            let t = table.clone();
-            blocking(move || {
-                Ok(nft::tables()?
-                    .into_iter()
-                    .filter(|(f, n)| f == "ip" && n.starts_with("webhoster_") && *n != t)
-                    .map(|(_, n)| n)
-                    .collect())
-            })
-            .await?
-        };
-        for (index, a) in link::addresses(host, None).await? {
-            let Some(l) = links.iter().find(|l| l.index == index) else {
-                continue;
-            };
-            let webhoster_veth = l.name == opts.host_veth() || others.contains(&nft::host_table(&l.name));
-            if a.addr().is_loopback() || webhoster_veth {
-                continue;
-            }
-            if bind.is_unspecified() || a.addr() == bind {
-                wanted.insert(l.name.clone());
-            }
-        }
-    }
-    if let Some(up) = &opts.egress {
-        wanted.insert(up.clone());
-    }
-    for iface in wanted {
-        let key = sysctl::conf(&iface, "forwarding");
-        if sysctl::read(&key)? == "0" {
-            sysctl::write(&key, "1")?;
-            info!(%iface, "turned IPv4 forwarding on for SSH forwards");
-            opened.insert(iface);
-        }
-    }
-    Ok(opened)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn opts() -> NetOptions {
-        NetOptions {
-            netns: "whns".into(),
-            subnet: "10.83.0.0/24".parse().unwrap(),
-            ssh_bind: Ipv4Addr::UNSPECIFIED,
-            ssh_ports: 10000..=20000,
-            egress: None,
-        }
-    }
-
-    #[test]
-    fn netns_names() {
-        assert!(validate_netns_name("whns").is_ok());
-        assert!(validate_netns_name("a-b_c9").is_ok());
-        assert!(validate_netns_name("abcdefghijklmno").is_ok());
-        for bad in [
-            "",
-            "abcdefghijklmnop",
-            "9ns",
-            "has space",
-            "a/b",
-            "br0",
-            "up0",
-            "lo",
-            "whvabc",
-        ] {
-            assert!(
-                matches!(validate_netns_name(bad), Err(NetError::BadNetnsName { .. })),
-                "{bad:?} accepted"
-            );
-        }
-    }
-
-    #[test]
-    fn subnets() {
-        assert!(opts().validate().is_ok());
-        for bad in [
-            "10.0.0.0/31",
-            "127.0.0.0/24",
-            "169.254.0.0/24",
-            "224.0.0.0/24",
-            "10.0.0.1/24",
-            "10.0.0.0/7",
-        ] {
-            let mut o = opts();
-            o.subnet = bad.parse().unwrap();
-            assert!(
-                matches!(o.validate(), Err(NetError::BadSubnet { .. })),
-                "{bad} accepted"
-            );
-        }
-        let mut o = opts();
-        o.egress = Some("whns".into());
-        assert!(matches!(o.validate(), Err(NetError::BadEgress(_))));
-    }
-
-    #[test]
-    fn transfer_nets_are_link_local_and_stable() {
-        let a: Vec<_> = transfer_candidates("whns").take(3).collect();
-        assert_eq!(a, transfer_candidates("whns").take(3).collect::<Vec<_>>());
-        assert_ne!(a[0], transfer_candidates("other").next().unwrap());
-        for t in transfer_candidates("whns") {
-            assert_eq!(t.prefix_len(), 30);
-            assert!(t.network().is_link_local());
-            assert!(!t.contains(&Ipv4Addr::new(169, 254, 169, 254)));
-            assert_ne!(t.network().octets()[2], 0);
-            assert_ne!(t.network().octets()[2], 255);
-        }
-        assert_eq!(
-            host_end(a[0]).addr(),
-            Ipv4Addr::from(u32::from(a[0].network()) + 1)
-        );
-        assert_eq!(ns_end(a[0]).addr(), Ipv4Addr::from(u32::from(a[0].network()) + 2));
-    }
 
     #[test]
     fn tap_names_fit_ifnamsiz() {
