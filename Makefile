@@ -11,7 +11,7 @@ export WEBHOSTER_TEST_DATABASE_URL ?= postgres://webhoster:webhoster@127.0.0.1:5
 # Debian packages, by what needs them.
 RUN_PKGS := qemu-system-x86 qemu-utils nginx-light mmdebstrap e2fsprogs busybox-static cpio zstd \
 	genisoimage nftables iproute2 openssh-client socat ca-certificates
-TEST_PKGS := postgresql wrk sshpass jq
+TEST_PKGS := postgresql wrk sshpass jq openssh-server
 
 .PHONY: run test bench deps test-deps
 

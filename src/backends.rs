@@ -3,6 +3,7 @@
 //! the start-up order that brings them up. Nothing here decides anything the
 //! modules own; it only translates.
 
+use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -20,6 +21,7 @@ use crate::hosting::ports::{
 use crate::image::Image;
 use crate::net::{self, NetOptions, Network};
 use crate::proxy::{self, Proxy, ProxyOptions};
+use crate::store::{Hosting, Store};
 use crate::vmm::{self, Engine, EngineOptions, Plan, VmNet, VmSpec, VmState};
 
 /// How long a user's stop waits for the guest to power down before forcing.
@@ -282,4 +284,96 @@ pub async fn teardown(paths: &Paths, args: &crate::config::NetArgs) -> anyhow::R
     proxy::stop(&paths.nginx_dir(), Duration::from_secs(10)).context("stopping nginx")?;
     Network::down(&NetOptions::from(args)).await.context("removing the VM network")?;
     Ok(())
+}
+
+impl Live {
+    /// At start, before the API accepts work: reattach to the QEMU of every
+    /// hosting that should run (same pid, guest untouched), start the ones
+    /// whose QEMU is gone, and remove taps, forwards and sites that belong to
+    /// no hosting (what a crash left behind).
+    pub async fn reconcile(&self, store: &Store) -> anyhow::Result<()> {
+        let hostings = store.all_hostings().await.context("listing hostings")?;
+        let should_run: Vec<&Hosting> = hostings.iter().filter(|h| h.status == "running").collect();
+        let specs: Vec<VmSpec> = should_run
+            .iter()
+            .filter_map(|h| match self.engine.vm_dir(&h.vm_id).read_spec() {
+                Ok(spec) => Some(spec),
+                Err(err) => {
+                    tracing::warn!(vm_id = %h.vm_id, error = %err, "no vm.json: cannot reattach");
+                    None
+                }
+            })
+            .collect();
+        for (vm_id, outcome) in self.engine.reattach(&specs).await {
+            match outcome {
+                Ok(vmm::ReattachOutcome::Reattached { pid }) => tracing::info!(%vm_id, pid, "reattached"),
+                Ok(other) => {
+                    tracing::warn!(%vm_id, found = ?other, "QEMU is gone while the hosting should run: starting it");
+                    let spec = specs.iter().find(|s| s.vm_id == vm_id).expect("reattach answers for our specs");
+                    if let Err(err) = self.engine.start(spec).await {
+                        tracing::error!(%vm_id, error = %crate::hosting::chain(&err), "start after reattach failed");
+                    }
+                }
+                Err(err) => tracing::error!(%vm_id, error = %crate::hosting::chain(&err), "reattach failed"),
+            }
+        }
+        let known: HashSet<String> = hostings.iter().map(|h| h.vm_id.clone()).collect();
+        let reclaimed = self.network.reclaim(&known).await.context("reclaiming the network")?;
+        tracing::info!(?reclaimed, "network reconciled");
+        let users: HashSet<i64> = hostings.iter().map(|h| h.user_id).collect();
+        for site in self.proxy.sites().await.context("listing sites")? {
+            if !users.contains(&site.user_id) {
+                tracing::info!(user_id = site.user_id, "removing a site with no hosting");
+                self.proxy.remove_site(site.user_id).await.context("removing a stale site")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Persists what the supervisor sees: a guest shut down from inside is
+    /// `stopped`, a VM that crashed too often is `failed`, and one that came
+    /// back is `running`. Rows being created or deleted belong to the
+    /// orchestrator and are left alone (each update is a compare-and-swap).
+    pub fn track(&self, store: Store) -> tokio::task::JoinHandle<()> {
+        let mut events = self.engine.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let event = match events.recv().await {
+                    Ok(event) => event,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "VM events lagged");
+                        continue;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                let swaps: &[(&str, &str)] = match event.to {
+                    VmState::Running => &[("stopped", "running"), ("failed", "running")],
+                    VmState::Stopped => &[("running", "stopped")],
+                    VmState::Failed => &[("running", "failed")],
+                    _ => &[],
+                };
+                if swaps.is_empty() {
+                    continue;
+                }
+                let hosting = match store.all_hostings().await {
+                    Ok(all) => all.into_iter().find(|h| h.vm_id == event.vm_id),
+                    Err(err) => {
+                        tracing::error!(vm_id = %event.vm_id, error = %crate::hosting::chain(&err), "VM event not persisted");
+                        continue;
+                    }
+                };
+                let Some(hosting) = hosting else { continue };
+                for (from, to) in swaps {
+                    match store.swap_hosting_status(hosting.id, from, to).await {
+                        Ok(true) => {
+                            tracing::info!(vm_id = %event.vm_id, from, to, reason = %event.reason, "hosting status follows its VM");
+                            break;
+                        }
+                        Ok(false) => {}
+                        Err(err) => tracing::error!(vm_id = %event.vm_id, error = %crate::hosting::chain(&err), "VM event not persisted"),
+                    }
+                }
+            }
+        })
+    }
 }

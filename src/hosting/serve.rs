@@ -18,16 +18,30 @@ use crate::store::{self, Store};
 /// The real parts behind the ports, and what must live as long as the service.
 pub struct Backends {
     pub ports: Ports,
+    /// The real parts, reconciled at start; `None` on fakes.
+    pub live: Option<crate::backends::Live>,
 }
 
 /// Wires `vmm::Engine`, `net::Network`, `proxy::Proxy`, the seed writer and
-/// the TCP probe into [`Ports`]. The coordinator fills this in when the
-/// engine, network and proxy modules are merged.
-pub async fn build_backends(_paths: &Paths, _args: &ServeArgs) -> anyhow::Result<Backends> {
-    anyhow::bail!(
-        "the real VM engine, network and proxy are not wired into `serve` yet \
-         (hosting::serve::build_backends)"
-    )
+/// the TCP probe into [`Ports`] (see `crate::backends`).
+pub async fn build_backends(paths: &Paths, args: &ServeArgs) -> anyhow::Result<Backends> {
+    let live = crate::backends::start(paths, args).await?;
+    let system = crate::backends::System {
+        paths: paths.clone(),
+        args: args.clone(),
+        engine: live.engine.clone(),
+        network: live.network.clone(),
+        proxy: live.proxy.clone(),
+    };
+    let ports = Ports {
+        engine: live.engine_adapter.clone(),
+        network: Arc::new(crate::backends::NetworkAdapter(live.network.clone())),
+        proxy: Arc::new(crate::backends::ProxyAdapter(live.proxy.clone())),
+        seeder: Arc::new(super::seeder::IsoSeeder),
+        probe: Arc::new(super::probe::TcpProbe { http_addr: args.http_addr, ssh_bind: args.net.ssh_bind }),
+        system: Arc::new(system),
+    };
+    Ok(Backends { ports, live: Some(live) })
 }
 
 /// How long requests in flight may finish after SIGTERM.
@@ -84,10 +98,18 @@ pub async fn run_with(paths: Paths, args: ServeArgs, backends: Backends) -> anyh
             interval: Duration::from_millis(500),
         },
     };
-    let hosting = HostingService::new(store.clone(), backends.ports, cfg);
+    let Backends { ports, live } = backends;
+    let hosting = HostingService::new(store.clone(), ports, cfg);
     // Before the API accepts work: undo unfinished creates, finish deletes.
     let report = hosting.recover().await.context("recovering unfinished work")?;
     tracing::info!(undone = ?report.undone, deleted = ?report.deleted, failed = ?report.failed, "recovery done");
+    let _tracker = match &live {
+        Some(live) => {
+            live.reconcile(&store).await.context("reattaching to the running VMs")?;
+            Some(live.track(store.clone()))
+        }
+        None => None,
+    };
     let state = ApiState::new(
         store.clone(),
         auth,
