@@ -50,7 +50,10 @@ impl EngineAdapter {
             base_disk: self.image.disk.clone(),
             append: crate::image::KERNEL_CMDLINE.to_owned(),
             seed_iso: vm.seed_iso.clone(),
-            net: VmNet::Tap { tap_name: vm.tap_name.clone(), mac: vm.mac.clone() },
+            net: VmNet::Tap {
+                tap_name: vm.tap_name.clone(),
+                mac: vm.mac.clone(),
+            },
             labels: vm.labels.iter().cloned().collect(),
         }
     }
@@ -163,7 +166,11 @@ pub struct ProxyAdapter(pub Arc<Proxy>);
 #[async_trait]
 impl SiteProxy for ProxyAdapter {
     async fn add_site(&self, site: &crate::hosting::ports::Site) -> Result<(), PortError> {
-        let site = proxy::Site { user_id: site.user_id, username: site.username.clone(), upstream: site.upstream };
+        let site = proxy::Site {
+            user_id: site.user_id,
+            username: site.username.clone(),
+            upstream: site.upstream,
+        };
         Ok(self.0.add_site(&site).await?)
     }
 
@@ -186,10 +193,20 @@ impl SystemInfo for System {
     async fn checks(&self) -> Vec<HealthCheck> {
         let mut checks: Vec<HealthCheck> = crate::doctor::checks(&self.paths, &self.args.vmm)
             .into_iter()
-            .map(|c| HealthCheck { name: c.name.into(), ok: c.ok, required: c.required, detail: c.detail })
+            .map(|c| HealthCheck {
+                name: c.name.into(),
+                ok: c.ok,
+                required: c.required,
+                detail: c.detail,
+            })
             .collect();
         let (accel, reason) = self.engine.accel();
-        checks.push(HealthCheck { name: "accel".into(), ok: true, required: false, detail: format!("{accel}: {reason}") });
+        checks.push(HealthCheck {
+            name: "accel".into(),
+            ok: true,
+            required: false,
+            detail: format!("{accel}: {reason}"),
+        });
         let netns = self.network.options().netns_path();
         checks.push(HealthCheck {
             name: "namespace".into(),
@@ -218,7 +235,12 @@ impl SystemInfo for System {
     }
 
     async fn qemu_version(&self) -> Option<String> {
-        crate::doctor::tool_version(&self.args.vmm.qemu.display().to_string(), &["--version"], "qemu-system-x86").ok()
+        crate::doctor::tool_version(
+            &self.args.vmm.qemu.display().to_string(),
+            &["--version"],
+            "qemu-system-x86",
+        )
+        .ok()
     }
 }
 
@@ -232,7 +254,11 @@ pub struct Live {
 
 /// Where a listener on `addr` is reached from this host.
 pub fn reachable(addr: SocketAddr) -> SocketAddr {
-    if addr.ip().is_unspecified() { SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port()) } else { addr }
+    if addr.ip().is_unspecified() {
+        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
+    } else {
+        addr
+    }
 }
 
 /// Brings up image, network, engine and nginx, in that order: each later part
@@ -257,9 +283,22 @@ pub async fn start(paths: &Paths, args: &ServeArgs) -> anyhow::Result<Live> {
     let mut proxy_opts = ProxyOptions::new(paths.nginx_dir(), args.http_addr);
     proxy_opts.site_domain = args.site_domain.clone();
     proxy_opts.docs_url = format!("http://{}/docs", reachable(args.api_addr));
-    let proxy = Arc::new(Proxy::start(proxy_opts).await.context("starting the nginx front")?);
-    let engine_adapter = Arc::new(EngineAdapter { engine: engine.clone(), plan, image });
-    Ok(Live { engine, network, proxy, engine_adapter })
+    let proxy = Arc::new(
+        Proxy::start(proxy_opts)
+            .await
+            .context("starting the nginx front")?,
+    );
+    let engine_adapter = Arc::new(EngineAdapter {
+        engine: engine.clone(),
+        plan,
+        image,
+    });
+    Ok(Live {
+        engine,
+        network,
+        proxy,
+        engine_adapter,
+    })
 }
 
 /// `webhoster teardown`: stops every VM of the state dir and the nginx master,
@@ -277,12 +316,17 @@ pub async fn teardown(paths: &Paths, args: &crate::config::NetArgs) -> anyhow::R
     }
     for (vm_id, outcome) in engine.reattach(&specs).await {
         if let Ok(vmm::ReattachOutcome::Reattached { .. }) = outcome {
-            engine.stop(&vm_id, Duration::ZERO).await.with_context(|| format!("stopping VM {vm_id}"))?;
+            engine
+                .stop(&vm_id, Duration::ZERO)
+                .await
+                .with_context(|| format!("stopping VM {vm_id}"))?;
         }
     }
     engine.detach_all().await;
     proxy::stop(&paths.nginx_dir(), Duration::from_secs(10)).context("stopping nginx")?;
-    Network::down(&NetOptions::from(args)).await.context("removing the VM network")?;
+    Network::down(&NetOptions::from(args))
+        .await
+        .context("removing the VM network")?;
     Ok(())
 }
 
@@ -309,7 +353,10 @@ impl Live {
                 Ok(vmm::ReattachOutcome::Reattached { pid }) => tracing::info!(%vm_id, pid, "reattached"),
                 Ok(other) => {
                     tracing::warn!(%vm_id, found = ?other, "QEMU is gone while the hosting should run: starting it");
-                    let spec = specs.iter().find(|s| s.vm_id == vm_id).expect("reattach answers for our specs");
+                    let spec = specs
+                        .iter()
+                        .find(|s| s.vm_id == vm_id)
+                        .expect("reattach answers for our specs");
                     if let Err(err) = self.engine.start(spec).await {
                         tracing::error!(%vm_id, error = %crate::hosting::chain(&err), "start after reattach failed");
                     }
@@ -318,13 +365,20 @@ impl Live {
             }
         }
         let known: HashSet<String> = hostings.iter().map(|h| h.vm_id.clone()).collect();
-        let reclaimed = self.network.reclaim(&known).await.context("reclaiming the network")?;
+        let reclaimed = self
+            .network
+            .reclaim(&known)
+            .await
+            .context("reclaiming the network")?;
         tracing::info!(?reclaimed, "network reconciled");
         let users: HashSet<i64> = hostings.iter().map(|h| h.user_id).collect();
         for site in self.proxy.sites().await.context("listing sites")? {
             if !users.contains(&site.user_id) {
                 tracing::info!(user_id = site.user_id, "removing a site with no hosting");
-                self.proxy.remove_site(site.user_id).await.context("removing a stale site")?;
+                self.proxy
+                    .remove_site(site.user_id)
+                    .await
+                    .context("removing a stale site")?;
             }
         }
         Ok(())
@@ -370,7 +424,9 @@ impl Live {
                             break;
                         }
                         Ok(false) => {}
-                        Err(err) => tracing::error!(vm_id = %event.vm_id, error = %crate::hosting::chain(&err), "VM event not persisted"),
+                        Err(err) => {
+                            tracing::error!(vm_id = %event.vm_id, error = %crate::hosting::chain(&err), "VM event not persisted")
+                        }
                     }
                 }
             }

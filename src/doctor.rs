@@ -33,8 +33,18 @@ pub struct Check {
 
 fn check(name: &'static str, required: bool, result: Result<String, String>) -> Check {
     match result {
-        Ok(detail) => Check { name, ok: true, required, detail },
-        Err(detail) => Check { name, ok: false, required, detail },
+        Ok(detail) => Check {
+            name,
+            ok: true,
+            required,
+            detail,
+        },
+        Err(detail) => Check {
+            name,
+            ok: false,
+            required,
+            detail,
+        },
     }
 }
 
@@ -42,8 +52,17 @@ fn check(name: &'static str, required: bool, result: Result<String, String>) -> 
 pub fn tool_version(tool: &str, args: &[&str], package: &str) -> Result<String, String> {
     match std::process::Command::new(tool).args(args).output() {
         Ok(out) => {
-            let text = if out.stdout.is_empty() { out.stderr } else { out.stdout };
-            Ok(String::from_utf8_lossy(&text).lines().next().unwrap_or("").trim().to_owned())
+            let text = if out.stdout.is_empty() {
+                out.stderr
+            } else {
+                out.stdout
+            };
+            Ok(String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_owned())
         }
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
             Err(format!("{tool} not found: install the Debian package {package}"))
@@ -76,10 +95,22 @@ pub fn checks(paths: &Paths, vmm: &VmmArgs) -> Vec<Check> {
                 Err("webhoster needs root: it creates namespaces, taps and nftables rules".into())
             },
         ),
-        check("qemu", true, tool_version(&qemu, &["--version"], "qemu-system-x86")),
-        check("qemu-img", true, tool_version("qemu-img", &["--version"], "qemu-utils")),
+        check(
+            "qemu",
+            true,
+            tool_version(&qemu, &["--version"], "qemu-system-x86"),
+        ),
+        check(
+            "qemu-img",
+            true,
+            tool_version("qemu-img", &["--version"], "qemu-utils"),
+        ),
         check("nginx", true, tool_version("nginx", &["-v"], "nginx-light")),
-        check("genisoimage", true, tool_version("genisoimage", &["-version"], "genisoimage")),
+        check(
+            "genisoimage",
+            true,
+            tool_version("genisoimage", &["-version"], "genisoimage"),
+        ),
         check("nftables", true, tool_version("nft", &["--version"], "nftables")),
         check(
             "netns",
@@ -95,8 +126,16 @@ pub fn checks(paths: &Paths, vmm: &VmmArgs) -> Vec<Check> {
         "free disk",
         true,
         free_bytes(&paths.state_dir).and_then(|free| {
-            let detail = format!("{:.1} GiB free for {}", free as f64 / (1u64 << 30) as f64, paths.state_dir.display());
-            if free >= MIN_FREE_BYTES { Ok(detail) } else { Err(format!("only {detail}; need 5 GiB")) }
+            let detail = format!(
+                "{:.1} GiB free for {}",
+                free as f64 / (1u64 << 30) as f64,
+                paths.state_dir.display()
+            );
+            if free >= MIN_FREE_BYTES {
+                Ok(detail)
+            } else {
+                Err(format!("only {detail}; need 5 GiB"))
+            }
         }),
     ));
     checks
@@ -117,7 +156,11 @@ pub async fn run(paths: Paths, args: DoctorArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let failed = checks.iter().any(|c| c.required && !c.ok);
-    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 #[cfg(test)]

@@ -38,10 +38,16 @@ pub async fn build_backends(paths: &Paths, args: &ServeArgs) -> anyhow::Result<B
         network: Arc::new(crate::backends::NetworkAdapter(live.network.clone())),
         proxy: Arc::new(crate::backends::ProxyAdapter(live.proxy.clone())),
         seeder: Arc::new(super::seeder::IsoSeeder),
-        probe: Arc::new(super::probe::TcpProbe { http_addr: args.http_addr, ssh_bind: args.net.ssh_bind }),
+        probe: Arc::new(super::probe::TcpProbe {
+            http_addr: args.http_addr,
+            ssh_bind: args.net.ssh_bind,
+        }),
         system: Arc::new(system),
     };
-    Ok(Backends { ports, live: Some(live) })
+    Ok(Backends {
+        ports,
+        live: Some(live),
+    })
 }
 
 /// How long requests in flight may finish after SIGTERM.
@@ -105,7 +111,9 @@ pub async fn run_with(paths: Paths, args: ServeArgs, backends: Backends) -> anyh
     tracing::info!(undone = ?report.undone, deleted = ?report.deleted, failed = ?report.failed, "recovery done");
     let _tracker = match &live {
         Some(live) => {
-            live.reconcile(&store).await.context("reattaching to the running VMs")?;
+            live.reconcile(&store)
+                .await
+                .context("reattaching to the running VMs")?;
             Some(live.track(store.clone()))
         }
         None => None,

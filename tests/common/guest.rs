@@ -72,7 +72,7 @@ impl Default for TestKey {
     }
 }
 
-fn ssh_opts(key: &TestKey) -> Vec<String> {
+pub fn ssh_opts(key: &TestKey) -> Vec<String> {
     [
         "-o",
         "BatchMode=yes",

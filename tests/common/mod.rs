@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod control;
+pub mod deploy;
 pub mod guest;
 pub mod host;
 pub mod vmm_stub;

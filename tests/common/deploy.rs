@@ -1,0 +1,334 @@
+//! A whole webhoster deployment for end-to-end tests and benches: the real
+//! `webhoster serve` binary under names unique to this run (state dir,
+//! namespace, subnet, ports). Dropping it tears everything down.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::guest::{TestKey, http_get};
+use super::host::{Reservation, free_port, unique_name, unique_port_range, unique_subnet};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_webhoster");
+
+/// One isolated deployment: its own state dir, API and HTTP ports, namespace,
+/// subnet and SSH port range. Dropping it tears everything down.
+pub struct Deployment {
+    pub state: tempfile::TempDir,
+    pub env: HashMap<&'static str, String>,
+    pub api: String,
+    pub http_port: u16,
+    pub netns: String,
+    pub serve: Option<Child>,
+    _reserved: (Reservation, Reservation),
+}
+
+impl Deployment {
+    pub fn new() -> Self {
+        let state = tempfile::Builder::new().prefix("wh-e2e-").tempdir().unwrap();
+        let netns = unique_name("whe");
+        let api_port = free_port();
+        let http_port = free_port();
+        let (subnet, subnet_reservation) = unique_subnet();
+        let (ports, ports_reservation) = unique_port_range(20);
+        let mut env = HashMap::new();
+        env.insert("WEBHOSTER_STATE_DIR", state.path().display().to_string());
+        env.insert("WEBHOSTER_API_ADDR", format!("127.0.0.1:{api_port}"));
+        env.insert("WEBHOSTER_HTTP_ADDR", format!("127.0.0.1:{http_port}"));
+        env.insert("WEBHOSTER_PUBLIC_HOST", "127.0.0.1".into());
+        env.insert("WEBHOSTER_NETNS", netns.clone());
+        env.insert("WEBHOSTER_SUBNET", subnet.to_string());
+        env.insert("WEBHOSTER_SSH_BIND", "127.0.0.1".into());
+        env.insert(
+            "WEBHOSTER_SSH_PORTS",
+            format!("{}-{}", ports.start(), ports.end()),
+        );
+        env.insert("WEBHOSTER_ACCEL", "tcg".into());
+        env.insert("WEBHOSTER_PLAN", "small".into());
+        env.insert("RUST_LOG", "webhoster=debug,info".into());
+        Deployment {
+            state,
+            env,
+            api: format!("http://127.0.0.1:{api_port}/api/v1"),
+            http_port,
+            netns,
+            serve: None,
+            _reserved: (subnet_reservation, ports_reservation),
+        }
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args).envs(&self.env).env_remove("DATABASE_URL");
+        cmd
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        self.state.path()
+    }
+
+    /// Starts `webhoster serve` and waits until the API answers.
+    pub async fn start(&mut self) {
+        assert!(self.serve.is_none(), "serve is already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.state_dir().join("serve.log"))
+            .unwrap();
+        let child = self
+            .command(&["serve"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn webhoster serve");
+        self.serve = Some(child);
+        let health = format!("{}/health", self.api);
+        let client = reqwest::Client::new();
+        let started = Instant::now();
+        loop {
+            if let Ok(resp) = client.get(&health).send().await
+                && resp.status().is_success()
+            {
+                return;
+            }
+            if let Some(status) = self.serve.as_mut().unwrap().try_wait().unwrap() {
+                panic!("webhoster serve exited with {status}; log:\n{}", self.log_tail());
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "API not up; log:\n{}",
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn stop(&mut self) {
+        let mut child = self.serve.take().expect("serve is not running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::SIGTERM,
+        )
+        .unwrap();
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "serve exited with {status} on SIGTERM; log:\n{}",
+                    self.log_tail()
+                );
+                return;
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                panic!("serve did not exit within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.state_dir().join("serve.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    }
+
+    pub fn site(&self, user_id: i64) -> String {
+        format!("http://127.0.0.1:{}/{user_id}/", self.http_port)
+    }
+
+    /// GET `/<user_id>/` through our nginx: (status, body); (0, error) when
+    /// nothing answers.
+    pub fn get_site(&self, user_id: i64) -> (u16, String) {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.http_port));
+        http_get(addr, &format!("/{user_id}/")).unwrap_or_else(|e| (0, e.to_string()))
+    }
+
+    pub fn vm_dir(&self, vm_id: &str) -> PathBuf {
+        self.state_dir().join("vms").join(vm_id)
+    }
+
+    pub fn qemu_pid(&self, vm_id: &str) -> i32 {
+        std::fs::read_to_string(self.vm_dir(vm_id).join("qemu.pid"))
+            .unwrap_or_else(|e| panic!("pidfile of {vm_id}: {e}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Every process whose command line names our state dir or namespace.
+    pub fn our_processes(&self) -> Vec<String> {
+        let marks = [self.state_dir().display().to_string(), self.netns.clone()];
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if pid == std::process::id() {
+                continue;
+            }
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if marks.iter().any(|m| cmdline.contains(m.as_str())) {
+                found.push(format!("{pid}: {cmdline}"));
+            }
+        }
+        found
+    }
+
+    /// What the host still holds under this run's names.
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut left = self.our_processes();
+        let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+        if String::from_utf8_lossy(&netns.stdout)
+            .split_whitespace()
+            .any(|n| n == self.netns)
+        {
+            left.push(format!("namespace {}", self.netns));
+        }
+        let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
+        for line in String::from_utf8_lossy(&links.stdout).lines() {
+            if line.contains(&self.netns) {
+                left.push(format!("link {line}"));
+            }
+        }
+        let nft = Command::new("nft").args(["list", "tables"]).output().unwrap();
+        for line in String::from_utf8_lossy(&nft.stdout).lines() {
+            if line.contains(&self.netns) {
+                left.push(format!("nftables {line}"));
+            }
+        }
+        left
+    }
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.serve.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = self.command(&["teardown"]).output();
+        // Last resort for anything teardown missed: nothing of a failed run may stay.
+        for line in self.our_processes() {
+            if let Some(pid) = line.split(':').next().and_then(|p| p.parse::<i32>().ok()) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+            }
+        }
+        let _ = Command::new("ip").args(["netns", "delete", &self.netns]).output();
+        if std::thread::panicking() {
+            eprintln!("--- serve log ---\n{}", self.log_tail());
+        }
+    }
+}
+
+pub struct User {
+    pub id: i64,
+    pub username: String,
+    pub token: String,
+    pub key: TestKey,
+}
+
+pub async fn call(
+    client: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = client.request(method, url);
+    if let Some(token) = token {
+        req = req.bearer_auth(token);
+    }
+    if let Some(body) = body {
+        req = req.json(&body);
+    }
+    let resp = req.send().await.unwrap_or_else(|e| panic!("{url}: {e}"));
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    let value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{url} answered {status} non-JSON {text:?}: {e}"));
+    (status, value)
+}
+
+pub async fn sign_up(client: &reqwest::Client, api: &str, username: &str) -> User {
+    let password = "a long enough password";
+    let (status, body) = call(
+        client,
+        reqwest::Method::POST,
+        &format!("{api}/auth/register"),
+        None,
+        Some(json!({"email": format!("{username}@example.com"), "username": username, "password": password})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let resp = client
+        .post(format!("{api}/auth/login"))
+        .form(&[("username", username), ("password", password)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    let token = body["data"]["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(body["data"]["token_type"], "bearer");
+    let (status, me) = call(
+        client,
+        reqwest::Method::GET,
+        &format!("{api}/auth/me"),
+        Some(&token),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{me}");
+    User {
+        id: me["data"]["id"].as_i64().unwrap(),
+        username: username.into(),
+        token,
+        key: TestKey::new(),
+    }
+}
+
+impl User {
+    pub async fn create(&self, client: &reqwest::Client, api: &str) -> (u16, Value) {
+        let body = json!({"ssh_public_key": self.key.public_line()});
+        call(
+            client,
+            reqwest::Method::POST,
+            &format!("{api}/host"),
+            Some(&self.token),
+            Some(body),
+        )
+        .await
+    }
+
+    pub async fn host(&self, client: &reqwest::Client, api: &str) -> (u16, Value) {
+        call(
+            client,
+            reqwest::Method::GET,
+            &format!("{api}/host/my"),
+            Some(&self.token),
+            None,
+        )
+        .await
+    }
+
+    pub async fn delete_host(&self, client: &reqwest::Client, api: &str) -> (u16, Value) {
+        call(
+            client,
+            reqwest::Method::DELETE,
+            &format!("{api}/host/my"),
+            Some(&self.token),
+            None,
+        )
+        .await
+    }
+}
