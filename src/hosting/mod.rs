@@ -499,6 +499,42 @@ impl HostingService {
         Ok(report)
     }
 
+    /// Follows the engine's state changes, so a guest powered off from
+    /// inside shows `stopped` and one started again `running`. Only moves
+    /// between running and stopped; creates, deletes and power calls in
+    /// progress own their hosting's status.
+    pub fn follow_engine(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
+        use tokio::sync::broadcast::error::RecvError;
+        let mut events = self.ports.engine.subscribe()?;
+        let this = Arc::clone(self);
+        Some(tokio::spawn(async move {
+            loop {
+                let ev = match events.recv().await {
+                    Ok(ev) => ev,
+                    Err(RecvError::Lagged(n)) => {
+                        warn!(missed = n, "engine events lagged");
+                        continue;
+                    }
+                    Err(RecvError::Closed) => return,
+                };
+                let (from, to) = match ev.state {
+                    ports::VmRunState::Running => (Status::Stopped, Status::Running),
+                    ports::VmRunState::Stopped => (Status::Running, Status::Stopped),
+                    ports::VmRunState::Other => continue,
+                };
+                match this
+                    .store
+                    .swap_status_by_vm(&ev.vm_id, from.as_str(), to.as_str())
+                    .await
+                {
+                    Ok(true) => info!(vm_id = %ev.vm_id, status = to.as_str(), "status follows the engine"),
+                    Ok(false) => {}
+                    Err(e) => warn!(vm_id = %ev.vm_id, error = %chain(&e), "recording an engine event"),
+                }
+            }
+        }))
+    }
+
     /// Aborts in-flight create tasks where they stand, journal as written:
     /// what a crash does. Used by tests and at the end of shutdown.
     pub fn abort_creates(&self) {

@@ -40,6 +40,14 @@ pub enum VmRunState {
     Other,
 }
 
+/// A VM changed state on its own (guest powered off, supervisor restarted
+/// it): from `vmm::Engine::subscribe()`'s `VmEvent`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmStateEvent {
+    pub vm_id: String,
+    pub state: VmRunState,
+}
+
 /// The VM engine (`vmm::Engine`): disks, QEMU processes, serial logs.
 #[async_trait]
 pub trait VmEngine: Send + Sync {
@@ -60,6 +68,11 @@ pub trait VmEngine: Send + Sync {
     fn run_state(&self, vm_id: &str) -> Option<VmRunState>;
     /// The serial console log file.
     fn serial_log(&self, vm_id: &str) -> PathBuf;
+    /// State changes the engine saw (the adapter maps `VmEvent.to`: running
+    /// -> Running; stopped and failed -> Stopped; the rest -> Other).
+    fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<VmStateEvent>> {
+        None
+    }
 }
 
 /// The VM network (`net::Network`).

@@ -88,6 +88,7 @@ pub async fn run_with(paths: Paths, args: ServeArgs, backends: Backends) -> anyh
     // Before the API accepts work: undo unfinished creates, finish deletes.
     let report = hosting.recover().await.context("recovering unfinished work")?;
     tracing::info!(undone = ?report.undone, deleted = ?report.deleted, failed = ?report.failed, "recovery done");
+    let _follower = hosting.follow_engine();
     let state = ApiState::new(
         store.clone(),
         auth,
