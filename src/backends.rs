@@ -16,7 +16,7 @@ use ipnet::Ipv4Net;
 
 use crate::config::{Paths, ServeArgs};
 use crate::hosting::ports::{
-    HealthCheck, PortError, SiteProxy, SystemInfo, VmEngine, VmLaunch, VmNetwork, VmRunState,
+    HealthCheck, PortError, SiteProxy, SystemInfo, VmEngine, VmLaunch, VmNetwork, VmRunState, VmStateEvent,
 };
 use crate::image::Image;
 use crate::net::{self, NetOptions, Network};
@@ -115,12 +115,45 @@ impl VmEngine for EngineAdapter {
         self.engine.status(vm_id).map(|status| match status.state {
             VmState::Running => VmRunState::Running,
             VmState::Stopped => VmRunState::Stopped,
+            VmState::Failed => VmRunState::Failed,
             _ => VmRunState::Other,
         })
     }
 
     fn serial_log(&self, vm_id: &str) -> PathBuf {
         self.engine.vm_dir(vm_id).serial_log()
+    }
+
+    fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<VmStateEvent>> {
+        let mut events = self.engine.subscribe();
+        let (tx, rx) = tokio::sync::broadcast::channel(1024);
+        tokio::spawn(async move {
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                match events.recv().await {
+                    Ok(event) => {
+                        let state = match event.to {
+                            VmState::Running => VmRunState::Running,
+                            VmState::Stopped => VmRunState::Stopped,
+                            VmState::Failed => VmRunState::Failed,
+                            _ => continue,
+                        };
+                        if tx
+                            .send(VmStateEvent {
+                                vm_id: event.vm_id,
+                                state,
+                            })
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Err(RecvError::Lagged(n)) => tracing::warn!(missed = n, "VM events lagged"),
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        });
+        Some(rx)
     }
 }
 
@@ -382,54 +415,5 @@ impl Live {
             }
         }
         Ok(())
-    }
-
-    /// Persists what the supervisor sees: a guest shut down from inside is
-    /// `stopped`, a VM that crashed too often is `failed`, and one that came
-    /// back is `running`. Rows being created or deleted belong to the
-    /// orchestrator and are left alone (each update is a compare-and-swap).
-    pub fn track(&self, store: Store) -> tokio::task::JoinHandle<()> {
-        let mut events = self.engine.subscribe();
-        tokio::spawn(async move {
-            loop {
-                let event = match events.recv().await {
-                    Ok(event) => event,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!(missed = n, "VM events lagged");
-                        continue;
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                };
-                let swaps: &[(&str, &str)] = match event.to {
-                    VmState::Running => &[("stopped", "running"), ("failed", "running")],
-                    VmState::Stopped => &[("running", "stopped")],
-                    VmState::Failed => &[("running", "failed")],
-                    _ => &[],
-                };
-                if swaps.is_empty() {
-                    continue;
-                }
-                let hosting = match store.all_hostings().await {
-                    Ok(all) => all.into_iter().find(|h| h.vm_id == event.vm_id),
-                    Err(err) => {
-                        tracing::error!(vm_id = %event.vm_id, error = %crate::hosting::chain(&err), "VM event not persisted");
-                        continue;
-                    }
-                };
-                let Some(hosting) = hosting else { continue };
-                for (from, to) in swaps {
-                    match store.swap_hosting_status(hosting.id, from, to).await {
-                        Ok(true) => {
-                            tracing::info!(vm_id = %event.vm_id, from, to, reason = %event.reason, "hosting status follows its VM");
-                            break;
-                        }
-                        Ok(false) => {}
-                        Err(err) => {
-                            tracing::error!(vm_id = %event.vm_id, error = %crate::hosting::chain(&err), "VM event not persisted")
-                        }
-                    }
-                }
-            }
-        })
     }
 }

@@ -471,6 +471,29 @@ async fn async_create(db: Db) {
     assert_error(s, &b, 409, "hosting_busy");
     let (s, b) = api.call(Method::POST, "/api/v1/host?wait=maybe", t2, None).await;
     assert_error(s, &b, 422, "validation_failed");
+
+    // A background create that fails is rolled back, and GET says why.
+    let token3 = api.user("ivy").await;
+    let t3 = Some(token3.as_str());
+    api.world.clear_faults();
+    api.world.fail_on("engine.spawn");
+    let (s, _) = api.call(Method::POST, "/api/v1/host?wait=false", t3, None).await;
+    assert_eq!(s, 202);
+    let mut last = (0, Value::Null);
+    for _ in 0..200 {
+        last = api.call(Method::GET, "/api/v1/host/my", t3, None).await;
+        if last.0 == 404 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_error(last.0, &last.1, 404, "no_hosting");
+    let msg = last.1["message"].as_str().unwrap();
+    assert!(msg.contains("failed at step spawn"), "{msg}");
+    assert!(
+        !msg.contains("injected"),
+        "the cause is logged, not echoed: {msg}"
+    );
 }
 
 async fn system(db: Db) {

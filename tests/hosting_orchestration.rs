@@ -13,6 +13,7 @@ use reqwest::Method;
 
 use common::control::{Db, TestApi, TestDb, fast_hosting_config};
 use webhoster::hosting::fakes::{FakeWorld, step_method};
+use webhoster::hosting::ports::VmRunState;
 use webhoster::hosting::{HostingError, HostingService, Step};
 use webhoster::store::{StepState, Store, User};
 
@@ -317,6 +318,40 @@ async fn subnet_full_is_503(db: Db) {
     svc.create(&b, Some(KEY.into()), true).await.unwrap();
 }
 
+async fn status_follows_engine_events(db: Db) {
+    let rig = Rig::new(db).await;
+    let follower = rig.svc.follow_engine().expect("the fakes publish events");
+    let user = rig.user("mia").await;
+    let vm_id = rig
+        .svc
+        .create(&user, Some(KEY.into()), true)
+        .await
+        .unwrap()
+        .hosting
+        .vm_id;
+    let status = || async { rig.store.hosting_by_user(user.id).await.unwrap().unwrap().status };
+    async fn until(f: impl AsyncFn() -> String, want: &str) {
+        for _ in 0..200 {
+            if f().await == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("status never became {want}");
+    }
+    rig.world.emit(&vm_id, VmRunState::Stopped);
+    until(status, "stopped").await;
+    rig.world.emit(&vm_id, VmRunState::Running);
+    until(status, "running").await;
+    // Other VMs' events and non-state events change nothing.
+    rig.world.emit("vm-unknown", VmRunState::Stopped);
+    rig.world.emit(&vm_id, VmRunState::Other);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(status().await, "running");
+    follower.abort();
+    drop(rig.db);
+}
+
 both_backends!(
     rollback_at_every_step,
     failed_undo_keeps_the_row_until_delete,
@@ -325,4 +360,5 @@ both_backends!(
     concurrent_creates_by_one_user,
     concurrent_creates_by_many_users,
     subnet_full_is_503,
+    status_follows_engine_events,
 );

@@ -196,7 +196,17 @@ pub async fn create_host(req: &Request<'_>) -> Reply {
 
 pub async fn get_host(req: &Request<'_>) -> Reply {
     let user_id = bearer(req)?;
-    let h = req.state.hosting.get(user_id).await?;
+    let h = match req.state.hosting.get(user_id).await {
+        Ok(h) => h,
+        Err(crate::hosting::HostingError::NotFound) => {
+            let message = match req.state.hosting.last_failure(user_id) {
+                Some(why) => format!("this account has no hosting; the last create failed: {why}"),
+                None => "this account has no hosting".to_owned(),
+            };
+            return Err(ApiError::new(StatusCode::NOT_FOUND, "no_hosting", message));
+        }
+        Err(e) => return Err(e.into()),
+    };
     Ok(host_reply(req, StatusCode::OK, "your hosting", &h, None))
 }
 

@@ -44,6 +44,7 @@ struct World {
 }
 
 pub struct FakeWorld {
+    events: tokio::sync::broadcast::Sender<VmStateEvent>,
     dir: PathBuf,
     subnet: Ipv4Net,
     world: Mutex<World>,
@@ -71,6 +72,7 @@ impl FakeWorld {
     /// `dir` is where VM directories would be (serial logs are read from there).
     pub fn new(dir: &Path, subnet: Ipv4Net) -> Arc<FakeWorld> {
         Arc::new(FakeWorld {
+            events: tokio::sync::broadcast::channel(64).0,
             dir: dir.to_owned(),
             subnet,
             world: Mutex::new(World::default()),
@@ -122,6 +124,14 @@ impl FakeWorld {
         } else {
             w.unhealthy.remove(check);
         }
+    }
+
+    /// Reports a state change as the engine's supervisor would.
+    pub fn emit(&self, vm_id: &str, state: VmRunState) {
+        let _ = self.events.send(VmStateEvent {
+            vm_id: vm_id.to_owned(),
+            state,
+        });
     }
 
     pub fn calls(&self) -> Vec<String> {
@@ -227,6 +237,9 @@ impl VmEngine for FakeWorld {
     }
     fn serial_log(&self, vm_id: &str) -> PathBuf {
         self.vm_dir(vm_id).join("serial.log")
+    }
+    fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<VmStateEvent>> {
+        Some(self.events.subscribe())
     }
 }
 

@@ -170,6 +170,9 @@ pub struct HostingService {
     busy: Mutex<HashSet<i64>>,
     tasks: Mutex<Vec<AbortHandle>>,
     create_durations: Histogram,
+    /// Why the last create of a user failed (the row is gone, so a
+    /// `?wait=false` caller learns it from here).
+    last_failure: Mutex<std::collections::HashMap<i64, String>>,
 }
 
 /// Holds a hosting id in the busy set; only one start/stop/delete at a time.
@@ -195,6 +198,7 @@ impl HostingService {
             busy: Mutex::new(HashSet::new()),
             tasks: Mutex::new(Vec::new()),
             create_durations: Histogram::new(stats::CREATE_BUCKETS),
+            last_failure: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -311,8 +315,16 @@ impl HostingService {
         let hosting = self.allocate(user.id).await?;
         info!(vm_id = %hosting.vm_id, user_id = user.id, ip = %hosting.vm_ip, ssh_port = hosting.ssh_port, "create: allocated");
         let job = self.job(&hosting, &user.username, keys);
+        self.failures().remove(&user.id);
         let this = Arc::clone(self);
-        let handle = tokio::spawn(async move { this.run_create(job).await });
+        let handle = tokio::spawn(async move {
+            let user_id = job.user_id;
+            let result = this.run_create(job).await;
+            if let Err(e) = &result {
+                this.failures().insert(user_id, e.to_string());
+            }
+            result
+        });
         {
             let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
             tasks.retain(|t| !t.is_finished());
@@ -423,6 +435,15 @@ impl HostingService {
             .map_err(|e| (Step::Seed, Box::new(e) as PortError))
     }
 
+    fn failures(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<i64, String>> {
+        self.last_failure.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Why the user's last create failed, if it did (until the next create).
+    pub fn last_failure(&self, user_id: i64) -> Option<String> {
+        self.failures().get(&user_id).cloned()
+    }
+
     pub async fn get(&self, user_id: i64) -> Result<Hosting, HostingError> {
         self.store
             .hosting_by_user(user_id)
@@ -497,6 +518,43 @@ impl HostingService {
             }
         }
         Ok(report)
+    }
+
+    /// Follows the engine's state changes, so a guest powered off from
+    /// inside shows `stopped` and one started again `running`. Only moves
+    /// between running and stopped; creates, deletes and power calls in
+    /// progress own their hosting's status.
+    pub fn follow_engine(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
+        use tokio::sync::broadcast::error::RecvError;
+        let mut events = self.ports.engine.subscribe()?;
+        let this = Arc::clone(self);
+        Some(tokio::spawn(async move {
+            loop {
+                let ev = match events.recv().await {
+                    Ok(ev) => ev,
+                    Err(RecvError::Lagged(n)) => {
+                        warn!(missed = n, "engine events lagged");
+                        continue;
+                    }
+                    Err(RecvError::Closed) => return,
+                };
+                let (from, to) = match ev.state {
+                    ports::VmRunState::Running => (Status::Stopped, Status::Running),
+                    ports::VmRunState::Stopped => (Status::Running, Status::Stopped),
+                    ports::VmRunState::Failed => (Status::Running, Status::Failed),
+                    ports::VmRunState::Other => continue,
+                };
+                match this
+                    .store
+                    .swap_status_by_vm(&ev.vm_id, from.as_str(), to.as_str())
+                    .await
+                {
+                    Ok(true) => info!(vm_id = %ev.vm_id, status = to.as_str(), "status follows the engine"),
+                    Ok(false) => {}
+                    Err(e) => warn!(vm_id = %ev.vm_id, error = %chain(&e), "recording an engine event"),
+                }
+            }
+        }))
     }
 
     /// Aborts in-flight create tasks where they stand, journal as written:

@@ -3,6 +3,25 @@
 //! `proxy::Proxy`, `seed`), so the adapters from the real parts are thin, and
 //! so the orchestrator runs on fakes in fast tests.
 //!
+//! How the real adapters map (for `serve::build_backends`):
+//!
+//! | port method | real part |
+//! |---|---|
+//! | `VmEngine::vm_dir` | `Paths::vm_dir(vm_id)` |
+//! | `create_disk` | build a `vmm::VmSpec` from the launch + plan + `image::Image` + `image::KERNEL_CMDLINE`, `VmNet::Tap { tap_name, mac }`, labels; `engine.create_disk(&spec)` |
+//! | `remove_disk` | remove `<vm_dir>/disk.qcow2` (missing is fine) |
+//! | `spawn` | `engine.start(&spec)` |
+//! | `kill` | `engine.stop(vm_id, Duration::ZERO)`; an unknown VM is fine |
+//! | `stop` / `restart` | `engine.stop(vm_id, 30 s)` / `engine.restart(vm_id)` |
+//! | `destroy` | `engine.destroy(vm_id)`; an unknown VM is fine |
+//! | `run_state`, `subscribe` | `engine.status`, `engine.subscribe()` mapped to [`VmRunState`] |
+//! | `serial_log` | `<vm_dir>/serial.log` |
+//! | `VmNetwork::*` | `net::Network` (same names); `port_is_free` is `net::alloc::port_is_free(ssh_bind, port)` |
+//! | `SiteProxy::*` | `proxy::Proxy::add_site` / `remove_site` |
+//! | `SeedWriter` | [`super::seeder::IsoSeeder`] (done) |
+//! | `GuestProbe` | [`super::probe::TcpProbe`] `{ http_addr, ssh_bind }` (done) |
+//! | `SystemInfo` | `qemu --version`, `vmm::accel::decide`, `image::cached`, the namespace, the nginx master pid |
+//!
 //! Every undo-style method (`remove_*`, `delete_*`, `kill`, `destroy`) must be
 //! idempotent: it is called again after a crash, and for a step that failed
 //! half-way, so "already gone" is success.
@@ -37,7 +56,17 @@ pub struct VmLaunch {
 pub enum VmRunState {
     Running,
     Stopped,
+    /// Crashed too often: the supervisor gave up.
+    Failed,
     Other,
+}
+
+/// A VM changed state on its own (guest powered off, supervisor restarted
+/// it): from `vmm::Engine::subscribe()`'s `VmEvent`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmStateEvent {
+    pub vm_id: String,
+    pub state: VmRunState,
 }
 
 /// The VM engine (`vmm::Engine`): disks, QEMU processes, serial logs.
@@ -60,6 +89,11 @@ pub trait VmEngine: Send + Sync {
     fn run_state(&self, vm_id: &str) -> Option<VmRunState>;
     /// The serial console log file.
     fn serial_log(&self, vm_id: &str) -> PathBuf;
+    /// State changes the engine saw (the adapter maps `VmEvent.to`: running
+    /// -> Running; stopped and failed -> Stopped; the rest -> Other).
+    fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<VmStateEvent>> {
+        None
+    }
 }
 
 /// The VM network (`net::Network`).

@@ -109,15 +109,12 @@ pub async fn run_with(paths: Paths, args: ServeArgs, backends: Backends) -> anyh
     // Before the API accepts work: undo unfinished creates, finish deletes.
     let report = hosting.recover().await.context("recovering unfinished work")?;
     tracing::info!(undone = ?report.undone, deleted = ?report.deleted, failed = ?report.failed, "recovery done");
-    let _tracker = match &live {
-        Some(live) => {
-            live.reconcile(&store)
-                .await
-                .context("reattaching to the running VMs")?;
-            Some(live.track(store.clone()))
-        }
-        None => None,
-    };
+    if let Some(live) = &live {
+        live.reconcile(&store)
+            .await
+            .context("reattaching to the running VMs")?;
+    }
+    let _follower = hosting.follow_engine();
     let state = ApiState::new(
         store.clone(),
         auth,

@@ -182,6 +182,20 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Like [`Store::swap_hosting_status`], by vm_id.
+    pub async fn swap_status_by_vm(&self, vm_id: &str, from: &str, to: &str) -> Result<bool, StoreError> {
+        let done =
+            sqlx::query("UPDATE hostings SET status = $3, updated_at = $4 WHERE vm_id = $1 AND status = $2")
+                .bind(vm_id)
+                .bind(from)
+                .bind(to)
+                .bind(now())
+                .execute(&self.pool)
+                .await
+                .map_err(|e| StoreError::Query("swap hosting status by vm", e))?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// Deletes the row, its journal, and with them its allocations.
     pub async fn delete_hosting(&self, id: i64) -> Result<(), StoreError> {
         sqlx::query("DELETE FROM hostings WHERE id = $1")
