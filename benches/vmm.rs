@@ -5,8 +5,9 @@
 //! - QEMU's resident memory per idle VM beyond guest RAM (the stub touches
 //!   no guest RAM, so the RSS of its QEMU is the overhead);
 //! - how many idle `small` VMs fit in this machine's memory: extrapolated
-//!   from the measured overhead, with guest RAM counted in full (an idle
-//!   Debian guest touches less, so this is the conservative bound).
+//!   from the measured overhead with guest RAM counted in full (the
+//!   conservative bound), and, when the guest image is cached, from the RSS
+//!   of real idle Debian `small` guests after boot (HTTP answering).
 
 #[path = "../tests/common/vmm_stub.rs"]
 #[allow(dead_code)]
@@ -107,4 +108,123 @@ async fn main() {
     for vm_id in &ids {
         engine.destroy(vm_id).await.unwrap();
     }
+
+    // 3. Real idle Debian guests, when the image is there.
+    let Some(image) = find_image() else {
+        println!("real-guest RSS: skipped (no guest image in the cache)");
+        return;
+    };
+    let mut guests = Vec::new();
+    for i in 0..REAL_GUESTS {
+        let vm_id = unique_vm_id("real");
+        reaper.track(&vm_id);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = engine.vm_dir(&vm_id);
+        std::fs::create_dir_all(dir.root()).unwrap();
+        let key = tmp.path().join(format!("key{i}"));
+        assert!(
+            std::process::Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(&key)
+                .status()
+                .unwrap()
+                .success()
+        );
+        webhoster::seed::write(
+            &webhoster::seed::SeedSpec {
+                instance_id: vm_id.clone(),
+                hostname: format!("bench{i}"),
+                user: "ubuntu".into(),
+                ssh_keys: vec![
+                    std::fs::read_to_string(key.with_extension("pub"))
+                        .unwrap()
+                        .trim()
+                        .into(),
+                ],
+                owner: "bench".into(),
+                network: Some(webhoster::seed::StaticNetwork {
+                    mac: webhoster::vmm::cmdline::USER_NET_MAC.into(),
+                    address: "10.0.2.15/24".parse().unwrap(),
+                    gateway: "10.0.2.2".parse().unwrap(),
+                }),
+            },
+            &dir.seed_iso(),
+        )
+        .await
+        .unwrap();
+        let s = VmSpec {
+            vm_id: vm_id.clone(),
+            plan: small.clone(),
+            kernel: image.join("vmlinuz"),
+            initrd: image.join("initrd.img"),
+            base_disk: image.join("disk.qcow2"),
+            append: "console=ttyS0 root=/dev/vda rw".into(),
+            seed_iso: dir.seed_iso(),
+            net: VmNet::User {
+                hostfwd: vec![(([127, 0, 0, 1], port).into(), 80)],
+            },
+            labels: Default::default(),
+        };
+        engine.create_disk(&s).await.unwrap();
+        engine.start(&s).await.unwrap();
+        guests.push((vm_id, port));
+    }
+    let started = Instant::now();
+    for (_, port) in &guests {
+        while !reqwest::get(format!("http://127.0.0.1:{port}/"))
+            .await
+            .map(|r| r.status().is_success())
+            .unwrap_or(false)
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(600),
+                "guests did not answer HTTP"
+            );
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+    println!(
+        "real guests: {REAL_GUESTS} small guests answered HTTP after {:.0} s (TCG, shared CPU)",
+        started.elapsed().as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let mut real = Vec::new();
+    for (vm_id, _) in &guests {
+        let pid = engine.status(vm_id).unwrap().pid.unwrap();
+        real.push(webhoster::vmm::dir::rss_kib(pid).unwrap() as f64 / 1024.0);
+    }
+    let avg = real.iter().sum::<f64>() / real.len() as f64;
+    println!(
+        "real idle small guest RSS (QEMU + touched guest RAM): {:?} MiB, mean {avg:.0} MiB -> about {} idle small VMs in {usable:.0} MiB \
+         (extrapolated from {REAL_GUESTS} guests; grows as guests fill their page cache, bounded by the {} MiB plan + overhead)",
+        real.iter().map(|r| r.round()).collect::<Vec<_>>(),
+        (usable / avg).floor(),
+        small.memory_mib,
+    );
+    for (vm_id, _) in &guests {
+        engine.destroy(vm_id).await.unwrap();
+    }
+}
+
+const REAL_GUESTS: usize = 2;
+
+/// The newest complete image in the cache (`<cache>/<hash>/{vmlinuz,initrd.img,disk.qcow2}`).
+fn find_image() -> Option<std::path::PathBuf> {
+    let cache = std::env::var_os("WEBHOSTER_IMAGE_CACHE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/var/cache/webhoster/images".into());
+    std::fs::read_dir(cache)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|d| {
+            ["vmlinuz", "initrd.img", "disk.qcow2"]
+                .iter()
+                .all(|f| d.join(f).is_file())
+        })
+        .max_by_key(|d| d.join("disk.qcow2").metadata().and_then(|m| m.modified()).ok())
 }

@@ -411,6 +411,32 @@ async fn two_concurrent_starts_give_one_vm() {
     engine.destroy(&spec.vm_id).await.unwrap();
 }
 
+/// Two engines (two processes' views) starting one VM at the same moment:
+/// QEMU's pidfile lock lets one QEMU live; the other start fails cleanly and
+/// does not take the winner's sockets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_engines_starting_at_once_give_one_vm() {
+    let fx = Fixture::new();
+    let (e1, e2) = (fx.engine(fast_restarts(3)), fx.engine(fast_restarts(3)));
+    let spec = fx.spec("race", StubAction::Idle);
+    e1.create_disk(&spec).await.unwrap();
+    let (a, b) = tokio::join!(e1.start(&spec), e2.start(&spec));
+    let pids = QemuReaper::pids_of(&spec.vm_id);
+    assert_eq!(pids.len(), 1, "one QEMU: {a:?} {b:?}");
+    let (winner, loser) = match (&a, &b) {
+        (Ok(_), _) => (&e1, &e2),
+        (_, Ok(_)) => (&e2, &e1),
+        _ => panic!("neither start succeeded: {a:?} {b:?}"),
+    };
+    let _ = loser;
+    let reply = winner
+        .qmp(&spec.vm_id, serde_json::json!({"execute": "query-status"}))
+        .await
+        .unwrap_or_else(|err| panic!("{err:?} after {a:?} / {b:?}"));
+    assert_eq!(reply["return"]["running"], true, "{reply}");
+    assert_eq!(winner.status(&spec.vm_id).unwrap().pid, Some(pids[0]));
+}
+
 #[tokio::test]
 async fn missing_qemu_names_the_package() {
     let fx = Fixture::new();

@@ -278,8 +278,10 @@ impl Switch for Serial<'_> {
     }
 }
 
-/// QEMU writes and locks its pidfile before it creates any socket, so a second
-/// QEMU for the same VM fails there instead of stealing the first's sockets.
+/// QEMU writes and locks its pidfile; the engine reads it to find the VM after
+/// a restart. (QEMU 7.2 creates its sockets before taking the lock, so the
+/// lock alone does not keep a second QEMU off them: the engine's
+/// `start.lock` does.)
 pub struct PidFile<'a>(pub &'a Path);
 impl Switch for PidFile<'_> {
     fn push_args(&self, argv: &mut Vec<String>) {

@@ -9,6 +9,7 @@
 //! qmp.sock           QMP for the supervisor (one client at a time)
 //! qmp-operator.sock  QMP for operators: `webhoster vm qmp`, socat
 //! qemu.pid           written and locked by QEMU
+//! start.lock         flock held while a start checks and spawns
 //! serial.log (+.1)   serial console, rotated at SERIAL_LOG_MAX
 //! qemu.log (+.1)     QEMU's own stdout/stderr, rotated the same way
 //! ```
@@ -55,6 +56,9 @@ impl VmDir {
     }
     pub fn pidfile(&self) -> PathBuf {
         self.root.join("qemu.pid")
+    }
+    pub fn start_lock(&self) -> PathBuf {
+        self.root.join("start.lock")
     }
     pub fn serial_log(&self) -> PathBuf {
         self.root.join("serial.log")

@@ -213,6 +213,10 @@ impl Engine {
                     .set_state(&vm, VmState::Crashed, "QEMU vanished while unsupervised")?;
             }
         }
+        // Across processes (a second service, the CLI): QEMU takes its
+        // pidfile lock only after creating its sockets, so a second QEMU
+        // would steal them; this lock makes check-then-spawn atomic.
+        let _flock = self.inner.lock_dir(&vm).await?;
         if let Some(pid) = vm.dir.live_pid(&vm.vm_id) {
             self.inner
                 .set_state(&vm, VmState::Starting, &format!("found QEMU pid {pid} running"))?;
@@ -477,6 +481,31 @@ impl Inner {
         Ok(())
     }
 
+    /// The per-VM start lock (`<vm_dir>/start.lock`, flock), held from the
+    /// "is it running?" check until QEMU runs.
+    pub async fn lock_dir(&self, vm: &Vm) -> Result<nix::fcntl::Flock<std::fs::File>, VmmError> {
+        let path = vm.dir.start_lock();
+        let io = |source| VmmError::Io {
+            vm_id: vm.vm_id.clone(),
+            what: format!("cannot lock {}", path.display()),
+            source,
+        };
+        std::fs::create_dir_all(vm.dir.root()).map_err(io)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io)?;
+        tokio::task::spawn_blocking(move || {
+            nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+                .map_err(|(_, errno)| std::io::Error::from(errno))
+        })
+        .await
+        .map_err(|err| io(std::io::Error::other(err)))?
+        .map_err(io)
+    }
+
     pub fn stop_supervisor(&self, vm: &Vm) {
         if let Some(sup) = vm.rt.lock().unwrap().supervisor.take() {
             sup.abort();
@@ -540,7 +569,9 @@ impl Inner {
                 path: dir.disk(),
             });
         }
-        dir.clean_runtime_files();
+        // Stale files are not removed here: QEMU replaces a stale pidfile and
+        // stale sockets itself, and the caller holds the start lock, so no
+        // other QEMU of this VM can be starting right now.
         let tap = match &spec.net {
             VmNet::Tap { tap_name, .. } => {
                 let opener = self

@@ -117,7 +117,21 @@ async fn restart_after_crash(inner: &Arc<Inner>, vm: &Arc<Vm>, mut reason: Strin
         {
             return None;
         }
-        match inner.spawn_qemu(vm, &spec).await {
+        let flock = match inner.lock_dir(vm).await {
+            Ok(flock) => flock,
+            Err(err) => {
+                reason = format!("restart failed: {err}");
+                from_state_ok = inner.set_state(vm, VmState::Crashed, &reason).is_ok();
+                continue;
+            }
+        };
+        let attempt = match vm.dir.live_pid(&vm.vm_id) {
+            // Someone else (another service process) started it meanwhile.
+            Some(pid) => inner.attach(vm, pid).await,
+            None => inner.spawn_qemu(vm, &spec).await,
+        };
+        drop(flock);
+        match attempt {
             Ok(attached) => {
                 let pid = attached.pid;
                 {
