@@ -16,6 +16,7 @@ use common::deploy::{Deployment, User, call, sign_up};
 use common::guest::{sftp_put, ssh, ssh_opts, wait_for};
 use common::host::unique_name;
 use serde_json::{Value, json};
+use webhoster::vmm::dir::is_alive;
 
 fn ssh_ok(port: u16, user: &User, cmd: &str) -> String {
     let out = ssh("127.0.0.1", port, "ubuntu", &user.key, cmd);
@@ -232,7 +233,7 @@ async fn whole_hosting_flow() {
             std::fs::read_to_string(dep.vm_dir(&vm_a).join("qemu.pid"))
                 .ok()
                 .and_then(|p| p.trim().parse::<i32>().ok())
-                .is_some_and(|pid| pid != pids.0 && Path::new(&format!("/proc/{pid}")).exists())
+                .is_some_and(|pid| pid != pids.0 && is_alive(pid))
         },
     );
     wait_for("alice's site after the crash", Duration::from_secs(300), || {
@@ -262,10 +263,7 @@ async fn whole_hosting_flow() {
                 .success(),
         "bob's SSH port still answers"
     );
-    assert!(
-        !Path::new(&format!("/proc/{pid_b}")).exists(),
-        "bob's QEMU still runs"
-    );
+    assert!(!is_alive(pid_b), "bob's QEMU still runs");
     assert!(!dep.vm_dir(&vm_b).exists(), "bob's VM directory is left");
     let links = Command::new("ip")
         .args(["netns", "exec", &dep.netns, "ip", "-o", "link"])
