@@ -59,6 +59,23 @@ impl EngineAdapter {
     }
 }
 
+impl EngineAdapter {
+    /// Makes sure the engine manages `vm_id` if its QEMU runs: after a restart
+    /// of the service, an undo may reach a VM that was never reattached (a
+    /// create cut short by a crash), and its QEMU must not be left behind.
+    async fn adopt(&self, vm_id: &str) {
+        if self.engine.status(vm_id).is_some() {
+            return;
+        }
+        let Ok(spec) = self.engine.vm_dir(vm_id).read_spec() else {
+            return;
+        };
+        for (vm_id, outcome) in self.engine.reattach(std::slice::from_ref(&spec)).await {
+            tracing::info!(%vm_id, ?outcome, "adopted a VM this process had not seen");
+        }
+    }
+}
+
 #[async_trait]
 impl VmEngine for EngineAdapter {
     fn vm_dir(&self, vm_id: &str) -> PathBuf {
@@ -83,6 +100,7 @@ impl VmEngine for EngineAdapter {
     }
 
     async fn kill(&self, vm_id: &str) -> Result<(), PortError> {
+        self.adopt(vm_id).await;
         match self.engine.stop(vm_id, Duration::ZERO).await {
             Ok(()) | Err(vmm::VmmError::UnknownVm(_)) => Ok(()),
             Err(err) => Err(err.into()),
@@ -104,6 +122,7 @@ impl VmEngine for EngineAdapter {
     }
 
     async fn destroy(&self, vm_id: &str) -> Result<(), PortError> {
+        self.adopt(vm_id).await;
         self.engine.destroy(vm_id).await?;
         match tokio::fs::remove_dir_all(self.engine.vm_dir(vm_id).root()).await {
             Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(err.into()),

@@ -133,6 +133,11 @@ pub struct ServeArgs {
     #[arg(long, env = "WEBHOSTER_PLAN", default_value = "standard")]
     pub plan: String,
 
+    /// How long a create waits for the guest to answer HTTP and SSH, seconds.
+    /// Guests boot in seconds under KVM and in tens of seconds under TCG.
+    #[arg(long, env = "WEBHOSTER_READY_TIMEOUT", default_value_t = 300)]
+    pub ready_timeout: u64,
+
     /// Redis URL for scale-out; unset on a single machine.
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,

@@ -100,7 +100,7 @@ pub async fn run_with(paths: Paths, args: ServeArgs, backends: Backends) -> anyh
         login_user: "ubuntu".into(),
         ssh_ports: args.net.ssh_ports.clone(),
         ready: Readiness {
-            timeout: Duration::from_secs(300),
+            timeout: Duration::from_secs(args.ready_timeout),
             interval: Duration::from_millis(500),
         },
     };

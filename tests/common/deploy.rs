@@ -107,6 +107,13 @@ impl Deployment {
         }
     }
 
+    /// SIGKILL: what a crash of the service does.
+    pub fn kill(&mut self) {
+        let mut child = self.serve.take().expect("serve is not running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
     /// SIGTERM, then wait for a clean exit.
     pub fn stop(&mut self) {
         let mut child = self.serve.take().expect("serve is not running");
@@ -330,5 +337,39 @@ impl User {
             None,
         )
         .await
+    }
+}
+
+impl Deployment {
+    /// Seconds each create step of `vm_id` took, from the step journal in
+    /// the deployment's SQLite database (steps run one after another, so a
+    /// step lasts from the previous step's end to its own).
+    pub async fn step_timings(&self, vm_id: &str) -> Vec<(String, f64)> {
+        use sqlx::Row;
+        let url = format!("sqlite://{}", self.state_dir().join("webhoster.db").display());
+        let pool = sqlx::SqlitePool::connect(&url)
+            .await
+            .expect("the deployment's database");
+        let rows = sqlx::query(
+            "SELECT s.step, s.updated_at, h.created_at FROM hosting_steps s \
+             JOIN hostings h ON h.id = s.hosting_id WHERE h.vm_id = ? ORDER BY s.seq",
+        )
+        .bind(vm_id)
+        .fetch_all(&pool)
+        .await
+        .expect("the step journal");
+        let parse = |s: &str| {
+            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                .expect("a timestamp")
+        };
+        let mut previous = rows.first().map(|r| parse(r.get::<String, _>(2).as_str()));
+        rows.iter()
+            .map(|row| {
+                let at = parse(row.get::<String, _>(1).as_str());
+                let secs = previous.map_or(0.0, |p| (at - p).as_seconds_f64());
+                previous = Some(at);
+                (row.get::<String, _>(0), secs)
+            })
+            .collect()
     }
 }
