@@ -3,13 +3,15 @@
 //! `/<id>/` on the front proxying to the same backend, alternated over a few
 //! rounds so both see the same machine load.
 //!
-//! Two backends, each on its own: a warp "hello" server on its own tokio
-//! runtime (what a small app looks like) and a second, plain nginx master
-//! answering from memory (the cheapest backend there is, as the guest's
-//! nginx is). Target: proxied >= 80% of direct.
+//! Three backends, each on its own: a warp "hello" server on its own tokio
+//! runtime, a second plain nginx master answering from memory (the cheapest
+//! backend there is), and the warp server taking 1 ms per answer without
+//! using CPU (`warp-io`: an app waiting on I/O, or a guest). The first two
+//! measure the front's own cost on a CPU-bound box; the third how much of a
+//! backend's pace the front keeps. Target: proxied >= 80% of direct.
 //!
 //! Knobs (env): `BENCH_SECS` (per wrk run, default 5), `BENCH_ROUNDS`
-//! (default 3), `BENCH_CONNS` (default 32), `BENCH_BACKENDS` (`warp,nginx`),
+//! (default 3), `BENCH_CONNS` (default 32), `BENCH_BACKENDS` (`warp,nginx,warp-io`),
 //! `BENCH_FRONT_WORKERS` (default: one per core).
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -52,8 +54,10 @@ fn wrk(url: &str, secs: u64, conns: u32) -> f64 {
 }
 
 /// A warp "hello" server on a runtime of its own, so it does not share
-/// threads with anything else in this process.
-fn warp_backend() -> SocketAddrV4 {
+/// threads with anything else in this process. With `work`, each answer
+/// first waits that long (an app doing I/O): the backend, not the CPU, then
+/// sets the pace, as a guest does.
+fn warp_backend(work: Option<Duration>) -> SocketAddrV4 {
     let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
     listener.set_nonblocking(true).unwrap();
     let addr = match listener.local_addr().unwrap() {
@@ -68,7 +72,12 @@ fn warp_backend() -> SocketAddrV4 {
             .unwrap();
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            let hello = warp::any().map(|| "hello from the backend\n");
+            let hello = warp::any().then(move || async move {
+                if let Some(work) = work {
+                    tokio::time::sleep(work).await;
+                }
+                "hello from the backend\n"
+            });
             warp::serve(hello).incoming(listener).run().await;
         });
     });
@@ -167,7 +176,7 @@ fn main() {
     let secs: u64 = env_or("BENCH_SECS", 5);
     let rounds: usize = env_or("BENCH_ROUNDS", 3);
     let conns: u32 = env_or("BENCH_CONNS", 32);
-    let backends: String = env_or("BENCH_BACKENDS", "warp,nginx".to_string());
+    let backends: String = env_or("BENCH_BACKENDS", "warp,nginx,warp-io".to_string());
 
     let tmp = tempfile::Builder::new()
         .prefix("whproxy-bench-")
@@ -206,9 +215,10 @@ fn main() {
     for (user_id, kind) in backends.split(',').map(str::trim).enumerate() {
         let user_id = user_id as i64 + 1;
         let upstream = match kind {
-            "warp" => warp_backend(),
+            "warp" => warp_backend(None),
+            "warp-io" => warp_backend(Some(Duration::from_millis(1))),
             "nginx" => nginx_backend.insert(NginxBackend::start(tmp.path())).addr,
-            other => panic!("unknown backend {other:?} (warp, nginx)"),
+            other => panic!("unknown backend {other:?} (warp, warp-io, nginx)"),
         };
         rt.block_on(proxy.add_site(&Site {
             user_id,
@@ -238,14 +248,14 @@ fn main() {
         }
         if requests > 0 {
             println!(
-                "backend {kind:5}: the front opened {conns_opened} upstream connections for {requests} requests"
+                "backend {kind:7}: the front opened {conns_opened} upstream connections for {requests} requests"
             );
         }
         let (d, p) = (median(direct.clone()), median(proxied.clone()));
-        println!("backend {kind:5}: direct  {d:>9.0} req/s (runs {direct:.0?})");
-        println!("backend {kind:5}: proxied {p:>9.0} req/s (runs {proxied:.0?})");
+        println!("backend {kind:7}: direct  {d:>9.0} req/s (runs {direct:.0?})");
+        println!("backend {kind:7}: proxied {p:>9.0} req/s (runs {proxied:.0?})");
         println!(
-            "backend {kind:5}: proxied/direct = {:.0}% (target >= 80%)",
+            "backend {kind:7}: proxied/direct = {:.0}% (target >= 80%)",
             100.0 * p / d
         );
     }

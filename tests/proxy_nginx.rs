@@ -153,6 +153,12 @@ async fn status(c: &reqwest::Client, url: &str) -> u16 {
     c.get(url).send().await.unwrap().status().as_u16()
 }
 
+async fn status_and_body(c: &reqwest::Client, url: &str) -> (u16, String) {
+    let resp = c.get(url).send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap_or_default())
+}
+
 fn session_of(pid: i32) -> i32 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let rest = &stat[stat.rfind(')').unwrap() + 1..];
@@ -614,11 +620,11 @@ async fn the_next_request_after_a_change_sees_it() {
     let c = client();
     for round in 0..10 {
         proxy.add_site(&site(1, "alice", b1)).await.unwrap();
-        let st = status(&c, &fx.url("/1/")).await;
-        assert_eq!(st, 200, "round {round}: after add");
+        let (st, text) = status_and_body(&c, &fx.url("/1/")).await;
+        assert_eq!(st, 200, "round {round}: after add: {text}");
         proxy.remove_site(1).await.unwrap();
-        let st = status(&c, &fx.url("/1/")).await;
-        assert_eq!(st, 404, "round {round}: after remove");
+        let (st, text) = status_and_body(&c, &fx.url("/1/")).await;
+        assert_eq!(st, 404, "round {round}: after remove: {text}");
     }
 }
 
