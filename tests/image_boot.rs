@@ -140,6 +140,7 @@ fn boots_webhosters_own_seed() {
     let seed2 = seed.clone();
     std::thread::spawn(move || {
         tokio::runtime::Builder::new_current_thread()
+            .enable_all()
             .build()
             .unwrap()
             .block_on(webhoster::seed::write(&spec2, &seed2))
