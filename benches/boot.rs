@@ -62,9 +62,11 @@ fn main() {
         let deadline = Duration::from_secs(300);
         // Each probe on its own thread, so a slow one does not delay the other.
         let h = std::thread::spawn(move || {
-            guest::wait_for("HTTP 200", deadline, || {
-                matches!(guest::http_get(addr, "/"), Ok((200, b)) if b.contains("bench page"))
-            });
+            guest::wait_for(
+                "HTTP 200",
+                deadline,
+                || matches!(guest::http_get(addr, "/"), Ok((200, b)) if b.contains("bench page")),
+            );
             started.elapsed().as_secs_f64()
         });
         let key_path = key.private_path().to_owned();
@@ -83,14 +85,8 @@ fn main() {
         });
         let (th, ts) = (h.join(), s.join());
         vm.assert_alive();
-        let (th, ts) = (
-            th.expect("HTTP never answered"),
-            ts.expect("SSH never answered"),
-        );
-        println!(
-            "boot {}: HTTP 200 at {th:.2} s, SSH login at {ts:.2} s",
-            run + 1
-        );
+        let (th, ts) = (th.expect("HTTP never answered"), ts.expect("SSH never answered"));
+        println!("boot {}: HTTP 200 at {th:.2} s, SSH login at {ts:.2} s", run + 1);
         http.push(th);
         ssh.push(ts);
     }
@@ -103,10 +99,7 @@ fn main() {
         disk as f64 / (1 << 20) as f64,
         image.disk.display()
     );
-    println!(
-        "cold build     {:.1} s (built {})",
-        m.build_seconds, m.built_at
-    );
+    println!("cold build     {:.1} s (built {})", m.build_seconds, m.built_at);
     println!(
         "packages       {} ({:.0} MiB installed)",
         m.packages.len(),
