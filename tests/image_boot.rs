@@ -99,11 +99,13 @@ write_files:
         "root fs {root_bytes} B did not grow to the disk"
     );
 
-    // Host keys were made in this VM (not baked into the image).
-    assert!(
-        !ssh("ls /etc/ssh/").is_empty() && ssh("ls /etc/ssh/ssh_host_ed25519_key.pub") != "",
-        "no host key"
+    // Host keys were made in this VM at first boot (after systemd wrote
+    // its machine-id), never baked into the image; ed25519 only.
+    assert_eq!(
+        ssh("find /etc/ssh -maxdepth 1 -name 'ssh_host_*_key' -newer /etc/machine-id"),
+        "/etc/ssh/ssh_host_ed25519_key"
     );
+    assert_eq!(ssh("cat /etc/machine-id").len(), 32);
 
     // SFTP into /var/www/html, then nginx serves it.
     let local = dir.path().join("upload.html");
@@ -140,6 +142,7 @@ fn boots_webhosters_own_seed() {
     let seed2 = seed.clone();
     std::thread::spawn(move || {
         tokio::runtime::Builder::new_current_thread()
+            .enable_all()
             .build()
             .unwrap()
             .block_on(webhoster::seed::write(&spec2, &seed2))

@@ -126,7 +126,7 @@ pub(crate) fn run(
         let _ = std::fs::copy(&log_path, &kept);
         if text.contains("No space left on device") {
             let free_mib = nix::sys::statvfs::statvfs(cache_dir)
-                .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64 / (1 << 20))
+                .map(|s| s.blocks_available() * s.fragment_size() / (1 << 20))
                 .unwrap_or(0);
             return Err(ImageError::NoSpace {
                 path: cache_dir.to_owned(),

@@ -101,14 +101,15 @@ pub fn parse_packages(tsv: &str) -> (BTreeMap<String, String>, u64) {
     let mut kib = 0;
     for line in tsv.lines() {
         let mut cols = line.split('\t');
-        if let (Some(name), Some(version)) = (cols.next(), cols.next()) {
-            if !name.is_empty() && !version.is_empty() {
-                packages.insert(name.to_owned(), version.to_owned());
-                kib += cols
-                    .next()
-                    .and_then(|s| s.trim().parse::<u64>().ok())
-                    .unwrap_or(0);
-            }
+        if let (Some(name), Some(version)) = (cols.next(), cols.next())
+            && !name.is_empty()
+            && !version.is_empty()
+        {
+            packages.insert(name.to_owned(), version.to_owned());
+            kib += cols
+                .next()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .unwrap_or(0);
         }
     }
     (packages, kib)

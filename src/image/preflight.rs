@@ -86,7 +86,7 @@ pub fn check_space(dir: &Path) -> Result<(), ImageError> {
         path: dir.to_owned(),
         source: e.into(),
     })?;
-    let free_mib = stat.blocks_available() as u64 * stat.fragment_size() as u64 / (1 << 20);
+    let free_mib = stat.blocks_available() * stat.fragment_size() / (1 << 20);
     if free_mib < NEED_MIB {
         return Err(ImageError::NoSpace {
             path: dir.to_owned(),
