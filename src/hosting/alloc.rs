@@ -1,7 +1,8 @@
 //! Candidate allocations: vm_id, MAC, guest IP, SSH port. A candidate is only
 //! a guess; the database's unique constraints decide, and the orchestrator
 //! retries with a new candidate when another create took it first.
-//! (Stand-ins for `net::alloc` until it is merged; same shapes.)
+//! The address rules themselves (which IPs a guest may get, how a MAC is
+//! derived) are `net::alloc`'s; this file only picks among them at random.
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
@@ -9,7 +10,6 @@ use std::ops::RangeInclusive;
 
 use ipnet::Ipv4Net;
 use rand::Rng;
-use sha2::{Digest, Sha256};
 
 /// `vm-` and 10 hex digits: short enough for host interface names.
 pub fn new_vm_id() -> String {
@@ -17,17 +17,12 @@ pub fn new_vm_id() -> String {
     format!("vm-{n:010x}")
 }
 
-/// A locally administered unicast MAC derived from the vm_id (QEMU's 52:54:00 prefix).
-pub fn mac_for(vm_id: &str) -> String {
-    let h = Sha256::digest(vm_id.as_bytes());
-    format!("52:54:00:{:02x}:{:02x}:{:02x}", h[0], h[1], h[2])
-}
+pub use crate::net::alloc::mac_for;
 
 /// A random free guest address: not the network, broadcast or gateway address.
-pub fn pick_ip(subnet: Ipv4Net, gateway: Ipv4Addr, used: &HashSet<String>) -> Option<Ipv4Addr> {
-    let free: Vec<Ipv4Addr> = subnet
-        .hosts()
-        .filter(|ip| *ip != gateway && !used.contains(&ip.to_string()))
+pub fn pick_ip(subnet: Ipv4Net, used: &HashSet<String>) -> Option<Ipv4Addr> {
+    let free: Vec<Ipv4Addr> = crate::net::alloc::guest_ips(subnet)
+        .filter(|ip| !used.contains(&ip.to_string()))
         .collect();
     if free.is_empty() {
         return None;
@@ -68,11 +63,11 @@ mod tests {
         let gw: Ipv4Addr = "10.9.0.1".parse().unwrap();
         let mut used = HashSet::new();
         for _ in 0..5 {
-            let ip = pick_ip(subnet, gw, &used).unwrap();
+            let ip = pick_ip(subnet, &used).unwrap();
             assert_ne!(ip, gw);
             assert!(used.insert(ip.to_string()));
         }
-        assert_eq!(pick_ip(subnet, gw, &used), None, "a /29 holds 5 guests");
+        assert_eq!(pick_ip(subnet, &used), None, "a /29 holds 5 guests");
 
         let mut ports = HashSet::new();
         for _ in 0..3 {
@@ -84,6 +79,6 @@ mod tests {
         let id = new_vm_id();
         assert_eq!(id.len(), 13);
         assert_eq!(mac_for(&id), mac_for(&id));
-        assert!(mac_for(&id).starts_with("52:54:00:"));
+        assert!(mac_for(&id).starts_with("02:"));
     }
 }

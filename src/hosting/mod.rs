@@ -257,8 +257,7 @@ impl HostingService {
         let net = &self.ports.network;
         for _ in 0..ALLOC_ATTEMPTS {
             let used = self.store.used_allocations().await?;
-            let ip =
-                alloc::pick_ip(net.subnet(), net.gateway(), &used.ips).ok_or(HostingError::SubnetFull)?;
+            let ip = alloc::pick_ip(net.subnet(), &used.ips).ok_or(HostingError::SubnetFull)?;
             let port = alloc::pick_port(&self.cfg.ssh_ports, &used.ports, |p| net.port_is_free(p))
                 .ok_or(HostingError::PortsFull)?;
             let vm_id = alloc::new_vm_id();

@@ -128,6 +128,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write_to(dir.path()).unwrap();
         let build = std::fs::read_to_string(dir.path().join("build.sh")).unwrap();
-        assert_eq!(build, FILES[1].1);
+        let embedded = FILES.iter().find(|(path, _, _)| *path == "build.sh").unwrap();
+        assert_eq!(build, embedded.1);
     }
 }
