@@ -45,6 +45,11 @@ pub const FILES: &[(&str, &str, bool)] = &[
         false,
     ),
     (
+        "overlay/etc/systemd/system/ssh-hostkey-fallback.service",
+        include_str!("../../images/overlay/etc/systemd/system/ssh-hostkey-fallback.service"),
+        false,
+    ),
+    (
         "overlay/etc/systemd/system/ssh.service.d/10-webhoster.conf",
         include_str!("../../images/overlay/etc/systemd/system/ssh.service.d/10-webhoster.conf"),
         false,
@@ -128,7 +133,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write_to(dir.path()).unwrap();
         let build = std::fs::read_to_string(dir.path().join("build.sh")).unwrap();
-        let embedded = FILES.iter().find(|(path, _, _)| *path == "build.sh").unwrap();
+        let embedded = FILES.iter().find(|(p, _, _)| *p == "build.sh").unwrap();
         assert_eq!(build, embedded.1);
     }
 }
