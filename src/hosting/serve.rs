@@ -50,6 +50,11 @@ pub async fn build_backends(paths: &Paths, args: &ServeArgs) -> anyhow::Result<B
     })
 }
 
+/// The host part of a URL that reaches a listener on `addr` from this host.
+fn reachable_host(addr: std::net::SocketAddr) -> String {
+    crate::backends::reachable(addr).ip().to_string()
+}
+
 /// How long requests in flight may finish after SIGTERM.
 const GRACE: Duration = Duration::from_secs(30);
 
@@ -139,6 +144,18 @@ pub async fn run_with(paths: Paths, args: ServeArgs, backends: Backends) -> anyh
         .await
         .with_context(|| format!("binding the API to {}", args.api_addr))?;
     tracing::info!(%addr, "API listening");
+    let site_host = args
+        .public_host
+        .clone()
+        .unwrap_or_else(|| reachable_host(args.http_addr));
+    let site_port = if args.http_addr.port() == 80 {
+        String::new()
+    } else {
+        format!(":{}", args.http_addr.port())
+    };
+    println!(
+        "webhoster is up\n  API:   http://{addr}/api/v1\n  docs:  http://{addr}/docs\n  sites: http://{site_host}{site_port}/<user_id>/"
+    );
     let mut deadline_rx = stop_rx;
     tokio::select! {
         () = server => {}
