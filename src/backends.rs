@@ -252,13 +252,6 @@ impl SystemInfo for System {
                 detail: c.detail,
             })
             .collect();
-        let (accel, reason) = self.engine.accel();
-        checks.push(HealthCheck {
-            name: "accel".into(),
-            ok: true,
-            required: false,
-            detail: format!("{accel}: {reason}"),
-        });
         let netns = self.network.options().netns_path();
         checks.push(HealthCheck {
             name: "namespace".into(),

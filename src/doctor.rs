@@ -105,6 +105,26 @@ pub fn checks(paths: &Paths, vmm: &VmmArgs) -> Vec<Check> {
             true,
             tool_version("qemu-img", &["--version"], "qemu-utils"),
         ),
+        {
+            let (accel, reason) = crate::vmm::accel::decide(vmm.accel);
+            check("accel", true, Ok(format!("{accel}: {reason}")))
+        },
+        check(
+            "image",
+            false,
+            match crate::image::cached(&paths.image_cache) {
+                Ok(Some(image)) => Ok(format!(
+                    "{} (built {})",
+                    image.disk.display(),
+                    image.manifest.built_at
+                )),
+                Ok(None) => Err(format!(
+                    "not built for this recipe in {}: run `webhoster image build` (serve builds it too)",
+                    paths.image_cache.display()
+                )),
+                Err(err) => Err(err.to_string()),
+            },
+        ),
         check("nginx", true, tool_version("nginx", &["-v"], "nginx-light")),
         check(
             "genisoimage",
