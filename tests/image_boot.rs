@@ -173,6 +173,59 @@ fn boots_webhosters_own_seed() {
     assert_eq!(&lines[4..], ["active", "active", "active"], "{text}");
 }
 
+/// webhoster's seed with a static address matched by MAC (as on the bridge):
+/// here inside QEMU's user-mode network (10.0.2.0/24, gateway 10.0.2.2,
+/// where hostfwd sends to 10.0.2.15).
+#[test]
+fn boots_a_static_network_matched_by_mac() {
+    let image = guest::test_image();
+    let key = TestKey::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mac = "52:54:00:5e:00:2a";
+    let spec = webhoster::seed::SeedSpec {
+        instance_id: "vm-statictest".into(),
+        hostname: "vm-statictest".into(),
+        user: "ubuntu".into(),
+        ssh_keys: vec![key.public_line().to_owned()],
+        owner: "dave".into(),
+        network: Some(webhoster::seed::StaticNetwork {
+            mac: mac.into(),
+            address: "10.0.2.15/24".parse().unwrap(),
+            gateway: "10.0.2.2".parse().unwrap(),
+        }),
+    };
+    let seed = dir.path().join("seed.iso");
+    let seed2 = seed.clone();
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(webhoster::seed::write(&spec, &seed2))
+    })
+    .join()
+    .unwrap()
+    .unwrap();
+    let opts = GuestOptions {
+        mac: Some(mac.into()),
+        ..GuestOptions::default()
+    };
+    let mut vm = Guest::boot(&image, &seed, &opts);
+    wait_for_page(&mut vm, "Welcome, dave!");
+    wait_for_ssh(&mut vm, "ubuntu", &key);
+    let out = guest::ssh(
+        "127.0.0.1",
+        vm.ssh_port,
+        "ubuntu",
+        &key,
+        "ip -o -4 addr show dev eth0; ip route show default",
+    );
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("10.0.2.15/24"), "{text}");
+    assert!(text.contains("default via 10.0.2.2 dev eth0"), "{text}");
+}
+
 fn qcow2_virtual_size(path: &std::path::Path) -> u64 {
     let out = std::process::Command::new("qemu-img")
         .args(["info", "--output=json"])

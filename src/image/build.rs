@@ -14,12 +14,41 @@ use super::error::ImageError;
 use super::manifest::{self, Manifest};
 use super::{KERNEL_CMDLINE, recipe, sources};
 
-/// Removes the work directory unless disarmed.
+/// Removes the work directory when dropped.
 struct WorkDir(PathBuf);
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        remove_work_dir(&self.0);
+    }
+}
+
+/// Mount points at or below `dir`, deepest first.
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut found: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found
+}
+
+/// Deletes a build's work directory. A killed mmdebstrap can leave the host's
+/// /dev, /proc and /sys mounted inside the rootfs: those are unmounted first,
+/// and nothing is deleted while any mount remains (deleting through a bind
+/// mount of /dev would delete the host's device nodes).
+fn remove_work_dir(dir: &Path) {
+    for mount in mounts_under(dir) {
+        let _ = nix::mount::umount2(&mount, nix::mount::MntFlags::MNT_DETACH);
+    }
+    let left = mounts_under(dir);
+    if left.is_empty() {
+        let _ = std::fs::remove_dir_all(dir);
+    } else {
+        tracing::error!(dir = %dir.display(), mounts = ?left, "not removing a build directory that still has mounts");
     }
 }
 
@@ -193,7 +222,36 @@ pub(crate) fn sweep(cache_dir: &Path) {
     for entry in entries.flatten() {
         if entry.file_name().to_string_lossy().starts_with(".build-") {
             tracing::info!(path = %entry.path().display(), "removing an interrupted image build");
-            let _ = std::fs::remove_dir_all(entry.path());
+            remove_work_dir(&entry.path());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_work_dir_with_a_mount_is_unmounted_then_removed() {
+        if !nix::unistd::geteuid().is_root() {
+            panic!("this test mounts a tmpfs: run it as root (make test does)");
+        }
+        let cache = tempfile::tempdir().unwrap();
+        let work = cache.path().join(".build-test-1");
+        let dev = work.join("out/rootfs/dev");
+        std::fs::create_dir_all(&dev).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            &dev,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        std::fs::write(dev.join("null-stand-in"), "x").unwrap();
+        assert_eq!(mounts_under(&work), vec![dev.clone()]);
+        sweep(cache.path());
+        assert!(mounts_under(&work).is_empty());
+        assert!(!work.exists());
     }
 }

@@ -195,6 +195,8 @@ pub struct GuestOptions {
     pub vcpus: u32,
     /// Size of the qcow2 overlay on the base image.
     pub disk_gib: u32,
+    /// The NIC's MAC address; QEMU's default (52:54:00:12:34:56) when None.
+    pub mac: Option<String>,
     /// Extra QEMU arguments (appended).
     pub extra_args: Vec<String>,
 }
@@ -205,6 +207,7 @@ impl Default for GuestOptions {
             memory_mib: 1024,
             vcpus: 1,
             disk_gib: 4,
+            mac: None,
             extra_args: Vec::new(),
         }
     }
@@ -248,6 +251,7 @@ impl Guest {
             memory_mib: opts.memory_mib,
             vcpus: opts.vcpus,
             hostfwd: &[(http_port, 80), (ssh_port, 22)],
+            mac: opts.mac.as_deref(),
         });
         let started = Instant::now();
         let child = Command::new("qemu-system-x86_64")
@@ -306,6 +310,7 @@ pub struct QemuArgs<'a> {
     pub vcpus: u32,
     /// (host port on 127.0.0.1, guest port)
     pub hostfwd: &'a [(u16, u16)],
+    pub mac: Option<&'a str>,
 }
 
 /// The guest hardware the image is made for (see the image contract): root
@@ -345,7 +350,10 @@ pub fn qemu_args(a: &QemuArgs) -> Vec<String> {
         "-netdev".into(),
         format!("user,id=net0,restrict=on{hostfwd}"),
         "-device".into(),
-        "virtio-net-pci,netdev=net0".into(),
+        match a.mac {
+            Some(mac) => format!("virtio-net-pci,netdev=net0,mac={mac}"),
+            None => "virtio-net-pci,netdev=net0".into(),
+        },
         "-device".into(),
         "virtio-rng-pci".into(),
         "-serial".into(),
