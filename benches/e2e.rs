@@ -91,7 +91,7 @@ async fn main() {
             memory_mib: plan.memory_mib,
             vcpus: plan.vcpus,
             disk_gib: plan.disk_gib,
-            extra_args: Vec::new(),
+            ..GuestOptions::default()
         };
         let guest = Guest::boot(&image, &seed, &opts);
         wait_for("bare site", Duration::from_secs(600), || {

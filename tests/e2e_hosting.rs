@@ -108,36 +108,15 @@ async fn whole_hosting_flow() {
 
     // 6. Bob cannot see, stop or delete Alice's hosting: everything he does
     //    lands on his own, and a token he forges for Alice is refused.
-    let (status, mine) = call(
-        &client,
-        reqwest::Method::GET,
-        &format!("{api}/host/my"),
-        Some(&bob.token),
-        None,
-    )
-    .await;
+    let (status, mine) = bob.host(&client, &api).await;
     assert_eq!(status, 200);
     assert_eq!(mine["data"]["hosting"]["vm_id"], vm_b.as_str());
     let pid_a = dep.qemu_pid(&vm_a);
-    let (status, body) = call(
-        &client,
-        reqwest::Method::POST,
-        &format!("{api}/host/my/stop"),
-        Some(&bob.token),
-        None,
-    )
-    .await;
+    let (status, body) = bob.power(&client, &api, "stop").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(dep.qemu_pid(&vm_a), pid_a);
     assert_eq!(dep.get_site(alice.id).0, 200);
-    let (status, body) = call(
-        &client,
-        reqwest::Method::POST,
-        &format!("{api}/host/my/start"),
-        Some(&bob.token),
-        None,
-    )
-    .await;
+    let (status, body) = bob.power(&client, &api, "start").await;
     assert_eq!(status, 200, "{body}");
     let forged = forge_token(&bob.token, alice.id);
     let (status, _) = call(
@@ -212,14 +191,7 @@ async fn whole_hosting_flow() {
         pids,
         "QEMU was restarted instead of reattached"
     );
-    let (status, mine) = call(
-        &client,
-        reqwest::Method::GET,
-        &format!("{api}/host/my"),
-        Some(&alice.token),
-        None,
-    )
-    .await;
+    let (status, mine) = alice.host(&client, &api).await;
     assert_eq!(status, 200);
     assert_eq!(mine["data"]["hosting"]["status"], "running", "{mine}");
 
@@ -244,14 +216,7 @@ async fn whole_hosting_flow() {
     // 11. Delete Bob's hosting: everything it held is gone, Alice still serves.
     let tap_b = webhoster::net::tap_name(&vm_b);
     let pid_b = dep.qemu_pid(&vm_b);
-    let (status, body) = call(
-        &client,
-        reqwest::Method::DELETE,
-        &format!("{api}/host/my"),
-        Some(&bob.token),
-        None,
-    )
-    .await;
+    let (status, body) = bob.delete_host(&client, &api).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(dep.get_site(bob.id).0, 404);
     assert!(
@@ -278,14 +243,7 @@ async fn whole_hosting_flow() {
         !rules.contains(&vm_b) && !rules.contains(&format!("dport {port_b} ")),
         "bob's forward is left"
     );
-    let (status, _) = call(
-        &client,
-        reqwest::Method::GET,
-        &format!("{api}/host/my"),
-        Some(&bob.token),
-        None,
-    )
-    .await;
+    let (status, _) = bob.host(&client, &api).await;
     assert_eq!(status, 404, "bob's row is left");
     assert!(
         dep.get_site(alice.id)

@@ -328,6 +328,18 @@ impl User {
         .await
     }
 
+    /// `POST /host/my/<action>`: start, stop or restart.
+    pub async fn power(&self, client: &reqwest::Client, api: &str, action: &str) -> (u16, Value) {
+        call(
+            client,
+            reqwest::Method::POST,
+            &format!("{api}/host/my/{action}"),
+            Some(&self.token),
+            None,
+        )
+        .await
+    }
+
     pub async fn delete_host(&self, client: &reqwest::Client, api: &str) -> (u16, Value) {
         call(
             client,
