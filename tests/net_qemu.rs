@@ -20,51 +20,20 @@ use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 use webhoster::net::{Network, alloc};
 use webhoster::seed::{SeedSpec, StaticNetwork};
 
-const CMDLINE: &str = "console=ttyS0 root=/dev/vda rw";
-
-struct Image {
-    kernel: PathBuf,
-    initrd: PathBuf,
-    disk: PathBuf,
-}
-
-/// The newest complete image in the cache (the image module's layout:
-/// `<cache>/<recipe hash>/{vmlinuz,initrd.img,disk.qcow2}`).
-fn cached_image() -> Image {
-    let cache =
-        std::env::var("WEBHOSTER_IMAGE_CACHE").unwrap_or_else(|_| "/var/cache/webhoster/images".into());
-    let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
-    for e in std::fs::read_dir(&cache).into_iter().flatten().flatten() {
-        let d = e.path();
-        if ["vmlinuz", "initrd.img", "disk.qcow2"]
-            .iter()
-            .all(|f| d.join(f).is_file())
-        {
-            let t = d.join("disk.qcow2").metadata().and_then(|m| m.modified()).ok();
-            if let Some(t) = t
-                && best.as_ref().is_none_or(|(bt, _)| t > *bt)
-            {
-                best = Some((t, d));
-            }
-        }
-    }
-    let (_, d) = best.unwrap_or_else(|| {
-        panic!("no guest image in {cache}: build it first (`webhoster image build`, done by `make test`)")
-    });
-    Image {
-        kernel: d.join("vmlinuz"),
-        initrd: d.join("initrd.img"),
-        disk: d.join("disk.qcow2"),
-    }
-}
-
 struct Vm {
     _qemu: ChildGuard,
     ip: Ipv4Addr,
     serial: PathBuf,
 }
 
-async fn boot(net: &Network, img: &Image, dir: &Path, vm_id: &str, ip: Ipv4Addr, pubkey: &str) -> Vm {
+async fn boot(
+    net: &Network,
+    img: &webhoster::image::Image,
+    dir: &Path,
+    vm_id: &str,
+    ip: Ipv4Addr,
+    pubkey: &str,
+) -> Vm {
     let mac = alloc::mac_for(vm_id);
     let tap = net.create_tap(vm_id).await.expect("create tap");
     let fd = net.open_tap(&tap).expect("open tap");
@@ -128,7 +97,7 @@ async fn boot(net: &Network, img: &Image, dir: &Path, vm_id: &str, ip: Ipv4Addr,
         .arg(&img.kernel)
         .arg("-initrd")
         .arg(&img.initrd)
-        .args(["-append", CMDLINE])
+        .args(["-append", webhoster::image::KERNEL_CMDLINE])
         .arg("-drive")
         .arg(format!("file={},if=virtio,format=qcow2", disk.display()))
         .arg("-drive")
@@ -203,7 +172,7 @@ fn ssh(key: &Path, port: u16, cmd: &str) -> std::process::Output {
 
 #[tokio::test]
 async fn qemu_guests_on_taps_are_reachable_and_isolated() {
-    let img = cached_image();
+    let img = common::guest::test_image();
     let t = TestNet::new();
     let net = Network::up(t.opts.clone()).await.expect("up");
     let dir = temp_dir("wh-net-qemu-");

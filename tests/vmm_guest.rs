@@ -9,7 +9,7 @@
 mod common;
 
 use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::vmm_stub::{QemuReaper, unique_vm_id};
@@ -26,65 +26,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// The image module's kernel command line (`image::KERNEL_CMDLINE`).
-const CMDLINE: &str = "console=ttyS0 root=/dev/vda rw";
-
-struct Image {
-    kernel: PathBuf,
-    initrd: PathBuf,
-    disk: PathBuf,
-}
-
-fn complete(dir: &Path) -> bool {
-    ["vmlinuz", "initrd.img", "disk.qcow2"]
-        .iter()
-        .all(|f| dir.join(f).is_file())
-}
-
-/// `WEBHOSTER_TEST_IMAGE_DIR` (a directory with vmlinuz, initrd.img,
-/// disk.qcow2), else the newest complete image in the cache (the image
-/// module's layout: `<cache>/<recipe hash>/...`).
-fn guest_image() -> Image {
-    let dir = match std::env::var_os("WEBHOSTER_TEST_IMAGE_DIR") {
-        Some(dir) => PathBuf::from(dir),
-        None => {
-            let cache = std::env::var_os("WEBHOSTER_IMAGE_CACHE")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| "/var/cache/webhoster/images".into());
-            let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
-            for entry in std::fs::read_dir(&cache).into_iter().flatten().flatten() {
-                let dir = entry.path();
-                if !complete(&dir) {
-                    continue;
-                }
-                let Ok(modified) = dir.join("disk.qcow2").metadata().and_then(|m| m.modified()) else {
-                    continue;
-                };
-                if best.as_ref().is_none_or(|(t, _)| modified > *t) {
-                    best = Some((modified, dir));
-                }
-            }
-            best.unwrap_or_else(|| {
-                panic!(
-                    "no guest image in {}: build it first (`webhoster image build`, done by `make test`)",
-                    cache.display()
-                )
-            })
-            .1
-        }
-    };
-    assert!(
-        complete(&dir),
-        "{} lacks vmlinuz, initrd.img or disk.qcow2",
-        dir.display()
-    );
-    Image {
-        kernel: dir.join("vmlinuz"),
-        initrd: dir.join("initrd.img"),
-        disk: dir.join("disk.qcow2"),
-    }
 }
 
 async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
@@ -158,7 +99,7 @@ fn kernel_boots(serial_log: &Path) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn debian_guest_serves_survives_kill_9_and_reattach() {
-    let image = guest_image();
+    let image = common::guest::test_image();
     let tmp = tempfile::Builder::new().prefix("vmm-guest").tempdir().unwrap();
     let reaper = QemuReaper::default();
     let vm_id = unique_vm_id("guest");
@@ -209,7 +150,7 @@ async fn debian_guest_serves_survives_kill_9_and_reattach() {
         kernel: image.kernel.clone(),
         initrd: image.initrd.clone(),
         base_disk: image.disk.clone(),
-        append: CMDLINE.into(),
+        append: webhoster::image::KERNEL_CMDLINE.into(),
         seed_iso: dir.seed_iso(),
         net: VmNet::User {
             hostfwd: vec![
