@@ -6,6 +6,8 @@ SHELL := /bin/bash
 
 export WEBHOSTER_STATE_DIR ?= /var/lib/webhoster
 export WEBHOSTER_IMAGE_CACHE ?= /var/cache/webhoster/images
+# /api/v1/version reports the commit the binary was built from.
+export WEBHOSTER_GIT_COMMIT ?= $(shell git rev-parse --short=12 HEAD 2>/dev/null)
 export WEBHOSTER_TEST_DATABASE_URL ?= postgres://webhoster:webhoster@127.0.0.1:5432/webhoster_test
 
 # Debian packages, by what needs them.
