@@ -24,8 +24,7 @@ run: deps
 
 test: deps test-deps
 	cargo fmt --check
-	cargo build --all-targets
-	target/debug/webhoster image build > /dev/null
+	cargo run --quiet -- image build > /dev/null
 	cargo clippy --all-targets -- -D warnings
 	.ci/postgres-up
 	cargo test --no-fail-fast
