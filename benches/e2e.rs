@@ -37,6 +37,8 @@ fn summary(xs: &[f64]) -> String {
 async fn main() {
     let mut dep = Deployment::new();
     dep.env.insert("WEBHOSTER_PLAN", PLAN.into());
+    // Ten TCG guests booting at once on two cores take minutes, not seconds.
+    dep.env.insert("WEBHOSTER_READY_TIMEOUT", "1200".into());
     dep.start().await;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(1800))
