@@ -4,7 +4,7 @@
 //! modules own; it only translates.
 
 use std::collections::HashSet;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -297,15 +297,6 @@ pub struct Live {
     pub engine_adapter: Arc<EngineAdapter>,
 }
 
-/// Where a listener on `addr` is reached from this host.
-pub fn reachable(addr: SocketAddr) -> SocketAddr {
-    if addr.ip().is_unspecified() {
-        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
-    } else {
-        addr
-    }
-}
-
 /// Brings up image, network, engine and nginx, in that order: each later part
 /// needs the earlier ones (the engine opens taps in the namespace).
 pub async fn start(paths: &Paths, args: &ServeArgs) -> anyhow::Result<Live> {
@@ -327,7 +318,7 @@ pub async fn start(paths: &Paths, args: &ServeArgs) -> anyhow::Result<Live> {
     let engine = Arc::new(Engine::new(opts).context("starting the VM engine")?);
     let mut proxy_opts = ProxyOptions::new(paths.nginx_dir(), args.http_addr);
     proxy_opts.site_domain = args.site_domain.clone();
-    proxy_opts.docs_url = format!("http://{}/docs", reachable(args.api_addr));
+    proxy_opts.docs_url = format!("http://{}/docs", crate::hosting::probe::reachable(args.api_addr));
     let proxy = Arc::new(
         Proxy::start(proxy_opts)
             .await

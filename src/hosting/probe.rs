@@ -21,7 +21,9 @@ pub struct TcpProbe {
     pub ssh_bind: Ipv4Addr,
 }
 
-fn reachable(addr: SocketAddr) -> SocketAddr {
+/// Where a listener on `addr` is reached from this host (an unspecified
+/// address means loopback).
+pub fn reachable(addr: SocketAddr) -> SocketAddr {
     if addr.ip().is_unspecified() {
         SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
     } else {

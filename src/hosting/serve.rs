@@ -52,7 +52,7 @@ pub async fn build_backends(paths: &Paths, args: &ServeArgs) -> anyhow::Result<B
 
 /// The host part of a URL that reaches a listener on `addr` from this host.
 fn reachable_host(addr: std::net::SocketAddr) -> String {
-    crate::backends::reachable(addr).ip().to_string()
+    super::probe::reachable(addr).ip().to_string()
 }
 
 /// How long requests in flight may finish after SIGTERM.
