@@ -35,6 +35,13 @@ pub const FILES: &[(&str, &str, bool)] = &[
         false,
     ),
     (
+        "overlay/etc/systemd/network/10-cloud-init-eth0.network.d/10-webhoster.conf",
+        include_str!(
+            "../../images/overlay/etc/systemd/network/10-cloud-init-eth0.network.d/10-webhoster.conf"
+        ),
+        false,
+    ),
+    (
         "overlay/etc/systemd/system/cloud-config.service.d/10-webhoster.conf",
         include_str!("../../images/overlay/etc/systemd/system/cloud-config.service.d/10-webhoster.conf"),
         false,
