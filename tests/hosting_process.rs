@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::host::free_port;
+
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -71,14 +73,6 @@ impl Drop for ChildGuard {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn spawn_child(state: &std::path::Path, api: &str, db: &str, hang: Option<&str>) -> ChildGuard {

@@ -202,23 +202,8 @@ fn start_sshd(guest: &TestGuest) -> Sshd {
 
 fn ssh_cmd(key: &std::path::Path, port: u16) -> Command {
     let mut c = Command::new("ssh");
-    c.args([
-        "-i",
-        key.to_str().unwrap(),
-        "-p",
-        &port.to_string(),
-        "-o",
-        "StrictHostKeyChecking=no",
-        "-o",
-        "UserKnownHostsFile=/dev/null",
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "ConnectTimeout=10",
-        "-o",
-        "LogLevel=ERROR",
-        "root@127.0.0.1",
-    ]);
+    c.args(common::guest::ssh_key_opts(key))
+        .args(["-p", &port.to_string(), "root@127.0.0.1"]);
     c
 }
 

@@ -8,7 +8,11 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener};
+use common::host::free_port;
+
+use common::guest::{TestKey, ssh};
+
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -19,14 +23,6 @@ use webhoster::vmm::{Engine, EngineOptions, Plan, ReattachOutcome, RestartPolicy
 
 /// Under TCG on a loaded 2-core host a Debian boot takes 20-90 s.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let resp = reqwest::Client::new()
@@ -53,31 +49,10 @@ async fn wait_http(port: u16, path: &str) -> String {
     }
 }
 
-fn ssh(key: &Path, port: u16, command: &str) -> std::process::Output {
-    std::process::Command::new("ssh")
-        .args([
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "ConnectTimeout=5",
-            "-o",
-            "LogLevel=ERROR",
-            "-i",
-        ])
-        .arg(key)
-        .args(["-p", &port.to_string(), "ubuntu@127.0.0.1", command])
-        .output()
-        .unwrap()
-}
-
-async fn wait_ssh(key: &Path, port: u16, command: &str) -> String {
+async fn wait_ssh(key: &TestKey, port: u16, command: &str) -> String {
     let deadline = Instant::now() + BOOT_TIMEOUT;
     loop {
-        let out = ssh(key, port, command);
+        let out = ssh("127.0.0.1", port, "ubuntu", key, command);
         if out.status.success() {
             return String::from_utf8_lossy(&out.stdout).trim().to_owned();
         }
@@ -114,16 +89,8 @@ async fn debian_guest_serves_survives_kill_9_and_reattach() {
     };
     let engine = Engine::new(engine_opts()).unwrap();
 
-    let key = tmp.path().join("id_ed25519");
-    assert!(
-        std::process::Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-C", "vmm-test", "-f"])
-            .arg(&key)
-            .status()
-            .unwrap()
-            .success()
-    );
-    let pubkey = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let key = TestKey::new();
+    let pubkey = key.public_line().to_owned();
     let (http_port, ssh_port) = (free_port(), free_port());
     let dir = engine.vm_dir(&vm_id);
     std::fs::create_dir_all(dir.root()).unwrap();

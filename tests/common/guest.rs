@@ -72,7 +72,14 @@ impl Default for TestKey {
     }
 }
 
+/// ssh/sftp/scp options for tests: never prompt, never trust or record a
+/// host key, log in with `key` only.
 pub fn ssh_opts(key: &TestKey) -> Vec<String> {
+    ssh_key_opts(key.private_path())
+}
+
+/// [`ssh_opts`] for a private key file made elsewhere.
+pub fn ssh_key_opts(key: &Path) -> Vec<String> {
     [
         "-o",
         "BatchMode=yes",
@@ -90,7 +97,7 @@ pub fn ssh_opts(key: &TestKey) -> Vec<String> {
     ]
     .iter()
     .map(|s| s.to_string())
-    .chain([key.private_path().display().to_string()])
+    .chain([key.display().to_string()])
     .collect()
 }
 
