@@ -11,9 +11,13 @@ use std::time::Duration;
 
 use webhoster::api::{self, ApiConfig, ApiState};
 use webhoster::auth::Auth;
-use webhoster::hosting::fakes::FakeWorld;
 use webhoster::hosting::{HostingConfig, HostingService};
 use webhoster::store::{self, Store};
+
+#[allow(dead_code)]
+#[path = "../tests/common/fakes.rs"]
+mod fakes;
+use fakes::FakeWorld;
 
 struct Run {
     rps: f64,

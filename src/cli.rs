@@ -65,13 +65,25 @@ pub fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Serve(args) => crate::hosting::serve::run(cli.paths, *args).await,
+            Command::Serve(args) => crate::app::run(cli.paths, *args).await,
             Command::Image(cmd) => crate::image::cli::run(cli.paths, cmd).await,
-            Command::Vm(cmd) => crate::vmm::cli::run(cli.paths, cmd).await,
+            Command::Vm(cmd) => {
+                let hosting = match &cmd {
+                    crate::vmm::cli::VmCmd::Info { vm_id } => {
+                        crate::app::hosting_summary(&cli.paths, vm_id).await
+                    }
+                    _ => None,
+                };
+                let code = crate::vmm::cli::run(cli.paths, cmd).await?;
+                if let Some(text) = hosting {
+                    print!("{text}");
+                }
+                Ok(code)
+            }
             Command::Net(cmd) => crate::net::cli::run(cli.paths, cmd).await,
             Command::Doctor(args) => crate::doctor::run(cli.paths, args).await,
             Command::Teardown(args) => {
-                crate::backends::teardown(&cli.paths, &args).await?;
+                crate::app::teardown(&cli.paths, &args).await?;
                 Ok(ExitCode::SUCCESS)
             }
         }

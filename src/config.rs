@@ -138,6 +138,12 @@ pub struct ServeArgs {
     #[arg(long, env = "WEBHOSTER_READY_TIMEOUT", default_value_t = 300)]
     pub ready_timeout: u64,
 
+    /// On SIGTERM/SIGINT, also stop every guest cleanly (ACPI power-down, a
+    /// bounded wait, then quit), as a host shutdown wants. Without it guests
+    /// keep running and the next `serve` reattaches to them.
+    #[arg(long, env = "WEBHOSTER_STOP_GUESTS")]
+    pub stop_guests: bool,
+
     /// Redis URL for scale-out; unset on a single machine.
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,

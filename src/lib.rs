@@ -1,13 +1,15 @@
 //! webhoster: one API call turns into a running, isolated, web-serving VM.
 //!
-//! One module per external system (see `ARCHITECTURE.md` in the shared docs):
-//! `vmm` owns qemu-system, `net` the kernel network, `proxy` nginx, `store`
-//! the database, `seed` cloud-init documents, `image` the guest image.
-//! `hosting` orchestrates them; `api` is the only module that knows HTTP.
+//! One module per external system (see `ARCHITECTURE.md`): `vmm` owns
+//! qemu-system, `net` the kernel network, `proxy` nginx, `store` the
+//! database, `seed` cloud-init documents, `image` the guest image. `hosting`
+//! is the policy that drives them through ports; `app` is the one place that
+//! wires the real parts behind those ports; `api` is the only module that
+//! knows HTTP.
 
 pub mod api;
+pub mod app;
 pub mod auth;
-pub mod backends;
 pub mod cli;
 pub mod config;
 pub mod doctor;

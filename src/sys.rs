@@ -6,6 +6,12 @@
 // (Owned by the vmm engineer; keep other sections separate.)
 // ===================================================================
 
+/// Sends `signal` to `pid`. A pid below 1 is refused, never sent: `kill(0)`
+/// signals our own process group and `kill(-1)` every process.
+pub fn kill_process(pid: i32, signal: nix::sys::signal::Signal) -> bool {
+    pid > 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).is_ok()
+}
+
 /// The most descriptors [`spawn_detached`] can place (a tap per NIC).
 pub const MAX_PASSED_FDS: usize = 8;
 

@@ -1,7 +1,10 @@
 //! The orchestrator on fakes over a real store (SQLite and PostgreSQL):
 //! a failure injected at every step rolls everything back in reverse; a
 //! crash at every step is undone by recovery from the journal alone; a delete
-//! cut short is finished; concurrent creates never share an allocation.
+//! cut short is finished; concurrent creates never share an allocation;
+//! convergence puts back what a reboot or an operator removed; a DELETE
+//! cancels a create in flight; a panicking create is rolled back; the reaper
+//! removes what belongs to no hosting.
 
 mod common;
 
@@ -12,9 +15,9 @@ use std::time::Duration;
 use reqwest::Method;
 
 use common::control::{Db, TestApi, TestDb, fast_hosting_config};
-use webhoster::hosting::fakes::{FakeWorld, step_method};
-use webhoster::hosting::ports::VmRunState;
-use webhoster::hosting::{HostingError, HostingService, Step};
+use common::fakes::{FakeWorld, step_method};
+use webhoster::hosting::ports::{GuestBoot, VmRunState};
+use webhoster::hosting::{Desired, HostingError, HostingService, HostingState, Step};
 use webhoster::store::{StepState, Store, User};
 
 const KEY: &str =
@@ -125,7 +128,7 @@ async fn rollback_at_every_step(db: Db) {
     rig.world.clear_faults();
     let user = rig.store.user_by_login("user0").await.unwrap().unwrap().user;
     let created = rig.svc.create(&user, Some(KEY.into()), true).await.unwrap();
-    assert_eq!(created.hosting.status, "running");
+    assert_eq!(created.hosting.state, HostingState::Running);
     let journal = rig.store.steps(created.hosting.id).await.unwrap();
     assert_eq!(journal.len(), Step::ALL.len());
     assert!(journal.iter().all(|r| r.state == StepState::Done), "{journal:?}");
@@ -140,8 +143,16 @@ async fn failed_undo_keeps_the_row_until_delete(db: Db) {
     let err = rig.svc.create(&user, Some(KEY.into()), true).await.unwrap_err();
     assert!(matches!(err, HostingError::RollbackFailed { .. }), "{err:?}");
     let h = rig.store.hosting_by_user(user.id).await.unwrap().unwrap();
-    assert_eq!(h.status, "failed");
-    assert!(!rig.world.held().is_empty(), "the disk is still there");
+    assert_eq!(h.state, HostingState::Deleting);
+    let why = h.last_error.unwrap_or_default();
+    assert!(why.contains("disk"), "the error names what is left: {why}");
+    // The other undos went on past the one that failed.
+    let held = rig.world.held();
+    assert!(
+        held.taps.is_empty() && held.vms.is_empty() && held.seeds.is_empty(),
+        "{held:?}"
+    );
+    assert!(held.forwards.is_empty() && held.sites.is_empty(), "{held:?}");
     // A second create is refused while the failed one holds the slot.
     assert!(matches!(
         rig.svc.create(&user, None, true).await.unwrap_err(),
@@ -212,7 +223,7 @@ async fn crash_during_delete_is_finished_on_restart(db: Db) {
     }
     delete.abort();
     let h = rig.store.hosting_by_user(user.id).await.unwrap().unwrap();
-    assert_eq!(h.status, "deleting");
+    assert_eq!(h.state, HostingState::Deleting);
     rig.restart();
     rig.world.clear_faults();
     let report = rig.svc.recover().await.unwrap();
@@ -329,26 +340,183 @@ async fn status_follows_engine_events(db: Db) {
         .unwrap()
         .hosting
         .vm_id;
-    let status = || async { rig.store.hosting_by_user(user.id).await.unwrap().unwrap().status };
-    async fn until(f: impl AsyncFn() -> String, want: &str) {
+    let row = || async { rig.store.hosting_by_user(user.id).await.unwrap().unwrap() };
+    async fn until(f: impl AsyncFn() -> webhoster::store::Hosting, want: HostingState) {
         for _ in 0..200 {
-            if f().await == want {
+            if f().await.state == want {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        panic!("status never became {want}");
+        panic!("state never became {want}");
     }
-    rig.world.emit(&vm_id, VmRunState::Stopped);
-    until(status, "stopped").await;
+    // A crash shows at once; the restarted QEMU is "starting" until a
+    // convergence pass sees the site and SSH answer.
+    rig.world.emit(&vm_id, VmRunState::Crashed);
+    until(row, HostingState::Restarting).await;
     rig.world.emit(&vm_id, VmRunState::Running);
-    until(status, "running").await;
-    // Other VMs' events and non-state events change nothing.
-    rig.world.emit("vm-unknown", VmRunState::Stopped);
-    rig.world.emit(&vm_id, VmRunState::Other);
+    until(row, HostingState::Starting).await;
+    rig.svc.converge_all().await.unwrap();
+    assert_eq!(row().await.state, HostingState::Running);
+    // A guest that powered itself off stays off: its user turned it off.
+    rig.world.emit(&vm_id, VmRunState::Stopped);
+    until(row, HostingState::Stopped).await;
+    assert_eq!(row().await.desired, Desired::Stopped);
+    rig.svc.converge_all().await.unwrap();
+    assert_eq!(row().await.state, HostingState::Stopped);
+    // Other VMs' events change nothing.
+    rig.world.emit("vm-unknown", VmRunState::Crashed);
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(status().await, "running");
+    assert_eq!(row().await.state, HostingState::Stopped);
+    // Start brings it back.
+    let h = rig.svc.start(user.id).await.unwrap();
+    assert_eq!((h.state, h.desired), (HostingState::Running, Desired::Running));
     follower.abort();
+    drop(rig.db);
+}
+
+/// What a host reboot (or `teardown`) leaves: rows that say running, and
+/// no QEMU, tap, forward or nginx. One pass puts everything back.
+async fn convergence_brings_back_a_rebooted_host(db: Db) {
+    let rig = Rig::new(db).await;
+    let (a, b) = (rig.user("nina").await, rig.user("oscar").await);
+    let ha = rig.svc.create(&a, Some(KEY.into()), true).await.unwrap().hosting;
+    let hb = rig.svc.create(&b, Some(KEY.into()), true).await.unwrap().hosting;
+    rig.svc.stop(b.id).await.unwrap();
+    let before = rig.world.held();
+    rig.world.reboot();
+    rig.world.set_guest_boot(GuestBoot::InProgress);
+    let report = rig.svc.converge_all().await.unwrap();
+    assert!(report.proxy_restarted, "{report:?}");
+    let repaired = &report.repaired[&ha.vm_id];
+    for part in ["tap", "ssh forward", "qemu"] {
+        assert!(repaired.contains(&part), "{part} in {repaired:?}");
+    }
+    // The site answers but the guest is still booting: not running yet.
+    let row = rig.store.hosting_by_user(a.id).await.unwrap().unwrap();
+    assert_eq!(row.state, HostingState::Starting, "{row:?}");
+    rig.world.set_guest_boot(GuestBoot::Done);
+    rig.svc.converge_all().await.unwrap();
+    let row = rig.store.hosting_by_user(a.id).await.unwrap().unwrap();
+    assert_eq!(row.state, HostingState::Running, "{row:?}");
+    // The stopped one stays stopped (its tap and forward come back with
+    // its next start).
+    let row = rig.store.hosting_by_user(b.id).await.unwrap().unwrap();
+    assert_eq!(row.state, HostingState::Stopped);
+    let after = rig.world.held();
+    assert_eq!(after.vms.get(&ha.vm_id), Some(&true));
+    assert_ne!(after.vms.get(&hb.vm_id), Some(&true));
+    rig.svc.start(b.id).await.unwrap();
+    let after = rig.world.held();
+    assert_eq!(after.taps, before.taps);
+    assert_eq!(after.forwards, before.forwards);
+    // A second pass changes nothing.
+    let again = rig.svc.converge_all().await.unwrap();
+    assert!(again.repaired.is_empty(), "{again:?}");
+    drop(rig.db);
+}
+
+/// A tap deleted under a running VM: the tap comes back and QEMU restarts
+/// (its fd pointed at the old device).
+async fn a_vanished_tap_is_repaired(db: Db) {
+    let rig = Rig::new(db).await;
+    let user = rig.user("pia").await;
+    let h = rig
+        .svc
+        .create(&user, Some(KEY.into()), true)
+        .await
+        .unwrap()
+        .hosting;
+    rig.world.remove_tap(&h.vm_id);
+    let report = rig.svc.converge_all().await.unwrap();
+    assert_eq!(report.repaired[&h.vm_id], vec!["tap", "qemu"], "{report:?}");
+    assert!(
+        rig.world
+            .calls()
+            .iter()
+            .any(|c| c == &format!("engine.restart {}", h.vm_id))
+    );
+    let row = rig.store.hosting_by_user(user.id).await.unwrap().unwrap();
+    assert_eq!(row.state, HostingState::Running);
+    drop(rig.db);
+}
+
+/// Start, stop and restart repair instead of refusing.
+async fn power_calls_are_idempotent_and_repair(db: Db) {
+    let rig = Rig::new(db).await;
+    let user = rig.user("quinn").await;
+    rig.svc.create(&user, Some(KEY.into()), true).await.unwrap();
+    assert_eq!(rig.svc.start(user.id).await.unwrap().state, HostingState::Running);
+    rig.world.reboot();
+    assert_eq!(rig.svc.start(user.id).await.unwrap().state, HostingState::Running);
+    assert_eq!(rig.world.held().vms.values().filter(|r| **r).count(), 1);
+    assert_eq!(rig.svc.stop(user.id).await.unwrap().state, HostingState::Stopped);
+    assert_eq!(rig.svc.stop(user.id).await.unwrap().state, HostingState::Stopped);
+    assert_eq!(
+        rig.svc.restart(user.id).await.unwrap().state,
+        HostingState::Running
+    );
+    drop(rig.db);
+}
+
+/// DELETE of a hosting whose create hangs: the create is cancelled and
+/// everything it made is removed.
+async fn delete_cancels_a_create_in_flight(db: Db) {
+    let rig = Rig::new(db).await;
+    let user = rig.user("rita").await;
+    rig.world.hang_on(step_method(Step::Ready));
+    let svc = rig.svc.clone();
+    let u = user.clone();
+    let waiting = tokio::spawn(async move { svc.create(&u, Some(KEY.into()), true).await });
+    for _ in 0..500 {
+        if rig
+            .world
+            .calls()
+            .iter()
+            .any(|c| c.starts_with(step_method(Step::Ready)))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    rig.svc.delete(user.id).await.unwrap();
+    let err = waiting.await.unwrap().unwrap_err();
+    assert!(matches!(err, HostingError::Cancelled), "{err:?}");
+    assert!(rig.world.held().is_empty(), "{:?}", rig.world.held());
+    assert!(rig.store.hosting_by_user(user.id).await.unwrap().is_none());
+    drop(rig.db);
+}
+
+/// A create task that panics half-way is rolled back, not left `creating`.
+async fn a_panicking_create_is_rolled_back(db: Db) {
+    let rig = Rig::new(db).await;
+    let user = rig.user("sam").await;
+    rig.world.panic_on(step_method(Step::Proxy));
+    let err = rig.svc.create(&user, Some(KEY.into()), true).await.unwrap_err();
+    assert!(matches!(err, HostingError::TaskLost), "{err:?}");
+    assert!(rig.world.held().is_empty(), "{:?}", rig.world.held());
+    assert!(rig.store.hosting_by_user(user.id).await.unwrap().is_none());
+    drop(rig.db);
+}
+
+/// What belongs to no hosting goes; what belongs to one stays.
+async fn the_reaper_removes_orphans(db: Db) {
+    let rig = Rig::new(db).await;
+    let user = rig.user("tom").await;
+    let h = rig
+        .svc
+        .create(&user, Some(KEY.into()), true)
+        .await
+        .unwrap()
+        .hosting;
+    let kept = rig.world.held();
+    rig.world.plant_orphan("vm-orphan", 4242);
+    let reaped = rig.svc.reap().await.unwrap();
+    assert_eq!(reaped.vms, vec!["vm-orphan".to_owned()]);
+    assert_eq!(reaped.sites, vec![4242]);
+    assert_eq!(reaped.network.len(), 2, "{reaped:?}");
+    assert_eq!(rig.world.held(), kept);
+    assert!(rig.world.held().vms.contains_key(&h.vm_id));
     drop(rig.db);
 }
 
@@ -361,4 +529,10 @@ both_backends!(
     concurrent_creates_by_many_users,
     subnet_full_is_503,
     status_follows_engine_events,
+    convergence_brings_back_a_rebooted_host,
+    a_vanished_tap_is_repaired,
+    power_calls_are_idempotent_and_repair,
+    delete_cancels_a_create_in_flight,
+    a_panicking_create_is_rolled_back,
+    the_reaper_removes_orphans,
 );

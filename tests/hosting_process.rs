@@ -13,8 +13,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::control::{Db, TestDb};
-use webhoster::hosting::fakes::FakeWorld;
-use webhoster::hosting::serve::{Backends, run_with};
+use common::fakes::FakeWorld;
+use webhoster::app::{Backends, run_with};
 use webhoster::store::{StepState, Store};
 
 /// Not a test: the entry of the child process (does nothing unless the
@@ -55,7 +55,7 @@ fn zz_child_process_entry() {
             *args,
             Backends {
                 ports: world.ports(),
-                live: None,
+                engine: None,
             },
         )
         .await
@@ -163,7 +163,7 @@ async fn kill9_mid_create_then_restart(kind: Db) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let hosting = hosting.expect("the create never reached the ready step");
-    assert_eq!(hosting.status, "creating");
+    assert_eq!(hosting.state, webhoster::hosting::HostingState::Creating);
 
     // kill -9: no cleanup of any kind runs in the child.
     nix::sys::signal::kill(

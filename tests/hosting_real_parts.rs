@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use common::control::{Db, TestDb};
-use webhoster::hosting::fakes::FakeWorld;
+use common::fakes::FakeWorld;
 use webhoster::hosting::ports::{GuestProbe, PortError};
 use webhoster::hosting::probe::TcpProbe;
 use webhoster::hosting::seeder::IsoSeeder;

@@ -181,9 +181,18 @@ pub struct HostingData<'a> {
     pub vm_id: &'a str,
     pub vm_ip: &'a str,
     pub ssh_port: u16,
-    pub status: &'a str,
-    /// The create or delete step under way, if any (progress of `?wait=false`).
-    pub step: Option<&'a str>,
+    /// What the hosting is doing: creating, starting, running, stopping,
+    /// stopped, restarting, paused, failed or deleting. `running` means the
+    /// site answers through nginx and SSH accepts.
+    pub status: &'static str,
+    /// What the user asked for: running or stopped.
+    pub desired: &'static str,
+    /// The create step under way, if any (progress of `?wait=false`).
+    pub step: Option<&'static str>,
+    /// Why the last attempt to reach `desired` went wrong, if it did.
+    pub last_error: Option<&'a str>,
+    /// When `status` last changed (RFC 3339).
+    pub state_since: &'a str,
     pub created_at: &'a str,
 }
 
@@ -216,8 +225,11 @@ impl<'a> HostData<'a> {
                 vm_id: &h.vm_id,
                 vm_ip: &h.vm_ip,
                 ssh_port: h.ssh_port,
-                status: &h.status,
-                step: h.step.as_deref(),
+                status: h.state.as_str(),
+                desired: h.desired.as_str(),
+                step: h.step.map(|s| s.name()),
+                last_error: h.last_error.as_deref(),
+                state_since: &h.state_since,
                 created_at: &h.created_at,
             },
             web_url: format!("http://{authority}/{}/", h.user_id),

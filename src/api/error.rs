@@ -148,7 +148,7 @@ impl From<HostingError> for ApiError {
             H::Exists => ApiError::new(StatusCode::CONFLICT, "hosting_exists", msg),
             H::NotFound => ApiError::new(StatusCode::NOT_FOUND, "no_hosting", msg),
             H::Busy(_) => ApiError::new(StatusCode::CONFLICT, "hosting_busy", msg),
-            H::AlreadyInState(_) => ApiError::new(StatusCode::CONFLICT, "already_in_state", msg),
+            H::Cancelled => ApiError::new(StatusCode::CONFLICT, "create_cancelled", msg),
             H::SubnetFull | H::PortsFull | H::AllocContention(_) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_capacity", msg)
             }
@@ -161,7 +161,11 @@ impl From<HostingError> for ApiError {
             H::RollbackFailed { .. } => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "cleanup_failed", msg)
             }
+            ref e @ H::Vm { .. } if e.is_timeout() => {
+                ApiError::new(StatusCode::GATEWAY_TIMEOUT, "not_ready", msg)
+            }
             H::Vm { .. } => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "vm_failed", msg),
+            H::Transition(_) => ApiError::new(StatusCode::CONFLICT, "hosting_busy", msg),
             ref other @ H::TaskLost => ApiError::internal(other),
         }
     }

@@ -121,7 +121,7 @@ pub async fn metrics(req: &Request<'_>) -> Reply {
     state.metrics.render(&mut out);
     out.push_str("# HELP webhoster_hostings Hostings by status.\n# TYPE webhoster_hostings gauge\n");
     let counts: BTreeMap<String, i64> = state.store.count_by_status().await?.into_iter().collect();
-    for s in crate::hosting::Status::ALL {
+    for s in crate::hosting::HostingState::ALL {
         let n = counts.get(s.as_str()).copied().unwrap_or(0);
         let _ = writeln!(out, "webhoster_hostings{{status=\"{}\"}} {n}", s.as_str());
     }

@@ -1,75 +1,53 @@
-//! hosting: the orchestrator. A create is a list of steps (seed, disk, tap,
-//! spawn, forward, ready, proxy, publish; see [`Step`]), each written to the
-//! journal before (pending) and after (done) it runs. When a step fails, the
-//! steps done so far and the failed one are undone in reverse, then the VM's
-//! leftovers are destroyed and the row (with its allocations) is deleted.
-//! At start, [`HostingService::recover`] undoes every create the journal shows
-//! unfinished ("undo" rather than "finish": it needs nothing but the journal
-//! and idempotent undos, and the user simply creates again) and finishes
-//! every unfinished delete, before the API accepts work.
+//! hosting: the orchestrator, and the policy of a hosting's life.
 //!
-//! It talks to the engine, network, proxy, seed writer and probes only through
-//! [`ports`]; it never builds a command line, touches netlink or writes SQL.
+//! - **Create** is a list of steps (seed, disk, tap, spawn, forward, ready,
+//!   proxy, publish; see [`Step`]), each written to the journal before
+//!   (pending) and after (done) it runs. When a step fails, or the task
+//!   panics, or the store fails after the VM started, the steps are undone
+//!   in reverse; an undo that fails does not stop the others.
+//! - **Convergence** ([`converge`]) brings every hosting to what its user
+//!   asked for (`desired`), ensuring each resource (tap, SSH forward, QEMU,
+//!   nginx site): created if missing, adopted if present. It runs at start,
+//!   every few seconds, and for start, stop and restart, so a host reboot, a
+//!   `teardown`, or one vanished tap is repaired rather than refused.
+//! - **Recovery** at start undoes the creates the journal shows unfinished
+//!   and finishes the deletes; the **reaper** ([`reaper`]) removes what
+//!   belongs to no hosting.
+//!
+//! Every state change goes through [`HostingState::transition`] and is
+//! stored with a compare-and-set, so two tasks cannot both move a hosting.
+//! It talks to the engine, network, proxy, seed writer and probes only
+//! through [`ports`]; it never builds a command line, touches netlink or
+//! writes SQL.
 
 pub mod alloc;
-pub mod fakes;
+pub mod converge;
 pub mod keys;
 pub mod ports;
 pub mod probe;
+pub mod reaper;
 pub mod seeder;
-pub mod serve;
+pub mod state;
 pub mod stats;
-mod steps;
+pub mod steps;
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
+use tokio::sync::OwnedMutexGuard;
 use tokio::task::AbortHandle;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use crate::store::{Conflict, Hosting, NewHosting, StepState, Store, StoreError, User};
 
 pub use keys::KeyError;
 pub use ports::{PortError, Ports};
+pub use state::{Desired, HostingState, InvalidTransition};
 pub use stats::Histogram;
 pub use steps::{Job, NotReady, Readiness, Step};
-
-/// A hosting's status, as stored and shown to its user.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
-    Creating,
-    Running,
-    Stopped,
-    Deleting,
-    /// Create or delete could not undo everything; DELETE tries again.
-    Failed,
-}
-
-impl Status {
-    pub const ALL: [Status; 5] = [
-        Status::Creating,
-        Status::Running,
-        Status::Stopped,
-        Status::Deleting,
-        Status::Failed,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Creating => "creating",
-            Status::Running => "running",
-            Status::Stopped => "stopped",
-            Status::Deleting => "deleting",
-            Status::Failed => "failed",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Status> {
-        Status::ALL.into_iter().find(|x| x.as_str() == s)
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostingError {
@@ -79,8 +57,6 @@ pub enum HostingError {
     NotFound,
     #[error("the hosting is {0} right now; try again when that is finished")]
     Busy(&'static str),
-    #[error("the hosting is already {0}")]
-    AlreadyInState(&'static str),
     #[error("no free guest address is left in the VM subnet")]
     SubnetFull,
     #[error("no free SSH port is left")]
@@ -95,10 +71,14 @@ pub enum HostingError {
         #[source]
         source: PortError,
     },
-    #[error("{what} failed at step {step}, and undoing it did not finish; the hosting is marked failed")]
+    #[error(
+        "{what} failed at step {step}, and some parts could not be removed yet ({left}); \
+         webhoster keeps trying"
+    )]
     RollbackFailed {
         what: &'static str,
         step: &'static str,
+        left: String,
         #[source]
         source: PortError,
     },
@@ -108,8 +88,12 @@ pub enum HostingError {
         #[source]
         source: PortError,
     },
-    #[error("the create task ended before it finished")]
+    #[error("the hosting was deleted while it was being created")]
+    Cancelled,
+    #[error("the create task ended before it finished; everything it had done was undone")]
     TaskLost,
+    #[error(transparent)]
+    Transition(#[from] InvalidTransition),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -117,7 +101,12 @@ pub enum HostingError {
 impl HostingError {
     /// A readiness wait ran out of time (the guest did not come up).
     pub fn is_timeout(&self) -> bool {
-        matches!(self, HostingError::StepFailed { source, .. } if source.is::<NotReady>())
+        match self {
+            HostingError::StepFailed { source, .. } | HostingError::Vm { source, .. } => {
+                matches!(source, PortError::NotReady(_))
+            }
+            _ => false,
+        }
     }
 }
 
@@ -127,6 +116,8 @@ pub struct HostingConfig {
     pub login_user: String,
     pub ssh_ports: RangeInclusive<u16>,
     pub ready: Readiness,
+    /// How often convergence looks at every hosting.
+    pub converge_every: Duration,
 }
 
 impl Default for HostingConfig {
@@ -138,6 +129,7 @@ impl Default for HostingConfig {
                 timeout: Duration::from_secs(240),
                 interval: Duration::from_millis(500),
             },
+            converge_every: converge::INTERVAL,
         }
     }
 }
@@ -157,7 +149,7 @@ pub struct Recovery {
     pub undone: Vec<String>,
     /// vm_ids of unfinished deletes that were finished.
     pub deleted: Vec<String>,
-    /// vm_ids whose cleanup failed (left `failed`).
+    /// vm_ids whose cleanup did not finish (left `deleting`, retried).
     pub failed: Vec<String>,
 }
 
@@ -167,26 +159,24 @@ pub struct HostingService {
     store: Store,
     ports: Ports,
     cfg: HostingConfig,
-    busy: Mutex<HashSet<i64>>,
-    tasks: Mutex<Vec<AbortHandle>>,
+    /// One operation per hosting at a time (create, delete, start, stop,
+    /// restart, a convergence pass); the others wait or skip.
+    locks: Mutex<HashMap<i64, Arc<tokio::sync::Mutex<()>>>>,
+    /// Creates in flight, by hosting id: a DELETE aborts them.
+    creates: Mutex<HashMap<i64, AbortHandle>>,
     create_durations: Histogram,
     /// Why the last create of a user failed (the row is gone, so a
     /// `?wait=false` caller learns it from here).
-    last_failure: Mutex<std::collections::HashMap<i64, String>>,
+    last_failure: Mutex<HashMap<i64, String>>,
 }
 
-/// Holds a hosting id in the busy set; only one start/stop/delete at a time.
-struct BusyGuard<'a> {
-    set: &'a Mutex<HashSet<i64>>,
-    id: i64,
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-impl Drop for BusyGuard<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut set) = self.set.lock() {
-            set.remove(&self.id);
-        }
-    }
+/// The span every log line about one VM is written in.
+pub fn vm_span(vm_id: &str) -> tracing::Span {
+    tracing::info_span!("vm", vm_id = %vm_id)
 }
 
 impl HostingService {
@@ -195,10 +185,10 @@ impl HostingService {
             store,
             ports,
             cfg,
-            busy: Mutex::new(HashSet::new()),
-            tasks: Mutex::new(Vec::new()),
+            locks: Mutex::new(HashMap::new()),
+            creates: Mutex::new(HashMap::new()),
             create_durations: Histogram::new(stats::CREATE_BUCKETS),
-            last_failure: Mutex::new(std::collections::HashMap::new()),
+            last_failure: Mutex::new(HashMap::new()),
         })
     }
 
@@ -210,16 +200,56 @@ impl HostingService {
         &self.ports
     }
 
+    pub fn config(&self) -> &HostingConfig {
+        &self.cfg
+    }
+
     pub fn create_durations(&self) -> &Histogram {
         &self.create_durations
     }
 
-    fn lock(&self, id: i64, what: &'static str) -> Result<BusyGuard<'_>, HostingError> {
-        let mut set = self.busy.lock().unwrap_or_else(|p| p.into_inner());
-        if !set.insert(id) {
-            return Err(HostingError::Busy(what));
+    fn lock_of(&self, id: i64) -> Arc<tokio::sync::Mutex<()>> {
+        locked(&self.locks).entry(id).or_default().clone()
+    }
+
+    /// Waits for the hosting's turn.
+    async fn lock(&self, id: i64) -> OwnedMutexGuard<()> {
+        self.lock_of(id).lock_owned().await
+    }
+
+    /// The hosting's turn if nobody has it (convergence skips busy hostings).
+    fn try_lock(&self, id: i64) -> Option<OwnedMutexGuard<()>> {
+        self.lock_of(id).try_lock_owned().ok()
+    }
+
+    fn forget_lock(&self, id: i64) {
+        locked(&self.locks).remove(&id);
+    }
+
+    /// Moves `h` to `to` (checked by the state machine, stored only if no
+    /// other task moved it first), with the step and last error to show.
+    pub(crate) async fn set_state(
+        &self,
+        h: &mut Hosting,
+        to: HostingState,
+        step: Option<Step>,
+        error: Option<&str>,
+    ) -> Result<(), HostingError> {
+        if h.state != to {
+            h.state.transition(to)?;
         }
-        Ok(BusyGuard { set: &self.busy, id })
+        let Some(at) = self.store.swap_state(h.id, h.state, to, step, error).await? else {
+            return Err(HostingError::Busy("changing"));
+        };
+        if h.state != to {
+            info!(vm_id = %h.vm_id, from = %h.state, to = %to, error, "hosting state");
+            h.state_since.clone_from(&at);
+        }
+        h.updated_at = at;
+        h.state = to;
+        h.step = step;
+        h.last_error = error.map(str::to_owned);
+        Ok(())
     }
 
     /// The steps' view of a hosting row.
@@ -251,6 +281,18 @@ impl HostingService {
         }
     }
 
+    /// A job for convergence and teardown: the owner's name (for the site and
+    /// the labels) comes from the account.
+    async fn job_for(&self, h: &Hosting) -> Result<Job, HostingError> {
+        let username = self
+            .store
+            .user_by_id(h.user_id)
+            .await?
+            .map(|u| u.username)
+            .unwrap_or_default();
+        Ok(self.job(h, &username, Vec::new()))
+    }
+
     /// Inserts the row with fresh allocations; a candidate another create
     /// took first is replaced by the next one.
     async fn allocate(&self, user_id: i64) -> Result<Hosting, HostingError> {
@@ -268,7 +310,6 @@ impl HostingService {
                 vm_ip: &ip.to_string(),
                 mac: &mac,
                 ssh_port: port,
-                status: Status::Creating.as_str(),
             };
             match self.store.insert_hosting(&new).await {
                 Ok(h) => return Ok(h),
@@ -284,8 +325,8 @@ impl HostingService {
 
     /// Creates the user's hosting. The steps run in their own task, so a
     /// client that goes away cannot cut a create in half; with `wait` the
-    /// call returns when the site and SSH answer, else right after the row
-    /// exists (status `creating`).
+    /// call returns when the guest's first boot is over and the site and SSH
+    /// answer, else right after the row exists (status `creating`).
     pub async fn create(
         self: &Arc<Self>,
         user: &User,
@@ -312,77 +353,127 @@ impl HostingService {
             }
         };
         let hosting = self.allocate(user.id).await?;
-        info!(vm_id = %hosting.vm_id, user_id = user.id, ip = %hosting.vm_ip, ssh_port = hosting.ssh_port, "create: allocated");
+        let span = vm_span(&hosting.vm_id);
+        info!(parent: &span, user_id = user.id, ip = %hosting.vm_ip, ssh_port = hosting.ssh_port, "create: allocated");
         let job = self.job(&hosting, &user.username, keys);
-        self.failures().remove(&user.id);
+        locked(&self.last_failure).remove(&user.id);
+        // Taken before the task exists, so a DELETE that comes right after
+        // the 202 waits for (and cancels) this create rather than racing it.
+        let turn = self.lock(hosting.id).await;
         let this = Arc::clone(self);
-        let handle = tokio::spawn(async move {
-            let user_id = job.user_id;
-            let result = this.run_create(job).await;
-            if let Err(e) = &result {
-                this.failures().insert(user_id, e.to_string());
+        let handle = tokio::spawn(
+            async move {
+                let _turn = turn;
+                let (id, user_id) = (job.hosting_id, job.user_id);
+                let result = this.create_guarded(job).await;
+                if let Err(e) = &result {
+                    locked(&this.last_failure).insert(user_id, e.to_string());
+                }
+                locked(&this.creates).remove(&id);
+                result
             }
-            result
-        });
-        {
-            let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-            tasks.retain(|t| !t.is_finished());
-            tasks.push(handle.abort_handle());
-        }
+            .instrument(span),
+        );
+        locked(&self.creates).insert(hosting.id, handle.abort_handle());
         if !wait {
             return Ok(Created { hosting, private_key });
         }
         match handle.await {
             Ok(Ok(hosting)) => Ok(Created { hosting, private_key }),
             Ok(Err(e)) => Err(e),
+            Err(e) if e.is_cancelled() => Err(HostingError::Cancelled),
             Err(_) => Err(HostingError::TaskLost),
         }
     }
 
-    async fn run_create(&self, job: Job) -> Result<Hosting, HostingError> {
+    /// Runs the create; whatever ends it early (a step's error, a store
+    /// error after the VM started, a panic) ends in a rollback, never in
+    /// `creating` forever.
+    async fn create_guarded(&self, job: Job) -> Result<Hosting, HostingError> {
+        let mut touched: Vec<Step> = Vec::new();
+        let run = std::panic::AssertUnwindSafe(self.run_create(&job, &mut touched)).catch_unwind();
+        let (failure, step) = match run.await {
+            Ok(Ok(hosting)) => return Ok(hosting),
+            Ok(Err(CreateFailure::Step(step, source))) => (Ok(source), step),
+            Ok(Err(CreateFailure::After(e))) => {
+                warn!(error = %chain(&e), "create: finishing failed after every step ran; undoing");
+                (Err(e), Step::Publish)
+            }
+            Err(_) => {
+                warn!("create: the task panicked; undoing");
+                (
+                    Err(HostingError::TaskLost),
+                    *touched.last().unwrap_or(&Step::Seed),
+                )
+            }
+        };
+        let undo: &[Step] = if failure.is_ok() { &touched } else { &Step::ALL };
+        let rolled = self.rollback(&job, undo).await;
+        match (failure, rolled) {
+            (Ok(source), Ok(())) => Err(HostingError::StepFailed {
+                step: step.name(),
+                source,
+            }),
+            (Err(e), Ok(())) => Err(e),
+            (Ok(source), Err(left)) => Err(HostingError::RollbackFailed {
+                what: "create",
+                step: step.name(),
+                left,
+                source,
+            }),
+            (Err(e), Err(left)) => Err(HostingError::RollbackFailed {
+                what: "create",
+                step: step.name(),
+                left,
+                source: PortError::Probe(e.to_string()),
+            }),
+        }
+    }
+
+    async fn run_create(&self, job: &Job, touched: &mut Vec<Step>) -> Result<Hosting, CreateFailure> {
         let started = Instant::now();
         let id = job.hosting_id;
-        let vm_id = job.launch.vm_id.clone();
-        let mut touched: Vec<Step> = Vec::new();
+        let mut h = self
+            .store
+            .hosting_by_id(id)
+            .await
+            .map_err(|e| CreateFailure::After(e.into()))?
+            .ok_or(CreateFailure::After(HostingError::NotFound))?;
         for step in Step::ALL {
             touched.push(step);
-            let result = self.run_step(step, &job).await;
-            if let Err(source) = result {
-                warn!(vm_id = %vm_id, step = step.name(), error = %chain(&*source), "create failed; undoing");
-                return match self.rollback(&job, &touched).await {
-                    Ok(()) => Err(HostingError::StepFailed {
-                        step: step.name(),
-                        source,
-                    }),
-                    Err((undo_step, undo_err)) => {
-                        warn!(vm_id = %vm_id, step = undo_step.name(), error = %chain(&*undo_err), "undo failed");
-                        Err(HostingError::RollbackFailed {
-                            what: "create",
-                            step: step.name(),
-                            source,
-                        })
-                    }
-                };
+            let at = Instant::now();
+            if let Err(source) = self.run_step(&mut h, step, job).await {
+                warn!(step = step.name(), error = %chain(&source), "create failed; undoing");
+                return Err(CreateFailure::Step(step, source));
             }
+            tracing::debug!(
+                step = step.name(),
+                ms = at.elapsed().as_millis() as u64,
+                "create: step done"
+            );
         }
-        for key in &job.keys {
-            self.store.add_ssh_key(job.user_id, key).await?;
-        }
-        self.store
-            .set_hosting_state(id, Status::Running.as_str(), None, None)
-            .await?;
+        let finish = async {
+            for key in &job.keys {
+                self.store.add_ssh_key(job.user_id, key).await?;
+            }
+            self.set_state(&mut h, HostingState::Running, None, None).await
+        };
+        finish.await.map_err(CreateFailure::After)?;
         let took = started.elapsed();
         self.create_durations.observe(took.as_secs_f64());
-        info!(vm_id = %vm_id, seconds = took.as_secs_f64(), "create: running");
-        self.store.hosting_by_id(id).await?.ok_or(HostingError::NotFound)
+        info!(seconds = took.as_secs_f64(), "create: running");
+        Ok(h)
     }
 
     /// Journals and runs one step. A journal write that fails fails the step.
-    async fn run_step(&self, step: Step, job: &Job) -> Result<(), PortError> {
+    async fn run_step(&self, h: &mut Hosting, step: Step, job: &Job) -> Result<(), PortError> {
         let id = job.hosting_id;
-        self.store
-            .set_hosting_state(id, Status::Creating.as_str(), Some(step.name()), None)
-            .await?;
+        self.set_state(h, HostingState::Creating, Some(step), None)
+            .await
+            .map_err(|e| match e {
+                HostingError::Store(e) => PortError::Store(e),
+                other => PortError::Probe(other.to_string()),
+            })?;
         self.store
             .record_step(id, step.seq(), step.name(), StepState::Pending)
             .await?;
@@ -393,54 +484,71 @@ impl HostingService {
         Ok(())
     }
 
-    /// Undoes `touched` in reverse, destroys what is left of the VM and
-    /// deletes the row. When an undo fails the row stays, marked failed, so
-    /// nothing is forgotten: a later DELETE or restart tries again.
-    async fn rollback(&self, job: &Job, touched: &[Step]) -> Result<(), (Step, PortError)> {
+    /// Undoes `touched` in reverse, going on past an undo that fails,
+    /// destroys what is left of the VM and deletes the row. When something
+    /// could not be removed the row stays `deleting` with what is left as its
+    /// last error, and convergence tries again; the error names what is left.
+    async fn rollback(&self, job: &Job, touched: &[Step]) -> Result<(), String> {
         let id = job.hosting_id;
-        let _ = self
-            .store
-            .set_hosting_state(id, Status::Deleting.as_str(), None, None)
-            .await;
-        for step in touched.iter().rev() {
-            if let Err(e) = steps::undo(*step, job, &self.ports).await {
-                let msg = format!("undo of step {} failed", step.name());
-                let _ = self
-                    .store
-                    .set_hosting_state(id, Status::Failed.as_str(), Some(step.name()), Some(&msg))
-                    .await;
-                return Err((*step, e));
+        let mut h = match self.store.hosting_by_id(id).await {
+            Ok(Some(h)) => Some(h),
+            Ok(None) => None,
+            Err(e) => {
+                warn!(error = %chain(&e), "rollback: reading the row");
+                None
             }
-            let _ = self
-                .store
-                .record_step(id, step.seq(), step.name(), StepState::Undone)
-                .await;
+        };
+        if let Some(h) = h.as_mut()
+            && h.state != HostingState::Deleting
+            && let Err(e) = self.set_state(h, HostingState::Deleting, None, None).await
+        {
+            warn!(error = %chain(&e), "rollback: marking the hosting deleting");
+        }
+        let mut left: Vec<String> = Vec::new();
+        for step in touched.iter().rev() {
+            match steps::undo(*step, job, &self.ports).await {
+                Ok(()) => {
+                    let _ = self
+                        .store
+                        .record_step(id, step.seq(), step.name(), StepState::Undone)
+                        .await;
+                }
+                Err(e) => {
+                    warn!(step = step.name(), error = %chain(&e), "undo failed; going on with the others");
+                    left.push(format!("{}: {}", step.name(), chain(&e)));
+                }
+            }
         }
         if let Err(e) = self.ports.engine.destroy(&job.launch.vm_id).await {
+            warn!(error = %chain(&e), "removing the VM directory failed");
+            left.push(format!("vm directory: {}", chain(&e)));
+        }
+        if left.is_empty() {
+            match self.store.delete_hosting(id).await {
+                Ok(()) => {
+                    self.forget_lock(id);
+                    return Ok(());
+                }
+                Err(e) => left.push(format!("row: {}", chain(&e))),
+            }
+        }
+        let left = left.join("; ");
+        if let Some(h) = h.as_mut() {
             let _ = self
-                .store
-                .set_hosting_state(
-                    id,
-                    Status::Failed.as_str(),
+                .set_state(
+                    h,
+                    HostingState::Deleting,
                     None,
-                    Some("removing the VM directory failed"),
+                    Some(&format!("left to remove: {left}")),
                 )
                 .await;
-            return Err((Step::Seed, e));
         }
-        self.store
-            .delete_hosting(id)
-            .await
-            .map_err(|e| (Step::Seed, Box::new(e) as PortError))
-    }
-
-    fn failures(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<i64, String>> {
-        self.last_failure.lock().unwrap_or_else(|p| p.into_inner())
+        Err(left)
     }
 
     /// Why the user's last create failed, if it did (until the next create).
     pub fn last_failure(&self, user_id: i64) -> Option<String> {
-        self.failures().get(&user_id).cloned()
+        locked(&self.last_failure).get(&user_id).cloned()
     }
 
     pub async fn get(&self, user_id: i64) -> Result<Hosting, HostingError> {
@@ -450,36 +558,41 @@ impl HostingService {
             .ok_or(HostingError::NotFound)
     }
 
-    /// Removes the hosting and everything it held.
+    /// Removes the hosting and everything it held. Always possible: a create
+    /// in flight is cancelled first, and a hosting whose cleanup failed
+    /// before is cleaned again.
     pub async fn delete(&self, user_id: i64) -> Result<(), HostingError> {
         let h = self.get(user_id).await?;
-        let _busy = self.lock(h.id, "busy")?;
-        match Status::parse(&h.status) {
-            Some(Status::Creating) => return Err(HostingError::Busy("being created")),
-            Some(Status::Deleting) => return Err(HostingError::Busy("being deleted")),
-            _ => {}
+        if let Some(create) = locked(&self.creates).remove(&h.id) {
+            info!(vm_id = %h.vm_id, "delete: cancelling the create in flight");
+            create.abort();
         }
-        if !self
-            .store
-            .swap_hosting_status(h.id, &h.status, Status::Deleting.as_str())
-            .await?
-        {
-            return Err(HostingError::Busy("changing"));
+        let _turn = self.lock(h.id).await;
+        // Re-read: the create may have finished or rolled back meanwhile.
+        let Some(mut h) = self.store.hosting_by_id(h.id).await? else {
+            return Ok(());
+        };
+        if h.state != HostingState::Deleting {
+            self.set_state(&mut h, HostingState::Deleting, None, None).await?;
         }
         info!(vm_id = %h.vm_id, "delete");
-        self.teardown(&h).await
+        self.teardown(&h)
+            .instrument(vm_span(&h.vm_id))
+            .await
+            .map_err(|(left, source)| HostingError::RollbackFailed {
+                what: "delete",
+                step: "teardown",
+                left,
+                source,
+            })
     }
 
     /// Undoes every step (all undos are idempotent) and deletes the row.
-    async fn teardown(&self, h: &Hosting) -> Result<(), HostingError> {
+    async fn teardown(&self, h: &Hosting) -> Result<(), (String, PortError)> {
         let job = self.job(h, "", Vec::new());
-        self.rollback(&job, &Step::ALL).await.map_err(|(step, source)| {
-            warn!(vm_id = %h.vm_id, step = step.name(), error = %chain(&*source), "delete: undo failed");
-            HostingError::RollbackFailed {
-                what: "delete",
-                step: step.name(),
-                source,
-            }
+        self.rollback(&job, &Step::ALL).await.map_err(|left| {
+            warn!(%left, "teardown: not everything could be removed yet");
+            (left.clone(), PortError::Probe(left))
         })
     }
 
@@ -488,30 +601,31 @@ impl HostingService {
     pub async fn recover(&self) -> Result<Recovery, HostingError> {
         let mut report = Recovery::default();
         for h in self.store.all_hostings().await? {
-            let outcome = match Status::parse(&h.status) {
-                Some(Status::Creating) => {
+            let span = vm_span(&h.vm_id);
+            let job = self.job(&h, "", Vec::new());
+            let (list, result) = match h.state {
+                HostingState::Creating => {
                     let journal = self.store.steps(h.id).await?;
                     let touched: Vec<Step> = journal
                         .iter()
                         .filter(|r| r.state != StepState::Undone)
                         .filter_map(|r| Step::parse(&r.step))
                         .collect();
-                    info!(vm_id = %h.vm_id, steps = ?touched, "recovery: undoing an unfinished create");
-                    let job = self.job(&h, "", Vec::new());
-                    let r = self.rollback(&job, &touched).await;
+                    info!(parent: &span, steps = ?touched, "recovery: undoing an unfinished create");
+                    let r = self.rollback(&job, &touched).instrument(span).await;
                     (&mut report.undone, r)
                 }
-                Some(Status::Deleting) => {
-                    info!(vm_id = %h.vm_id, "recovery: finishing an unfinished delete");
-                    let job = self.job(&h, "", Vec::new());
-                    (&mut report.deleted, self.rollback(&job, &Step::ALL).await)
+                HostingState::Deleting => {
+                    info!(parent: &span, "recovery: finishing an unfinished delete");
+                    let r = self.rollback(&job, &Step::ALL).instrument(span).await;
+                    (&mut report.deleted, r)
                 }
                 _ => continue,
             };
-            match outcome {
-                (list, Ok(())) => list.push(h.vm_id.clone()),
-                (_, Err((step, e))) => {
-                    warn!(vm_id = %h.vm_id, step = step.name(), error = %chain(&*e), "recovery: undo failed");
+            match result {
+                Ok(()) => list.push(h.vm_id.clone()),
+                Err(left) => {
+                    warn!(vm_id = %h.vm_id, %left, "recovery: cleanup did not finish");
                     report.failed.push(h.vm_id.clone());
                 }
             }
@@ -519,106 +633,51 @@ impl HostingService {
         Ok(report)
     }
 
-    /// Follows the engine's state changes, so a guest powered off from
-    /// inside shows `stopped` and one started again `running`. Only moves
-    /// between running and stopped; creates, deletes and power calls in
-    /// progress own their hosting's status.
-    pub fn follow_engine(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
-        use tokio::sync::broadcast::error::RecvError;
-        let mut events = self.ports.engine.subscribe()?;
-        let this = Arc::clone(self);
-        Some(tokio::spawn(async move {
-            loop {
-                let ev = match events.recv().await {
-                    Ok(ev) => ev,
-                    Err(RecvError::Lagged(n)) => {
-                        warn!(missed = n, "engine events lagged");
-                        continue;
-                    }
-                    Err(RecvError::Closed) => return,
-                };
-                let (from, to) = match ev.state {
-                    ports::VmRunState::Running => (Status::Stopped, Status::Running),
-                    ports::VmRunState::Stopped => (Status::Running, Status::Stopped),
-                    ports::VmRunState::Failed => (Status::Running, Status::Failed),
-                    ports::VmRunState::Other => continue,
-                };
-                match this
-                    .store
-                    .swap_status_by_vm(&ev.vm_id, from.as_str(), to.as_str())
-                    .await
-                {
-                    Ok(true) => info!(vm_id = %ev.vm_id, status = to.as_str(), "status follows the engine"),
-                    Ok(false) => {}
-                    Err(e) => warn!(vm_id = %ev.vm_id, error = %chain(&e), "recording an engine event"),
-                }
-            }
-        }))
-    }
-
     /// Aborts in-flight create tasks where they stand, journal as written:
     /// what a crash does. Used by tests and at the end of shutdown.
     pub fn abort_creates(&self) {
-        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
-        for t in tasks {
+        for (_, t) in std::mem::take(&mut *locked(&self.creates)) {
             t.abort();
         }
     }
 
     /// Creates still running.
     pub fn creates_in_flight(&self) -> usize {
-        let tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        tasks.iter().filter(|t| !t.is_finished()).count()
+        locked(&self.creates)
+            .values()
+            .filter(|t| !t.is_finished())
+            .count()
     }
 
-    async fn power(&self, user_id: i64, action: Power) -> Result<Hosting, HostingError> {
-        let h = self.get(user_id).await?;
-        let _busy = self.lock(h.id, "busy")?;
-        let status = Status::parse(&h.status);
-        let (allowed, target) = match action {
-            Power::Start => (status == Some(Status::Stopped), Status::Running),
-            Power::Stop => (status == Some(Status::Running), Status::Stopped),
-            Power::Restart => (
-                matches!(status, Some(Status::Running | Status::Stopped)),
-                Status::Running,
-            ),
-        };
-        if !allowed {
-            return Err(match status {
-                Some(s @ (Status::Running | Status::Stopped)) => HostingError::AlreadyInState(s.as_str()),
-                Some(Status::Creating) => HostingError::Busy("being created"),
-                Some(Status::Deleting) => HostingError::Busy("being deleted"),
-                _ => HostingError::Busy("failed; delete it and create it again"),
-            });
-        }
-        let job = self.job(&h, "", Vec::new());
-        let engine = &self.ports.engine;
-        let (verb, result) = match action {
-            Power::Start => ("starting", engine.spawn(&job.launch).await),
-            Power::Stop => ("stopping", engine.stop(&h.vm_id).await),
-            Power::Restart => ("restarting", engine.restart(&job.launch).await),
-        };
-        result.map_err(|source| {
-            warn!(vm_id = %h.vm_id, error = %chain(&*source), "{verb} failed");
-            HostingError::Vm { action: verb, source }
-        })?;
-        info!(vm_id = %h.vm_id, "{verb}: done");
-        self.store
-            .set_hosting_state(h.id, target.as_str(), None, None)
-            .await?;
-        self.get(user_id).await
-    }
-
+    /// Start: the hosting should run. Whatever is missing is put back (tap,
+    /// forward, site, QEMU); returns once the site and SSH answer.
     pub async fn start(&self, user_id: i64) -> Result<Hosting, HostingError> {
-        self.power(user_id, Power::Start).await
+        self.power(user_id, converge::Power::Start).await
     }
 
+    /// Stop: ACPI power-down, a bounded wait, then quit. Idempotent.
     pub async fn stop(&self, user_id: i64) -> Result<Hosting, HostingError> {
-        self.power(user_id, Power::Stop).await
+        self.power(user_id, converge::Power::Stop).await
     }
 
+    /// Restart: a clean stop, then start as above.
     pub async fn restart(&self, user_id: i64) -> Result<Hosting, HostingError> {
-        self.power(user_id, Power::Restart).await
+        self.power(user_id, converge::Power::Restart).await
+    }
+
+    async fn power(&self, user_id: i64, action: converge::Power) -> Result<Hosting, HostingError> {
+        let h = self.get(user_id).await?;
+        match h.state {
+            HostingState::Creating => return Err(HostingError::Busy("being created")),
+            HostingState::Deleting => return Err(HostingError::Busy("being deleted")),
+            _ => {}
+        }
+        let _turn = self.lock(h.id).await;
+        let Some(h) = self.store.hosting_by_id(h.id).await? else {
+            return Err(HostingError::NotFound);
+        };
+        let vm_id = h.vm_id.clone();
+        self.power_locked(h, action).instrument(vm_span(&vm_id)).await
     }
 
     /// The last `lines` lines of the VM's serial console (at most the last
@@ -630,11 +689,12 @@ impl HostingService {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Power {
-    Start,
-    Stop,
-    Restart,
+/// How a create ended early.
+enum CreateFailure {
+    /// A step failed: undo the steps touched so far.
+    Step(Step, PortError),
+    /// Every step ran, then recording the result failed: undo them all.
+    After(HostingError),
 }
 
 /// The error and its sources on one line, for logs.

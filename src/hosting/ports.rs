@@ -1,30 +1,14 @@
 //! The ports through which the orchestrator drives the outside world. They are
 //! shaped after the module contracts (`vmm::Engine`, `net::Network`,
-//! `proxy::Proxy`, `seed`), so the adapters from the real parts are thin, and
-//! so the orchestrator runs on fakes in fast tests.
+//! `proxy::Proxy`, `seed`), so the real adapters (`crate::app::adapters`) are
+//! thin, and so the orchestrator runs on fakes in fast tests.
 //!
-//! How the real adapters map (for `serve::build_backends`):
-//!
-//! | port method | real part |
-//! |---|---|
-//! | `VmEngine::vm_dir` | `Paths::vm_dir(vm_id)` |
-//! | `create_disk` | build a `vmm::VmSpec` from the launch + plan + `image::Image` + `image::KERNEL_CMDLINE`, `VmNet::Tap { tap_name, mac }`, labels; `engine.create_disk(&spec)` |
-//! | `remove_disk` | remove `<vm_dir>/disk.qcow2` (missing is fine) |
-//! | `spawn` | `engine.start(&spec)` |
-//! | `kill` | `engine.stop(vm_id, Duration::ZERO)`; an unknown VM is fine |
-//! | `stop` / `restart` | `engine.stop(vm_id, 30 s)` / `engine.restart(vm_id)` |
-//! | `destroy` | `engine.destroy(vm_id)`; an unknown VM is fine |
-//! | `run_state`, `subscribe` | `engine.status`, `engine.subscribe()` mapped to [`VmRunState`] |
-//! | `serial_log` | `<vm_dir>/serial.log` |
-//! | `VmNetwork::*` | `net::Network` (same names); `port_is_free` is `net::alloc::port_is_free(ssh_bind, port)` |
-//! | `SiteProxy::*` | `proxy::Proxy::add_site` / `remove_site` |
-//! | `SeedWriter` | [`super::seeder::IsoSeeder`] (done) |
-//! | `GuestProbe` | [`super::probe::TcpProbe`] `{ http_addr, ssh_bind }` (done) |
-//! | `SystemInfo` | `qemu --version`, `vmm::accel::decide`, `image::cached`, the namespace, the nginx master pid |
-//!
-//! Every undo-style method (`remove_*`, `delete_*`, `kill`, `destroy`) must be
-//! idempotent: it is called again after a crash, and for a step that failed
-//! half-way, so "already gone" is success.
+//! Two kinds of methods: the create steps and their undos, and the `ensure`
+//! side that convergence uses to bring back what vanished (a host reboot, a
+//! `teardown`, a deleted tap, a flushed nft table). Every undo-style method
+//! (`remove_*`, `delete_*`, `kill`, `destroy`) and every `ensure`/`create`
+//! method is idempotent: it is called again after a crash and on every
+//! convergence pass, so "already there" and "already gone" are success.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
@@ -33,9 +17,29 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use ipnet::Ipv4Net;
 
-/// A failure reported by a port. The orchestrator logs the chain and tells
-/// the user which step failed, never the text of the cause.
-pub type PortError = Box<dyn std::error::Error + Send + Sync + 'static>;
+/// A failure reported by a port: the error of the part behind it. The
+/// orchestrator logs the chain and tells the user which step failed, never
+/// the text of the cause.
+#[derive(Debug, thiserror::Error)]
+pub enum PortError {
+    #[error(transparent)]
+    Vmm(#[from] crate::vmm::VmmError),
+    #[error(transparent)]
+    Net(#[from] crate::net::NetError),
+    #[error(transparent)]
+    Proxy(#[from] crate::proxy::ProxyError),
+    #[error(transparent)]
+    Seed(#[from] crate::seed::SeedError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// A readiness probe's answer (connection refused, wrong status...).
+    #[error("{0}")]
+    Probe(String),
+    #[error(transparent)]
+    NotReady(#[from] super::steps::NotReady),
+}
 
 /// Everything the engine needs to know about one hosting's VM; the adapter
 /// adds what is the same for all VMs (plan, kernel, base disk, cmdline).
@@ -51,14 +55,47 @@ pub struct VmLaunch {
     pub labels: Vec<(String, String)>,
 }
 
+/// What `spawn` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spawned {
+    /// A new QEMU: the guest boots from its disk.
+    Started,
+    /// Its QEMU was already running (a restart of webhoster): supervised
+    /// again, guest untouched.
+    Adopted,
+}
+
 /// What the user's VM is doing, as the engine sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VmRunState {
+    /// QEMU runs and the guest executes.
     Running,
+    /// QEMU is being spawned.
+    Starting,
+    /// QEMU runs, the guest is paused (QMP `STOP`: an I/O error, a full disk).
+    Paused,
+    /// A stop is under way.
+    Stopping,
+    /// No QEMU.
     Stopped,
+    /// QEMU exited unasked; the supervisor restarts it after a backoff.
+    Crashed,
     /// Crashed too often: the supervisor gave up.
     Failed,
-    Other,
+}
+
+/// What the guest itself says about its boot (`systemctl is-system-running`
+/// through the guest agent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestBoot {
+    /// Boot finished, no unit failed, no job queued.
+    Done,
+    /// Still booting (or jobs queued).
+    InProgress,
+    /// Boot finished with failed units (`degraded`), or another answer.
+    Other(String),
+    /// The guest has no agent to ask (an image without one).
+    NoAgent,
 }
 
 /// A VM changed state on its own (guest powered off, supervisor restarted
@@ -77,28 +114,49 @@ pub trait VmEngine: Send + Sync {
     /// qcow2 overlay on the base image, sized by plan.
     async fn create_disk(&self, vm: &VmLaunch) -> Result<(), PortError>;
     async fn remove_disk(&self, vm_id: &str) -> Result<(), PortError>;
-    /// Spawns QEMU (detached, supervised) and returns once QMP says running.
-    async fn spawn(&self, vm: &VmLaunch) -> Result<(), PortError>;
+    /// Spawns QEMU (detached, supervised) and returns once QMP says running;
+    /// a QEMU of this VM that already runs is adopted instead.
+    async fn spawn(&self, vm: &VmLaunch) -> Result<Spawned, PortError>;
     /// Stops the VM at once (undo of `spawn`); no VM is success.
     async fn kill(&self, vm_id: &str) -> Result<(), PortError>;
     /// Graceful power-down, then force.
     async fn stop(&self, vm_id: &str) -> Result<(), PortError>;
+    /// Graceful stop, then spawn again.
     async fn restart(&self, vm: &VmLaunch) -> Result<(), PortError>;
     /// Removes whatever is left of the VM: process, directory.
     async fn destroy(&self, vm_id: &str) -> Result<(), PortError>;
+    /// None: the engine does not know the VM (not started since this start).
     fn run_state(&self, vm_id: &str) -> Option<VmRunState>;
+    /// Whether the guest's boot is over, asked of the guest.
+    async fn guest_boot(&self, vm_id: &str) -> GuestBoot;
+    /// vm_ids with a directory or a QEMU process on this host (for the reaper).
+    async fn vm_ids(&self) -> Result<Vec<String>, PortError>;
     /// The serial console log file.
     fn serial_log(&self, vm_id: &str) -> PathBuf;
-    /// State changes the engine saw (the adapter maps `VmEvent.to`: running
-    /// -> Running; stopped and failed -> Stopped; the rest -> Other).
+    /// State changes the engine saw.
     fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<VmStateEvent>> {
         None
     }
 }
 
+/// What the VM network holds right now, read once per convergence pass.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetInventory {
+    /// Tap names in the namespace.
+    pub taps: std::collections::HashSet<String>,
+    /// vm_id -> (host port, guest address) of each SSH forward.
+    pub forwards: std::collections::HashMap<String, (u16, Ipv4Addr)>,
+}
+
 /// The VM network (`net::Network`).
 #[async_trait]
 pub trait VmNetwork: Send + Sync {
+    /// Namespace, bridge, veth, routes and nft tables are there, rebuilt if
+    /// not. True when something had to be rebuilt.
+    async fn ensure(&self) -> Result<bool, PortError>;
+    async fn inventory(&self) -> Result<NetInventory, PortError>;
+    /// Removes these taps (by name) and the forwards of these vm_ids.
+    async fn remove_orphans(&self, taps: &[String], forwards_of: &[String]) -> Result<(), PortError>;
     fn subnet(&self) -> Ipv4Net;
     fn gateway(&self) -> Ipv4Addr;
     /// Whether nothing on the host listens on this SSH forward port.
@@ -123,6 +181,9 @@ pub struct Site {
 /// The nginx front (`proxy::Proxy`).
 #[async_trait]
 pub trait SiteProxy: Send + Sync {
+    /// The nginx master runs (started again if not). True when it had to be.
+    async fn ensure(&self) -> Result<bool, PortError>;
+    async fn sites(&self) -> Result<Vec<Site>, PortError>;
     async fn add_site(&self, site: &Site) -> Result<(), PortError>;
     async fn remove_site(&self, user_id: i64) -> Result<(), PortError>;
 }

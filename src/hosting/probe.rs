@@ -44,16 +44,15 @@ pub async fn http_ok(addr: SocketAddr, host: &str, path: &str) -> Result<(), Por
     };
     let head = tokio::time::timeout(PROBE_TIMEOUT, job)
         .await
-        .map_err(|_| format!("HTTP probe of {addr} timed out"))??;
+        .map_err(|_| PortError::Probe(format!("HTTP probe of {addr} timed out")))??;
     let status = head.split_whitespace().nth(1).unwrap_or("");
     if head.starts_with("HTTP/") && status.starts_with('2') {
         Ok(())
     } else {
-        Err(format!(
+        Err(PortError::Probe(format!(
             "HTTP probe of {addr}{path} answered {:?}",
             head.lines().next().unwrap_or("")
-        )
-        .into())
+        )))
     }
 }
 
@@ -66,11 +65,11 @@ pub async fn ssh_banner(addr: SocketAddr) -> Result<(), PortError> {
     };
     let banner = tokio::time::timeout(PROBE_TIMEOUT, job)
         .await
-        .map_err(|_| format!("SSH probe of {addr} timed out"))??;
+        .map_err(|_| PortError::Probe(format!("SSH probe of {addr} timed out")))??;
     if banner.starts_with(b"SSH-2.0-") {
         Ok(())
     } else {
-        Err(format!("SSH probe of {addr}: no SSH banner").into())
+        Err(PortError::Probe(format!("SSH probe of {addr}: no SSH banner")))
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::seed::{SeedSpec, StaticNetwork};
 
-use super::ports::{PortError, Ports, Site, VmLaunch};
+use super::ports::{GuestBoot, PortError, Ports, Site, VmLaunch};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Step {
@@ -64,6 +64,13 @@ impl Step {
     }
 }
 
+impl std::str::FromStr for Step {
+    type Err = ();
+    fn from_str(name: &str) -> Result<Step, ()> {
+        Step::parse(name).ok_or(())
+    }
+}
+
 /// What the steps of one hosting work on (all derived from its row).
 #[derive(Debug, Clone)]
 pub struct Job {
@@ -109,7 +116,7 @@ pub struct Readiness {
 /// A readiness wait that ran out of time; carries the last probe error.
 #[derive(Debug, thiserror::Error)]
 #[error("not ready within {0:?}")]
-pub struct NotReady(pub Duration, #[source] pub PortError);
+pub struct NotReady(pub Duration, #[source] pub Box<PortError>);
 
 async fn wait_until<F, Fut>(ready: Readiness, mut probe: F) -> Result<(), PortError>
 where
@@ -122,11 +129,25 @@ where
         match attempt {
             Ok(Ok(())) => return Ok(()),
             Ok(Err(e)) if tokio::time::Instant::now() + ready.interval >= deadline => {
-                return Err(Box::new(NotReady(ready.timeout, e)));
+                return Err(NotReady(ready.timeout, Box::new(e)).into());
             }
             Ok(Err(_)) => tokio::time::sleep(ready.interval).await,
-            Err(_) => return Err(Box::new(NotReady(ready.timeout, "probe timed out".into()))),
+            Err(_) => {
+                let last = PortError::Probe("the probe itself timed out".into());
+                return Err(NotReady(ready.timeout, Box::new(last)).into());
+            }
         }
+    }
+}
+
+/// Ok once the guest says its boot is over: from then on nothing in it
+/// restarts sshd or nginx (cloud-init's later stages are done). A guest
+/// without an agent is taken at its word that HTTP and SSH answer.
+pub async fn boot_done(ports: &Ports, vm_id: &str) -> Result<(), PortError> {
+    match ports.engine.guest_boot(vm_id).await {
+        GuestBoot::Done | GuestBoot::NoAgent => Ok(()),
+        GuestBoot::InProgress => Err(PortError::Probe("the guest is still booting".into())),
+        GuestBoot::Other(state) => Err(PortError::Probe(format!("the guest's boot ended {state}"))),
     }
 }
 
@@ -141,7 +162,7 @@ pub async fn run(step: Step, job: &Job, ports: &Ports, ready: Readiness) -> Resu
         }
         Step::Disk => ports.engine.create_disk(&job.launch).await,
         Step::Tap => ports.network.create_tap(vm_id).await.map(|_| ()),
-        Step::Spawn => ports.engine.spawn(&job.launch).await,
+        Step::Spawn => ports.engine.spawn(&job.launch).await.map(|_| ()),
         Step::Forward => {
             ports
                 .network
@@ -150,7 +171,11 @@ pub async fn run(step: Step, job: &Job, ports: &Ports, ready: Readiness) -> Resu
         }
         Step::Ready => {
             let ip = job.launch.guest_ip;
-            wait_until(ready, || ports.probe.guest_ready(ip)).await
+            wait_until(ready, || async move {
+                ports.probe.guest_ready(ip).await?;
+                boot_done(ports, vm_id).await
+            })
+            .await
         }
         Step::Proxy => {
             ports

@@ -38,6 +38,12 @@ pub use options::{NetOptions, validate_netns_name};
 
 use host::{check_ports, check_subnet, open_ingress};
 pub use tap::{TAP_PREFIX, tap_name};
+
+/// An fd on a VM's persistent tap in the namespace `opts` names, for QEMU's
+/// `-netdev tap,fd=N`. Blocking (a helper thread enters the namespace).
+pub fn open_tap(opts: &NetOptions, tap_name: &str) -> std::io::Result<OwnedFd> {
+    tap::open(&opts.netns_path(), tap_name)
+}
 use veth::{create_veth, host_end, ns_end, pick_transfer};
 
 /// The bridge inside the namespace (names inside are ours alone).
@@ -62,6 +68,23 @@ pub struct Network {
     ns: Handle,
     bridge_index: u32,
     transfer: Ipv4Net,
+    /// The namespace this network was built in (device, inode of its
+    /// `/run/netns` file): a namespace deleted and made anew by someone else
+    /// is another one, even under the same name.
+    ns_id: (u64, u64),
+}
+
+fn ns_identity(opts: &NetOptions) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(opts.netns_path())
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// Whether every chain of a table we installed still has its rules.
+fn table_intact(family: &str, table: &str) -> Result<bool, NetError> {
+    Ok(nft::chain_rules(family, table)?
+        .is_some_and(|chains| !chains.is_empty() && chains.values().all(|n| *n > 0)))
 }
 
 impl std::fmt::Debug for Network {
@@ -214,12 +237,14 @@ impl Network {
             .await?;
         }
         info!(netns = %opts.netns, subnet = %opts.subnet, transfer = %transfer, "VM network up");
+        let ns_id = ns_identity(&opts).ok_or_else(|| NetError::NoNamespace(opts.netns.clone()))?;
         Ok(Network {
             opts,
             host,
             ns,
             bridge_index,
             transfer,
+            ns_id,
         })
     }
 
@@ -242,12 +267,14 @@ impl Network {
             .find(|a| a.prefix_len() == 30 && a.addr().is_link_local())
             .ok_or_else(missing)?
             .trunc();
+        let ns_id = ns_identity(&opts).ok_or_else(missing)?;
         Ok(Network {
             opts,
             host,
             ns,
             bridge_index,
             transfer,
+            ns_id,
         })
     }
 
@@ -288,6 +315,44 @@ impl Network {
 
     pub fn options(&self) -> &NetOptions {
         &self.opts
+    }
+
+    /// The parts `up` builds that are gone now (a `teardown`, `net down`, a
+    /// reboot, an operator's `nft flush`): empty when all is in place. Each
+    /// check is cheap (netlink, two `nft` calls), so convergence runs it
+    /// every pass; any missing part means `up` again.
+    pub async fn missing_parts(&self) -> Result<Vec<&'static str>, NetError> {
+        let mut missing = Vec::new();
+        if ns_identity(&self.opts) != Some(self.ns_id) {
+            // Everything below lived in that namespace.
+            return Ok(vec!["namespace"]);
+        }
+        if link::get(&self.host, self.opts.host_veth()).await?.is_none() {
+            missing.push("host veth");
+        }
+        if link::get(&self.ns, BRIDGE).await?.is_none() {
+            missing.push("bridge");
+        }
+        let table = self.opts.table();
+        if !blocking(move || table_intact("ip", &table)).await? {
+            missing.push("host nft table");
+        }
+        if !in_ns(&self.opts, "read the namespace table", || {
+            table_intact("inet", nft::NS_TABLE)
+        })
+        .await?
+        {
+            missing.push("namespace nft table");
+        }
+        Ok(missing)
+    }
+
+    /// Removes a tap by name (the reaper's orphans, whose vm_id is unknown).
+    pub async fn delete_tap_named(&self, name: &str) -> Result<(), NetError> {
+        if name.starts_with(TAP_PREFIX) {
+            link::delete(&self.ns, name).await?;
+        }
+        Ok(())
     }
 
     pub fn gateway(&self) -> Ipv4Addr {

@@ -185,6 +185,37 @@ pub fn tables() -> Result<Vec<(String, String)>, NetError> {
     Ok(names)
 }
 
+/// Rules per chain of a table (`None` when the table does not exist), to
+/// notice a table that was flushed or deleted behind our back.
+pub fn chain_rules(
+    family: &str,
+    table: &str,
+) -> Result<Option<std::collections::BTreeMap<String, usize>>, NetError> {
+    let out = match run(
+        &["-j", "list", "table", family, table],
+        None,
+        &format!("list table {family} {table}"),
+    ) {
+        Ok(out) => out,
+        Err(NetError::Nft { stderr, .. }) if stderr.contains("No such file or directory") => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let v: Value = serde_json::from_str(&out).map_err(|e| NetError::Nft {
+        op: format!("parse table {table}"),
+        stderr: e.to_string(),
+    })?;
+    let mut chains = std::collections::BTreeMap::new();
+    for item in v["nftables"].as_array().into_iter().flatten() {
+        if let Some(name) = item.get("chain").and_then(|c| c["name"].as_str()) {
+            chains.entry(name.to_owned()).or_insert(0);
+        }
+        if let Some(name) = item.get("rule").and_then(|r| r["chain"].as_str()) {
+            *chains.entry(name.to_owned()).or_insert(0) += 1;
+        }
+    }
+    Ok(Some(chains))
+}
+
 pub fn table_exists(family: &str, table: &str) -> Result<bool, NetError> {
     Ok(tables()?.iter().any(|(f, n)| f == family && n == table))
 }

@@ -152,14 +152,31 @@ impl Proxy {
         let root = std::fs::canonicalize(&opts.dir).map_err(ProxyError::io("resolving", &opts.dir))?;
         let layout = Layout::new(root)?;
         layout.create_dirs()?;
-        let inner = Arc::new(Inner {
-            opts,
-            layout,
-            queue: Mutex::new(Vec::new()),
-            turn: Arc::new(tokio::sync::Mutex::new(())),
-        });
-        let _turn = inner.turn.clone().lock_owned().await;
-        let task = inner.clone();
+        let proxy = Proxy {
+            inner: Arc::new(Inner {
+                opts,
+                layout,
+                queue: Mutex::new(Vec::new()),
+                turn: Arc::new(tokio::sync::Mutex::new(())),
+            }),
+        };
+        proxy.converge().await?;
+        Ok(proxy)
+    }
+
+    /// Makes sure the master runs (after a `teardown`, a reboot or a kill),
+    /// serving the sites on disk. True when one had to be started.
+    pub async fn ensure_running(&self) -> Result<bool, ProxyError> {
+        if self.master_pid().is_some() {
+            return Ok(false);
+        }
+        self.converge().await
+    }
+
+    /// Master and config in line with the options and the sites on disk.
+    async fn converge(&self) -> Result<bool, ProxyError> {
+        let _turn = self.inner.turn.clone().lock_owned().await;
+        let task = self.inner.clone();
         let converged = run_detached(async move {
             let _lock = task.file_lock().await?;
             let sites = apply::read_sites(&task.layout)?;
@@ -172,10 +189,10 @@ impl Proxy {
             generation = converged.generation,
             started = converged.started,
             reloaded = converged.changed,
-            dir = %inner.layout.root().display(),
+            dir = %self.inner.layout.root().display(),
             "nginx front is up"
         );
-        Ok(Proxy { inner })
+        Ok(converged.started)
     }
 
     /// Publish `site` (or replace the one of the same user). Returns once

@@ -6,9 +6,11 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::{Store, StoreError, classify, now};
+use crate::hosting::state::{Desired, HostingState};
+use crate::hosting::steps::Step;
 
-/// One hosting row. `status` and `step` are the orchestrator's words; the
-/// store keeps them as text.
+/// One hosting row, typed: its state and wish are parsed as they are read,
+/// so a row nobody can interpret is an error here, not a surprise later.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hosting {
     pub id: i64,
@@ -17,9 +19,13 @@ pub struct Hosting {
     pub vm_ip: String,
     pub mac: String,
     pub ssh_port: u16,
-    pub status: String,
-    pub step: Option<String>,
-    pub error: Option<String>,
+    pub state: HostingState,
+    pub desired: Desired,
+    /// The create step under way (while `creating`).
+    pub step: Option<Step>,
+    pub last_error: Option<String>,
+    /// When `state` was entered (RFC 3339).
+    pub state_since: String,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -31,7 +37,6 @@ pub struct NewHosting<'a> {
     pub vm_ip: &'a str,
     pub mac: &'a str,
     pub ssh_port: u16,
-    pub status: &'a str,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,8 +74,16 @@ pub struct UsedAllocations {
 /// refuses dynamic SQL).
 macro_rules! columns {
     () => {
-        "id, user_id, vm_id, vm_ip, mac, ssh_port, status, step, error, created_at, updated_at"
+        "id, user_id, vm_id, vm_ip, mac, ssh_port, status, desired, step, error, state_since, created_at, updated_at"
     };
+}
+
+fn parse_column<T: std::str::FromStr>(row: &AnyRow, column: &'static str) -> Result<T, StoreError> {
+    let text: String = row
+        .try_get(column)
+        .map_err(|e| StoreError::Query("read hosting", e))?;
+    text.parse()
+        .map_err(|_| StoreError::Corrupt { column, value: text })
 }
 
 fn hosting_from(row: &AnyRow) -> Result<Hosting, StoreError> {
@@ -86,9 +99,20 @@ fn hosting_from(row: &AnyRow) -> Result<Hosting, StoreError> {
             column: "ssh_port",
             value: port.to_string(),
         })?,
-        status: row.try_get("status").map_err(get)?,
-        step: row.try_get("step").map_err(get)?,
-        error: row.try_get("error").map_err(get)?,
+        state: parse_column(row, "status")?,
+        desired: parse_column(row, "desired")?,
+        step: row
+            .try_get::<Option<String>, _>("step")
+            .map_err(get)?
+            .map(|s| {
+                s.parse().map_err(|_| StoreError::Corrupt {
+                    column: "step",
+                    value: s,
+                })
+            })
+            .transpose()?,
+        last_error: row.try_get("error").map_err(get)?,
+        state_since: row.try_get("state_since").map_err(get)?,
         created_at: row.try_get("created_at").map_err(get)?,
         updated_at: row.try_get("updated_at").map_err(get)?,
     })
@@ -100,8 +124,8 @@ impl Store {
     pub async fn insert_hosting(&self, new: &NewHosting<'_>) -> Result<Hosting, StoreError> {
         let ts = now();
         let row = sqlx::query(concat!(
-            "INSERT INTO hostings (user_id, vm_id, vm_ip, mac, ssh_port, status, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $7) RETURNING ",
+            "INSERT INTO hostings (user_id, vm_id, vm_ip, mac, ssh_port, status, desired, state_since, \
+             created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $8) RETURNING ",
             columns!()
         ))
         .bind(new.user_id)
@@ -109,7 +133,8 @@ impl Store {
         .bind(new.vm_ip)
         .bind(new.mac)
         .bind(i64::from(new.ssh_port))
-        .bind(new.status)
+        .bind(HostingState::Creating.as_str())
+        .bind(Desired::Running.as_str())
         .bind(ts)
         .fetch_one(&self.pool)
         .await
@@ -147,53 +172,46 @@ impl Store {
         rows.iter().map(hosting_from).collect()
     }
 
-    /// Sets status, current step and error message.
-    pub async fn set_hosting_state(
+    /// Moves the hosting from `from` to `to` (with the step and last error
+    /// to show) only if it is still in `from`: the time written, or None when
+    /// another task got there first. The caller has checked the move with
+    /// `HostingState::transition`; `state_since` changes only with the state.
+    pub async fn swap_state(
         &self,
         id: i64,
-        status: &str,
-        step: Option<&str>,
+        from: HostingState,
+        to: HostingState,
+        step: Option<Step>,
         error: Option<&str>,
-    ) -> Result<(), StoreError> {
-        sqlx::query("UPDATE hostings SET status = $2, step = $3, error = $4, updated_at = $5 WHERE id = $1")
+    ) -> Result<Option<String>, StoreError> {
+        let ts = now();
+        let done = sqlx::query(
+            "UPDATE hostings SET status = $3, step = $4, error = $5, updated_at = $6, \
+             state_since = CASE WHEN status = $3 THEN state_since ELSE $6 END \
+             WHERE id = $1 AND status = $2",
+        )
+        .bind(id)
+        .bind(from.as_str())
+        .bind(to.as_str())
+        .bind(step.map(Step::name))
+        .bind(error)
+        .bind(&ts)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| StoreError::Query("swap hosting state", e))?;
+        Ok((done.rows_affected() == 1).then_some(ts))
+    }
+
+    /// Records what the user asks for.
+    pub async fn set_desired(&self, id: i64, desired: Desired) -> Result<(), StoreError> {
+        sqlx::query("UPDATE hostings SET desired = $2, updated_at = $3 WHERE id = $1")
             .bind(id)
-            .bind(status)
-            .bind(step)
-            .bind(error)
+            .bind(desired.as_str())
             .bind(now())
             .execute(&self.pool)
             .await
-            .map_err(|e| StoreError::Query("update hosting state", e))?;
+            .map_err(|e| StoreError::Query("set desired state", e))?;
         Ok(())
-    }
-
-    /// Moves `id` from `from` to `to` only if it is still in `from`; false when
-    /// another request got there first.
-    pub async fn swap_hosting_status(&self, id: i64, from: &str, to: &str) -> Result<bool, StoreError> {
-        let done =
-            sqlx::query("UPDATE hostings SET status = $3, updated_at = $4 WHERE id = $1 AND status = $2")
-                .bind(id)
-                .bind(from)
-                .bind(to)
-                .bind(now())
-                .execute(&self.pool)
-                .await
-                .map_err(|e| StoreError::Query("swap hosting status", e))?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    /// Like [`Store::swap_hosting_status`], by vm_id.
-    pub async fn swap_status_by_vm(&self, vm_id: &str, from: &str, to: &str) -> Result<bool, StoreError> {
-        let done =
-            sqlx::query("UPDATE hostings SET status = $3, updated_at = $4 WHERE vm_id = $1 AND status = $2")
-                .bind(vm_id)
-                .bind(from)
-                .bind(to)
-                .bind(now())
-                .execute(&self.pool)
-                .await
-                .map_err(|e| StoreError::Query("swap hosting status by vm", e))?;
-        Ok(done.rows_affected() == 1)
     }
 
     /// Deletes the row, its journal, and with them its allocations.

@@ -12,6 +12,7 @@ pub mod dir;
 mod engine;
 pub mod plan;
 pub mod qmp;
+pub mod scan;
 pub mod state;
 mod supervisor;
 

@@ -6,10 +6,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::fakes::FakeWorld;
 use serde_json::{Value, json};
 use webhoster::api::{self, ApiConfig, ApiState};
 use webhoster::auth::Auth;
-use webhoster::hosting::fakes::FakeWorld;
 use webhoster::hosting::{HostingConfig, HostingService, Readiness};
 use webhoster::store::Store;
 

@@ -4,6 +4,7 @@
 
 pub mod control;
 pub mod deploy;
+pub mod fakes;
 pub mod guest;
 pub mod host;
 pub mod vmm_stub;

@@ -1,4 +1,5 @@
-//! In-memory fakes of every port, for fast tests and the API bench. They
+//! In-memory fakes of every port, for fast tests and the API bench (which
+//! includes this file by path). They
 //! record each call (`"engine.spawn vm-..."`), keep the resources they "hold"
 //! so a test can assert that nothing leaked, and fail or hang on request at
 //! any named method. A fake is never the proof that a real part works.
@@ -11,9 +12,9 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use ipnet::Ipv4Net;
 
-use super::ports::*;
-use super::steps::Step;
-use crate::seed::SeedSpec;
+use webhoster::hosting::Step;
+use webhoster::hosting::ports::*;
+use webhoster::seed::SeedSpec;
 
 /// What the fakes hold right now.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -41,6 +42,10 @@ struct World {
     delay: std::collections::HashMap<String, std::time::Duration>,
     held: Held,
     unhealthy: BTreeSet<String>,
+    proxy_down: bool,
+    panic: HashSet<String>,
+    /// None: the boot is done.
+    guest_boot: Option<GuestBoot>,
 }
 
 pub struct FakeWorld {
@@ -63,10 +68,6 @@ pub fn step_method(step: Step) -> &'static str {
         Step::Publish => "probe.published_ready",
     }
 }
-
-#[derive(Debug, thiserror::Error)]
-#[error("injected failure in {0}")]
-pub struct Injected(pub String);
 
 impl FakeWorld {
     /// `dir` is where VM directories would be (serial logs are read from there).
@@ -113,6 +114,7 @@ impl FakeWorld {
         let mut w = self.w();
         w.fail.clear();
         w.hang.clear();
+        w.panic.clear();
         w.delay.clear();
     }
 
@@ -144,15 +146,17 @@ impl FakeWorld {
 
     /// Records the call, then fails or hangs if asked to.
     async fn enter(&self, method: &str, arg: &str) -> Result<(), PortError> {
-        let (fail, hang, delay) = {
+        let (fail, hang, delay, panic) = {
             let mut w = self.w();
             w.calls.push(format!("{method} {arg}"));
             (
                 w.fail.contains(method),
                 w.hang.contains(method),
                 w.delay.get(method).copied(),
+                w.panic.contains(method),
             )
         };
+        assert!(!panic, "injected panic in {method}");
         if let Some(d) = delay {
             tokio::time::sleep(d).await;
         }
@@ -160,7 +164,7 @@ impl FakeWorld {
             std::future::pending::<()>().await;
         }
         if fail {
-            return Err(Box::new(Injected(method.to_owned())));
+            return Err(injected(method));
         }
         Ok(())
     }
@@ -168,6 +172,62 @@ impl FakeWorld {
     fn with<T>(&self, f: impl FnOnce(&mut Held) -> T) -> T {
         f(&mut self.w().held)
     }
+
+    /// What a host reboot does to the parts: no QEMU, no tap, no forward,
+    /// no nginx (its sites stay on disk, as the real front's do).
+    pub fn reboot(&self) {
+        self.with(|h| {
+            h.vms.clear();
+            h.taps.clear();
+            h.forwards.clear();
+        });
+        self.w().proxy_down = true;
+    }
+
+    /// A tap vanishes (an operator's `ip link del`).
+    pub fn remove_tap(&self, vm_id: &str) {
+        let name = self.tap_name(vm_id);
+        self.with(|h| h.taps.remove(&name));
+    }
+
+    /// Resources of a VM and a site that no hosting owns (a crash's leftovers).
+    pub fn plant_orphan(&self, vm_id: &str, user_id: i64) {
+        let tap = self.tap_name(vm_id);
+        self.with(|h| {
+            h.disks.insert(vm_id.to_owned());
+            h.vms.insert(vm_id.to_owned(), true);
+            h.taps.insert(tap);
+            h.forwards
+                .insert(vm_id.to_owned(), (19999, Ipv4Addr::new(10, 98, 0, 250)));
+            h.sites.insert(
+                user_id,
+                Site {
+                    user_id,
+                    username: "ghost".into(),
+                    upstream: std::net::SocketAddrV4::new(Ipv4Addr::new(10, 98, 0, 250), 80),
+                },
+            );
+        });
+    }
+
+    /// Every later call of `method` panics (a bug in the task running it).
+    pub fn panic_on(&self, method: &str) {
+        self.w().panic.insert(method.to_owned());
+    }
+
+    /// Sets what the guest says about its boot.
+    pub fn set_guest_boot(&self, boot: GuestBoot) {
+        self.w().guest_boot = Some(boot);
+    }
+}
+
+/// The error an injected failure reports.
+pub fn injected(method: &str) -> PortError {
+    PortError::Io(std::io::Error::other(format!("injected failure in {method}")))
+}
+
+fn refused(what: &str) -> PortError {
+    PortError::Probe(format!("fake: {what}"))
 }
 
 #[async_trait]
@@ -185,8 +245,11 @@ impl VmEngine for FakeWorld {
         self.with(|h| h.disks.remove(vm_id));
         Ok(())
     }
-    async fn spawn(&self, vm: &VmLaunch) -> Result<(), PortError> {
+    async fn spawn(&self, vm: &VmLaunch) -> Result<Spawned, PortError> {
         self.enter("engine.spawn", &vm.vm_id).await?;
+        if self.with(|h| h.vms.get(&vm.vm_id) == Some(&true)) {
+            return Ok(Spawned::Adopted);
+        }
         let ok = self.with(|h| {
             let ready = h.disks.contains(&vm.vm_id)
                 && h.taps.contains(&vm.tap_name)
@@ -198,9 +261,9 @@ impl VmEngine for FakeWorld {
             ready
         });
         if ok {
-            Ok(())
+            Ok(Spawned::Started)
         } else {
-            Err("fake engine: spawn without disk, tap or seed".into())
+            Err(refused("engine: spawn without disk, tap or seed"))
         }
     }
     async fn kill(&self, vm_id: &str) -> Result<(), PortError> {
@@ -235,6 +298,22 @@ impl VmEngine for FakeWorld {
             }
         })
     }
+    async fn guest_boot(&self, vm_id: &str) -> GuestBoot {
+        let _ = self.enter("engine.guest_boot", vm_id).await;
+        self.w().guest_boot.clone().unwrap_or(GuestBoot::Done)
+    }
+    async fn vm_ids(&self) -> Result<Vec<String>, PortError> {
+        self.enter("engine.vm_ids", "").await?;
+        Ok(self.with(|h| {
+            h.disks
+                .iter()
+                .chain(h.vms.keys())
+                .cloned()
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect()
+        }))
+    }
     fn serial_log(&self, vm_id: &str) -> PathBuf {
         self.vm_dir(vm_id).join("serial.log")
     }
@@ -256,6 +335,30 @@ impl VmNetwork for FakeWorld {
     }
     fn tap_name(&self, vm_id: &str) -> String {
         format!("tap{}", vm_id.trim_start_matches("vm-"))
+    }
+    async fn ensure(&self) -> Result<bool, PortError> {
+        self.enter("net.ensure", "").await?;
+        Ok(false)
+    }
+    async fn inventory(&self) -> Result<NetInventory, PortError> {
+        self.enter("net.inventory", "").await?;
+        Ok(self.with(|h| NetInventory {
+            taps: h.taps.iter().cloned().collect(),
+            forwards: h.forwards.clone().into_iter().collect(),
+        }))
+    }
+    async fn remove_orphans(&self, taps: &[String], forwards_of: &[String]) -> Result<(), PortError> {
+        self.enter("net.remove_orphans", &format!("{taps:?} {forwards_of:?}"))
+            .await?;
+        self.with(|h| {
+            for t in taps {
+                h.taps.remove(t);
+            }
+            for v in forwards_of {
+                h.forwards.remove(v);
+            }
+        });
+        Ok(())
     }
     async fn create_tap(&self, vm_id: &str) -> Result<String, PortError> {
         self.enter("net.create_tap", vm_id).await?;
@@ -283,6 +386,13 @@ impl VmNetwork for FakeWorld {
 
 #[async_trait]
 impl SiteProxy for FakeWorld {
+    async fn ensure(&self) -> Result<bool, PortError> {
+        self.enter("proxy.ensure", "").await?;
+        Ok(std::mem::take(&mut self.w().proxy_down))
+    }
+    async fn sites(&self) -> Result<Vec<Site>, PortError> {
+        Ok(self.with(|h| h.sites.values().cloned().collect()))
+    }
     async fn add_site(&self, site: &Site) -> Result<(), PortError> {
         self.enter("proxy.add_site", &site.user_id.to_string()).await?;
         self.with(|h| h.sites.insert(site.user_id, site.clone()));
@@ -324,7 +434,7 @@ impl GuestProbe for FakeWorld {
         if self.with(|h| h.sites.contains_key(&user_id)) {
             Ok(())
         } else {
-            Err("fake proxy: no site".into())
+            Err(refused("proxy: no site"))
         }
     }
 }

@@ -1,0 +1,358 @@
+//! The real parts behind the orchestrator's ports: thin adapters from
+//! `vmm::Engine`, `net::Network` and `proxy::Proxy` to `hosting::ports`.
+//! Nothing here decides anything the modules own; it only translates, and
+//! keeps the handles that a rebuild (network, nginx master) replaces.
+
+use std::net::Ipv4Addr;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ipnet::Ipv4Net;
+
+use crate::hosting::ports::{
+    GuestBoot, NetInventory, PortError, SiteProxy, Spawned, VmEngine, VmLaunch, VmNetwork, VmRunState,
+    VmStateEvent,
+};
+use crate::image::Image;
+use crate::net::{self, NetOptions, Network};
+use crate::proxy::{self, Proxy};
+use crate::vmm::{self, Engine, Plan, VmNet, VmSpec, VmState};
+
+/// How long a stop waits for the guest to power down (ACPI) before QEMU is
+/// told to quit. A Debian guest under TCG powers off in a few seconds; the
+/// margin is for a loaded host.
+pub const GRACEFUL_STOP: Duration = Duration::from_secs(30);
+
+/// Opens taps in the namespace by its path, so it keeps working when the
+/// network is rebuilt under the same name.
+pub struct NsTaps(pub NetOptions);
+
+impl vmm::TapOpener for NsTaps {
+    fn open(&self, tap_name: &str) -> std::io::Result<OwnedFd> {
+        net::open_tap(&self.0, tap_name)
+    }
+}
+
+/// The engine, with what is the same for every VM: plan and image.
+pub struct EngineAdapter {
+    pub engine: Arc<Engine>,
+    pub plan: Plan,
+    pub image: Image,
+    /// `<state>/vms`, absolute (QEMU command lines are matched against it).
+    pub vms_dir: PathBuf,
+}
+
+impl EngineAdapter {
+    pub fn spec(&self, vm: &VmLaunch) -> VmSpec {
+        VmSpec {
+            vm_id: vm.vm_id.clone(),
+            plan: self.plan.clone(),
+            kernel: self.image.kernel.clone(),
+            initrd: self.image.initrd.clone(),
+            base_disk: self.image.disk.clone(),
+            append: crate::image::KERNEL_CMDLINE.to_owned(),
+            seed_iso: vm.seed_iso.clone(),
+            net: VmNet::Tap {
+                tap_name: vm.tap_name.clone(),
+                mac: vm.mac.clone(),
+            },
+            labels: vm.labels.iter().cloned().collect(),
+        }
+    }
+}
+
+impl EngineAdapter {
+    /// Makes sure the engine manages `vm_id` if its QEMU runs: after a restart
+    /// of the service, an undo may reach a VM that was never reattached (a
+    /// create cut short by a crash), and its QEMU must not be left behind.
+    async fn adopt(&self, vm_id: &str) {
+        if self.engine.status(vm_id).is_some() {
+            return;
+        }
+        let Ok(spec) = self.engine.vm_dir(vm_id).read_spec() else {
+            return;
+        };
+        for (vm_id, outcome) in self.engine.reattach(std::slice::from_ref(&spec)).await {
+            tracing::info!(%vm_id, ?outcome, "adopted a VM this process had not seen");
+        }
+    }
+}
+
+#[async_trait]
+impl VmEngine for EngineAdapter {
+    fn vm_dir(&self, vm_id: &str) -> PathBuf {
+        self.engine.vm_dir(vm_id).root().to_owned()
+    }
+
+    async fn create_disk(&self, vm: &VmLaunch) -> Result<(), PortError> {
+        self.engine.create_disk(&self.spec(vm)).await?;
+        Ok(())
+    }
+
+    async fn remove_disk(&self, vm_id: &str) -> Result<(), PortError> {
+        match tokio::fs::remove_file(self.engine.vm_dir(vm_id).disk()).await {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(err.into()),
+            _ => Ok(()),
+        }
+    }
+
+    async fn spawn(&self, vm: &VmLaunch) -> Result<Spawned, PortError> {
+        let running = self.engine.vm_dir(&vm.vm_id).live_pid(&vm.vm_id).is_some();
+        self.engine.start(&self.spec(vm)).await?;
+        Ok(if running {
+            Spawned::Adopted
+        } else {
+            Spawned::Started
+        })
+    }
+
+    async fn kill(&self, vm_id: &str) -> Result<(), PortError> {
+        self.adopt(vm_id).await;
+        match self.engine.stop(vm_id, Duration::ZERO).await {
+            Ok(()) | Err(vmm::VmmError::UnknownVm(_)) => Ok(()),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    async fn stop(&self, vm_id: &str) -> Result<(), PortError> {
+        match self.engine.stop(vm_id, GRACEFUL_STOP).await {
+            Ok(()) | Err(vmm::VmmError::UnknownVm(_)) => Ok(()),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    async fn restart(&self, vm: &VmLaunch) -> Result<(), PortError> {
+        match self.engine.restart(&vm.vm_id).await {
+            Ok(_) => Ok(()),
+            // Not known since this start (stopped before a restart of the
+            // service): start it from its launch description.
+            Err(vmm::VmmError::UnknownVm(_)) => self.spawn(vm).await.map(|_| ()),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    async fn destroy(&self, vm_id: &str) -> Result<(), PortError> {
+        self.adopt(vm_id).await;
+        self.engine.destroy(vm_id).await?;
+        // A QEMU whose directory was already gone is known to nobody but
+        // /proc: a crash between removing the directory and the process.
+        for (pid, _) in vmm::scan::qemu_processes(&self.vms_dir)
+            .into_iter()
+            .filter(|(_, id)| id == vm_id)
+        {
+            tracing::warn!(%vm_id, pid, "killing an orphaned QEMU");
+            crate::sys::kill_process(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        match tokio::fs::remove_dir_all(self.engine.vm_dir(vm_id).root()).await {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(err.into()),
+            _ => Ok(()),
+        }
+    }
+
+    fn run_state(&self, vm_id: &str) -> Option<VmRunState> {
+        self.engine.status(vm_id).map(|status| run_state(status.state))
+    }
+
+    async fn guest_boot(&self, vm_id: &str) -> GuestBoot {
+        let _ = vm_id;
+        GuestBoot::NoAgent
+    }
+
+    async fn vm_ids(&self) -> Result<Vec<String>, PortError> {
+        let mut ids = std::collections::BTreeSet::new();
+        match std::fs::read_dir(&self.vms_dir) {
+            Ok(entries) => {
+                for entry in entries.flatten() {
+                    if entry.file_type().is_ok_and(|t| t.is_dir())
+                        && let Some(name) = entry.file_name().to_str()
+                        && vmm::validate_vm_id(name).is_ok()
+                    {
+                        ids.insert(name.to_owned());
+                    }
+                }
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => return Err(err.into()),
+        }
+        ids.extend(
+            vmm::scan::qemu_processes(&self.vms_dir)
+                .into_iter()
+                .map(|(_, id)| id),
+        );
+        Ok(ids.into_iter().collect())
+    }
+
+    fn serial_log(&self, vm_id: &str) -> PathBuf {
+        self.engine.vm_dir(vm_id).serial_log()
+    }
+
+    fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<VmStateEvent>> {
+        let mut events = self.engine.subscribe();
+        let (tx, rx) = tokio::sync::broadcast::channel(1024);
+        tokio::spawn(async move {
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                match events.recv().await {
+                    Ok(event) => {
+                        let state = run_state(event.to);
+                        if tx
+                            .send(VmStateEvent {
+                                vm_id: event.vm_id,
+                                state,
+                            })
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Err(RecvError::Lagged(n)) => tracing::warn!(missed = n, "VM events lagged"),
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        });
+        Some(rx)
+    }
+}
+
+fn run_state(state: VmState) -> VmRunState {
+    match state {
+        VmState::Running => VmRunState::Running,
+        VmState::Starting => VmRunState::Starting,
+        VmState::Stopping => VmRunState::Stopping,
+        VmState::Crashed => VmRunState::Crashed,
+        VmState::Failed => VmRunState::Failed,
+        VmState::Creating | VmState::Stopped | VmState::Deleting | VmState::Deleted => VmRunState::Stopped,
+    }
+}
+
+/// The VM network, rebuilt in place when a part of it vanished.
+pub struct NetworkAdapter {
+    opts: NetOptions,
+    current: tokio::sync::RwLock<Arc<Network>>,
+}
+
+impl NetworkAdapter {
+    pub fn new(network: Arc<Network>) -> NetworkAdapter {
+        NetworkAdapter {
+            opts: network.options().clone(),
+            current: tokio::sync::RwLock::new(network),
+        }
+    }
+
+    /// The network as built last.
+    pub async fn get(&self) -> Arc<Network> {
+        self.current.read().await.clone()
+    }
+}
+
+#[async_trait]
+impl VmNetwork for NetworkAdapter {
+    fn subnet(&self) -> Ipv4Net {
+        self.opts.subnet
+    }
+
+    fn gateway(&self) -> Ipv4Addr {
+        net::alloc::gateway(self.opts.subnet)
+    }
+
+    fn port_is_free(&self, port: u16) -> bool {
+        net::alloc::port_is_free(self.opts.ssh_bind, port)
+    }
+
+    fn tap_name(&self, vm_id: &str) -> String {
+        net::tap_name(vm_id)
+    }
+
+    async fn ensure(&self) -> Result<bool, PortError> {
+        let missing = self.get().await.missing_parts().await?;
+        if missing.is_empty() {
+            return Ok(false);
+        }
+        let mut current = self.current.write().await;
+        // Another caller may have rebuilt it while we waited.
+        if current.missing_parts().await?.is_empty() {
+            return Ok(false);
+        }
+        tracing::warn!(?missing, netns = %self.opts.netns, "parts of the VM network are gone: rebuilding");
+        *current = Arc::new(Network::up(self.opts.clone()).await?);
+        Ok(true)
+    }
+
+    async fn inventory(&self) -> Result<NetInventory, PortError> {
+        let network = self.get().await;
+        let (taps, forwards) = tokio::join!(network.taps(), network.forwards());
+        Ok(NetInventory {
+            taps: taps?.into_iter().collect(),
+            forwards: forwards?
+                .into_iter()
+                .map(|f| (f.vm_id, (f.port, f.guest)))
+                .collect(),
+        })
+    }
+
+    async fn remove_orphans(&self, taps: &[String], forwards_of: &[String]) -> Result<(), PortError> {
+        let network = self.get().await;
+        for tap in taps {
+            network.delete_tap_named(tap).await?;
+        }
+        for vm_id in forwards_of {
+            network.remove_forward(vm_id).await?;
+        }
+        Ok(())
+    }
+
+    async fn create_tap(&self, vm_id: &str) -> Result<String, PortError> {
+        Ok(self.get().await.create_tap(vm_id).await?)
+    }
+
+    async fn delete_tap(&self, vm_id: &str) -> Result<(), PortError> {
+        Ok(self.get().await.delete_tap(vm_id).await?)
+    }
+
+    async fn add_forward(&self, vm_id: &str, host_port: u16, guest_ip: Ipv4Addr) -> Result<(), PortError> {
+        Ok(self.get().await.add_forward(vm_id, host_port, guest_ip).await?)
+    }
+
+    async fn remove_forward(&self, vm_id: &str) -> Result<(), PortError> {
+        Ok(self.get().await.remove_forward(vm_id).await?)
+    }
+}
+
+pub struct ProxyAdapter(pub Arc<Proxy>);
+
+#[async_trait]
+impl SiteProxy for ProxyAdapter {
+    async fn ensure(&self) -> Result<bool, PortError> {
+        Ok(self.0.ensure_running().await?)
+    }
+
+    async fn sites(&self) -> Result<Vec<crate::hosting::ports::Site>, PortError> {
+        Ok(self
+            .0
+            .sites()
+            .await?
+            .into_iter()
+            .map(|s| crate::hosting::ports::Site {
+                user_id: s.user_id,
+                username: s.username,
+                upstream: s.upstream,
+            })
+            .collect())
+    }
+
+    async fn add_site(&self, site: &crate::hosting::ports::Site) -> Result<(), PortError> {
+        let site = proxy::Site {
+            user_id: site.user_id,
+            username: site.username.clone(),
+            upstream: site.upstream,
+        };
+        Ok(self.0.add_site(&site).await?)
+    }
+
+    async fn remove_site(&self, user_id: i64) -> Result<(), PortError> {
+        Ok(self.0.remove_site(user_id).await?)
+    }
+}

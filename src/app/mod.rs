@@ -1,0 +1,272 @@
+//! app: the one place that wires the service. `webhoster serve` brings the
+//! parts up in order (image, network, engine, nginx), puts the real adapters
+//! behind the orchestrator's ports, recovers unfinished work, runs a first
+//! convergence pass and the reaper, and only then serves the API; then it
+//! keeps converging until SIGTERM or SIGINT. Nothing here decides policy:
+//! that is `hosting`'s.
+
+pub mod adapters;
+pub mod system;
+pub mod teardown;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::api::{self, ApiConfig, ApiState};
+use crate::auth::{self, Auth};
+use crate::config::{Paths, ServeArgs};
+use crate::hosting::ports::Ports;
+use crate::hosting::{HostingConfig, HostingService, Readiness, chain};
+use crate::net::{NetOptions, Network};
+use crate::proxy::{Proxy, ProxyOptions};
+use crate::store::{self, Store};
+use crate::vmm::{self, Engine, EngineOptions, Plan};
+
+pub use teardown::teardown;
+
+/// The ports, and the engine when the parts are real (to stop the guests
+/// at shutdown with `--stop-guests`).
+pub struct Backends {
+    pub ports: Ports,
+    pub engine: Option<Arc<Engine>>,
+}
+
+/// Brings up image, network, engine and nginx, in that order (each later
+/// part needs the earlier ones: the engine opens taps in the namespace),
+/// and wires them into [`Ports`].
+pub async fn build_backends(paths: &Paths, args: &ServeArgs) -> anyhow::Result<Backends> {
+    let cache = paths.image_cache.clone();
+    let image = tokio::task::spawn_blocking(move || crate::image::ensure(&cache))
+        .await
+        .context("the image build task")?
+        .context("the guest image")?;
+    let plan = Plan::load(&args.plan).with_context(|| format!("the VM plan {:?}", args.plan))?;
+    let net_opts = NetOptions::from(&args.net);
+    let network = Arc::new(
+        Network::up(net_opts.clone())
+            .await
+            .with_context(|| format!("setting up the VM network (namespace {})", args.net.netns))?,
+    );
+    let vms_dir = absolute(paths.vms_dir());
+    let mut opts = EngineOptions::new(vms_dir.clone());
+    opts.qemu = args.vmm.qemu.clone();
+    opts.accel = args.vmm.accel;
+    opts.tap_opener = Some(Arc::new(adapters::NsTaps(net_opts)) as Arc<dyn vmm::TapOpener>);
+    let engine = Arc::new(Engine::new(opts).context("starting the VM engine")?);
+    let mut proxy_opts = ProxyOptions::new(paths.nginx_dir(), args.http_addr);
+    proxy_opts.site_domain = args.site_domain.clone();
+    proxy_opts.docs_url = format!("http://{}/docs", crate::hosting::probe::reachable(args.api_addr));
+    let proxy = Arc::new(
+        Proxy::start(proxy_opts)
+            .await
+            .context("starting the nginx front")?,
+    );
+    let ports = Ports {
+        engine: Arc::new(adapters::EngineAdapter {
+            engine: engine.clone(),
+            plan,
+            image,
+            vms_dir,
+        }),
+        network: Arc::new(adapters::NetworkAdapter::new(network)),
+        proxy: Arc::new(adapters::ProxyAdapter(proxy.clone())),
+        seeder: Arc::new(crate::hosting::seeder::IsoSeeder),
+        probe: Arc::new(crate::hosting::probe::TcpProbe {
+            http_addr: args.http_addr,
+            ssh_bind: args.net.ssh_bind,
+        }),
+        system: Arc::new(system::System {
+            paths: paths.clone(),
+            args: args.clone(),
+            engine: engine.clone(),
+            proxy,
+        }),
+    };
+    Ok(Backends {
+        ports,
+        engine: Some(engine),
+    })
+}
+
+/// The hosting's side of `vm info`: its state, since when, what its user
+/// asked for and the last error, read from the database (`DATABASE_URL` or
+/// the state dir's SQLite). None when there is no database or no row.
+pub async fn hosting_summary(paths: &Paths, vm_id: &str) -> Option<String> {
+    let url = match std::env::var("DATABASE_URL") {
+        Ok(url) => url,
+        // Never create a database just to show that it is empty.
+        Err(_) if !paths.state_dir.join("webhoster.db").exists() => return None,
+        Err(_) => store::default_url(&paths.state_dir),
+    };
+    let store = Store::connect(&url).await.ok()?;
+    let h = store
+        .all_hostings()
+        .await
+        .ok()?
+        .into_iter()
+        .find(|h| h.vm_id == vm_id);
+    store.close().await;
+    let h = h?;
+    Some(format!(
+        "hosting:    {} since {} (desired: {}){}\nlast_error: {}\n",
+        h.state,
+        h.state_since,
+        h.desired,
+        h.step.map(|s| format!(", step {}", s.name())).unwrap_or_default(),
+        h.last_error.as_deref().unwrap_or("none"),
+    ))
+}
+
+fn absolute(path: PathBuf) -> PathBuf {
+    std::path::absolute(&path).unwrap_or(path)
+}
+
+/// The host part of a URL that reaches a listener on `addr` from this host.
+fn reachable_host(addr: std::net::SocketAddr) -> String {
+    crate::hosting::probe::reachable(addr).ip().to_string()
+}
+
+/// How long requests in flight may finish after SIGTERM.
+const GRACE: Duration = Duration::from_secs(30);
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+pub async fn run(paths: Paths, args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let backends = build_backends(&paths, &args).await?;
+    run_with(paths, args, backends).await
+}
+
+/// `serve` over any backends (the real ones from [`build_backends`], or
+/// fakes in a test that runs the whole service).
+pub async fn run_with(paths: Paths, args: ServeArgs, backends: Backends) -> anyhow::Result<ExitCode> {
+    std::fs::create_dir_all(&paths.state_dir)
+        .with_context(|| format!("creating the state dir {}", paths.state_dir.display()))?;
+    let url = args
+        .database_url
+        .clone()
+        .unwrap_or_else(|| store::default_url(&paths.state_dir));
+    let store = Store::connect(&url).await.context("opening the database")?;
+    let secret = match &args.jwt_secret {
+        Some(s) => s.as_bytes().to_vec(),
+        None => auth::load_or_create_secret(&paths.state_dir)?,
+    };
+    // Hashing gets all cores but one: a login flood then leaves a core for
+    // every other route (each hash is ~20 MiB and tens of ms of one core).
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let auth = Auth::new(
+        &secret,
+        Duration::from_secs(args.token_ttl),
+        cores.saturating_sub(1).max(1),
+    )?;
+    let cfg = HostingConfig {
+        login_user: "ubuntu".into(),
+        ssh_ports: args.net.ssh_ports.clone(),
+        ready: Readiness {
+            timeout: Duration::from_secs(args.ready_timeout),
+            interval: Duration::from_millis(500),
+        },
+        ..HostingConfig::default()
+    };
+    let Backends { ports, engine } = backends;
+    let hosting = HostingService::new(store.clone(), ports, cfg);
+    // Before the API accepts work: undo unfinished creates, finish deletes,
+    // remove what belongs to no hosting, and make one convergence pass so
+    // every state shown is one seen since this start.
+    let report = hosting.recover().await.context("recovering unfinished work")?;
+    tracing::info!(undone = ?report.undone, deleted = ?report.deleted, failed = ?report.failed, "recovery done");
+    let reaped = hosting.reap().await.context("removing leftovers")?;
+    tracing::info!(?reaped, "reaper done");
+    let started = std::time::Instant::now();
+    let pass = hosting
+        .converge_all()
+        .await
+        .context("the first convergence pass")?;
+    tracing::info!(seconds = started.elapsed().as_secs_f64(), repaired = ?pass.repaired, "first convergence pass done");
+    let follower = hosting.follow_engine();
+    let convergence = hosting.spawn_convergence();
+    let state = ApiState::new(
+        store.clone(),
+        auth,
+        Arc::clone(&hosting),
+        ApiConfig {
+            public_host: args.public_host.clone(),
+            http_port: args.http_addr.port(),
+            state_dir: Some(paths.state_dir.clone()),
+            ..ApiConfig::default()
+        },
+    );
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let mut graceful_rx = stop_rx.clone();
+    let graceful = async move {
+        let _ = graceful_rx.wait_for(|stop| *stop).await;
+    };
+    let (addr, server) = api::serve(args.api_addr, state, graceful)
+        .await
+        .with_context(|| format!("binding the API to {}", args.api_addr))?;
+    tracing::info!(%addr, "API listening");
+    let site_host = args
+        .public_host
+        .clone()
+        .unwrap_or_else(|| reachable_host(args.http_addr));
+    let site_port = if args.http_addr.port() == 80 {
+        String::new()
+    } else {
+        format!(":{}", args.http_addr.port())
+    };
+    println!(
+        "webhoster is up\n  API:   http://{addr}/api/v1\n  docs:  http://{addr}/docs\n  sites: http://{site_host}{site_port}/<user_id>/"
+    );
+    let mut deadline_rx = stop_rx;
+    tokio::select! {
+        () = server => {}
+        () = async move {
+            let _ = deadline_rx.wait_for(|stop| *stop).await;
+            tokio::time::sleep(GRACE).await;
+        } => {
+            // A synchronous create can take minutes under TCG; the journal
+            // makes cutting it safe.
+            tracing::warn!(grace = ?GRACE, "requests still in flight after the grace period; stopping anyway");
+        }
+    }
+    // Creates still running are cut where they stand; the journal lets the
+    // next start undo them.
+    convergence.abort();
+    // Stops the guests get now are ours, not their users' power-offs.
+    if let Some(follower) = follower {
+        follower.abort();
+    }
+    hosting.abort_creates();
+    if args.stop_guests
+        && let Some(engine) = &engine
+    {
+        match teardown::stop_guests(engine, &paths.vms_dir()).await {
+            Ok(n) => tracing::info!(stopped = n, "guests stopped (--stop-guests)"),
+            Err(e) => tracing::error!(error = %chain(e.as_ref()), "stopping the guests"),
+        }
+    }
+    store.close().await;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,235 @@
+//! A hosting's lifecycle: one enum, one transition function, and the state
+//! the user asked for. The hosting's state is what webhoster *saw* last; the
+//! desired state is what the user *asked* for. Convergence moves the first
+//! toward the second, and every move goes through [`HostingState::transition`].
+//!
+//! ```text
+//! creating -> running | failed | deleting
+//! starting -> running | stopping | stopped | restarting | paused | failed
+//! running  -> starting (a part vanished: being repaired) | stopping | stopped
+//!             | restarting (QEMU crashed) | paused (QMP STOP) | failed
+//! stopping -> stopped | starting (a restart) | failed
+//! stopped  -> starting
+//! restarting -> starting | running | stopping | stopped | paused | failed
+//! paused   -> running | starting | restarting | stopping | stopped | failed
+//! failed   -> starting | stopping | stopped
+//! any but deleting -> deleting; deleting is left only by removing the row
+//! ```
+
+use std::fmt;
+use std::str::FromStr;
+
+/// What a hosting is doing, as last observed. Stored as its `as_str` name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HostingState {
+    /// The create steps run (the row's `step` says which).
+    Creating,
+    /// QEMU runs or is being started, and the site or SSH does not answer yet.
+    Starting,
+    /// QEMU runs, the site answers through nginx and SSH accepts.
+    Running,
+    /// A stop (ACPI power-down, then quit) is under way.
+    Stopping,
+    /// No QEMU, by request (or the guest powered itself off).
+    Stopped,
+    /// QEMU exited unasked; the supervisor restarts it with backoff.
+    Restarting,
+    /// QEMU runs but the guest is paused (QMP `STOP`: an I/O error, a full disk).
+    Paused,
+    /// Could not be brought to the desired state; `last_error` says why.
+    Failed,
+    /// Everything is being removed; the row goes when that is done.
+    Deleting,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("invalid hosting state transition from {from} to {to}")]
+pub struct InvalidTransition {
+    pub from: HostingState,
+    pub to: HostingState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown hosting state {0:?}")]
+pub struct UnknownState(pub String);
+
+impl HostingState {
+    pub const ALL: [HostingState; 9] = [
+        HostingState::Creating,
+        HostingState::Starting,
+        HostingState::Running,
+        HostingState::Stopping,
+        HostingState::Stopped,
+        HostingState::Restarting,
+        HostingState::Paused,
+        HostingState::Failed,
+        HostingState::Deleting,
+    ];
+
+    /// Whether `self -> to` is allowed. Staying put is not a transition.
+    pub fn can_transition(self, to: HostingState) -> bool {
+        use HostingState::*;
+        match (self, to) {
+            (Deleting, _) => false,
+            (_, Deleting) => true,
+            (Creating, Running | Failed) => true,
+            (Creating, _) | (_, Creating) => false,
+            (Starting, Running | Stopping | Stopped | Restarting | Paused | Failed) => true,
+            (Running, Starting | Stopping | Stopped | Restarting | Paused | Failed) => true,
+            (Stopping, Stopped | Starting | Failed) => true,
+            (Stopped, Starting) => true,
+            (Restarting, Starting | Running | Stopping | Stopped | Paused | Failed) => true,
+            (Paused, Running | Starting | Restarting | Stopping | Stopped | Failed) => true,
+            (Failed, Starting | Stopping | Stopped) => true,
+            _ => false,
+        }
+    }
+
+    pub fn transition(self, to: HostingState) -> Result<HostingState, InvalidTransition> {
+        if self.can_transition(to) {
+            Ok(to)
+        } else {
+            Err(InvalidTransition { from: self, to })
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostingState::Creating => "creating",
+            HostingState::Starting => "starting",
+            HostingState::Running => "running",
+            HostingState::Stopping => "stopping",
+            HostingState::Stopped => "stopped",
+            HostingState::Restarting => "restarting",
+            HostingState::Paused => "paused",
+            HostingState::Failed => "failed",
+            HostingState::Deleting => "deleting",
+        }
+    }
+}
+
+impl FromStr for HostingState {
+    type Err = UnknownState;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        HostingState::ALL
+            .into_iter()
+            .find(|x| x.as_str() == s)
+            .ok_or_else(|| UnknownState(s.to_owned()))
+    }
+}
+
+impl fmt::Display for HostingState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the user asked for. Deletion is a state of its own (`deleting`), not
+/// a wish: once asked, it is under way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Desired {
+    Running,
+    Stopped,
+}
+
+impl Desired {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Desired::Running => "running",
+            Desired::Stopped => "stopped",
+        }
+    }
+}
+
+impl FromStr for Desired {
+    type Err = UnknownState;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "running" => Ok(Desired::Running),
+            "stopped" => Ok(Desired::Stopped),
+            _ => Err(UnknownState(s.to_owned())),
+        }
+    }
+}
+
+impl fmt::Display for Desired {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HostingState::{self, *};
+
+    /// Every allowed pair, written out once more: a change to the table in
+    /// `can_transition` must be made here too, on purpose.
+    const ALLOWED: &[(HostingState, HostingState)] = &[
+        (Creating, Running),
+        (Creating, Failed),
+        (Creating, Deleting),
+        (Starting, Running),
+        (Starting, Stopping),
+        (Starting, Stopped),
+        (Starting, Restarting),
+        (Starting, Paused),
+        (Starting, Failed),
+        (Starting, Deleting),
+        (Running, Starting),
+        (Running, Stopping),
+        (Running, Stopped),
+        (Running, Restarting),
+        (Running, Paused),
+        (Running, Failed),
+        (Running, Deleting),
+        (Stopping, Stopped),
+        (Stopping, Starting),
+        (Stopping, Failed),
+        (Stopping, Deleting),
+        (Stopped, Starting),
+        (Stopped, Deleting),
+        (Restarting, Starting),
+        (Restarting, Running),
+        (Restarting, Stopping),
+        (Restarting, Stopped),
+        (Restarting, Paused),
+        (Restarting, Failed),
+        (Restarting, Deleting),
+        (Paused, Running),
+        (Paused, Starting),
+        (Paused, Restarting),
+        (Paused, Stopping),
+        (Paused, Stopped),
+        (Paused, Failed),
+        (Paused, Deleting),
+        (Failed, Starting),
+        (Failed, Stopping),
+        (Failed, Stopped),
+        (Failed, Deleting),
+    ];
+
+    #[test]
+    fn every_pair_is_checked_against_the_table() {
+        for from in HostingState::ALL {
+            for to in HostingState::ALL {
+                let want = ALLOWED.contains(&(from, to));
+                assert_eq!(from.can_transition(to), want, "{from} -> {to}");
+                match from.transition(to) {
+                    Ok(s) => assert!(want && s == to, "{from} -> {to}"),
+                    Err(e) => assert!(!want && e.from == from && e.to == to, "{from} -> {to}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for s in HostingState::ALL {
+            assert_eq!(s.as_str().parse::<HostingState>(), Ok(s));
+        }
+        assert!("nope".parse::<HostingState>().is_err());
+        for d in [super::Desired::Running, super::Desired::Stopped] {
+            assert_eq!(d.as_str().parse::<super::Desired>(), Ok(d));
+        }
+    }
+}
