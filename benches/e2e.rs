@@ -84,7 +84,7 @@ async fn main() {
             instance_id: unique_name("bare"),
             hostname: "bare".into(),
             user: "ubuntu".into(),
-            ssh_keys: vec![key.public_line().to_owned()],
+            ssh_keys: vec![webhoster::auth::SshPublicKey::parse(key.public_line()).unwrap()],
             owner: "bench".into(),
             network: None,
         };

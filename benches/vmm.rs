@@ -140,10 +140,10 @@ async fn main() {
                 hostname: format!("bench{i}"),
                 user: "ubuntu".into(),
                 ssh_keys: vec![
-                    std::fs::read_to_string(key.with_extension("pub"))
-                        .unwrap()
-                        .trim()
-                        .into(),
+                    webhoster::auth::SshPublicKey::parse(
+                        &std::fs::read_to_string(key.with_extension("pub")).unwrap(),
+                    )
+                    .unwrap(),
                 ],
                 owner: "bench".into(),
                 network: Some(webhoster::seed::StaticNetwork {

@@ -104,7 +104,14 @@ async fn real_seed_and_probe(db: Db) {
 
     // nginx answers 502: the publish step times out, and the real seed ISO
     // that step 1 wrote is gone after the rollback.
-    let err = svc.create(&user, Some(KEY.into()), true).await.unwrap_err();
+    let err = svc
+        .create(
+            &user,
+            Some(webhoster::auth::SshPublicKey::parse(KEY).unwrap()),
+            true,
+        )
+        .await
+        .unwrap_err();
     assert!(err.is_timeout(), "{err:?}");
     assert!(matches!(err, HostingError::StepFailed { step: "publish", .. }));
     let seeds: Vec<_> = walk(db.dir())
@@ -117,7 +124,14 @@ async fn real_seed_and_probe(db: Db) {
 
     // nginx answers 200: the create finishes, with a real cidata ISO on disk.
     status.store(200, Ordering::Relaxed);
-    let created = svc.create(&user, Some(KEY.into()), true).await.unwrap();
+    let created = svc
+        .create(
+            &user,
+            Some(webhoster::auth::SshPublicKey::parse(KEY).unwrap()),
+            true,
+        )
+        .await
+        .unwrap();
     assert_eq!(created.hosting.ssh_port, ssh_port);
     let iso = db.dir().join("vms").join(&created.hosting.vm_id).join("seed.iso");
     let bytes = std::fs::read(&iso).unwrap();

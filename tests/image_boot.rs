@@ -133,7 +133,7 @@ fn boots_webhosters_own_seed() {
         instance_id: "vm-imagetest".into(),
         hostname: "vm-imagetest".into(),
         user: "ubuntu".into(),
-        ssh_keys: vec![key.public_line().to_owned()],
+        ssh_keys: vec![webhoster::auth::SshPublicKey::parse(key.public_line()).unwrap()],
         owner: "carol".into(),
         network: None,
     };
@@ -186,7 +186,7 @@ fn boots_a_static_network_matched_by_mac() {
         instance_id: "vm-statictest".into(),
         hostname: "vm-statictest".into(),
         user: "ubuntu".into(),
-        ssh_keys: vec![key.public_line().to_owned()],
+        ssh_keys: vec![webhoster::auth::SshPublicKey::parse(key.public_line()).unwrap()],
         owner: "dave".into(),
         network: Some(webhoster::seed::StaticNetwork {
             mac: mac.into(),

@@ -46,7 +46,7 @@ async fn boot(
             instance_id: vm_id.into(),
             hostname: vm_id.into(),
             user: "ubuntu".into(),
-            ssh_keys: vec![pubkey.trim().to_string()],
+            ssh_keys: vec![webhoster::auth::SshPublicKey::parse(pubkey).unwrap()],
             owner: format!("owner-{vm_id}"),
             network: Some(StaticNetwork {
                 mac: mac.clone(),

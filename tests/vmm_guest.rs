@@ -99,7 +99,7 @@ async fn debian_guest_serves_survives_kill_9_and_reattach() {
             instance_id: vm_id.clone(),
             hostname: "vmmtest".into(),
             user: "ubuntu".into(),
-            ssh_keys: vec![pubkey.trim().to_owned()],
+            ssh_keys: vec![webhoster::auth::SshPublicKey::parse(&pubkey).unwrap()],
             owner: "vmmtest".into(),
             network: Some(StaticNetwork {
                 mac: USER_NET_MAC.into(),

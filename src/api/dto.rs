@@ -130,21 +130,18 @@ impl LoginRequest {
 }
 
 impl CreateHostRequest {
-    pub fn validate(self) -> Result<CreateHostRequest, ApiError> {
+    /// The key, parsed once here; an empty string asks for a generated one.
+    pub fn validate(self) -> Result<Option<crate::auth::SshPublicKey>, ApiError> {
         match self.ssh_public_key {
-            None => Ok(self),
-            Some(k) if k.trim().is_empty() => Ok(CreateHostRequest { ssh_public_key: None }),
-            Some(k) => crate::hosting::keys::check(&k)
-                .map(|k| CreateHostRequest {
-                    ssh_public_key: Some(k),
-                })
-                .map_err(|e| {
-                    ApiError::new(
-                        warp::http::StatusCode::UNPROCESSABLE_ENTITY,
-                        "invalid_ssh_key",
-                        e.to_string(),
-                    )
-                }),
+            None => Ok(None),
+            Some(k) if k.trim().is_empty() => Ok(None),
+            Some(k) => crate::auth::SshPublicKey::parse(&k).map(Some).map_err(|e| {
+                ApiError::new(
+                    warp::http::StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_ssh_key",
+                    e.to_string(),
+                )
+            }),
         }
     }
 }

@@ -170,13 +170,13 @@ pub async fn create_host(req: &Request<'_>) -> Reply {
     } else {
         parse_json(&req.body)?
     };
-    let body = body.validate()?;
+    let ssh_key = body.validate()?;
     let wait = match query_param(req, "wait").as_deref() {
         None | Some("true") | Some("1") | Some("") => true,
         Some("false") | Some("0") => false,
         Some(_) => return Err(ApiError::validation("wait must be true or false")),
     };
-    let created = req.state.hosting.create(&user, body.ssh_public_key, wait).await?;
+    let created = req.state.hosting.create(&user, ssh_key, wait).await?;
     let (status, message) = if wait {
         (StatusCode::CREATED, "hosting created")
     } else {

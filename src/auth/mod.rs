@@ -6,6 +6,10 @@
 //! (`sub`), `iat` and `exp`; only HS256 is accepted, so `alg: none` and any
 //! other algorithm fail. This module knows nothing of HTTP or SQL.
 
+pub mod ssh;
+
+pub use ssh::{KeyError, SshPublicKey};
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -22,7 +22,6 @@
 
 pub mod alloc;
 pub mod converge;
-pub mod keys;
 pub mod ports;
 pub mod probe;
 pub mod reaper;
@@ -41,9 +40,9 @@ use tokio::sync::OwnedMutexGuard;
 use tokio::task::AbortHandle;
 use tracing::{Instrument, info, warn};
 
+use crate::auth::{KeyError, SshPublicKey};
 use crate::store::{Conflict, Hosting, NewHosting, StepState, Store, StoreError, User};
 
-pub use keys::KeyError;
 pub use ports::{PortError, Ports};
 pub use state::{Desired, HostingState, InvalidTransition};
 pub use stats::Histogram;
@@ -253,7 +252,7 @@ impl HostingService {
     }
 
     /// The steps' view of a hosting row.
-    fn job(&self, h: &Hosting, username: &str, keys: Vec<String>) -> Job {
+    fn job(&self, h: &Hosting, username: &str, keys: Vec<SshPublicKey>) -> Job {
         let subnet = self.ports.network.subnet();
         let guest_ip = h.vm_ip.parse().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
         Job {
@@ -330,10 +329,9 @@ impl HostingService {
     pub async fn create(
         self: &Arc<Self>,
         user: &User,
-        ssh_key: Option<String>,
+        ssh_key: Option<SshPublicKey>,
         wait: bool,
     ) -> Result<Created, HostingError> {
-        let ssh_key = ssh_key.map(|k| keys::check(&k)).transpose()?;
         if self.store.hosting_by_user(user.id).await?.is_some() {
             return Err(HostingError::Exists);
         }
@@ -343,9 +341,17 @@ impl HostingService {
         let (keys, private_key) = match ssh_key {
             Some(k) => (vec![k], None),
             None => {
-                let stored = self.store.ssh_keys(user.id).await?;
+                // Stored keys were checked when stored; one that no longer
+                // passes (a stricter policy) is left out, not trusted.
+                let stored: Vec<SshPublicKey> = self
+                    .store
+                    .ssh_keys(user.id)
+                    .await?
+                    .iter()
+                    .filter_map(|line| SshPublicKey::parse(line).ok())
+                    .collect();
                 if stored.is_empty() {
-                    let (public, private) = keys::generate(&format!("{}@webhoster", user.username))?;
+                    let (public, private) = SshPublicKey::generate(&format!("{}@webhoster", user.username))?;
                     (vec![public], Some(private))
                 } else {
                     (stored, None)
@@ -454,7 +460,7 @@ impl HostingService {
         }
         let finish = async {
             for key in &job.keys {
-                self.store.add_ssh_key(job.user_id, key).await?;
+                self.store.add_ssh_key(job.user_id, key.as_str()).await?;
             }
             self.set_state(&mut h, HostingState::Running, None, None).await
         };

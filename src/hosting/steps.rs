@@ -78,7 +78,7 @@ pub struct Job {
     pub user_id: i64,
     pub username: String,
     pub login_user: String,
-    pub keys: Vec<String>,
+    pub keys: Vec<crate::auth::SshPublicKey>,
     pub launch: VmLaunch,
     pub prefix_len: u8,
     pub gateway: Ipv4Addr,
