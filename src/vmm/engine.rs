@@ -143,45 +143,12 @@ impl Engine {
     pub async fn create_disk(&self, spec: &VmSpec) -> Result<PathBuf, VmmError> {
         spec.validate()?;
         let dir = self.vm_dir(&spec.vm_id);
-        let io = |what: String| {
-            let vm_id = spec.vm_id.clone();
-            move |source| VmmError::Io { vm_id, what, source }
-        };
-        dir.write_spec(spec)
-            .map_err(io(format!("cannot write {}", dir.spec_file().display())))?;
-        let disk = dir.disk();
-        if disk.exists() {
-            return Ok(disk);
-        }
-        let base = std::path::absolute(&spec.base_disk)
-            .map_err(io(format!("bad base disk path {}", spec.base_disk.display())))?;
-        let format = disk_format(&base).map_err(io(format!("cannot read base disk {}", base.display())))?;
-        let tmp = dir.root().join(".disk.qcow2.tmp");
-        let out = tokio::process::Command::new("qemu-img")
-            .arg("create")
-            .args(["-q", "-f", "qcow2", "-F", format, "-b"])
-            .arg(&base)
-            .arg(&tmp)
-            .arg(format!("{}G", spec.plan.disk_gib))
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .map_err(|err| match err.kind() {
-                std::io::ErrorKind::NotFound => VmmError::QemuImgMissing,
-                _ => VmmError::Io {
-                    vm_id: spec.vm_id.clone(),
-                    what: "cannot run qemu-img".into(),
-                    source: err,
-                },
-            })?;
-        if !out.status.success() {
-            return Err(VmmError::QemuImg {
-                vm_id: spec.vm_id.clone(),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            });
-        }
-        std::fs::rename(&tmp, &disk).map_err(io("cannot move the new disk in place".into()))?;
-        Ok(disk)
+        dir.write_spec(spec).map_err(|source| VmmError::Io {
+            vm_id: spec.vm_id.clone(),
+            what: format!("cannot write {}", dir.spec_file().display()),
+            source,
+        })?;
+        super::disk::create_overlay(&dir, spec).await
     }
 
     /// Start the VM (or find it already running): returns once QEMU reports
@@ -820,17 +787,4 @@ fn which(program: &Path) -> Option<PathBuf> {
     std::env::split_paths(&path)
         .map(|dir| dir.join(program))
         .find(|candidate| candidate.is_file())
-}
-
-/// `qcow2` when the file starts with qcow2's magic, `raw` otherwise.
-fn disk_format(path: &Path) -> std::io::Result<&'static str> {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
-    let mut file = std::fs::File::open(path)?;
-    let n = file.read(&mut magic)?;
-    Ok(if n == 4 && &magic == b"QFI\xfb" {
-        "qcow2"
-    } else {
-        "raw"
-    })
 }

@@ -9,6 +9,7 @@ pub mod accel;
 pub mod cli;
 pub mod cmdline;
 pub mod dir;
+mod disk;
 mod engine;
 pub mod plan;
 pub mod qmp;
