@@ -1,7 +1,7 @@
 //! The engine: the public facade of `vmm`. Each per-VM lifecycle operation
 //! (create disk, start, stop, restart, destroy, reattach) runs serialized per
-//! VM under the VM's op lock, and decides the state changes; the work itself
-//! is elsewhere:
+//! VM under the VM's op lock and inside the VM's tracing span, and decides
+//! the state changes; the work itself is elsewhere:
 //!
 //! - `registry.rs`: the table of VMs and the one place state changes;
 //! - `process.rs`: spawning, attaching to and stopping QEMU;
@@ -18,13 +18,14 @@ use std::time::Duration;
 
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::accel::{self, AccelChoice};
 use super::dir::{self, VmDir};
 use super::disk;
 use super::process::{self, Attached, Launcher, QemuPid};
 use super::qmp;
-use super::registry::{Registry, Vm};
+use super::registry::{self, Registry, Vm};
 use super::supervisor::{self, Supervision};
 use super::{EngineOptions, ReattachOutcome, RestartPolicy, VmEvent, VmSpec, VmState, VmStatus, VmmError};
 
@@ -96,19 +97,29 @@ impl Engine {
     /// The disk: a qcow2 overlay on `spec.base_disk`, sized by plan. Also
     /// writes vm.json. An existing disk is kept (it holds the user's data).
     pub async fn create_disk(&self, spec: &VmSpec) -> Result<PathBuf, VmmError> {
-        spec.validate()?;
-        let dir = self.vm_dir(&spec.vm_id);
-        dir.write_spec(spec).map_err(|source| VmmError::Io {
-            vm_id: spec.vm_id.clone(),
-            what: format!("cannot write {}", dir.spec_file().display()),
-            source,
-        })?;
-        disk::create_overlay(&dir, spec).await
+        async {
+            spec.validate()?;
+            let dir = self.vm_dir(&spec.vm_id);
+            dir.write_spec(spec).map_err(|source| VmmError::Io {
+                vm_id: spec.vm_id.clone(),
+                what: format!("cannot write {}", dir.spec_file().display()),
+                source,
+            })?;
+            disk::create_overlay(&dir, spec).await
+        }
+        .instrument(registry::span(&spec.vm_id))
+        .await
     }
 
     /// Start the VM (or find it already running): returns once QEMU reports
     /// `running` over QMP; the guest boots on from there, supervised.
     pub async fn start(&self, spec: &VmSpec) -> Result<VmStatus, VmmError> {
+        self.start_in_span(spec)
+            .instrument(registry::span(&spec.vm_id))
+            .await
+    }
+
+    async fn start_in_span(&self, spec: &VmSpec) -> Result<VmStatus, VmmError> {
         spec.validate()?;
         let vm = self.registry.entry(spec, VmState::Stopped);
         let _op = vm.lock_op().await;
@@ -160,49 +171,61 @@ impl Engine {
     /// Graceful stop: `system_powerdown`, then `quit` after `timeout`, then
     /// SIGKILL. Stopping a VM that does not run is not an error.
     pub async fn stop(&self, vm_id: &str, timeout: Duration) -> Result<(), VmmError> {
-        let vm = self.registry.known(vm_id)?;
-        let _op = vm.lock_op().await;
-        self.stop_locked(&vm, Some(timeout)).await
+        async {
+            let vm = self.registry.known(vm_id)?;
+            let _op = vm.lock_op().await;
+            self.stop_locked(&vm, Some(timeout)).await
+        }
+        .instrument(registry::span(vm_id))
+        .await
     }
 
     /// Stop (gracefully, [`DEFAULT_STOP_TIMEOUT`]) and start again with the
     /// last spec: a fresh QEMU, which also picks up a changed spec.
     pub async fn restart(&self, vm_id: &str) -> Result<VmStatus, VmmError> {
-        let vm = self.registry.known(vm_id)?;
-        let spec = {
-            let _op = vm.lock_op().await;
-            self.stop_locked(&vm, Some(DEFAULT_STOP_TIMEOUT)).await?;
-            vm.spec()
-        };
-        self.start(&spec).await
+        async {
+            let vm = self.registry.known(vm_id)?;
+            let spec = {
+                let _op = vm.lock_op().await;
+                self.stop_locked(&vm, Some(DEFAULT_STOP_TIMEOUT)).await?;
+                vm.spec()
+            };
+            self.start_in_span(&spec).await
+        }
+        .instrument(registry::span(vm_id))
+        .await
     }
 
     /// Kill the VM if it runs and remove its directory. Idempotent: a VM
     /// that is already gone is fine.
     pub async fn destroy(&self, vm_id: &str) -> Result<(), VmmError> {
         super::validate_vm_id(vm_id)?;
-        let vm = match self.registry.known(vm_id) {
-            Ok(vm) => vm,
-            Err(_) => return Ok(()),
-        };
-        let _op = vm.lock_op().await;
-        self.stop_locked(&vm, None).await?;
-        self.registry
-            .set_state(&vm, VmState::Deleting, "destroy requested")?;
-        match std::fs::remove_dir_all(vm.dir().root()) {
-            Ok(()) => {}
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(VmmError::Io {
-                    vm_id: vm_id.to_owned(),
-                    what: format!("cannot remove {}", vm.dir().root().display()),
-                    source,
-                });
+        async {
+            let vm = match self.registry.known(vm_id) {
+                Ok(vm) => vm,
+                Err(_) => return Ok(()),
+            };
+            let _op = vm.lock_op().await;
+            self.stop_locked(&vm, None).await?;
+            self.registry
+                .set_state(&vm, VmState::Deleting, "destroy requested")?;
+            match std::fs::remove_dir_all(vm.dir().root()) {
+                Ok(()) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(VmmError::Io {
+                        vm_id: vm_id.to_owned(),
+                        what: format!("cannot remove {}", vm.dir().root().display()),
+                        source,
+                    });
+                }
             }
+            self.registry.set_state(&vm, VmState::Deleted, "destroyed")?;
+            self.registry.remove(vm_id);
+            Ok(())
         }
-        self.registry.set_state(&vm, VmState::Deleted, "destroyed")?;
-        self.registry.remove(vm_id);
-        Ok(())
+        .instrument(registry::span(vm_id))
+        .await
     }
 
     /// At service start: for each VM that should exist, find its QEMU
@@ -213,11 +236,16 @@ impl Engine {
     pub async fn reattach(&self, specs: &[VmSpec]) -> Vec<(String, Result<ReattachOutcome, VmmError>)> {
         let mut out = Vec::with_capacity(specs.len());
         for spec in specs {
-            let result = self.reattach_one(spec).await;
-            match &result {
-                Ok(outcome) => tracing::info!(vm_id = %spec.vm_id, ?outcome, "reattach"),
-                Err(err) => tracing::warn!(vm_id = %spec.vm_id, %err, "reattach failed"),
+            let result = async {
+                let result = self.reattach_one(spec).await;
+                match &result {
+                    Ok(outcome) => tracing::info!(?outcome, "reattach"),
+                    Err(err) => tracing::warn!(%err, "reattach failed"),
+                }
+                result
             }
+            .instrument(registry::span(&spec.vm_id))
+            .await;
             out.push((spec.vm_id.clone(), result));
         }
         out
@@ -287,6 +315,7 @@ impl Engine {
             return Err(VmmError::NotRunning(vm_id.to_owned()));
         }
         qmp::raw_command(&dir.operator_socket(), &command, OPERATOR_QMP_TIMEOUT)
+            .instrument(registry::span(vm_id))
             .await
             .map_err(|source| VmmError::Qmp {
                 vm_id: vm_id.to_owned(),
@@ -314,7 +343,8 @@ impl Engine {
         Ok(vm.status())
     }
 
-    /// Hand `attached` to a new supervisor task (replacing any old one).
+    /// Hand `attached` to a new supervisor task (replacing any old one). The
+    /// task gets its own root span: it outlives the operation that started it.
     fn supervise(&self, vm: &Arc<Vm>, attached: Attached) {
         let sup = Supervision {
             registry: self.registry.clone(),
@@ -322,10 +352,11 @@ impl Engine {
             restart: self.restart,
             cancel: self.cancel.clone(),
         };
+        let span = tracing::info_span!(parent: None, "vm", vm_id = %vm.id());
         let (pid, qmp) = (attached.pid, attached.qmp.clone());
         let task_vm = vm.clone();
         vm.adopt(pid, qmp, move || {
-            tokio::spawn(supervisor::run(sup, task_vm, attached)).abort_handle()
+            tokio::spawn(supervisor::run(sup, task_vm, attached).instrument(span)).abort_handle()
         });
     }
 

@@ -173,7 +173,7 @@ impl Launcher {
                 "the spawned QEMU has no pid",
             )));
         };
-        tracing::debug!(vm_id = %vm_id, pid = pid.get(), "QEMU spawned");
+        tracing::debug!(pid = pid.get(), "QEMU spawned");
         let (exit_tx, exit_rx) = watch::channel(None);
         tokio::spawn(async move {
             if let Ok(status) = child.wait().await {
@@ -199,7 +199,7 @@ impl Launcher {
             if dir.qmp_socket().exists() {
                 match QmpClient::connect(&dir.qmp_socket()).await {
                     Ok(pair) => break pair,
-                    Err(err) => tracing::debug!(vm_id = %vm_id, %err, "QMP not ready"),
+                    Err(err) => tracing::debug!(%err, "QMP not ready"),
                 }
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -223,7 +223,6 @@ impl Launcher {
             });
         }
         tracing::info!(
-            vm_id = %vm_id,
             pid = pid.get(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "QEMU running"
@@ -291,7 +290,7 @@ pub(super) async fn attach(vm_id: &str, dir: &VmDir, pid: QemuPid) -> Result<Att
     };
     let (client, events) = QmpClient::connect(&dir.qmp_socket()).await.map_err(qmp_err)?;
     let status = client.query_status().await.map_err(qmp_err)?;
-    tracing::info!(vm_id = %vm_id, pid = pid.get(), status = %status.status, "attached to QEMU");
+    tracing::info!(pid = pid.get(), status = %status.status, "attached to QEMU");
     Ok(Attached {
         pid,
         qmp: Arc::new(client),
@@ -316,7 +315,7 @@ pub(super) async fn stop(
         if let Some(client) = client {
             match client.system_powerdown().await {
                 Ok(()) => {}
-                Err(err) => tracing::warn!(vm_id = %vm_id, %err, "system_powerdown failed"),
+                Err(err) => tracing::warn!(%err, "system_powerdown failed"),
             }
         }
         wait_until(timeout, gone).await;
@@ -335,7 +334,7 @@ pub(super) async fn stop(
     }
     if !gone() {
         how = StopMethod::Killed;
-        tracing::warn!(vm_id = %vm_id, pid = pid.get(), "QEMU did not quit: SIGKILL");
+        tracing::warn!(pid = pid.get(), "QEMU did not quit: SIGKILL");
         let _ = pid.signal(Signal::SIGKILL);
         wait_until(EXIT_WAIT, gone).await;
         if !gone() {

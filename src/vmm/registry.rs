@@ -19,6 +19,12 @@ use super::process::QemuPid;
 use super::qmp::QmpClient;
 use super::{VmEvent, VmSpec, VmState, VmStatus, VmmError};
 
+/// The span every per-VM operation and supervisor runs in, so their events
+/// carry `vm_id` without each one naming it.
+pub(super) fn span(vm_id: &str) -> tracing::Span {
+    tracing::info_span!("vm", vm_id = %vm_id)
+}
+
 pub(super) struct Registry {
     vms_dir: PathBuf,
     vms: Mutex<HashMap<String, Arc<Vm>>>,
@@ -133,7 +139,7 @@ impl Registry {
             rt.since = SystemTime::now();
             from
         };
-        tracing::info!(vm_id = %vm.vm_id, %from, %to, reason, "VM state");
+        tracing::info!(%from, %to, reason, "VM state");
         let _ = self.events.send(VmEvent {
             vm_id: vm.vm_id.clone(),
             from,

@@ -52,6 +52,7 @@ pub(super) struct Supervision {
 }
 
 /// Supervise `vm` until its QEMU stops for good or the engine goes away.
+/// Spawned by the engine inside the VM's span.
 pub(super) async fn run(sup: Supervision, vm: Arc<Vm>, mut attached: Attached) {
     loop {
         let Some(exit) = watch(&sup.cancel, &vm, &mut attached).await else {
@@ -62,7 +63,7 @@ pub(super) async fn run(sup: Supervision, vm: Arc<Vm>, mut attached: Attached) {
             Exit::Stopped(reason) => {
                 finish_process(&vm);
                 if let Err(err) = sup.registry.set_state(&vm, VmState::Stopped, &reason) {
-                    tracing::error!(vm_id = %vm.id(), %err, "cannot record stop");
+                    tracing::error!(%err, "cannot record stop");
                 }
                 return;
             }
@@ -90,7 +91,7 @@ async fn restart_after_crash(sup: &Supervision, vm: &Vm, mut reason: String) -> 
     let mut from_state_ok = registry.set_state(vm, VmState::Crashed, &reason).is_ok();
     loop {
         if !from_state_ok {
-            tracing::error!(vm_id = %vm.id(), "crash in an unexpected state; not restarting");
+            tracing::error!("crash in an unexpected state; not restarting");
             return None;
         }
         let policy = sup.restart;
@@ -101,7 +102,7 @@ async fn restart_after_crash(sup: &Supervision, vm: &Vm, mut reason: String) -> 
             return None;
         }
         let delay = policy.backoff(crashes);
-        tracing::warn!(vm_id = %vm.id(), crashes, ?delay, %reason, "restarting crashed VM");
+        tracing::warn!(crashes, ?delay, %reason, "restarting crashed VM");
         tokio::select! {
             _ = sup.cancel.cancelled() => return None,
             _ = tokio::time::sleep(delay) => {}
@@ -153,25 +154,25 @@ async fn watch(cancel: &CancellationToken, vm: &Vm, attached: &mut Attached) -> 
             event = attached.events.recv(), if connected => match event {
                 None | Some(QmpEvent::Closed { .. }) => {
                     if let Some(QmpEvent::Closed { error: Some(error) }) = &event {
-                        tracing::warn!(vm_id = %vm.id(), %error, "QMP stream broke");
+                        tracing::warn!(%error, "QMP stream broke");
                     }
                     stream_ended = true;
                 }
                 Some(QmpEvent::Shutdown { guest, reason }) => {
-                    tracing::info!(vm_id = %vm.id(), guest, %reason, "QEMU shutting down");
+                    tracing::info!(guest, %reason, "QEMU shutting down");
                     if reason == "guest-panic" {
                         panicked = true;
                     }
                     shutdown = Some((guest, reason));
                 }
                 Some(QmpEvent::GuestPanicked) => {
-                    tracing::warn!(vm_id = %vm.id(), "guest panicked");
+                    tracing::warn!("guest panicked");
                     panicked = true;
                 }
                 Some(QmpEvent::Reset { guest, reason }) => {
-                    tracing::info!(vm_id = %vm.id(), guest, %reason, "guest reset (reboot)");
+                    tracing::info!(guest, %reason, "guest reset (reboot)");
                 }
-                Some(other) => tracing::debug!(vm_id = %vm.id(), event = ?other, "QMP event"),
+                Some(other) => tracing::debug!(event = ?other, "QMP event"),
             },
             _ = tick.tick() => vm.dir().rotate_logs(),
         }
@@ -213,7 +214,7 @@ async fn watch(cancel: &CancellationToken, vm: &Vm, attached: &mut Attached) -> 
                     attached.events = events;
                     connected = true;
                 }
-                Err(err) => tracing::warn!(vm_id = %vm.id(), %err, "QMP reconnect failed; retrying"),
+                Err(err) => tracing::warn!(%err, "QMP reconnect failed; retrying"),
             }
         }
     }
@@ -230,6 +231,6 @@ async fn reconnect(vm: &Vm) -> Result<(QmpClient, tokio::sync::mpsc::UnboundedRe
         .await
         .map_err(qmp_err)?;
     let status = client.query_status().await.map_err(qmp_err)?;
-    tracing::info!(vm_id = %vm.id(), status = %status.status, "QMP reconnected");
+    tracing::info!(status = %status.status, "QMP reconnected");
     Ok((client, events))
 }
