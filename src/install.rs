@@ -126,6 +126,10 @@ pub fn env_file() -> String {
             .map(|h| h.to_string())
             .unwrap_or_default();
         let mut help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+        // clap drops the final period of a one-sentence help.
+        if !help.is_empty() && !help.ends_with('.') {
+            help.push('.');
+        }
         let choices: Vec<String> = arg
             .get_possible_values()
             .iter()
