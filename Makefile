@@ -1,6 +1,7 @@
-# The two commands of the README: `make run` and `make test`.
-# Both install the system packages they need when missing and build the guest
-# image when it is not cached. Everything runs as root (VMs, netns, nginx).
+# The commands of the README: `make run`, `make test`, and `make install` (the
+# binary and a systemd unit for `serve`). `run` and `test` install the system
+# packages they need when missing and build the guest image when it is not
+# cached. Everything runs as root (VMs, netns, nginx).
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 
@@ -13,9 +14,14 @@ export WEBHOSTER_TEST_DATABASE_URL ?= postgres://webhoster:webhoster@127.0.0.1:5
 # Debian packages, by what needs them.
 RUN_PKGS := qemu-system-x86 qemu-utils nginx-light mmdebstrap e2fsprogs busybox-static cpio zstd \
 	genisoimage nftables iproute2 openssh-client socat ca-certificates
-TEST_PKGS := postgresql wrk sshpass jq openssh-server
+TEST_PKGS := postgresql wrk sshpass jq openssh-server systemd
 
-.PHONY: run test bench deps test-deps
+# `make install`: the binary goes to $(PREFIX)/bin; DESTDIR stages everything
+# under another root (the unit still names the paths as seen from /).
+PREFIX ?= /usr/local
+DESTDIR ?=
+
+.PHONY: run test bench install deps test-deps
 
 run: deps
 	cargo build --release
@@ -34,6 +40,10 @@ bench: deps test-deps
 	target/release/webhoster image build > /dev/null
 	.ci/postgres-up
 	cargo bench
+
+install:
+	cargo build --release
+	target/release/webhoster install --prefix $(PREFIX) --root $(or $(DESTDIR),/)
 
 deps:
 	@.ci/host-packages $(RUN_PKGS)

@@ -40,6 +40,9 @@ pub enum Command {
     /// Stop every VM and the nginx master, and remove the VM network.
     /// Disks, seeds and the database stay; `serve` brings it all back.
     Teardown(crate::config::NetArgs),
+    /// Install this binary, a systemd unit for `serve` and a default
+    /// environment file (kept when it exists).
+    Install(crate::install::InstallArgs),
 }
 
 /// Log to stderr; `RUST_LOG` filters (default `info`).
@@ -86,6 +89,7 @@ pub fn main() -> ExitCode {
                 crate::app::teardown(&cli.paths, &args).await?;
                 Ok(ExitCode::SUCCESS)
             }
+            Command::Install(args) => crate::install::run(args),
         }
     });
     match result {

@@ -57,6 +57,7 @@ pub enum Accel {
 
 #[derive(Args, Debug, Clone)]
 pub struct VmmArgs {
+    /// How guests are accelerated (`webhoster doctor` shows what `auto` picks).
     #[arg(long, env = "WEBHOSTER_ACCEL", value_enum, default_value_t = Accel::Auto)]
     pub accel: Accel,
 

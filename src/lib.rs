@@ -15,6 +15,7 @@ pub mod config;
 pub mod doctor;
 pub mod hosting;
 pub mod image;
+pub mod install;
 pub mod net;
 pub mod proxy;
 pub mod seed;

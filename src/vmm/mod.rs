@@ -9,9 +9,12 @@ pub mod accel;
 pub mod cli;
 pub mod cmdline;
 pub mod dir;
+mod disk;
 mod engine;
 pub mod plan;
+mod process;
 pub mod qmp;
+mod registry;
 pub mod scan;
 pub mod state;
 mod supervisor;
@@ -27,8 +30,9 @@ use serde::{Deserialize, Serialize};
 
 pub use accel::AccelChoice;
 pub use dir::VmDir;
-pub use engine::{DEFAULT_STOP_TIMEOUT, Engine, START_TIMEOUT, argv_for};
+pub use engine::{DEFAULT_STOP_TIMEOUT, Engine};
 pub use plan::{Plan, PlanError};
+pub use process::{START_TIMEOUT, argv_for};
 pub use qmp::QmpError;
 pub use state::{InvalidTransition, VmState};
 

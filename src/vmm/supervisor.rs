@@ -2,7 +2,7 @@
 //! the time, reconnects when the stream breaks (an event qapi cannot decode
 //! ends it), rotates the logs, and when QEMU exits tells apart
 //!
-//! - a stop we asked for (the engine's `stopping` flag): nothing to do here;
+//! - a stop we asked for (the VM's `stopping` mark): nothing to do here;
 //! - a shutdown from inside the guest (`SHUTDOWN guest=true`), or from the
 //!   host outside the engine (an operator's `quit`, SIGTERM): `stopped`, the
 //!   user or operator meant it;
@@ -11,16 +11,23 @@
 //!   `max_crashes` within the window.
 //!
 //! A guest reboot is a `RESET` event and the same QEMU goes on: not an exit.
+//!
+//! All it sees of the engine is [`Supervision`]: the registry to record
+//! state, the launcher to restart QEMU, the policy and the cancel token.
+//! Never stops or signals a QEMU; it restarts one only under the VM's op
+//! lock and only from `crashed`, so a stop or start of the engine that came
+//! first wins.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
 
-use super::dir;
-use super::engine::{Attached, Inner, Vm, describe_exit, wait_until};
+use super::process::{Attached, Launcher, describe_exit, wait_until};
 use super::qmp::{QmpClient, QmpEvent};
-use super::{VmState, VmmError};
+use super::registry::{Registry, Vm};
+use super::{RestartPolicy, VmState, VmmError};
 
 /// How often liveness is checked and logs rotated when nothing happens.
 const TICK: Duration = Duration::from_secs(2);
@@ -35,24 +42,35 @@ enum Exit {
     Crashed(String),
 }
 
-pub(super) async fn run(inner: Arc<Inner>, vm: Arc<Vm>, mut attached: Attached) {
+/// What a supervisor may use of the engine, and nothing more.
+pub(super) struct Supervision {
+    pub registry: Arc<Registry>,
+    pub launcher: Arc<Launcher>,
+    pub restart: RestartPolicy,
+    /// Cancelled when the engine goes away: supervisors end, QEMUs run on.
+    pub cancel: CancellationToken,
+}
+
+/// Supervise `vm` until its QEMU stops for good or the engine goes away.
+/// Spawned by the engine inside the VM's span.
+pub(super) async fn run(sup: Supervision, vm: Arc<Vm>, mut attached: Attached) {
     loop {
-        let Some(exit) = watch(&inner, &vm, &mut attached).await else {
+        let Some(exit) = watch(&sup.cancel, &vm, &mut attached).await else {
             return;
         };
         let crash = match exit {
             Exit::Ours => return,
             Exit::Stopped(reason) => {
                 finish_process(&vm);
-                if let Err(err) = inner.set_state(&vm, VmState::Stopped, &reason) {
-                    tracing::error!(vm_id = %vm.vm_id, %err, "cannot record stop");
+                if let Err(err) = sup.registry.set_state(&vm, VmState::Stopped, &reason) {
+                    tracing::error!(%err, "cannot record stop");
                 }
                 return;
             }
             Exit::Crashed(reason) => reason,
         };
         finish_process(&vm);
-        match restart_after_crash(&inner, &vm, crash).await {
+        match restart_after_crash(&sup, &vm, crash).await {
             Some(next) => attached = next,
             None => return,
         }
@@ -61,85 +79,52 @@ pub(super) async fn run(inner: Arc<Inner>, vm: Arc<Vm>, mut attached: Attached) 
 
 /// Forget the dead process and remove what it left behind.
 fn finish_process(vm: &Vm) {
-    let mut rt = vm.rt.lock().unwrap();
-    rt.pid = None;
-    rt.qmp = None;
-    drop(rt);
-    vm.dir.clean_runtime_files();
+    vm.clear_process();
+    vm.dir().clean_runtime_files();
 }
 
 /// Record a crash, then restart with backoff until a QEMU runs again
 /// (`Some`), or give up: too many crashes (`failed`), or a stop/start from
 /// the engine took over (`None`).
-async fn restart_after_crash(inner: &Arc<Inner>, vm: &Arc<Vm>, mut reason: String) -> Option<Attached> {
-    let mut from_state_ok = inner.set_state(vm, VmState::Crashed, &reason).is_ok();
+async fn restart_after_crash(sup: &Supervision, vm: &Vm, mut reason: String) -> Option<Attached> {
+    let registry = &sup.registry;
+    let mut from_state_ok = registry.set_state(vm, VmState::Crashed, &reason).is_ok();
     loop {
         if !from_state_ok {
-            tracing::error!(vm_id = %vm.vm_id, "crash in an unexpected state; not restarting");
+            tracing::error!("crash in an unexpected state; not restarting");
             return None;
         }
-        let policy = inner.restart;
-        let crashes = {
-            let mut rt = vm.rt.lock().unwrap();
-            let now = Instant::now();
-            rt.crashes.push_back(now);
-            while rt
-                .crashes
-                .front()
-                .is_some_and(|t| now.duration_since(*t) > policy.window)
-            {
-                rt.crashes.pop_front();
-            }
-            rt.crashes.len() as u32
-        };
+        let policy = sup.restart;
+        let crashes = vm.record_crash(policy.window);
         if crashes >= policy.max_crashes {
             let why = format!("{crashes} crashes within {:?}; last: {reason}", policy.window);
-            let _ = inner.set_state(vm, VmState::Failed, &why);
+            let _ = registry.set_state(vm, VmState::Failed, &why);
             return None;
         }
         let delay = policy.backoff(crashes);
-        tracing::warn!(vm_id = %vm.vm_id, crashes, ?delay, %reason, "restarting crashed VM");
+        tracing::warn!(crashes, ?delay, %reason, "restarting crashed VM");
         tokio::select! {
-            _ = inner.cancel.cancelled() => return None,
+            _ = sup.cancel.cancelled() => return None,
             _ = tokio::time::sleep(delay) => {}
         }
-        let _op = vm.op.lock().await;
-        let (state, spec) = {
-            let rt = vm.rt.lock().unwrap();
-            (rt.state, rt.spec.clone())
-        };
+        let _op = vm.lock_op().await;
+        let (state, spec) = vm.state_and_spec();
         if state != VmState::Crashed {
             return None;
         }
-        if inner
+        if registry
             .set_state(vm, VmState::Starting, &format!("restart after crash {crashes}"))
             .is_err()
         {
             return None;
         }
-        let flock = match inner.lock_dir(vm).await {
-            Ok(flock) => flock,
-            Err(err) => {
-                reason = format!("restart failed: {err}");
-                from_state_ok = inner.set_state(vm, VmState::Crashed, &reason).is_ok();
-                continue;
-            }
-        };
-        let attempt = match vm.dir.live_pid(&vm.vm_id) {
-            // Someone else (another service process) started it meanwhile.
-            Some(pid) => inner.attach(vm, pid).await,
-            None => inner.spawn_qemu(vm, &spec).await,
-        };
-        drop(flock);
-        match attempt {
+        // Someone else (another service process) may have started it
+        // meanwhile: then this attaches to that QEMU.
+        match sup.launcher.spawn_or_attach(vm.id(), vm.dir(), &spec).await {
             Ok(attached) => {
                 let pid = attached.pid;
-                {
-                    let mut rt = vm.rt.lock().unwrap();
-                    rt.pid = Some(pid);
-                    rt.qmp = Some(attached.qmp.clone());
-                }
-                let _ = inner.set_state(
+                vm.set_process(pid, attached.qmp.clone());
+                let _ = registry.set_state(
                     vm,
                     VmState::Running,
                     &format!("restarted after crash (pid {pid})"),
@@ -148,14 +133,14 @@ async fn restart_after_crash(inner: &Arc<Inner>, vm: &Arc<Vm>, mut reason: Strin
             }
             Err(err) => {
                 reason = format!("restart failed: {err}");
-                from_state_ok = inner.set_state(vm, VmState::Crashed, &reason).is_ok();
+                from_state_ok = registry.set_state(vm, VmState::Crashed, &reason).is_ok();
             }
         }
     }
 }
 
 /// Follow one QEMU until it exits (`Some`) or the engine goes away (`None`).
-async fn watch(inner: &Inner, vm: &Vm, attached: &mut Attached) -> Option<Exit> {
+async fn watch(cancel: &CancellationToken, vm: &Vm, attached: &mut Attached) -> Option<Exit> {
     let pid = attached.pid;
     let mut shutdown: Option<(bool, String)> = None;
     let mut panicked = false;
@@ -165,38 +150,38 @@ async fn watch(inner: &Inner, vm: &Vm, attached: &mut Attached) -> Option<Exit> 
     loop {
         let mut stream_ended = false;
         tokio::select! {
-            _ = inner.cancel.cancelled() => return None,
+            _ = cancel.cancelled() => return None,
             event = attached.events.recv(), if connected => match event {
                 None | Some(QmpEvent::Closed { .. }) => {
                     if let Some(QmpEvent::Closed { error: Some(error) }) = &event {
-                        tracing::warn!(vm_id = %vm.vm_id, %error, "QMP stream broke");
+                        tracing::warn!(%error, "QMP stream broke");
                     }
                     stream_ended = true;
                 }
                 Some(QmpEvent::Shutdown { guest, reason }) => {
-                    tracing::info!(vm_id = %vm.vm_id, guest, %reason, "QEMU shutting down");
+                    tracing::info!(guest, %reason, "QEMU shutting down");
                     if reason == "guest-panic" {
                         panicked = true;
                     }
                     shutdown = Some((guest, reason));
                 }
                 Some(QmpEvent::GuestPanicked) => {
-                    tracing::warn!(vm_id = %vm.vm_id, "guest panicked");
+                    tracing::warn!("guest panicked");
                     panicked = true;
                 }
                 Some(QmpEvent::Reset { guest, reason }) => {
-                    tracing::info!(vm_id = %vm.vm_id, guest, %reason, "guest reset (reboot)");
+                    tracing::info!(guest, %reason, "guest reset (reboot)");
                 }
-                Some(other) => tracing::debug!(vm_id = %vm.vm_id, event = ?other, "QMP event"),
+                Some(other) => tracing::debug!(event = ?other, "QMP event"),
             },
-            _ = tick.tick() => vm.dir.rotate_logs(),
+            _ = tick.tick() => vm.dir().rotate_logs(),
         }
         if stream_ended {
             connected = false;
-            vm.rt.lock().unwrap().qmp = None;
-            wait_until(EXIT_GRACE, || !dir::is_our_qemu(pid, &vm.vm_id)).await;
+            vm.set_qmp(None);
+            wait_until(EXIT_GRACE, || !pid.is_ours(vm.id())).await;
         }
-        if !dir::is_our_qemu(pid, &vm.vm_id) {
+        if !pid.is_ours(vm.id()) {
             let status = match &mut attached.exit {
                 Some(rx) => {
                     let _ =
@@ -205,8 +190,7 @@ async fn watch(inner: &Inner, vm: &Vm, attached: &mut Attached) -> Option<Exit> 
                 }
                 None => None,
             };
-            let stopping = vm.rt.lock().unwrap().stopping;
-            let exit = if stopping {
+            let exit = if vm.is_stopping() {
                 Exit::Ours
             } else if panicked {
                 Exit::Crashed("the guest kernel panicked".to_owned())
@@ -225,12 +209,12 @@ async fn watch(inner: &Inner, vm: &Vm, attached: &mut Attached) -> Option<Exit> 
             match reconnect(vm).await {
                 Ok((client, events)) => {
                     let client = Arc::new(client);
-                    vm.rt.lock().unwrap().qmp = Some(client.clone());
+                    vm.set_qmp(Some(client.clone()));
                     attached.qmp = client;
                     attached.events = events;
                     connected = true;
                 }
-                Err(err) => tracing::warn!(vm_id = %vm.vm_id, %err, "QMP reconnect failed; retrying"),
+                Err(err) => tracing::warn!(%err, "QMP reconnect failed; retrying"),
             }
         }
     }
@@ -240,11 +224,13 @@ async fn watch(inner: &Inner, vm: &Vm, attached: &mut Attached) -> Option<Exit> 
 /// missed while disconnected).
 async fn reconnect(vm: &Vm) -> Result<(QmpClient, tokio::sync::mpsc::UnboundedReceiver<QmpEvent>), VmmError> {
     let qmp_err = |source| VmmError::Qmp {
-        vm_id: vm.vm_id.clone(),
+        vm_id: vm.id().to_owned(),
         source,
     };
-    let (client, events) = QmpClient::connect(&vm.dir.qmp_socket()).await.map_err(qmp_err)?;
+    let (client, events) = QmpClient::connect(&vm.dir().qmp_socket())
+        .await
+        .map_err(qmp_err)?;
     let status = client.query_status().await.map_err(qmp_err)?;
-    tracing::info!(vm_id = %vm.vm_id, status = %status.status, "QMP reconnected");
+    tracing::info!(status = %status.status, "QMP reconnected");
     Ok((client, events))
 }

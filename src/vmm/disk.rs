@@ -1,0 +1,86 @@
+//! A VM's disk: a qcow2 overlay on the base image, created with `qemu-img`
+//! into a temporary name and moved in place, so a crash never leaves half a
+//! disk under the real name. Never overwrites an existing disk (it holds the
+//! user's data) and never touches a running QEMU.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use super::dir::VmDir;
+use super::{VmSpec, VmmError};
+
+/// `<dir>/disk.qcow2` as an overlay on `spec.base_disk`, sized by plan; an
+/// existing disk is kept as it is.
+pub(super) async fn create_overlay(dir: &VmDir, spec: &VmSpec) -> Result<PathBuf, VmmError> {
+    let io = |what: String| {
+        let vm_id = spec.vm_id.clone();
+        move |source| VmmError::Io { vm_id, what, source }
+    };
+    let disk = dir.disk();
+    if disk.exists() {
+        return Ok(disk);
+    }
+    let base = std::path::absolute(&spec.base_disk)
+        .map_err(io(format!("bad base disk path {}", spec.base_disk.display())))?;
+    let format = disk_format(&base).map_err(io(format!("cannot read base disk {}", base.display())))?;
+    let tmp = dir.root().join(".disk.qcow2.tmp");
+    let out = tokio::process::Command::new("qemu-img")
+        .arg("create")
+        .args(["-q", "-f", "qcow2", "-F", format, "-b"])
+        .arg(&base)
+        .arg(&tmp)
+        .arg(format!("{}G", spec.plan.disk_gib))
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|err| match err.kind() {
+            std::io::ErrorKind::NotFound => VmmError::QemuImgMissing,
+            _ => VmmError::Io {
+                vm_id: spec.vm_id.clone(),
+                what: "cannot run qemu-img".into(),
+                source: err,
+            },
+        })?;
+    if !out.status.success() {
+        return Err(VmmError::QemuImg {
+            vm_id: spec.vm_id.clone(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    std::fs::rename(&tmp, &disk).map_err(io("cannot move the new disk in place".into()))?;
+    Ok(disk)
+}
+
+/// `qcow2` when the file starts with qcow2's magic, `raw` otherwise. Passed
+/// as `-F` because qemu-img refuses to guess a backing file's format.
+fn disk_format(path: &Path) -> std::io::Result<&'static str> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let mut file = std::fs::File::open(path)?;
+    let n = file.read(&mut magic)?;
+    Ok(if n == 4 && &magic == b"QFI\xfb" {
+        "qcow2"
+    } else {
+        "raw"
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format_follows_the_magic() {
+        let tmp = tempfile::tempdir().unwrap();
+        let qcow2 = tmp.path().join("a.qcow2");
+        std::fs::write(&qcow2, b"QFI\xfb\0\0\0\x03rest").unwrap();
+        assert_eq!(disk_format(&qcow2).unwrap(), "qcow2");
+        let raw = tmp.path().join("a.raw");
+        std::fs::write(&raw, [0u8; 512]).unwrap();
+        assert_eq!(disk_format(&raw).unwrap(), "raw");
+        let short = tmp.path().join("short");
+        std::fs::write(&short, b"QF").unwrap();
+        assert_eq!(disk_format(&short).unwrap(), "raw");
+        assert!(disk_format(&tmp.path().join("missing")).is_err());
+    }
+}
