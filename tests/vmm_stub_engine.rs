@@ -243,6 +243,40 @@ async fn guest_poweroff_leaves_the_vm_stopped() {
     assert_eq!(engine.status(&spec.vm_id).unwrap().state, VmState::Stopped);
 }
 
+/// QEMU pausing the guest (QMP STOP: what an I/O error with werror=stop or
+/// a full host disk does) shows as `paused`, and its resume as `running`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_guest_is_paused_then_running_again() {
+    let fx = Fixture::new();
+    let engine = fx.engine(fast_restarts(3));
+    let spec = fx.spec("pause", StubAction::Idle);
+    let mut events = engine.subscribe();
+    engine.create_disk(&spec).await.unwrap();
+    engine.start(&spec).await.unwrap();
+    expect_transition(&mut events, &spec.vm_id, VmState::Stopped, VmState::Starting).await;
+    expect_transition(&mut events, &spec.vm_id, VmState::Starting, VmState::Running).await;
+    let reply = engine
+        .qmp(&spec.vm_id, serde_json::json!({"execute": "stop"}))
+        .await
+        .unwrap();
+    assert!(reply.get("return").is_some(), "{reply}");
+    expect_transition(&mut events, &spec.vm_id, VmState::Running, VmState::Paused).await;
+    assert_eq!(engine.status(&spec.vm_id).unwrap().state, VmState::Paused);
+    engine
+        .qmp(&spec.vm_id, serde_json::json!({"execute": "cont"}))
+        .await
+        .unwrap();
+    expect_transition(&mut events, &spec.vm_id, VmState::Paused, VmState::Running).await;
+    // A paused VM stops like a running one.
+    engine
+        .qmp(&spec.vm_id, serde_json::json!({"execute": "stop"}))
+        .await
+        .unwrap();
+    expect_transition(&mut events, &spec.vm_id, VmState::Running, VmState::Paused).await;
+    engine.stop(&spec.vm_id, Duration::from_millis(200)).await.unwrap();
+    assert_eq!(engine.status(&spec.vm_id).unwrap().state, VmState::Stopped);
+}
+
 /// An event qapi cannot decode ends its stream (qapi's schema is QEMU 9.1;
 /// Debian's 7.2 happens to send RTC_CHANGE with 9.1's `qom-path`, so the
 /// line is injected): the supervisor must reconnect and keep managing the

@@ -220,6 +220,7 @@ impl VmEngine for EngineAdapter {
 fn run_state(state: VmState) -> VmRunState {
     match state {
         VmState::Running => VmRunState::Running,
+        VmState::Paused => VmRunState::Paused,
         VmState::Starting => VmRunState::Starting,
         VmState::Stopping => VmRunState::Stopping,
         VmState::Crashed => VmRunState::Crashed,

@@ -136,7 +136,7 @@ impl Engine {
         vm.stop_supervisor();
         if matches!(
             vm.state(),
-            VmState::Running | VmState::Starting | VmState::Stopping
+            VmState::Running | VmState::Paused | VmState::Starting | VmState::Stopping
         ) {
             self.registry
                 .set_state(&vm, VmState::Crashed, "QEMU vanished while unsupervised")?;
@@ -375,14 +375,14 @@ impl Engine {
             vm.dir().clean_runtime_files();
             if matches!(
                 state,
-                VmState::Running | VmState::Starting | VmState::Stopping | VmState::Crashed
+                VmState::Running | VmState::Paused | VmState::Starting | VmState::Stopping | VmState::Crashed
             ) {
                 self.registry
                     .set_state(vm, VmState::Stopped, "stopped on request (QEMU was not running)")?;
             }
             return Ok(());
         };
-        if matches!(state, VmState::Running | VmState::Starting) {
+        if matches!(state, VmState::Running | VmState::Paused | VmState::Starting) {
             self.registry.set_state(vm, VmState::Stopping, "stop requested")?;
         }
         let how = process::stop(vm.id(), pid, client.as_deref(), graceful).await?;

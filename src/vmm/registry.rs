@@ -195,7 +195,7 @@ impl Vm {
     pub fn live_status(&self) -> Option<VmStatus> {
         let live = {
             let rt = self.rt.lock().unwrap();
-            matches!(rt.state, VmState::Running | VmState::Starting)
+            matches!(rt.state, VmState::Running | VmState::Paused | VmState::Starting)
                 && rt.pid.is_some_and(|pid| pid.is_ours(&self.vm_id))
         };
         live.then(|| self.status())
@@ -206,7 +206,11 @@ impl Vm {
     pub fn supervised_pid(&self) -> Option<QemuPid> {
         let rt = self.rt.lock().unwrap();
         match (rt.state, rt.pid) {
-            (VmState::Running, Some(pid)) if rt.supervisor.is_some() && pid.is_ours(&self.vm_id) => Some(pid),
+            (VmState::Running | VmState::Paused, Some(pid))
+                if rt.supervisor.is_some() && pid.is_ours(&self.vm_id) =>
+            {
+                Some(pid)
+            }
             _ => None,
         }
     }

@@ -4,6 +4,7 @@
 //! ```text
 //! creating -> starting -> running <-> stopped
 //! running -> crashed -> starting       (supervised restart with backoff)
+//! running <-> paused                    (QMP STOP / RESUME: an I/O error, a full disk)
 //! crashed -> failed                     (too many crashes in the window)
 //! any -> deleting -> deleted
 //! ```
@@ -22,6 +23,9 @@ pub enum VmState {
     Starting,
     /// QEMU runs and the guest is up.
     Running,
+    /// QEMU runs but has paused the guest (QMP `STOP`): a disk I/O error with
+    /// `werror=stop`, a full host disk. It resumes by itself or on `cont`.
+    Paused,
     /// A stop we asked for is under way.
     Stopping,
     /// No QEMU: stopped by us or shut down from inside the guest.
@@ -44,10 +48,11 @@ pub struct InvalidTransition {
 }
 
 impl VmState {
-    pub const ALL: [VmState; 9] = [
+    pub const ALL: [VmState; 10] = [
         VmState::Creating,
         VmState::Starting,
         VmState::Running,
+        VmState::Paused,
         VmState::Stopping,
         VmState::Stopped,
         VmState::Crashed,
@@ -67,7 +72,8 @@ impl VmState {
             (_, Deleting) => true,
             (Creating, Starting | Failed) => true,
             (Starting, Running | Stopped | Crashed | Failed | Stopping) => true,
-            (Running, Stopping | Stopped | Crashed) => true,
+            (Running, Stopping | Stopped | Crashed | Paused) => true,
+            (Paused, Running | Stopping | Stopped | Crashed) => true,
             (Stopping, Stopped | Crashed) => true,
             (Stopped, Starting) => true,
             (Crashed, Starting | Failed | Stopped) => true,
@@ -89,6 +95,7 @@ impl VmState {
             VmState::Creating => "creating",
             VmState::Starting => "starting",
             VmState::Running => "running",
+            VmState::Paused => "paused",
             VmState::Stopping => "stopping",
             VmState::Stopped => "stopped",
             VmState::Crashed => "crashed",
@@ -139,6 +146,12 @@ mod tests {
         (Running, Stopped),
         (Running, Crashed),
         (Running, Deleting),
+        (Running, Paused),
+        (Paused, Running),
+        (Paused, Stopping),
+        (Paused, Stopped),
+        (Paused, Crashed),
+        (Paused, Deleting),
         (Stopping, Stopped),
         (Stopping, Crashed),
         (Stopping, Deleting),

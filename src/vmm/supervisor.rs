@@ -55,7 +55,7 @@ pub(super) struct Supervision {
 /// Spawned by the engine inside the VM's span.
 pub(super) async fn run(sup: Supervision, vm: Arc<Vm>, mut attached: Attached) {
     loop {
-        let Some(exit) = watch(&sup.cancel, &vm, &mut attached).await else {
+        let Some(exit) = watch(&sup, &vm, &mut attached).await else {
             return;
         };
         let crash = match exit {
@@ -140,7 +140,8 @@ async fn restart_after_crash(sup: &Supervision, vm: &Vm, mut reason: String) -> 
 }
 
 /// Follow one QEMU until it exits (`Some`) or the engine goes away (`None`).
-async fn watch(cancel: &CancellationToken, vm: &Vm, attached: &mut Attached) -> Option<Exit> {
+async fn watch(sup: &Supervision, vm: &Vm, attached: &mut Attached) -> Option<Exit> {
+    let cancel = &sup.cancel;
     let pid = attached.pid;
     let mut shutdown: Option<(bool, String)> = None;
     let mut panicked = false;
@@ -171,6 +172,16 @@ async fn watch(cancel: &CancellationToken, vm: &Vm, attached: &mut Attached) -> 
                 }
                 Some(QmpEvent::Reset { guest, reason }) => {
                     tracing::info!(guest, %reason, "guest reset (reboot)");
+                }
+                // A pause on the way out (powerdown, quit) is part of the stop.
+                Some(QmpEvent::Stop) if !vm.is_stopping() && shutdown.is_none() => {
+                    tracing::warn!("QEMU paused the guest");
+                    let _ = sup.registry.set_state(vm, VmState::Paused, "QEMU paused the guest (STOP)");
+                }
+                Some(QmpEvent::Resume) => {
+                    if vm.state() == VmState::Paused {
+                        let _ = sup.registry.set_state(vm, VmState::Running, "QEMU resumed the guest");
+                    }
                 }
                 Some(other) => tracing::debug!(event = ?other, "QMP event"),
             },
