@@ -110,3 +110,90 @@ async fn a_service_killed_mid_create_recovers_to_nothing() {
     assert!(left.is_empty(), "left behind: {left:#?}");
     dep.stop();
 }
+
+/// DELETE always works: a create in flight (QEMU, tap and forward made for
+/// real, the guest still booting) is cancelled, and nothing is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_cancels_a_create_in_flight() {
+    let mut dep = Deployment::new();
+    dep.start().await;
+    let client = reqwest::Client::new();
+    let user = sign_up(&client, &dep.api, &unique_name("cancel")).await;
+    let waiting = {
+        let (client, api, token, key) = (
+            client.clone(),
+            dep.api.clone(),
+            user.token.clone(),
+            user.key.public_line().to_owned(),
+        );
+        tokio::spawn(async move {
+            let resp = client
+                .post(format!("{api}/host"))
+                .bearer_auth(token)
+                .json(&serde_json::json!({ "ssh_public_key": key }))
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<serde_json::Value>().await.unwrap())
+        })
+    };
+    let started = std::time::Instant::now();
+    loop {
+        let (_, body) = user.host(&client, &dep.api).await;
+        if body["data"]["hosting"]["step"] == "ready" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no readiness step: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!vm_leftovers(&dep).is_empty(), "the create had made nothing yet");
+    let (status, body) = user.delete_host(&client, &dep.api).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = waiting.await.unwrap();
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("create_cancelled")),
+        "{body}"
+    );
+    let (status, body) = user.host(&client, &dep.api).await;
+    assert_eq!(status, 404, "{body}");
+    let left = vm_leftovers(&dep);
+    assert!(left.is_empty(), "left behind: {left:#?}");
+    dep.stop();
+}
+
+/// What a crash or an operator left (a tap, a forward, a VM directory that
+/// no hosting owns) is removed by the reaper when `serve` starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reaper_removes_what_no_hosting_owns() {
+    let mut dep = Deployment::new();
+    dep.start().await;
+    dep.stop();
+    let orphan = "vm-0rphan00";
+    let tap = webhoster::net::tap_name(orphan);
+    let run = |args: &[&str]| {
+        let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    };
+    run(&[
+        "ip", "netns", "exec", &dep.netns, "ip", "tuntap", "add", &tap, "mode", "tap",
+    ]);
+    let table = format!("webhoster_{}", dep.netns);
+    let port = dep.env["WEBHOSTER_SSH_PORTS"]
+        .split('-')
+        .next()
+        .unwrap()
+        .to_owned();
+    let element = format!("{{ {port} comment \"{orphan}\" : 10.1.1.1 . 22 }}");
+    run(&["nft", "add", "element", "ip", &table, "ssh_fwd", &element]);
+    std::fs::create_dir_all(dep.state_dir().join("vms").join(orphan)).unwrap();
+    assert_eq!(vm_leftovers(&dep).len(), 3, "{:#?}", vm_leftovers(&dep));
+    dep.start().await;
+    let left = vm_leftovers(&dep);
+    assert!(left.is_empty(), "left behind: {left:#?}");
+    dep.stop();
+}

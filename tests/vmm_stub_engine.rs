@@ -273,7 +273,10 @@ async fn a_paused_guest_is_paused_then_running_again() {
         .await
         .unwrap();
     expect_transition(&mut events, &spec.vm_id, VmState::Running, VmState::Paused).await;
-    engine.stop(&spec.vm_id, Duration::from_millis(200)).await.unwrap();
+    engine
+        .stop(&spec.vm_id, Duration::from_millis(200))
+        .await
+        .unwrap();
     assert_eq!(engine.status(&spec.vm_id).unwrap().state, VmState::Stopped);
 }
 
