@@ -637,7 +637,61 @@ async fn graceful_shutdown(db: Db) {
     );
 }
 
+/// Register and log-in are limited per client address and log-in per
+/// account: the 429 is in the envelope, with Retry-After.
+async fn rate_limits(db: Db) {
+    use webhoster::api::ratelimit::{AuthLimits, Rate};
+    let limits = AuthLimits {
+        per_ip: Some(Rate {
+            burst: 6,
+            per_minute: 1,
+        }),
+        per_account: Some(Rate {
+            burst: 2,
+            per_minute: 1,
+        }),
+    };
+    let api = TestApi::start_with_limits(common::control::TestDb::new(db).await, limits).await;
+    let login = |user: &'static str, password: &'static str| {
+        let client = api.client.clone();
+        let url = api.url("/api/v1/auth/login");
+        async move {
+            let resp = client
+                .post(url)
+                .form(&[("username", user), ("password", password)])
+                .send()
+                .await
+                .unwrap();
+            let retry = resp
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_owned());
+            (resp.status().as_u16(), retry, resp.json::<Value>().await.unwrap())
+        }
+    };
+    assert_eq!(api.register("rlone").await.0, 201);
+    assert_eq!(api.register("rltwo").await.0, 201);
+    // Per account: two guesses, then 429, whoever asks.
+    assert_eq!(login("rlone", "wrong-password").await.0, 401);
+    assert_eq!(login("rlone", "wrong-password").await.0, 401);
+    let (s, retry, b) = login("rlone", "password123").await;
+    assert_error(s, &b, 429, "rate_limited");
+    let secs: u64 = retry.expect("Retry-After").parse().unwrap();
+    assert!((1..=60).contains(&secs), "{secs}");
+    // Another account from the same address still logs in.
+    assert_eq!(login("rltwo", "password123").await.0, 200);
+    // Per address: that was the 6th hash-costing call (2 registers, 4
+    // logins, the refused one counted); now every register and login is 429.
+    let (s, b) = api.register("rlthree").await;
+    assert_error(s, &b, 429, "rate_limited");
+    assert_eq!(login("rltwo", "password123").await.0, 429);
+    // Routes that cost no hash are not limited.
+    let (s, _) = api.call(Method::GET, "/api/v1/health", None, None).await;
+    assert_eq!(s, 200);
+}
+
 both_backends!(
+    rate_limits,
     accounts,
     validation,
     tokens,

@@ -92,6 +92,7 @@ fn public_host(req: &Request<'_>) -> String {
 }
 
 pub async fn register(req: &Request<'_>) -> Reply {
+    req.state.limits.client(req.remote)?;
     let body: RegisterRequest = parse_json(&req.body)?;
     let body = body.validate()?;
     let hash = req.state.auth.hash_password(body.password).await?;
@@ -105,6 +106,7 @@ pub async fn register(req: &Request<'_>) -> Reply {
 }
 
 pub async fn login(req: &Request<'_>) -> Reply {
+    req.state.limits.client(req.remote)?;
     let body: LoginRequest = match content_type(req).as_str() {
         "application/json" => parse_json(&req.body)?,
         "application/x-www-form-urlencoded" | "" => serde_urlencoded::from_bytes(&req.body)
@@ -118,6 +120,7 @@ pub async fn login(req: &Request<'_>) -> Reply {
         }
     };
     let body = body.validate()?;
+    req.state.limits.account(&body.username)?;
     let found = req.state.store.user_by_login(&body.username).await?;
     let (user, hash) = match found {
         Some(u) => (Some(u.user), Some(u.password_hash)),

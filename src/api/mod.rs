@@ -14,6 +14,7 @@ mod error;
 mod handlers;
 mod metrics;
 mod openapi;
+pub mod ratelimit;
 mod system;
 
 use std::convert::Infallible;
@@ -53,6 +54,8 @@ pub struct ApiConfig {
     pub version: &'static str,
     /// State dir, for the free-disk health check.
     pub state_dir: Option<std::path::PathBuf>,
+    /// Rate limits of register and log-in.
+    pub auth_limits: ratelimit::AuthLimits,
 }
 
 impl Default for ApiConfig {
@@ -63,6 +66,44 @@ impl Default for ApiConfig {
             login_user: "ubuntu".into(),
             version: env!("CARGO_PKG_VERSION"),
             state_dir: None,
+            auth_limits: ratelimit::AuthLimits::default(),
+        }
+    }
+}
+
+/// The rate limiters of the auth routes.
+pub struct AuthLimiters {
+    per_ip: Option<ratelimit::Limiter<std::net::IpAddr>>,
+    per_account: Option<ratelimit::Limiter<String>>,
+}
+
+impl AuthLimiters {
+    fn new(limits: ratelimit::AuthLimits) -> AuthLimiters {
+        AuthLimiters {
+            per_ip: limits
+                .per_ip
+                .map(|r| ratelimit::Limiter::new(r, ratelimit::MAX_KEYS)),
+            per_account: limits
+                .per_account
+                .map(|r| ratelimit::Limiter::new(r, ratelimit::MAX_KEYS)),
+        }
+    }
+
+    /// A hash-costing request from `remote`; 429 when over the limit.
+    pub(crate) fn client(&self, remote: Option<SocketAddr>) -> Result<(), ApiError> {
+        match (&self.per_ip, remote) {
+            (Some(l), Some(addr)) => l.check(&addr.ip()).map_err(ApiError::rate_limited),
+            _ => Ok(()),
+        }
+    }
+
+    /// A log-in attempt for `account`, whatever the IP.
+    pub(crate) fn account(&self, account: &str) -> Result<(), ApiError> {
+        match &self.per_account {
+            Some(l) => l
+                .check(&account.to_ascii_lowercase())
+                .map_err(ApiError::rate_limited),
+            None => Ok(()),
         }
     }
 }
@@ -75,6 +116,7 @@ pub struct ApiState {
     pub hosting: Arc<HostingService>,
     pub config: Arc<ApiConfig>,
     pub metrics: Arc<Metrics>,
+    pub limits: Arc<AuthLimiters>,
     started: Instant,
 }
 
@@ -86,6 +128,7 @@ impl ApiState {
             store,
             auth,
             hosting,
+            limits: Arc::new(AuthLimiters::new(config.auth_limits)),
             config: Arc::new(config),
             metrics: Arc::new(Metrics::new(&labels)),
             started: Instant::now(),
@@ -121,14 +164,14 @@ pub static ROUTES: &[RouteDef] = &[
         "/api/v1/auth/register",
         "Create an account (JSON email, username, password)",
         false,
-        &[201, 400, 409, 413, 422]
+        &[201, 400, 409, 413, 422, 429]
     ),
     route!(
         POST,
         "/api/v1/auth/login",
         "Log in (form-encoded or JSON username + password); returns a bearer token",
         false,
-        &[200, 400, 401, 422]
+        &[200, 400, 401, 422, 429]
     ),
     route!(
         GET,
@@ -218,6 +261,7 @@ pub(crate) struct Request<'a> {
     pub method: &'a Method,
     pub headers: &'a HeaderMap,
     pub query: Option<&'a str>,
+    pub remote: Option<SocketAddr>,
     pub body: Bytes,
 }
 
@@ -300,6 +344,7 @@ where
                 method: &method,
                 headers: &headers,
                 query: query.as_deref(),
+                remote,
                 body,
             };
             dispatch(&req, &path).await

@@ -58,7 +58,7 @@ struct Inner {
     decoding: DecodingKey,
     validation: Validation,
     ttl: Duration,
-    hashing: Semaphore,
+    hashing: Arc<Semaphore>,
     /// Verified against when the login names no account, so an unknown user
     /// costs the same time as a wrong password.
     dummy_hash: String,
@@ -97,7 +97,7 @@ impl Auth {
                 decoding: DecodingKey::from_secret(secret),
                 validation,
                 ttl,
-                hashing: Semaphore::new(hash_workers.max(1)),
+                hashing: Arc::new(Semaphore::new(hash_workers.max(1))),
                 dummy_hash,
             }),
         })
@@ -107,19 +107,31 @@ impl Auth {
         self.inner.ttl
     }
 
+    /// Hashes free to start now (for tests and health).
+    pub fn free_hash_slots(&self) -> usize {
+        self.inner.hashing.available_permits()
+    }
+
     async fn blocking<T: Send + 'static>(
         &self,
         job: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, AuthError> {
-        let _permit = self
+        // The permit moves into the blocking job: a client that disconnects
+        // drops this future, but the hash already running keeps its permit
+        // until it is done, so the limit holds for hashes, not for requests.
+        let permit = self
             .inner
             .hashing
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(|_| AuthError::PoolClosed)?;
-        tokio::task::spawn_blocking(job)
-            .await
-            .map_err(|_| AuthError::PoolClosed)
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            job()
+        })
+        .await
+        .map_err(|_| AuthError::PoolClosed)
     }
 
     /// argon2id PHC string of `password`.
@@ -221,6 +233,28 @@ mod tests {
 
     fn auth() -> Auth {
         Auth::new(&[7u8; 32], Duration::from_secs(60), 2).unwrap()
+    }
+
+    /// A caller that goes away (a client disconnecting mid-login) does not
+    /// free its slot while its hash still runs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_hash_limit_holds_when_callers_give_up() {
+        let a = Auth::new(&[7u8; 32], Duration::from_secs(60), 1).unwrap();
+        let caller = {
+            let a = a.clone();
+            tokio::spawn(async move { a.hash_password("correct horse".into()).await })
+        };
+        while a.free_hash_slots() != 0 {
+            tokio::task::yield_now().await;
+        }
+        caller.abort();
+        let _ = caller.await;
+        assert_eq!(a.free_hash_slots(), 0, "the running hash keeps its slot");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while a.free_hash_slots() == 0 {
+            assert!(std::time::Instant::now() < deadline, "the slot never came back");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     #[tokio::test]

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::fakes::FakeWorld;
 use serde_json::{Value, json};
+use webhoster::api::ratelimit::AuthLimits;
 use webhoster::api::{self, ApiConfig, ApiState};
 use webhoster::auth::Auth;
 use webhoster::hosting::{HostingConfig, HostingService, Readiness};
@@ -127,7 +128,12 @@ impl TestApi {
         Self::start_on(db).await
     }
 
+    /// Rate limits off: tests make many accounts from one address.
     pub async fn start_on(db: TestDb) -> TestApi {
+        Self::start_with_limits(db, AuthLimits::OFF).await
+    }
+
+    pub async fn start_with_limits(db: TestDb, auth_limits: AuthLimits) -> TestApi {
         let store = Store::connect(&db.url).await.unwrap();
         let world = FakeWorld::new(db.dir(), "10.99.0.0/24".parse().unwrap());
         let hosting = HostingService::new(store.clone(), world.ports(), fast_hosting_config());
@@ -140,6 +146,7 @@ impl TestApi {
             ApiConfig {
                 public_host: Some("example.test".into()),
                 state_dir: Some(db.dir().to_owned()),
+                auth_limits,
                 ..ApiConfig::default()
             },
         );
