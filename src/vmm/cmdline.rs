@@ -5,7 +5,8 @@
 //! Hardware (the guest image is built for exactly this): q35, virtio-blk root
 //! disk first (`/dev/vda`), the read-only NoCloud seed second (`/dev/vdb`),
 //! one virtio-net-pci NIC, virtio-rng-pci, isa-serial on ttyS0, pvpanic so a
-//! guest kernel panic reaches us as `GUEST_PANICKED`, no graphics, no
+//! guest kernel panic reaches us as `GUEST_PANICKED`, a virtio-serial port
+//! for the guest agent (`org.qemu.guest_agent.0`), no graphics, no
 //! default devices. Must never decide policy (which VM, which plan): it only
 //! spells out a [`CmdlineConfig`].
 
@@ -35,6 +36,8 @@ pub struct CmdlineConfig {
     pub nic: Nic,
     pub qmp_socket: PathBuf,
     pub operator_socket: PathBuf,
+    /// Host end of the guest agent's virtio-serial port.
+    pub qga_socket: PathBuf,
     pub serial_log: PathBuf,
     pub pidfile: PathBuf,
 }
@@ -250,6 +253,28 @@ impl Switch for PanicDevice {
     }
 }
 
+/// The guest agent's channel: a virtio-serial controller with one port named
+/// `org.qemu.guest_agent.0` (the name the guest's udev rule starts
+/// `qemu-guest-agent.service` for), backed by a listening unix socket.
+/// `wait=off`: QEMU does not wait for a client. Whatever sits in the channel
+/// from an earlier client (a late reply) is skipped by the client's resync
+/// (`vmm::qga`).
+pub struct GuestAgentPort<'a> {
+    pub socket: &'a Path,
+}
+impl Switch for GuestAgentPort<'_> {
+    fn push_args(&self, argv: &mut Vec<String>) {
+        argv.extend([
+            "-chardev".into(),
+            format!("socket,id=qga0,path={},server=on,wait=off", path(self.socket)),
+            "-device".into(),
+            "virtio-serial-pci,id=vser0".into(),
+            "-device".into(),
+            "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0".into(),
+        ]);
+    }
+}
+
 /// A QMP monitor on a listening unix socket.
 pub struct QmpMonitor<'a> {
     pub id: &'a str,
@@ -328,6 +353,10 @@ pub fn build(cfg: &CmdlineConfig) -> Vec<String> {
         Box::new(NetPair(&cfg.nic)),
         Box::new(Rng),
         Box::new(PanicDevice),
+        // After every existing PCI device, so theirs keep their addresses.
+        Box::new(GuestAgentPort {
+            socket: &cfg.qga_socket,
+        }),
         Box::new(QmpMonitor {
             id: "qmp0",
             socket: &cfg.qmp_socket,
