@@ -11,6 +11,7 @@ pub mod cmdline;
 pub mod dir;
 mod engine;
 pub mod plan;
+pub mod qga;
 pub mod qmp;
 pub mod state;
 mod supervisor;
@@ -28,6 +29,7 @@ pub use accel::AccelChoice;
 pub use dir::VmDir;
 pub use engine::{DEFAULT_STOP_TIMEOUT, Engine, START_TIMEOUT, argv_for};
 pub use plan::{Plan, PlanError};
+pub use qga::{QgaClient, QgaError};
 pub use qmp::QmpError;
 pub use state::{InvalidTransition, VmState};
 
