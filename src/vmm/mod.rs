@@ -10,6 +10,7 @@ pub mod cli;
 pub mod cmdline;
 pub mod dir;
 mod engine;
+mod guest;
 pub mod plan;
 pub mod qga;
 pub mod qmp;
@@ -28,6 +29,7 @@ use serde::{Deserialize, Serialize};
 pub use accel::AccelChoice;
 pub use dir::VmDir;
 pub use engine::{DEFAULT_STOP_TIMEOUT, Engine, START_TIMEOUT, argv_for};
+pub use guest::GuestSystemState;
 pub use plan::{Plan, PlanError};
 pub use qga::{QgaClient, QgaError};
 pub use qmp::QmpError;
@@ -241,6 +243,12 @@ pub enum VmmError {
         vm_id: String,
         #[source]
         source: QmpError,
+    },
+    #[error("VM {vm_id}: guest agent")]
+    GuestAgent {
+        vm_id: String,
+        #[source]
+        source: QgaError,
     },
     #[error("VM {vm_id}: QEMU pid {pid} is still alive after SIGKILL")]
     Unkillable { vm_id: String, pid: i32 },
