@@ -41,9 +41,9 @@ echo localhost > "$rootfs/etc/hostname"
 printf '127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' > "$rootfs/etc/hosts"
 printf '# Set by cloud-init or the administrator: guests have no resolver by default.\n' > "$rootfs/etc/resolv.conf"
 echo 'LANG=C.UTF-8' > "$rootfs/etc/default/locale"
-# Keys only by default (a seed can turn passwords on with ssh_pwauth). Said in
-# sshd_config itself, where cloud-init's set-passwords looks: when a seed
-# asks for the same, sshd is not restarted right after it came up.
+# Keys only by default (a seed can turn passwords on with ssh_pwauth, which
+# cloud-init's set-passwords writes before sshd first starts: see
+# 99-webhoster.cfg).
 sed -i 's/^#\?PasswordAuthentication .*/PasswordAuthentication no/' "$rootfs/etc/ssh/sshd_config"
 grep -q '^PasswordAuthentication no' "$rootfs/etc/ssh/sshd_config"
 # The seed adds the login user to www-data so SFTP uploads land as pages.
