@@ -1,7 +1,7 @@
 //! vmm: the VM engine. Owns qemu-system processes (spawned detached, in their
-//! own session), their QMP sockets, the per-VM directories under
-//! `<state>/vms/`, the lifecycle state of each VM and its supervision
-//! (crash restarts with backoff). Never touches netlink, nginx or SQL: a tap
+//! own session), their QMP sockets and guest-agent channels, the per-VM
+//! directories under `<state>/vms/`, the lifecycle state of each VM and its
+//! supervision (crash restarts with backoff). Never touches netlink, nginx or SQL: a tap
 //! arrives as an open fd from a [`TapOpener`], and state changes leave as
 //! [`VmEvent`]s for the orchestrator to persist.
 
