@@ -41,9 +41,9 @@ echo localhost > "$rootfs/etc/hostname"
 printf '127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' > "$rootfs/etc/hosts"
 printf '# Set by cloud-init or the administrator: guests have no resolver by default.\n' > "$rootfs/etc/resolv.conf"
 echo 'LANG=C.UTF-8' > "$rootfs/etc/default/locale"
-# Keys only by default (a seed can turn passwords on with ssh_pwauth). Said in
-# sshd_config itself, where cloud-init's set-passwords looks: when a seed
-# asks for the same, sshd is not restarted right after it came up.
+# Keys only by default (a seed can turn passwords on with ssh_pwauth, which
+# cloud-init's set-passwords writes before sshd first starts: see
+# 99-webhoster.cfg).
 sed -i 's/^#\?PasswordAuthentication .*/PasswordAuthentication no/' "$rootfs/etc/ssh/sshd_config"
 grep -q '^PasswordAuthentication no' "$rootfs/etc/ssh/sshd_config"
 # The seed adds the login user to www-data so SFTP uploads land as pages.
@@ -117,6 +117,11 @@ used_mib=$(du -sxm "$rootfs" | cut -f1)
 size_mib=$(( (used_mib * 5 / 4 + 256 + 63) / 64 * 64 ))
 [ "$size_mib" -lt 1024 ] && size_mib=1024
 mkfs.ext4 -q -F -L whroot -T default -b 4096 -m 1 -d "$rootfs" "$WH_WORK/disk.raw" "${size_mib}M"
+# The journal commits every second instead of every 5 s (the other half of
+# the writeback bound: overlay/etc/sysctl.d/60-webhoster-writeback.conf).
+# Stored as a default mount option in the superblock, so it holds however
+# the disk is mounted (initrd, rescue, a kernel command line without it).
+tune2fs -E mount_opts=commit=1 "$WH_WORK/disk.raw" >/dev/null
 rm -rf "$rootfs"
 # Compressed clusters: half the size on disk; QEMU inflates them on read
 # (host-side, cheap next to the guest's TCG time). VMs write to overlays.

@@ -50,13 +50,24 @@ fn boots_any_nocloud_seed() {
     let image = guest::test_image();
     let key = TestKey::new();
     let dir = tempfile::tempdir().unwrap();
+    // A password for alice, turned on for SSH as many foreign seeds do
+    // (cloud-init's set-passwords; adm lets her read the whole journal).
+    let password = format!("pw-{}", rand::random::<u64>());
     let user_data = format!(
         r#"#cloud-config
 hostname: seedtest
+ssh_pwauth: true
+chpasswd:
+  expire: false
+  users:
+    - name: alice
+      password: {password}
+      type: text
 users:
   - name: alice
     shell: /bin/bash
-    groups: [www-data]
+    groups: [www-data, adm]
+    lock_passwd: false
     ssh_authorized_keys:
       - {key}
 write_files:
@@ -78,8 +89,9 @@ write_files:
 
     wait_for_page(&mut vm, "hand-written seed page");
     wait_for_ssh(&mut vm, "alice", &key);
+    let port = vm.ssh_port;
     let ssh = |cmd: &str| {
-        let out = guest::ssh("127.0.0.1", vm.ssh_port, "alice", &key, cmd);
+        let out = guest::ssh("127.0.0.1", port, "alice", &key, cmd);
         assert!(out.status.success(), "{cmd}: {out:?}");
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     };
@@ -122,6 +134,45 @@ write_files:
     let (status, body) = guest::http_get(vm.http, "/upload.html").unwrap();
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("uploaded over sftp"), "{body}");
+
+    // The seed's password works over SSH, and turning it on did not
+    // restart sshd (set-passwords ran before sshd first started).
+    guest::wait_for("the end of the boot", BOOT_TIMEOUT, || {
+        vm.assert_alive();
+        let out = guest::ssh("127.0.0.1", port, "alice", &key, "systemctl is-system-running");
+        let state = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert!(state != "degraded", "the guest booted degraded");
+        state == "running"
+    });
+    let out = std::process::Command::new("sshpass")
+        .args(["-p", &password, "ssh"])
+        // ssh takes the first value given: BatchMode=no (sshpass answers the
+        // prompt) replaces the helpers' BatchMode=yes in place.
+        .args(guest::ssh_opts(&key).into_iter().map(|o| {
+            if o == "BatchMode=yes" {
+                "BatchMode=no".to_owned()
+            } else {
+                o
+            }
+        }))
+        .args(["-o", "PubkeyAuthentication=no"])
+        .args(["-o", "PreferredAuthentications=password", "-p", &port.to_string()])
+        .args(["alice@127.0.0.1", "id -un"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("sshpass (Debian package sshpass)");
+    assert!(out.status.success(), "password login: {out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "alice");
+    let journal = ssh("journalctl -b -o cat --no-pager -u ssh.service");
+    assert_eq!(
+        journal.lines().filter(|l| l.starts_with("Started ")).count(),
+        1,
+        "sshd started more than once:\n{journal}"
+    );
+    assert!(
+        !journal.contains("Received signal"),
+        "sshd was restarted:\n{journal}"
+    );
 }
 
 #[test]

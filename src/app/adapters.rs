@@ -157,8 +157,17 @@ impl VmEngine for EngineAdapter {
     }
 
     async fn guest_boot(&self, vm_id: &str) -> GuestBoot {
-        let _ = vm_id;
-        GuestBoot::NoAgent
+        match self.engine.guest_system_state(vm_id).await {
+            Ok(vmm::GuestSystemState::Running) => GuestBoot::Done,
+            Ok(vmm::GuestSystemState::Starting) => GuestBoot::InProgress,
+            Ok(vmm::GuestSystemState::Degraded) => GuestBoot::Other("degraded".into()),
+            Ok(vmm::GuestSystemState::Other(state)) => GuestBoot::Other(state),
+            Ok(vmm::GuestSystemState::NoAgent) => GuestBoot::NoAgent,
+            Err(err) => {
+                tracing::debug!(%vm_id, error = %crate::hosting::chain(&err), "asking the guest agent");
+                GuestBoot::NoAgent
+            }
+        }
     }
 
     async fn vm_ids(&self) -> Result<Vec<String>, PortError> {

@@ -280,7 +280,7 @@ impl HostingService {
         let published = self.ports.probe.published_ready(h.user_id, h.ssh_port).await;
         let verdict = match published {
             Ok(()) if h.state == HostingState::Running && !repaired => Ok(()),
-            Ok(()) => steps::boot_done(&self.ports, &h.vm_id).await,
+            Ok(()) => steps::boot_done(&self.ports, &h.vm_id, agentless_patience_over(h)).await,
             Err(e) => Err(e),
         };
         match verdict {
@@ -477,6 +477,16 @@ impl HostingService {
             _ => Ok(()),
         }
     }
+}
+
+/// How long a guest that answers HTTP and SSH but not its agent waits before
+/// it counts as running all the same: longer than any first boot under TCG.
+const AGENTLESS_PATIENCE: Duration = Duration::from_secs(120);
+
+fn agentless_patience_over(h: &Hosting) -> bool {
+    time::OffsetDateTime::parse(&h.state_since, &time::format_description::well_known::Rfc3339)
+        .map(|since| time::OffsetDateTime::now_utc() - since > AGENTLESS_PATIENCE)
+        .unwrap_or(true)
 }
 
 /// For errors that only need a line in the log.

@@ -94,7 +94,7 @@ pub enum GuestBoot {
     InProgress,
     /// Boot finished with failed units (`degraded`), or another answer.
     Other(String),
-    /// The guest has no agent to ask (an image without one).
+    /// No agent answered: early in the boot, or a guest whose agent is gone.
     NoAgent,
 }
 

@@ -142,10 +142,14 @@ where
 
 /// Ok once the guest says its boot is over: from then on nothing in it
 /// restarts sshd or nginx (cloud-init's later stages are done). A guest
-/// without an agent is taken at its word that HTTP and SSH answer.
-pub async fn boot_done(ports: &Ports, vm_id: &str) -> Result<(), PortError> {
+/// whose agent does not answer is taken at its word that HTTP and SSH
+/// answer only once `agentless_ok` (its user may have removed the agent;
+/// early in a boot the agent is simply not up yet).
+pub async fn boot_done(ports: &Ports, vm_id: &str, agentless_ok: bool) -> Result<(), PortError> {
     match ports.engine.guest_boot(vm_id).await {
-        GuestBoot::Done | GuestBoot::NoAgent => Ok(()),
+        GuestBoot::Done => Ok(()),
+        GuestBoot::NoAgent if agentless_ok => Ok(()),
+        GuestBoot::NoAgent => Err(PortError::Probe("the guest agent does not answer yet".into())),
         GuestBoot::InProgress => Err(PortError::Probe("the guest is still booting".into())),
         GuestBoot::Other(state) => Err(PortError::Probe(format!("the guest's boot ended {state}"))),
     }
@@ -173,7 +177,7 @@ pub async fn run(step: Step, job: &Job, ports: &Ports, ready: Readiness) -> Resu
             let ip = job.launch.guest_ip;
             wait_until(ready, || async move {
                 ports.probe.guest_ready(ip).await?;
-                boot_done(ports, vm_id).await
+                boot_done(ports, vm_id, false).await
             })
             .await
         }

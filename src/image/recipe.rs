@@ -35,6 +35,11 @@ pub const FILES: &[(&str, &str, bool)] = &[
         false,
     ),
     (
+        "overlay/etc/sysctl.d/60-webhoster-writeback.conf",
+        include_str!("../../images/overlay/etc/sysctl.d/60-webhoster-writeback.conf"),
+        false,
+    ),
+    (
         "overlay/etc/systemd/network/10-cloud-init-eth0.network.d/10-webhoster.conf",
         include_str!(
             "../../images/overlay/etc/systemd/network/10-cloud-init-eth0.network.d/10-webhoster.conf"

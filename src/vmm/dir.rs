@@ -8,6 +8,8 @@
 //! seed.iso           NoCloud seed (written by the caller; the spec names it)
 //! qmp.sock           QMP for the supervisor (one client at a time)
 //! qmp-operator.sock  QMP for operators: `webhoster vm qmp`, socat
+//! qga.sock           the guest agent's virtio-serial port (one client at a time)
+//! qga.lock           flock held by the one guest-agent client (vmm::qga)
 //! qemu.pid           written and locked by QEMU
 //! start.lock         flock held while a start checks and spawns
 //! serial.log (+.1)   serial console, rotated at SERIAL_LOG_MAX
@@ -54,6 +56,15 @@ impl VmDir {
     pub fn operator_socket(&self) -> PathBuf {
         self.root.join("qmp-operator.sock")
     }
+    /// The host end of the guest's `org.qemu.guest_agent.0` port.
+    pub fn qga_socket(&self) -> PathBuf {
+        self.root.join("qga.sock")
+    }
+    /// Held (flock) by whoever talks to the guest agent: its socket serves
+    /// one client, and a second one would only see silence.
+    pub fn qga_lock(&self) -> PathBuf {
+        self.root.join("qga.lock")
+    }
     pub fn pidfile(&self) -> PathBuf {
         self.root.join("qemu.pid")
     }
@@ -94,7 +105,12 @@ impl VmDir {
     /// Remove what a dead QEMU left behind. Only call when no QEMU of this
     /// VM runs.
     pub fn clean_runtime_files(&self) {
-        for path in [self.pidfile(), self.qmp_socket(), self.operator_socket()] {
+        for path in [
+            self.pidfile(),
+            self.qmp_socket(),
+            self.operator_socket(),
+            self.qga_socket(),
+        ] {
             match std::fs::remove_file(&path) {
                 Ok(()) => tracing::debug!(path = %path.display(), "removed stale file"),
                 Err(err) if err.kind() == io::ErrorKind::NotFound => {}

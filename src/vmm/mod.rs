@@ -1,7 +1,7 @@
 //! vmm: the VM engine. Owns qemu-system processes (spawned detached, in their
-//! own session), their QMP sockets, the per-VM directories under
-//! `<state>/vms/`, the lifecycle state of each VM and its supervision
-//! (crash restarts with backoff). Never touches netlink, nginx or SQL: a tap
+//! own session), their QMP sockets and guest-agent channels, the per-VM
+//! directories under `<state>/vms/`, the lifecycle state of each VM and its
+//! supervision (crash restarts with backoff). Never touches netlink, nginx or SQL: a tap
 //! arrives as an open fd from a [`TapOpener`], and state changes leave as
 //! [`VmEvent`]s for the orchestrator to persist.
 
@@ -11,8 +11,10 @@ pub mod cmdline;
 pub mod dir;
 mod disk;
 mod engine;
+mod guest;
 pub mod plan;
 mod process;
+pub mod qga;
 pub mod qmp;
 mod registry;
 pub mod scan;
@@ -31,8 +33,10 @@ use serde::{Deserialize, Serialize};
 pub use accel::AccelChoice;
 pub use dir::VmDir;
 pub use engine::{DEFAULT_STOP_TIMEOUT, Engine};
+pub use guest::GuestSystemState;
 pub use plan::{Plan, PlanError};
 pub use process::{START_TIMEOUT, argv_for};
+pub use qga::{QgaClient, QgaError};
 pub use qmp::QmpError;
 pub use state::{InvalidTransition, VmState};
 
@@ -244,6 +248,12 @@ pub enum VmmError {
         vm_id: String,
         #[source]
         source: QmpError,
+    },
+    #[error("VM {vm_id}: guest agent")]
+    GuestAgent {
+        vm_id: String,
+        #[source]
+        source: QgaError,
     },
     #[error("VM {vm_id}: QEMU pid {pid} is still alive after SIGKILL")]
     Unkillable { vm_id: String, pid: i32 },

@@ -384,6 +384,7 @@ fn cmdline_config(accel: AccelChoice, dir: &VmDir, spec: &VmSpec) -> CmdlineConf
         },
         qmp_socket: dir.qmp_socket(),
         operator_socket: dir.operator_socket(),
+        qga_socket: dir.qga_socket(),
         serial_log: dir.serial_log(),
         pidfile: dir.pidfile(),
     }
