@@ -538,10 +538,20 @@ async fn system(db: Db) {
     for n in ["database", "qemu", "accel", "image", "namespace", "nginx", "disk"] {
         assert!(names.contains(&n), "{n} missing in {names:?}");
     }
+    // Health is a snapshot taken every few seconds: a part going down shows
+    // within one period.
     api.world.set_unhealthy("nginx", true);
-    let (s, b) = api.call(Method::GET, "/api/v1/health/detailed", None, None).await;
+    let (mut s, mut b) = (0, Value::Null);
+    for _ in 0..100 {
+        (s, b) = api.call(Method::GET, "/api/v1/health/detailed", None, None).await;
+        if s == 503 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     assert_error(s, &b, 503, "unhealthy");
     assert!(b["message"].as_str().unwrap().contains("nginx"));
+    assert!(b["data"]["checked_seconds_ago"].as_f64().unwrap() < 10.0, "{b}");
     api.world.set_unhealthy("nginx", false);
 
     let (s, b) = api.call(Method::GET, "/api/v1/version", None, None).await;

@@ -117,6 +117,7 @@ pub struct ApiState {
     pub config: Arc<ApiConfig>,
     pub metrics: Arc<Metrics>,
     pub limits: Arc<AuthLimiters>,
+    health: Arc<system::HealthCache>,
     started: Instant,
 }
 
@@ -129,6 +130,7 @@ impl ApiState {
             auth,
             hosting,
             limits: Arc::new(AuthLimiters::new(config.auth_limits)),
+            health: Arc::default(),
             config: Arc::new(config),
             metrics: Arc::new(Metrics::new(&labels)),
             started: Instant::now(),
@@ -463,11 +465,15 @@ pub async fn serve_listener(
     state: ApiState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
+    // The first health snapshot is taken before the first request is read.
+    state.health.refresh(&state).await;
+    let refresher = system::spawn_refresher(state.clone());
     warp::serve(routes(state))
         .incoming(listener)
         .graceful(shutdown)
         .run()
         .await;
+    refresher.abort();
 }
 
 /// Binds `addr` and serves; returns the bound address and the server future.

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::sync::Arc;
 
 use warp::http::{HeaderValue, StatusCode, header};
 use warp::reply::Response;
@@ -46,32 +47,95 @@ fn free_disk_check(path: &std::path::Path) -> HealthCheck {
     }
 }
 
+/// How often the health snapshot is taken. `/health/detailed` and
+/// `/version` serve the last one, so a flood of them costs no process, no
+/// query and no blocking call.
+pub const HEALTH_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What the parts looked like at `taken`.
+pub struct Snapshot {
+    checks: Vec<HealthCheck>,
+    vms_by_status: BTreeMap<String, i64>,
+    qemu_version: Option<String>,
+    taken: std::time::SystemTime,
+}
+
+/// The last snapshot, shared by the handlers and the refresher.
+#[derive(Default)]
+pub struct HealthCache {
+    current: std::sync::RwLock<Option<Arc<Snapshot>>>,
+}
+
+impl HealthCache {
+    fn get(&self) -> Option<Arc<Snapshot>> {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Takes a snapshot now (the checks that block run on the blocking pool).
+    pub async fn refresh(&self, state: &super::ApiState) {
+        let mut checks = Vec::new();
+        let db = state.store.ping().await;
+        checks.push(HealthCheck {
+            name: "database".into(),
+            ok: db.is_ok(),
+            required: true,
+            detail: match &db {
+                Ok(()) => format!("{} answers", state.store.backend().name()),
+                Err(_) => format!("{} does not answer", state.store.backend().name()),
+            },
+        });
+        if let Err(e) = &db {
+            tracing::warn!(error = %crate::hosting::chain(e), "health: database");
+        }
+        let system = &state.hosting.ports().system;
+        checks.extend(system.checks().await);
+        if let Some(dir) = state.config.state_dir.clone()
+            && let Ok(check) = tokio::task::spawn_blocking(move || free_disk_check(&dir)).await
+        {
+            checks.push(check);
+        }
+        let vms_by_status = state
+            .store
+            .count_by_status()
+            .await
+            .map(|v| v.into_iter().collect())
+            .unwrap_or_default();
+        let snapshot = Snapshot {
+            checks,
+            vms_by_status,
+            qemu_version: system.qemu_version().await,
+            taken: std::time::SystemTime::now(),
+        };
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(snapshot));
+    }
+}
+
+/// Refreshes `state`'s health snapshot every [`HEALTH_EVERY`] until dropped.
+pub fn spawn_refresher(state: super::ApiState) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(HEALTH_EVERY);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            state.health.refresh(&state).await;
+        }
+    })
+}
+
+fn age_seconds(s: &Snapshot) -> f64 {
+    s.taken.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
 pub async fn health_detailed(req: &Request<'_>) -> Reply {
     let state = req.state;
-    let mut checks = Vec::new();
-    let db = state.store.ping().await;
-    checks.push(HealthCheck {
-        name: "database".into(),
-        ok: db.is_ok(),
-        required: true,
-        detail: match &db {
-            Ok(()) => format!("{} answers", state.store.backend().name()),
-            Err(_) => format!("{} does not answer", state.store.backend().name()),
-        },
-    });
-    if let Err(e) = &db {
-        tracing::warn!(error = %crate::hosting::chain(e), "health: database");
-    }
-    checks.extend(state.hosting.ports().system.checks().await);
-    if let Some(dir) = &state.config.state_dir {
-        checks.push(free_disk_check(dir));
-    }
-    let vms: BTreeMap<String, i64> = state
-        .store
-        .count_by_status()
-        .await
-        .map(|v| v.into_iter().collect())
-        .unwrap_or_default();
+    let Some(snapshot) = state.health.get() else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unhealthy",
+            "no health snapshot yet; the service is starting",
+        ));
+    };
+    let checks = &snapshot.checks;
     let healthy = checks.iter().all(|c| c.ok || !c.required);
     let status = if healthy {
         StatusCode::OK
@@ -81,8 +145,9 @@ pub async fn health_detailed(req: &Request<'_>) -> Reply {
     let data = serde_json::json!({
         "status": if healthy { "ok" } else { "unavailable" },
         "checks": checks,
-        "vms_by_status": vms,
+        "vms_by_status": snapshot.vms_by_status,
         "creates_in_flight": state.hosting.creates_in_flight(),
+        "checked_seconds_ago": age_seconds(&snapshot),
     });
     if healthy {
         Ok(ok(status, "all required parts are up", &data))
@@ -103,7 +168,7 @@ pub async fn health_detailed(req: &Request<'_>) -> Reply {
 }
 
 pub async fn version(req: &Request<'_>) -> Reply {
-    let qemu = req.state.hosting.ports().system.qemu_version().await;
+    let qemu = req.state.health.get().and_then(|s| s.qemu_version.clone());
     Ok(ok(
         StatusCode::OK,
         "version",

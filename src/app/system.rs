@@ -20,7 +20,13 @@ pub struct System {
 #[async_trait]
 impl SystemInfo for System {
     async fn checks(&self) -> Vec<HealthCheck> {
-        let mut checks: Vec<HealthCheck> = crate::doctor::checks(&self.paths, &self.args.vmm)
+        // The doctor's checks run programs (`qemu --version`...): off the
+        // async workers.
+        let (paths, vmm) = (self.paths.clone(), self.args.vmm.clone());
+        let doctor = tokio::task::spawn_blocking(move || crate::doctor::checks(&paths, &vmm))
+            .await
+            .unwrap_or_default();
+        let mut checks: Vec<HealthCheck> = doctor
             .into_iter()
             .map(|c| HealthCheck {
                 name: c.name.into(),
@@ -57,11 +63,12 @@ impl SystemInfo for System {
     }
 
     async fn qemu_version(&self) -> Option<String> {
-        crate::doctor::tool_version(
-            &self.args.vmm.qemu.display().to_string(),
-            &["--version"],
-            "qemu-system-x86",
-        )
+        let qemu = self.args.vmm.qemu.display().to_string();
+        tokio::task::spawn_blocking(move || {
+            crate::doctor::tool_version(&qemu, &["--version"], "qemu-system-x86").ok()
+        })
+        .await
         .ok()
+        .flatten()
     }
 }
