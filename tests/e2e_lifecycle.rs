@@ -439,15 +439,22 @@ impl Lifecycle {
     }
 
     /// Waits up to `bound` until the site answers 200 and SSH logs in.
-    async fn wait_usable(&self, bound: Duration) -> bool {
+    /// On timeout: what the last try saw.
+    async fn wait_usable(&self, bound: Duration) -> Result<(), String> {
         let bound = self.bounded(bound);
         let since = Instant::now();
         loop {
-            if self.dep.get_site(self.user.id).0 == 200 && self.ssh("true").is_ok() {
-                return true;
+            let (site, body) = self.dep.get_site(self.user.id);
+            let login = if site == 200 {
+                self.ssh("true").map(drop)
+            } else {
+                Err("not tried".into())
+            };
+            if login.is_ok() {
+                return Ok(());
             }
             if since.elapsed() > bound {
-                return false;
+                return Err(format!("site {site} {:?}, SSH login {login:?}", snippet(&body)));
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
@@ -471,8 +478,10 @@ impl Lifecycle {
         if ready {
             return true;
         }
-        if !self.wait_usable(bound.saturating_sub(asked.elapsed())).await {
-            self.fail(format!("{what}: site and SSH not usable within {bound:?}"));
+        if let Err(last) = self.wait_usable(bound.saturating_sub(asked.elapsed())).await {
+            self.fail(format!(
+                "{what}: site and SSH not usable within {bound:?}: {last}"
+            ));
             return false;
         }
         self.timing(&format!("{what}: to site and SSH usable"), asked.elapsed());
@@ -485,9 +494,9 @@ impl Lifecycle {
     /// stops the test when the guest never becomes usable.
     async fn settle(&self, step: &str) {
         let since = Instant::now();
-        if !self.wait_usable(SETTLE).await {
+        if let Err(last) = self.wait_usable(SETTLE).await {
             self.fatal(format!(
-                "before {step}: the site and SSH are not back after {SETTLE:?}; \
+                "before {step}: the site and SSH are not usable after {SETTLE:?} ({last}); \
                  the remaining steps would tell nothing"
             ));
         }
