@@ -157,6 +157,22 @@ impl Deployment {
         http_get(addr, &format!("/{user_id}/")).unwrap_or_else(|e| (0, e.to_string()))
     }
 
+    /// GET `/<user_id>/<path>` through our nginx (`path` without its leading
+    /// slash): (status, body); (0, error) when nothing answers.
+    pub fn get_site_path(&self, user_id: i64, path: &str) -> (u16, String) {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.http_port));
+        http_get(addr, &format!("/{user_id}/{path}")).unwrap_or_else(|e| (0, e.to_string()))
+    }
+
+    /// Runs `cmd args` inside the deployment's network namespace.
+    pub fn netns_exec(&self, cmd: &str, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.netns, cmd])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("ip netns exec {} {cmd}: {e}", self.netns))
+    }
+
     pub fn vm_dir(&self, vm_id: &str) -> PathBuf {
         self.state_dir().join("vms").join(vm_id)
     }
@@ -338,6 +354,22 @@ impl User {
             None,
         )
         .await
+    }
+
+    /// `GET /host/my` for polling: a transport error or a non-JSON answer is
+    /// returned, not a panic.
+    pub async fn try_host(&self, client: &reqwest::Client, api: &str) -> Result<(u16, Value), String> {
+        let resp = client
+            .get(format!("{api}/host/my"))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| format!("GET /host/my: {e}"))?;
+        let status = resp.status().as_u16();
+        let text = resp.text().await.map_err(|e| format!("GET /host/my body: {e}"))?;
+        serde_json::from_str(&text)
+            .map(|v| (status, v))
+            .map_err(|e| format!("GET /host/my answered {status} non-JSON {text:?}: {e}"))
     }
 
     pub async fn delete_host(&self, client: &reqwest::Client, api: &str) -> (u16, Value) {

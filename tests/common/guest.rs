@@ -369,3 +369,45 @@ pub fn qemu_args(a: &QemuArgs) -> Vec<String> {
     args.shrink_to_fit();
     args
 }
+
+/// The host keys the SSH server on `host:port` offers, each as
+/// `"<type> <base64>"`, sorted (from `ssh-keyscan`; empty when it answers
+/// none).
+pub fn ssh_host_keys(host: &str, port: u16) -> Vec<String> {
+    let out = Command::new("ssh-keyscan")
+        .args(["-T", "10", "-p", &port.to_string(), host])
+        .stdin(Stdio::null())
+        .output()
+        .expect("ssh-keyscan (Debian package openssh-client)");
+    let mut keys: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let mut fields = l.split_whitespace().skip(1);
+            Some(format!("{} {}", fields.next()?, fields.next()?))
+        })
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+/// Connects to `addr` and reads the SSH server's identification line
+/// (`SSH-2.0-...`); an error when nothing answers within `timeout` or the
+/// answer is not an SSH banner.
+pub fn ssh_banner(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    let mut buf = [0u8; 64];
+    let n = stream.read(&mut buf)?;
+    let line = String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned();
+    if line.starts_with("SSH-2.0-") {
+        Ok(line)
+    } else {
+        Err(std::io::Error::other(format!("not an SSH banner: {line:?}")))
+    }
+}

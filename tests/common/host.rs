@@ -329,3 +329,18 @@ pub fn http_get(addr: std::net::SocketAddr) -> std::io::Result<String> {
     s.read_to_string(&mut out)?;
     Ok(out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
 }
+
+/// True when process `pid` no longer runs: there is no such process, or it
+/// is a zombie. PID 1 on these machines does not reap re-parented children,
+/// so a killed detached QEMU or nginx stays a zombie; a zombie holds no
+/// memory, file or socket, so it counts as gone.
+pub fn pid_gone(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // The state follows the command name, which is in parentheses and
+        // may itself hold spaces or parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
