@@ -139,6 +139,21 @@ pub struct ServeArgs {
     #[arg(long, env = "WEBHOSTER_READY_TIMEOUT", default_value_t = 300)]
     pub ready_timeout: u64,
 
+    /// Memory all hostings may take together, MiB. Default: the host's RAM
+    /// minus a reserve for the host (the larger of 2 GiB and 10 %).
+    #[arg(long, env = "WEBHOSTER_MEMORY_BUDGET_MIB")]
+    pub memory_budget_mib: Option<u64>,
+
+    /// Disk that must stay free on the state dir's filesystem, GiB; a create
+    /// that would leave less is refused.
+    #[arg(long, env = "WEBHOSTER_DISK_RESERVE_GIB", default_value_t = 5)]
+    pub disk_reserve_gib: u64,
+
+    /// Creates that run at once; more wait in a queue (bounded by
+    /// `--ready-timeout`) and `GET /host/my` shows their place.
+    #[arg(long, env = "WEBHOSTER_CONCURRENT_CREATES", default_value_t = 4)]
+    pub concurrent_creates: usize,
+
     /// On SIGTERM/SIGINT, also stop every guest cleanly (ACPI power-down, a
     /// bounded wait, then quit), as a host shutdown wants. Without it guests
     /// keep running and the next `serve` reattaches to them.

@@ -613,6 +613,123 @@ async fn the_reaper_removes_orphans(db: Db) {
     drop(rig.db);
 }
 
+fn with_budget(budget: webhoster::hosting::admission::Budget) -> webhoster::hosting::HostingConfig {
+    webhoster::hosting::HostingConfig {
+        budget,
+        ..fast_hosting_config()
+    }
+}
+
+/// A create the memory budget or the free disk cannot take is refused at
+/// once, before anything is made.
+async fn no_capacity_is_refused_up_front(db: Db) {
+    use webhoster::hosting::admission::Budget;
+    let mut rig = Rig::new(db).await;
+    rig.svc = HostingService::new(
+        rig.store.clone(),
+        rig.world.ports(),
+        with_budget(Budget {
+            memory_mib: 2048,
+            per_hosting_mib: 1024 + 256,
+            disk_reserve: 5 << 30,
+            per_hosting_disk: 1 << 30,
+            ..Budget::UNLIMITED
+        }),
+    );
+    let (a, b) = (rig.user("uma").await, rig.user("vic").await);
+    rig.svc
+        .create(&a, Some(webhoster::auth::SshPublicKey::parse(KEY).unwrap()), true)
+        .await
+        .unwrap();
+    let calls = rig.world.calls().len();
+    let err = rig
+        .svc
+        .create(&b, Some(webhoster::auth::SshPublicKey::parse(KEY).unwrap()), true)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, HostingError::Capacity(why) if why.contains("memory")),
+        "{err:?}"
+    );
+    assert_eq!(rig.world.calls().len(), calls, "nothing was made");
+    assert!(rig.store.hosting_by_user(b.id).await.unwrap().is_none());
+    // Free the memory; now the disk is short.
+    rig.svc.delete(a.id).await.unwrap();
+    rig.world.set_free_disk(Some(5 << 30));
+    let err = rig.svc.create(&b, None, true).await.unwrap_err();
+    assert!(
+        matches!(&err, HostingError::Capacity(why) if why.contains("disk")),
+        "{err:?}"
+    );
+    rig.world.set_free_disk(Some(100 << 30));
+    rig.svc.create(&b, None, true).await.unwrap();
+    drop(rig.db);
+}
+
+/// Creates beyond the concurrency limit wait their turn in order, show
+/// their place, and give up after the bounded wait.
+async fn creates_queue_in_order(db: Db) {
+    use webhoster::hosting::admission::Budget;
+    let mut rig = Rig::new(db).await;
+    rig.svc = HostingService::new(
+        rig.store.clone(),
+        rig.world.ports(),
+        with_budget(Budget {
+            concurrent_creates: 1,
+            queue_wait: Duration::from_secs(5),
+            ..Budget::UNLIMITED
+        }),
+    );
+    let users = [
+        rig.user("wes").await,
+        rig.user("xia").await,
+        rig.user("yan").await,
+    ];
+    rig.world.hang_on(step_method(Step::Ready));
+    let key = || Some(webhoster::auth::SshPublicKey::parse(KEY).unwrap());
+    let first = rig.svc.create(&users[0], key(), false).await.unwrap().hosting;
+    let second = rig.svc.create(&users[1], key(), false).await.unwrap().hosting;
+    let third = rig.svc.create(&users[2], key(), false).await.unwrap().hosting;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(rig.svc.queue_position(first.id), None, "the first one runs");
+    assert_eq!(rig.svc.queue_position(second.id), Some(1));
+    assert_eq!(rig.svc.queue_position(third.id), Some(2));
+    // Deleting the running one lets the next in.
+    rig.world.clear_faults();
+    rig.svc.delete(users[0].id).await.unwrap();
+    for _ in 0..200 {
+        if rig.svc.creates_in_flight() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for u in &users[1..] {
+        let h = rig.store.hosting_by_user(u.id).await.unwrap().unwrap();
+        assert_eq!(h.state, HostingState::Running, "{h:?}");
+    }
+    // Bounded: a create that cannot get a slot in time fails and leaves nothing.
+    rig.svc = HostingService::new(
+        rig.store.clone(),
+        rig.world.ports(),
+        with_budget(Budget {
+            concurrent_creates: 1,
+            queue_wait: Duration::from_millis(200),
+            ..Budget::UNLIMITED
+        }),
+    );
+    rig.world.hang_on(step_method(Step::Ready));
+    let (z, w) = (rig.user("zed").await, rig.user("ada").await);
+    rig.svc.create(&z, key(), false).await.unwrap();
+    let err = rig.svc.create(&w, key(), true).await.unwrap_err();
+    assert!(
+        matches!(&err, HostingError::Capacity(why) if why.contains("turn")),
+        "{err:?}"
+    );
+    assert!(rig.store.hosting_by_user(w.id).await.unwrap().is_none());
+    rig.svc.abort_creates();
+    drop(rig.db);
+}
+
 both_backends!(
     rollback_at_every_step,
     failed_undo_keeps_the_row_until_delete,
@@ -628,4 +745,6 @@ both_backends!(
     delete_cancels_a_create_in_flight,
     a_panicking_create_is_rolled_back,
     the_reaper_removes_orphans,
+    no_capacity_is_refused_up_front,
+    creates_queue_in_order,
 );

@@ -56,6 +56,7 @@ fn zz_child_process_entry() {
             Backends {
                 ports: world.ports(),
                 engine: None,
+                budget: webhoster::hosting::admission::Budget::UNLIMITED,
             },
         )
         .await

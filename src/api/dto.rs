@@ -190,6 +190,9 @@ pub struct HostingData<'a> {
     pub last_error: Option<&'a str>,
     /// When `status` last changed (RFC 3339).
     pub state_since: &'a str,
+    /// While a create waits for its turn: its place in the queue (1 = next).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<usize>,
     pub created_at: &'a str,
 }
 
@@ -227,6 +230,7 @@ impl<'a> HostData<'a> {
                 step: h.step.map(|s| s.name()),
                 last_error: h.last_error.as_deref(),
                 state_since: &h.state_since,
+                queue_position: None,
                 created_at: &h.created_at,
             },
             web_url: format!("http://{authority}/{}/", h.user_id),

@@ -169,6 +169,10 @@ impl From<HostingError> for ApiError {
             H::NotFound => ApiError::new(StatusCode::NOT_FOUND, "no_hosting", msg),
             H::Busy(_) => ApiError::new(StatusCode::CONFLICT, "hosting_busy", msg),
             H::Cancelled => ApiError::new(StatusCode::CONFLICT, "create_cancelled", msg),
+            H::Capacity(_) => ApiError {
+                retry_after: Some(60),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "capacity", msg)
+            },
             H::SubnetFull | H::PortsFull | H::AllocContention(_) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_capacity", msg)
             }

@@ -162,7 +162,8 @@ fn host_reply(
     private_key: Option<&str>,
 ) -> Response {
     let cfg = &req.state.config;
-    let data = HostData::new(h, &public_host(req), cfg.http_port, &cfg.login_user, private_key);
+    let mut data = HostData::new(h, &public_host(req), cfg.http_port, &cfg.login_user, private_key);
+    data.hosting.queue_position = req.state.hosting.queue_position(h.id);
     ok(status, message, &data)
 }
 

@@ -19,6 +19,7 @@ use anyhow::Context;
 use crate::api::{self, ApiConfig, ApiState};
 use crate::auth::{self, Auth};
 use crate::config::{Paths, ServeArgs};
+use crate::hosting::admission::Budget;
 use crate::hosting::ports::Ports;
 use crate::hosting::{HostingConfig, HostingService, Readiness, chain};
 use crate::net::{NetOptions, Network};
@@ -33,6 +34,39 @@ pub use teardown::teardown;
 pub struct Backends {
     pub ports: Ports,
     pub engine: Option<Arc<Engine>>,
+    /// What the host may give to hostings.
+    pub budget: Budget,
+}
+
+/// What QEMU takes beyond the guest's RAM: the TCG translation buffer
+/// (capped at 128 MiB by `tb-size`) and its own ~50 MiB, with a margin.
+pub const QEMU_OVERHEAD_MIB: u64 = 256;
+
+/// The host's memory budget for hostings: RAM minus the larger of 2 GiB and
+/// 10 % for the host itself.
+fn default_memory_budget_mib() -> u64 {
+    let total_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    let total = total_kib / 1024;
+    total.saturating_sub((total / 10).max(2048))
+}
+
+fn budget(args: &ServeArgs, plan: &Plan) -> Budget {
+    Budget {
+        memory_mib: args.memory_budget_mib.unwrap_or_else(default_memory_budget_mib),
+        per_hosting_mib: u64::from(plan.memory_mib) + QEMU_OVERHEAD_MIB,
+        disk_reserve: args.disk_reserve_gib << 30,
+        // Disks are thin overlays: a new one is counted at 1 GiB of growth.
+        per_hosting_disk: 1 << 30,
+        concurrent_creates: args.concurrent_creates.max(1),
+        queue_wait: Duration::from_secs(args.ready_timeout),
+    }
 }
 
 /// Brings up image, network, engine and nginx, in that order (each later
@@ -45,6 +79,8 @@ pub async fn build_backends(paths: &Paths, args: &ServeArgs) -> anyhow::Result<B
         .context("the image build task")?
         .context("the guest image")?;
     let plan = Plan::load(&args.plan).with_context(|| format!("the VM plan {:?}", args.plan))?;
+    let budget = budget(args, &plan);
+    tracing::info!(?budget, "admission budget");
     let net_opts = NetOptions::from(&args.net);
     let network = Arc::new(
         Network::up(net_opts.clone())
@@ -89,6 +125,7 @@ pub async fn build_backends(paths: &Paths, args: &ServeArgs) -> anyhow::Result<B
     Ok(Backends {
         ports,
         engine: Some(engine),
+        budget,
     })
 }
 
@@ -183,9 +220,10 @@ pub async fn run_with(paths: Paths, args: ServeArgs, backends: Backends) -> anyh
             timeout: Duration::from_secs(args.ready_timeout),
             interval: Duration::from_millis(500),
         },
-        ..HostingConfig::default()
+        converge_every: crate::hosting::converge::INTERVAL,
+        budget: backends.budget,
     };
-    let Backends { ports, engine } = backends;
+    let Backends { ports, engine, .. } = backends;
     let hosting = HostingService::new(store.clone(), ports, cfg);
     // Before the API accepts work: undo unfinished creates, finish deletes,
     // remove what belongs to no hosting, and make one convergence pass so

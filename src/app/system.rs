@@ -62,6 +62,18 @@ impl SystemInfo for System {
         checks
     }
 
+    async fn free_disk(&self) -> Option<u64> {
+        let dir = self.paths.state_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            nix::sys::statvfs::statvfs(&dir)
+                .ok()
+                .map(|st| st.blocks_available() * st.fragment_size())
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
     async fn qemu_version(&self) -> Option<String> {
         let qemu = self.args.vmm.qemu.display().to_string();
         tokio::task::spawn_blocking(move || {

@@ -20,6 +20,7 @@
 //! through [`ports`]; it never builds a command line, touches netlink or
 //! writes SQL.
 
+pub mod admission;
 pub mod alloc;
 pub mod converge;
 pub mod ports;
@@ -89,6 +90,8 @@ pub enum HostingError {
     },
     #[error("the hosting was deleted while it was being created")]
     Cancelled,
+    #[error("this host has no room for another hosting right now: {0}")]
+    Capacity(String),
     #[error("the create task ended before it finished; everything it had done was undone")]
     TaskLost,
     #[error(transparent)]
@@ -117,6 +120,8 @@ pub struct HostingConfig {
     pub ready: Readiness,
     /// How often convergence looks at every hosting.
     pub converge_every: Duration,
+    /// What the host may give to hostings, and the create queue's bounds.
+    pub budget: admission::Budget,
 }
 
 impl Default for HostingConfig {
@@ -129,6 +134,7 @@ impl Default for HostingConfig {
                 interval: Duration::from_millis(500),
             },
             converge_every: converge::INTERVAL,
+            budget: admission::Budget::UNLIMITED,
         }
     }
 }
@@ -164,6 +170,7 @@ pub struct HostingService {
     /// Creates in flight, by hosting id: a DELETE aborts them.
     creates: Mutex<HashMap<i64, AbortHandle>>,
     create_durations: Histogram,
+    queue: admission::Queue,
     /// Why the last create of a user failed (the row is gone, so a
     /// `?wait=false` caller learns it from here).
     last_failure: Mutex<HashMap<i64, String>>,
@@ -181,6 +188,7 @@ pub fn vm_span(vm_id: &str) -> tracing::Span {
 impl HostingService {
     pub fn new(store: Store, ports: Ports, cfg: HostingConfig) -> Arc<HostingService> {
         Arc::new(HostingService {
+            queue: admission::Queue::new(&cfg.budget),
             store,
             ports,
             cfg,
@@ -335,6 +343,12 @@ impl HostingService {
         if self.store.hosting_by_user(user.id).await?.is_some() {
             return Err(HostingError::Exists);
         }
+        let hostings = self.store.all_hostings().await?.len() as u64;
+        let free_disk = self.ports.system.free_disk().await;
+        if let Some(why) = self.cfg.budget.refuse(hostings, free_disk) {
+            warn!(user_id = user.id, %why, "create refused: no capacity");
+            return Err(HostingError::Capacity(why));
+        }
         // Keys are remembered on the account only once the create succeeded:
         // a generated key whose private half the user never got must not be
         // used again.
@@ -439,6 +453,23 @@ impl HostingService {
     async fn run_create(&self, job: &Job, touched: &mut Vec<Step>) -> Result<Hosting, CreateFailure> {
         let started = Instant::now();
         let id = job.hosting_id;
+        let _slot = self
+            .queue
+            .admit(id)
+            .await
+            .map_err(|admission::QueueTimeout(waited)| {
+                CreateFailure::After(HostingError::Capacity(format!(
+                    "the create waited {} s for its turn",
+                    waited.as_secs()
+                )))
+            })?;
+        let queued = started.elapsed();
+        if queued > Duration::from_secs(1) {
+            info!(
+                seconds = queued.as_secs_f64(),
+                "create: admitted after waiting in the queue"
+            );
+        }
         let mut h = self
             .store
             .hosting_by_id(id)
@@ -550,6 +581,11 @@ impl HostingService {
                 .await;
         }
         Err(left)
+    }
+
+    /// The place of hosting `id` in the create queue, while it waits.
+    pub fn queue_position(&self, id: i64) -> Option<usize> {
+        self.queue.position(id)
     }
 
     /// Why the user's last create failed, if it did (until the next create).

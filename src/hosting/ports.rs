@@ -222,6 +222,8 @@ pub struct HealthCheck {
 pub trait SystemInfo: Send + Sync {
     async fn checks(&self) -> Vec<HealthCheck>;
     async fn qemu_version(&self) -> Option<String>;
+    /// Bytes free where the VM disks live (None when unknown).
+    async fn free_disk(&self) -> Option<u64>;
 }
 
 /// All the ports, as the orchestrator holds them.

@@ -43,6 +43,7 @@ struct World {
     held: Held,
     unhealthy: BTreeSet<String>,
     proxy_down: bool,
+    free_disk: Option<u64>,
     panic: HashSet<String>,
     /// None: the boot is done.
     guest_boot: Option<GuestBoot>,
@@ -213,6 +214,11 @@ impl FakeWorld {
     /// Every later call of `method` panics (a bug in the task running it).
     pub fn panic_on(&self, method: &str) {
         self.w().panic.insert(method.to_owned());
+    }
+
+    /// Sets the free disk the system reports.
+    pub fn set_free_disk(&self, bytes: Option<u64>) {
+        self.w().free_disk = bytes;
     }
 
     /// Sets what the guest says about its boot.
@@ -457,6 +463,9 @@ impl SystemInfo for FakeWorld {
                 .into(),
             })
             .collect()
+    }
+    async fn free_disk(&self) -> Option<u64> {
+        self.w().free_disk
     }
     async fn qemu_version(&self) -> Option<String> {
         Some("fake".into())
