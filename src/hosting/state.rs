@@ -15,6 +15,9 @@
 //! failed   -> starting | stopping | stopped
 //! any but deleting -> deleting; deleting is left only by removing the row
 //! ```
+//!
+//! A leaf: the store reads and writes these types, so this module depends
+//! on nothing of the crate.
 
 use std::fmt;
 use std::str::FromStr;
@@ -155,6 +158,69 @@ impl FromStr for Desired {
 impl fmt::Display for Desired {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// The steps of a create, in order (their work and undo are in `steps`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Step {
+    /// Render cloud-init and write the seed ISO.
+    Seed,
+    /// qcow2 overlay on the base image.
+    Disk,
+    /// Tap in the namespace, on the bridge.
+    Tap,
+    /// QEMU running.
+    Spawn,
+    /// Host SSH port to guest :22.
+    Forward,
+    /// Guest answers HTTP :80 and SSH :22.
+    Ready,
+    /// nginx site block for `/<user_id>/`.
+    Proxy,
+    /// The site answers through nginx and SSH through the forward.
+    Publish,
+}
+
+impl Step {
+    pub const ALL: [Step; 8] = [
+        Step::Seed,
+        Step::Disk,
+        Step::Tap,
+        Step::Spawn,
+        Step::Forward,
+        Step::Ready,
+        Step::Proxy,
+        Step::Publish,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Seed => "seed",
+            Step::Disk => "disk",
+            Step::Tap => "tap",
+            Step::Spawn => "spawn",
+            Step::Forward => "forward",
+            Step::Ready => "ready",
+            Step::Proxy => "proxy",
+            Step::Publish => "publish",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Step> {
+        Step::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    /// Position in the journal.
+    pub fn seq(self) -> i64 {
+        Step::ALL.iter().position(|s| *s == self).unwrap_or(0) as i64 + 1
+    }
+}
+
+impl std::str::FromStr for Step {
+    type Err = ();
+    fn from_str(name: &str) -> Result<Step, ()> {
+        Step::parse(name).ok_or(())
     }
 }
 

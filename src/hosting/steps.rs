@@ -8,68 +8,7 @@ use std::time::Duration;
 use crate::seed::{SeedSpec, StaticNetwork};
 
 use super::ports::{GuestBoot, PortError, Ports, Site, VmLaunch};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Step {
-    /// Render cloud-init and write the seed ISO.
-    Seed,
-    /// qcow2 overlay on the base image.
-    Disk,
-    /// Tap in the namespace, on the bridge.
-    Tap,
-    /// QEMU running.
-    Spawn,
-    /// Host SSH port to guest :22.
-    Forward,
-    /// Guest answers HTTP :80 and SSH :22.
-    Ready,
-    /// nginx site block for `/<user_id>/`.
-    Proxy,
-    /// The site answers through nginx and SSH through the forward.
-    Publish,
-}
-
-impl Step {
-    pub const ALL: [Step; 8] = [
-        Step::Seed,
-        Step::Disk,
-        Step::Tap,
-        Step::Spawn,
-        Step::Forward,
-        Step::Ready,
-        Step::Proxy,
-        Step::Publish,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Step::Seed => "seed",
-            Step::Disk => "disk",
-            Step::Tap => "tap",
-            Step::Spawn => "spawn",
-            Step::Forward => "forward",
-            Step::Ready => "ready",
-            Step::Proxy => "proxy",
-            Step::Publish => "publish",
-        }
-    }
-
-    pub fn parse(name: &str) -> Option<Step> {
-        Step::ALL.into_iter().find(|s| s.name() == name)
-    }
-
-    /// Position in the journal.
-    pub fn seq(self) -> i64 {
-        Step::ALL.iter().position(|s| *s == self).unwrap_or(0) as i64 + 1
-    }
-}
-
-impl std::str::FromStr for Step {
-    type Err = ();
-    fn from_str(name: &str) -> Result<Step, ()> {
-        Step::parse(name).ok_or(())
-    }
-}
+pub use super::state::Step;
 
 /// What the steps of one hosting work on (all derived from its row).
 #[derive(Debug, Clone)]

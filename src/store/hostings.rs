@@ -6,8 +6,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::{Store, StoreError, classify, now};
-use crate::hosting::state::{Desired, HostingState};
-use crate::hosting::steps::Step;
+use crate::hosting::state::{Desired, HostingState, Step};
 
 /// One hosting row, typed: its state and wish are parsed as they are read,
 /// so a row nobody can interpret is an error here, not a surprise later.
