@@ -196,10 +196,20 @@ pub struct HostingData<'a> {
     pub created_at: &'a str,
 }
 
+/// `web_isolation` of a path URL (`http://<host>/<user_id>/`): the nginx
+/// front's CSP sandbox (templates/nginx/isolation.conf.hbs).
+pub const WEB_ISOLATION_PATH: &str = "sandbox";
+
 #[derive(Debug, Serialize)]
 pub struct HostData<'a> {
     pub hosting: HostingData<'a>,
     pub web_url: String,
+    /// How the site at `web_url` is kept apart from the other sites in a
+    /// visitor's browser. `sandbox`: all sites share the host's origin, so
+    /// the front serves each page in a CSP sandbox with an opaque origin of
+    /// its own (no cookies, no storage, no same-site fetches without CORS);
+    /// see README "Security model".
+    pub web_isolation: &'static str,
     pub ssh_command: String,
     /// Only in the create response, only when webhoster generated the key.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -234,6 +244,7 @@ impl<'a> HostData<'a> {
                 created_at: &h.created_at,
             },
             web_url: format!("http://{authority}/{}/", h.user_id),
+            web_isolation: WEB_ISOLATION_PATH,
             ssh_command: format!("ssh -p {} {login_user}@{host}", h.ssh_port),
             private_key,
         }
@@ -243,6 +254,29 @@ impl<'a> HostData<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_web_url_says_how_the_site_is_isolated() {
+        use crate::hosting::state::{Desired, HostingState};
+        let h = Hosting {
+            id: 1,
+            user_id: 7,
+            vm_id: "vm-7".into(),
+            vm_ip: "10.83.0.2".into(),
+            mac: "52:54:00:00:00:02".into(),
+            ssh_port: 10001,
+            state: HostingState::Running,
+            desired: Desired::Running,
+            step: None,
+            last_error: None,
+            state_since: "2026-01-01T00:00:00Z".into(),
+            created_at: "2026-01-01T00:00:00Z".into(),
+            updated_at: "2026-01-01T00:00:00Z".into(),
+        };
+        let json = serde_json::to_value(HostData::new(&h, "example.test", 8080, "ubuntu", None)).unwrap();
+        assert_eq!(json["web_url"], "http://example.test:8080/7/");
+        assert_eq!(json["web_isolation"], "sandbox");
+    }
 
     #[test]
     fn emails_and_usernames() {

@@ -14,6 +14,12 @@
 //! Connections already open to an old worker finish on the old config (that
 //! is nginx's graceful reload; requests in flight are never cut).
 //!
+//! In path mode all sites share one origin, so every site response carries
+//! a CSP sandbox that gives each page an opaque origin of its own
+//! (`templates/nginx/isolation.conf.hbs`; README "Security model"). A
+//! guest's response headers never make nginx act (`X-Accel-*` are ignored)
+//! and never reach past the guest's own responses.
+//!
 //! It never edits `/etc/nginx`, never uses the distribution's nginx service,
 //! never renders a value it has not validated itself, and never knows where
 //! a site's VM comes from (it gets an address).

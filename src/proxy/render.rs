@@ -46,6 +46,11 @@ static CONF: LazyLock<Handlebars<'static>> = LazyLock::new(|| {
         ("site.conf", include_str!("../../templates/nginx/site.conf.hbs")),
         ("route.conf", include_str!("../../templates/nginx/route.conf.hbs")),
         ("proxy", include_str!("../../templates/nginx/proxy.conf.hbs")),
+        ("headers", include_str!("../../templates/nginx/headers.conf.hbs")),
+        (
+            "isolation",
+            include_str!("../../templates/nginx/isolation.conf.hbs"),
+        ),
         (
             "unavailable",
             include_str!("../../templates/nginx/unavailable.conf.hbs"),
@@ -262,6 +267,33 @@ mod tests {
         assert!(route.contains("proxy_pass http://webhoster_site_1/;"));
         assert!(route.contains("X-Forwarded-Prefix \"/1\""));
         assert!(route.contains("/state/nginx/logs/sites/1.access.log"));
+        // Path mode: an opaque origin per document, and nothing of the
+        // guest's that reaches past its own responses.
+        assert!(route.contains(
+            "add_header Content-Security-Policy \"sandbox allow-scripts allow-forms allow-popups \
+             allow-popups-to-escape-sandbox allow-modals allow-downloads; frame-ancestors 'none'\" always;"
+        ));
+        let directives: String = route
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .collect();
+        assert!(!directives.contains("allow-same-origin"));
+        assert!(route.contains("add_header X-Frame-Options \"DENY\" always;"));
+        assert!(route.contains("add_header X-Content-Type-Options \"nosniff\" always;"));
+        for hidden in [
+            "Set-Cookie",
+            "Service-Worker-Allowed",
+            "X-Accel-Redirect",
+            "Clear-Site-Data",
+        ] {
+            assert!(
+                route.contains(&format!("proxy_hide_header {hidden};")),
+                "{hidden}"
+            );
+        }
+        assert!(route.contains("proxy_ignore_headers X-Accel-Redirect X-Accel-Expires"));
+        assert!(route.contains("proxy_set_header Cookie \"\";"));
+        assert!(!route.contains("proxy_cookie_path"));
         let site_file = file(&r, "sites/10.conf");
         assert_eq!(site::decode_meta(site_file).unwrap(), sites[1]);
         assert!(site_file.contains("server 10.83.0.2:80;"));
@@ -276,6 +308,12 @@ mod tests {
         let site_file = file(&r, "sites/1.conf");
         assert!(site_file.contains("server_name alice.example.test;"));
         assert!(site_file.contains("X-Forwarded-Prefix \"\""));
+        // Its own origin: no sandbox, cookies kept but pinned to its name.
+        assert!(!site_file.contains("Content-Security-Policy"));
+        assert!(!site_file.contains("proxy_hide_header Set-Cookie"));
+        assert!(site_file.contains("proxy_cookie_domain ~.+ alice.example.test;"));
+        assert!(site_file.contains("proxy_ignore_headers X-Accel-Redirect"));
+        assert!(site_file.contains("add_header X-Frame-Options \"SAMEORIGIN\" always;"));
     }
 
     #[test]
