@@ -55,6 +55,19 @@ pub enum Accel {
     Tcg,
 }
 
+/// Whether each VM's QEMU runs in its own cgroup with memory and pids limits.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CgroupPolicy {
+    /// Use cgroup v2 where it offers memory and pids, v1 otherwise; without
+    /// either, run VMs unlimited with a warning (`webhoster doctor` says which).
+    #[default]
+    Auto,
+    /// Refuse to start a VM without its cgroup.
+    Required,
+    /// No per-VM cgroups.
+    Off,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct VmmArgs {
     /// How guests are accelerated (`webhoster doctor` shows what `auto` picks).
@@ -64,6 +77,48 @@ pub struct VmmArgs {
     /// The qemu-system binary to run.
     #[arg(long, env = "WEBHOSTER_QEMU", default_value = "qemu-system-x86_64")]
     pub qemu: PathBuf,
+
+    /// Per-VM cgroups with memory and pids limits.
+    #[arg(long, env = "WEBHOSTER_VM_CGROUPS", value_enum, default_value_t = CgroupPolicy::Auto)]
+    pub vm_cgroups: CgroupPolicy,
+
+    /// The cgroup (relative to each hierarchy's root) the VM cgroups are
+    /// created under.
+    #[arg(long, env = "WEBHOSTER_CGROUP_PARENT", default_value = crate::vmm::cgroup::DEFAULT_PARENT)]
+    pub cgroup_parent: String,
+
+    /// Memory a VM's cgroup allows beyond its plan's RAM, for QEMU itself
+    /// (TCG translation buffer, binary, heap, I/O buffers), MiB.
+    #[arg(long, env = "WEBHOSTER_VM_MEMORY_OVERHEAD_MIB", default_value_t = crate::vmm::cgroup::DEFAULT_MEMORY_OVERHEAD_MIB)]
+    pub vm_memory_overhead_mib: u64,
+
+    /// Most tasks (threads) a VM's QEMU may have.
+    #[arg(long, env = "WEBHOSTER_VM_PIDS_MAX", default_value_t = crate::vmm::cgroup::DEFAULT_PIDS_MAX)]
+    pub vm_pids_max: u64,
+
+    /// The unprivileged user QEMU drops to after opening its files
+    /// (`-runas`): a user name (created as a system user at start when
+    /// missing) or `UID:GID`. An empty value keeps QEMU root (still
+    /// seccomp-sandboxed).
+    #[arg(long, env = "WEBHOSTER_QEMU_USER", default_value = crate::vmm::sandbox::DEFAULT_QEMU_USER)]
+    pub qemu_user: String,
+}
+
+impl VmmArgs {
+    pub fn cgroup_options(&self) -> crate::vmm::cgroup::CgroupOptions {
+        crate::vmm::cgroup::CgroupOptions {
+            policy: self.vm_cgroups,
+            parent: self.cgroup_parent.clone(),
+            memory_overhead_mib: self.vm_memory_overhead_mib,
+            pids_max: self.vm_pids_max,
+        }
+    }
+
+    /// `None` when QEMU stays root.
+    pub fn qemu_user(&self) -> Option<String> {
+        let user = self.qemu_user.trim();
+        (!user.is_empty()).then(|| user.to_owned())
+    }
 }
 
 /// The VM network: namespace, subnet, SSH forwards, egress.

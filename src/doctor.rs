@@ -109,6 +109,8 @@ pub fn checks(paths: &Paths, vmm: &VmmArgs) -> Vec<Check> {
             let (accel, reason) = crate::vmm::accel::decide(vmm.accel);
             check("accel", true, Ok(format!("{accel}: {reason}")))
         },
+        cgroups_check(vmm),
+        qemu_user_check(vmm),
         check(
             "image",
             false,
@@ -159,6 +161,69 @@ pub fn checks(paths: &Paths, vmm: &VmmArgs) -> Vec<Check> {
         }),
     ));
     checks
+}
+
+/// Which cgroups the engine would put VMs in, with which limits. Only a
+/// failure under `--vm-cgroups required` is fatal.
+fn cgroups_check(vmm: &VmmArgs) -> Check {
+    use crate::config::CgroupPolicy;
+    use crate::vmm::cgroup::Cgroups;
+    let required = vmm.vm_cgroups == CgroupPolicy::Required;
+    if vmm.vm_cgroups == CgroupPolicy::Off {
+        return check(
+            "cgroups",
+            false,
+            Err("off (--vm-cgroups off): VMs run without memory and pids limits".into()),
+        );
+    }
+    let result = match Cgroups::detect(&vmm.cgroup_parent) {
+        Ok(cg) => {
+            let layout = cg
+                .dirs("<vm_id>")
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            Ok(format!(
+                "{}: each VM in {layout}, memory = plan + {} MiB, pids {}",
+                cg.mode(),
+                vmm.vm_memory_overhead_mib,
+                vmm.vm_pids_max
+            ))
+        }
+        Err(err) => Err(format!(
+            "{}: VMs would run without memory and pids limits",
+            crate::vmm::error_chain(&err)
+        )),
+    };
+    check("cgroups", required, result)
+}
+
+/// The user QEMU drops to, and whether it exists yet (the engine creates a
+/// missing one at start).
+fn qemu_user_check(vmm: &VmmArgs) -> Check {
+    use crate::vmm::QemuUser;
+    let Some(user) = vmm.qemu_user() else {
+        return check(
+            "qemu user",
+            false,
+            Err("none (--qemu-user ''): QEMU stays root, sandboxed by seccomp only".into()),
+        );
+    };
+    let result = match QemuUser::parse(&user) {
+        Err(err) => Err(err.to_string()),
+        Ok(user) => Ok(match user.ids() {
+            Some((uid, gid)) => format!(
+                "QEMU drops to {} (uid {uid}, gid {gid}) after start",
+                user.runas()
+            ),
+            None => format!(
+                "QEMU drops to {} after start; the user is missing and is created (useradd --system) when serve starts",
+                user.runas()
+            ),
+        }),
+    };
+    check("qemu user", true, result)
 }
 
 pub async fn run(paths: Paths, args: DoctorArgs) -> anyhow::Result<ExitCode> {

@@ -15,6 +15,25 @@ pub fn kill_process(pid: i32, signal: nix::sys::signal::Signal) -> bool {
 /// The most descriptors [`spawn_detached`] can place (a tap per NIC).
 pub const MAX_PASSED_FDS: usize = 8;
 
+/// The most cgroups [`spawn_detached_with`] can put the child in (one per
+/// hierarchy: memory and pids on cgroup v1).
+pub const MAX_CGROUPS: usize = 4;
+
+/// What the child of [`spawn_detached_with`] does before exec, besides
+/// leaving our session.
+#[derive(Debug, Default)]
+pub struct Detach<'a> {
+    /// `(fd, target)`: `fd` duplicated onto descriptor number `target`.
+    pub fds: &'a [(std::os::fd::BorrowedFd<'a>, std::os::fd::RawFd)],
+    /// `cgroup.procs` files the child writes "0" to (joining each cgroup)
+    /// before exec, so not one allocation of the new program happens
+    /// outside them. Failing to join fails the spawn.
+    pub cgroup_procs: Vec<std::ffi::CString>,
+    /// The child's umask, so what it creates (sockets, logs, pidfile) gets
+    /// modes that do not depend on ours.
+    pub umask: Option<libc::mode_t>,
+}
+
 /// Spawn `cmd` in a new session (`setsid`, so signals to our process group
 /// leave it running), with each `(fd, target)` duplicated onto descriptor
 /// number `target` without close-on-exec, so the child finds it there.
@@ -24,9 +43,34 @@ pub fn spawn_detached(
     cmd: std::process::Command,
     fds: &[(std::os::fd::BorrowedFd<'_>, std::os::fd::RawFd)],
 ) -> std::io::Result<tokio::process::Child> {
+    spawn_detached_with(
+        cmd,
+        Detach {
+            fds,
+            ..Detach::default()
+        },
+    )
+}
+
+/// [`spawn_detached`], and before exec: set the umask and join cgroups.
+pub fn spawn_detached_with(
+    cmd: std::process::Command,
+    detach: Detach<'_>,
+) -> std::io::Result<tokio::process::Child> {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
 
+    let Detach {
+        fds,
+        cgroup_procs,
+        umask,
+    } = detach;
+    if cgroup_procs.len() > MAX_CGROUPS {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("at most {MAX_CGROUPS} cgroups can be joined"),
+        ));
+    }
     if fds.len() > MAX_PASSED_FDS {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -41,12 +85,30 @@ pub fn spawn_detached(
     let above = fds.iter().map(|(_, t)| *t).max().unwrap_or(2).max(2) + 1;
     let mut cmd = cmd;
     // SAFETY: the closure runs in the forked child before exec, where only
-    // async-signal-safe calls are allowed: it calls setsid, fcntl, dup2 and
-    // close on plain integers and touches no allocator or lock (`pairs` is a
-    // fixed array copied into the closure). The borrowed descriptors outlive
-    // the spawn call, which is when the closure runs.
+    // async-signal-safe calls are allowed: it calls umask, open, write,
+    // close, setsid, fcntl and dup2 on plain integers and on the pointers of
+    // C strings built before the fork (owned by the closure, only read), and
+    // touches no allocator or lock (`pairs` is a fixed array copied into the
+    // closure). The borrowed descriptors outlive the spawn call, which is
+    // when the closure runs.
     unsafe {
         cmd.pre_exec(move || {
+            if let Some(mask) = umask {
+                libc::umask(mask);
+            }
+            for procs in &cgroup_procs {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // "0" is the writing process itself.
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let err = std::io::Error::last_os_error();
+                libc::close(fd);
+                if written != 1 {
+                    return Err(err);
+                }
+            }
             if libc::setsid() == -1 {
                 return Err(std::io::Error::last_os_error());
             }

@@ -28,3 +28,33 @@ async fn fds_land_at_their_numbers_in_a_new_session() {
     assert_eq!(&lines[..2], &["tap-a", "tap-b"], "{text}");
     assert_eq!(lines[2], lines[3], "the child leads its own session: {text}");
 }
+
+#[tokio::test]
+async fn the_child_gets_the_asked_umask() {
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(["-c", "umask"]).stdout(std::process::Stdio::piped());
+    let child = webhoster::sys::spawn_detached_with(
+        cmd,
+        webhoster::sys::Detach {
+            umask: Some(0o077),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0077");
+}
+
+#[tokio::test]
+async fn a_cgroup_that_cannot_be_joined_fails_the_spawn() {
+    let cmd = std::process::Command::new("true");
+    let err = webhoster::sys::spawn_detached_with(
+        cmd,
+        webhoster::sys::Detach {
+            cgroup_procs: vec![std::ffi::CString::new("/nonexistent/cgroup.procs").unwrap()],
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
+}

@@ -586,3 +586,253 @@ async fn serial_log_stays_bounded() {
         .await
         .unwrap();
 }
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+/// `Uid:`/`Gid:` (real, effective, saved, fs), `CapEff:` and `Seccomp:`
+/// from /proc/<pid>/status.
+fn proc_status(pid: i32, key: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_owned()))
+        .unwrap_or_default()
+}
+
+/// The host's walls around one VM, with the engine's defaults: QEMU joins
+/// the VM's cgroup before exec (memory = plan + overhead, pids), drops to
+/// the QEMU user under its seccomp sandbox, keeps serving QMP, the operator
+/// socket and the guest-agent socket it made as root, and every file of
+/// the VM is root's only whatever the umask. The cgroup goes with a stop,
+/// comes back with a start and a crash restart, stays with a reattach, and
+/// is gone after destroy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_runs_in_its_cgroup_as_the_qemu_user_with_private_files() {
+    use webhoster::vmm::{CgroupLimits, QemuUser, sandbox::DEFAULT_QEMU_USER};
+    // A permissive umask: modes must not depend on it. (Process-wide, but
+    // no other test here looks at modes.)
+    // SAFETY: umask only swaps an integer in the process's fs struct.
+    unsafe { libc::umask(0) };
+    let fx = Fixture::new();
+    let engine = fx.engine(fast_restarts(3));
+    let spec = fx.spec("walls", StubAction::Idle);
+    let mut events = engine.subscribe();
+    let cgroups = engine
+        .cgroups()
+        .expect("this host has cgroups (v2 with memory and pids, or v1)")
+        .clone();
+    eprintln!("cgroups: {}", cgroups.mode());
+    let (uid, gid) = QemuUser::parse(DEFAULT_QEMU_USER)
+        .unwrap()
+        .ids()
+        .expect("the engine created the QEMU user");
+    assert_ne!(uid, 0);
+    assert_eq!(engine.qemu_user().unwrap().runas(), DEFAULT_QEMU_USER);
+
+    engine.create_disk(&spec).await.unwrap();
+    let pid = engine.start(&spec).await.unwrap().pid.unwrap();
+    expect_transition(&mut events, &spec.vm_id, VmState::Stopped, VmState::Starting).await;
+    expect_transition(&mut events, &spec.vm_id, VmState::Starting, VmState::Running).await;
+
+    // In its cgroup in every hierarchy, with the limits of its plan.
+    let in_cgroup = |pid: i32| cgroups.procs(&spec.vm_id).iter().all(|p| p.contains(&pid));
+    assert!(in_cgroup(pid), "{:?}", cgroups.procs(&spec.vm_id));
+    assert_eq!(
+        cgroups.limits(&spec.vm_id).unwrap(),
+        CgroupLimits {
+            memory_bytes: (256 + 384) << 20,
+            pids_max: 256
+        }
+    );
+    for dir in cgroups.dirs(&spec.vm_id) {
+        assert!(
+            dir.ends_with(format!("webhoster/{}", spec.vm_id)),
+            "{}",
+            dir.display()
+        );
+    }
+
+    // Dropped for good: every uid and gid the QEMU user's, no capability,
+    // a seccomp filter.
+    assert_eq!(proc_status(pid, "Uid:"), format!("{uid}\t{uid}\t{uid}\t{uid}"));
+    assert_eq!(proc_status(pid, "Gid:"), format!("{gid}\t{gid}\t{gid}\t{gid}"));
+    assert_eq!(proc_status(pid, "Groups:"), gid.to_string());
+    assert_eq!(proc_status(pid, "CapEff:"), "0000000000000000");
+    assert_eq!(proc_status(pid, "CapPrm:"), "0000000000000000");
+    assert_eq!(proc_status(pid, "NoNewPrivs:"), "1");
+    assert_eq!(proc_status(pid, "Seccomp:"), "2");
+
+    // What QEMU opened as root it still serves: QMP (the supervisor's and
+    // the operator's) and the guest agent's socket (the stub has no agent,
+    // but the socket accepts).
+    let reply = engine
+        .qmp(&spec.vm_id, serde_json::json!({"execute": "query-status"}))
+        .await
+        .unwrap();
+    assert_eq!(reply["return"]["status"], "running", "{reply}");
+    let dir = engine.vm_dir(&spec.vm_id);
+    tokio::net::UnixStream::connect(dir.qga_socket()).await.unwrap();
+    wait_for("the stub's boot line", Duration::from_secs(30), || {
+        boots(&dir.serial_log()) == 1
+    })
+    .await;
+
+    // Modes, with umask 0.
+    assert_eq!(mode(&fx.vms_dir()), 0o700);
+    assert_eq!(mode(dir.root()), 0o700);
+    for file in [
+        dir.spec_file(),
+        dir.disk(),
+        dir.qemu_log(),
+        dir.serial_log(),
+        dir.pidfile(),
+        dir.start_lock(),
+    ] {
+        assert_eq!(mode(&file), 0o600, "{}", file.display());
+    }
+    for socket in [dir.qmp_socket(), dir.operator_socket(), dir.qga_socket()] {
+        assert_eq!(mode(&socket) & 0o077, 0, "{}", socket.display());
+    }
+    // A pause and a resume (`cont`) need nothing reopened.
+    engine
+        .qmp(&spec.vm_id, serde_json::json!({"execute": "stop"}))
+        .await
+        .unwrap();
+    expect_transition(&mut events, &spec.vm_id, VmState::Running, VmState::Paused).await;
+    engine
+        .qmp(&spec.vm_id, serde_json::json!({"execute": "cont"}))
+        .await
+        .unwrap();
+    expect_transition(&mut events, &spec.vm_id, VmState::Paused, VmState::Running).await;
+    // So does a reset (a guest reboot): the same QEMU boots the stub again.
+    engine
+        .qmp(&spec.vm_id, serde_json::json!({"execute": "system_reset"}))
+        .await
+        .unwrap();
+    wait_for("a second boot after the reset", Duration::from_secs(30), || {
+        boots(&dir.serial_log()) == 2
+    })
+    .await;
+    assert_eq!(engine.status(&spec.vm_id).unwrap().pid, Some(pid));
+
+    // A stop removes the cgroup, a start makes it again.
+    engine
+        .stop(&spec.vm_id, Duration::from_millis(200))
+        .await
+        .unwrap();
+    assert!(!cgroups.exists(&spec.vm_id), "cgroup left after stop");
+    let pid = engine.start(&spec).await.unwrap().pid.unwrap();
+    assert!(in_cgroup(pid));
+
+    // A crash restart lands in a cgroup again.
+    let mut events = engine.subscribe();
+    sigkill(pid);
+    expect_transition(&mut events, &spec.vm_id, VmState::Running, VmState::Crashed).await;
+    expect_transition(&mut events, &spec.vm_id, VmState::Crashed, VmState::Starting).await;
+    expect_transition(&mut events, &spec.vm_id, VmState::Starting, VmState::Running).await;
+    let pid = engine.status(&spec.vm_id).unwrap().pid.unwrap();
+    assert!(in_cgroup(pid), "{:?}", cgroups.procs(&spec.vm_id));
+    assert_eq!(proc_status(pid, "Uid:"), format!("{uid}\t{uid}\t{uid}\t{uid}"));
+
+    // A new engine reattaches: same pid, same cgroup, still managed.
+    drop(engine);
+    let engine = fx.engine(fast_restarts(3));
+    let outcome = engine.reattach(std::slice::from_ref(&spec)).await;
+    assert_eq!(
+        outcome[0].1.as_ref().unwrap(),
+        &ReattachOutcome::Reattached { pid }
+    );
+    assert!(in_cgroup(pid));
+    let reply = engine
+        .qmp(&spec.vm_id, serde_json::json!({"execute": "query-status"}))
+        .await
+        .unwrap();
+    assert_eq!(reply["return"]["running"], true, "{reply}");
+
+    // Destroy: QEMU (no longer our child) is killed and the cgroup goes.
+    engine.destroy(&spec.vm_id).await.unwrap();
+    assert!(QemuReaper::pids_of(&spec.vm_id).is_empty());
+    assert!(!cgroups.exists(&spec.vm_id), "cgroup left after destroy");
+}
+
+/// What the limits do, on a cgroup made by the engine's own code: a process
+/// that allocates past the memory limit is OOM-killed inside its cgroup
+/// (this test process, outside, lives on), and one that forks past the
+/// pids limit gets EAGAIN.
+#[tokio::test]
+async fn limits_hold_inside_the_cgroup() {
+    use webhoster::vmm::{CgroupLimits, Cgroups};
+    let cgroups = Cgroups::detect("webhoster").unwrap();
+    let name = unique_vm_id("limits");
+    let procs = cgroups
+        .prepare(
+            &name,
+            CgroupLimits {
+                memory_bytes: 32 << 20,
+                pids_max: 4,
+            },
+        )
+        .unwrap();
+    let join = || {
+        procs
+            .iter()
+            .map(|p| std::ffi::CString::new(p.to_str().unwrap()).unwrap())
+            .collect::<Vec<_>>()
+    };
+    let spawn = |argv: &[&str]| {
+        let mut cmd = std::process::Command::new(argv[0]);
+        cmd.args(&argv[1..])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        webhoster::sys::spawn_detached_with(
+            cmd,
+            webhoster::sys::Detach {
+                cgroup_procs: join(),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    // dd touches its whole 128 MiB block buffer: four times the limit.
+    let out = spawn(&["dd", "if=/dev/zero", "of=/dev/null", "bs=128M", "count=1"])
+        .wait_with_output()
+        .await
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(9), "dd was not OOM-killed: {out:?}");
+    let memory_dir = &cgroups.dirs(&name)[0];
+    let oom_kills = ["memory.events", "memory.oom_control"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(memory_dir.join(f)).ok())
+        .flat_map(|t| t.lines().map(str::to_owned).collect::<Vec<_>>())
+        .find_map(|l| {
+            l.strip_prefix("oom_kill ")
+                .map(|n| n.trim().parse::<u64>().unwrap())
+        });
+    assert_eq!(oom_kills, Some(1), "the kill is counted in the VM's cgroup");
+
+    // Eight background sleeps with room for four tasks (sh included).
+    let out = spawn(&["sh", "-c", "for i in 1 2 3 4 5 6 7 8; do sleep 2 & done; wait"])
+        .wait_with_output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.to_lowercase().contains("fork"),
+        "no fork refused: {stderr:?}"
+    );
+    let pids_dir = cgroups.dirs(&name).last().unwrap().clone();
+    let events = std::fs::read_to_string(pids_dir.join("pids.events")).unwrap();
+    assert_ne!(events.trim(), "max 0", "{events}");
+
+    // Every process has exited (and been reaped): the cgroup goes.
+    cgroups.remove(&name).unwrap();
+    assert!(!cgroups.exists(&name));
+}

@@ -146,6 +146,8 @@ impl VmEngine for EngineAdapter {
             tracing::warn!(%vm_id, pid, "killing an orphaned QEMU");
             crate::sys::kill_process(pid, nix::sys::signal::Signal::SIGKILL);
         }
+        // Its cgroup too, once the orphan (if any) has let go of it.
+        self.engine.remove_cgroup(vm_id).await?;
         match tokio::fs::remove_dir_all(self.engine.vm_dir(vm_id).root()).await {
             Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(err.into()),
             _ => Ok(()),

@@ -38,10 +38,6 @@ pub struct Backends {
     pub budget: Budget,
 }
 
-/// What QEMU takes beyond the guest's RAM: the TCG translation buffer
-/// (capped at 128 MiB by `tb-size`) and its own ~50 MiB, with a margin.
-pub const QEMU_OVERHEAD_MIB: u64 = 256;
-
 /// The host's memory budget for hostings: RAM minus the larger of 2 GiB and
 /// 10 % for the host itself.
 fn default_memory_budget_mib() -> u64 {
@@ -60,7 +56,8 @@ fn default_memory_budget_mib() -> u64 {
 fn budget(args: &ServeArgs, plan: &Plan) -> Budget {
     Budget {
         memory_mib: args.memory_budget_mib.unwrap_or_else(default_memory_budget_mib),
-        per_hosting_mib: u64::from(plan.memory_mib) + QEMU_OVERHEAD_MIB,
+        // The same overhead the VM's cgroup allows beyond the plan's RAM.
+        per_hosting_mib: u64::from(plan.memory_mib) + args.vmm.vm_memory_overhead_mib,
         disk_reserve: args.disk_reserve_gib << 30,
         // Disks are thin overlays: a new one is counted at 1 GiB of growth.
         per_hosting_disk: 1 << 30,
@@ -91,6 +88,8 @@ pub async fn build_backends(paths: &Paths, args: &ServeArgs) -> anyhow::Result<B
     let mut opts = EngineOptions::new(vms_dir.clone());
     opts.qemu = args.vmm.qemu.clone();
     opts.accel = args.vmm.accel;
+    opts.cgroups = args.vmm.cgroup_options();
+    opts.qemu_user = args.vmm.qemu_user();
     opts.tap_opener = Some(Arc::new(adapters::NsTaps(net_opts)) as Arc<dyn vmm::TapOpener>);
     let engine = Arc::new(Engine::new(opts).context("starting the VM engine")?);
     let mut proxy_opts = ProxyOptions::new(paths.nginx_dir(), args.http_addr);
@@ -187,24 +186,105 @@ async fn shutdown_signal() {
 }
 
 pub async fn run(paths: Paths, args: ServeArgs) -> anyhow::Result<ExitCode> {
+    // Before the backends: the engine and nginx create their dirs in it.
+    prepare_state_dir(&paths.state_dir)?;
     let backends = build_backends(&paths, &args).await?;
     run_with(paths, args, backends).await
+}
+
+/// The state dir's mode. Root's secrets live in it with their own modes (the
+/// database and the JWT secret 0600, `vms/` 0700); nginx's unprivileged
+/// workers must pass through it to their temp dirs under `nginx/`, so others
+/// may enter it but not list it.
+pub const STATE_DIR_MODE: u32 = 0o711;
+/// The mode of the SQLite database and its `-wal` / `-shm` files, and of
+/// the JWT secret.
+pub const SECRET_FILE_MODE: u32 = 0o600;
+
+/// Create the state dir, or set the mode of the existing one (an older
+/// install, or a umask that widened it).
+pub fn prepare_state_dir(state_dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(STATE_DIR_MODE)
+        .create(state_dir)
+        .with_context(|| format!("creating the state dir {}", state_dir.display()))?;
+    std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(STATE_DIR_MODE))
+        .with_context(|| format!("setting the mode of the state dir {}", state_dir.display()))
+}
+
+/// What `serve` opens first: the state dir (0711), the database (a SQLite
+/// file 0600) and the JWT secret (0600), with those modes set whatever the
+/// umask and whatever an older install left.
+pub async fn open_state(paths: &Paths, args: &ServeArgs) -> anyhow::Result<(Store, Vec<u8>)> {
+    prepare_state_dir(&paths.state_dir)?;
+    let url = args
+        .database_url
+        .clone()
+        .unwrap_or_else(|| store::default_url(&paths.state_dir));
+    restrict_sqlite_files(&url)?;
+    let store = Store::connect(&url).await.context("opening the database")?;
+    restrict_sqlite_files(&url)?;
+    let secret = match &args.jwt_secret {
+        Some(s) => s.as_bytes().to_vec(),
+        None => {
+            let secret = auth::load_or_create_secret(&paths.state_dir)?;
+            // Created 0600; one from an older install is made so too.
+            use std::os::unix::fs::PermissionsExt;
+            let file = paths.state_dir.join("jwt.secret");
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(SECRET_FILE_MODE))
+                .with_context(|| format!("setting the mode of {}", file.display()))?;
+            secret
+        }
+    };
+    Ok((store, secret))
+}
+
+/// The file of a `sqlite://` URL (`None` for another database or an
+/// in-memory one).
+fn sqlite_file(url: &str) -> Option<PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next()?;
+    (!path.is_empty() && !path.starts_with(':')).then(|| PathBuf::from(path))
+}
+
+/// The database file is created 0600 before SQLite opens it (SQLite gives
+/// its `-wal` and `-shm` files the database's mode), and an existing one and
+/// its companions are made 0600.
+fn restrict_sqlite_files(url: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let Some(db) = sqlite_file(url) else {
+        return Ok(());
+    };
+    if db.parent().is_some_and(|dir| dir.is_dir()) {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(SECRET_FILE_MODE)
+            .open(&db)
+            .with_context(|| format!("creating the database {}", db.display()))?;
+    }
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut file = db.clone().into_os_string();
+        file.push(suffix);
+        match std::fs::set_permissions(&file, std::fs::Permissions::from_mode(SECRET_FILE_MODE)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e)
+                    .with_context(|| format!("setting the mode of {}", PathBuf::from(file).display()));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// `serve` over any backends (the real ones from [`build_backends`], or
 /// fakes in a test that runs the whole service).
 pub async fn run_with(paths: Paths, args: ServeArgs, backends: Backends) -> anyhow::Result<ExitCode> {
-    std::fs::create_dir_all(&paths.state_dir)
-        .with_context(|| format!("creating the state dir {}", paths.state_dir.display()))?;
-    let url = args
-        .database_url
-        .clone()
-        .unwrap_or_else(|| store::default_url(&paths.state_dir));
-    let store = Store::connect(&url).await.context("opening the database")?;
-    let secret = match &args.jwt_secret {
-        Some(s) => s.as_bytes().to_vec(),
-        None => auth::load_or_create_secret(&paths.state_dir)?,
-    };
+    let (store, secret) = open_state(&paths, &args).await?;
     // Hashing gets all cores but one: a login flood then leaves a core for
     // every other route (each hash is ~20 MiB and tens of ms of one core).
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -307,4 +387,20 @@ pub async fn run_with(paths: Paths, args: ServeArgs, backends: Backends) -> anyh
     store.close().await;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_urls_name_their_file() {
+        assert_eq!(
+            sqlite_file("sqlite:///var/lib/webhoster/webhoster.db?mode=rwc"),
+            Some(PathBuf::from("/var/lib/webhoster/webhoster.db"))
+        );
+        assert_eq!(sqlite_file("sqlite:rel.db"), Some(PathBuf::from("rel.db")));
+        assert_eq!(sqlite_file("sqlite::memory:"), None);
+        assert_eq!(sqlite_file("postgres://u@h/db"), None);
+    }
 }

@@ -7,7 +7,8 @@
 //! one virtio-net-pci NIC, virtio-rng-pci, isa-serial on ttyS0, pvpanic so a
 //! guest kernel panic reaches us as `GUEST_PANICKED`, a virtio-serial port
 //! for the guest agent (`org.qemu.guest_agent.0`), no graphics, no
-//! default devices. Must never decide policy (which VM, which plan): it only
+//! default devices; QEMU under its seccomp sandbox and, when configured,
+//! dropping to an unprivileged user once its files are open. Must never decide policy (which VM, which plan): it only
 //! spells out a [`CmdlineConfig`].
 
 use std::net::SocketAddr;
@@ -40,6 +41,8 @@ pub struct CmdlineConfig {
     pub qga_socket: PathBuf,
     pub serial_log: PathBuf,
     pub pidfile: PathBuf,
+    /// The `-runas` value (a user name or `UID:GID`); `None` keeps QEMU root.
+    pub runas: Option<String>,
 }
 
 /// One switch group.
@@ -82,6 +85,39 @@ impl Switch for Baseline {
             ]
             .map(String::from),
         );
+    }
+}
+
+/// QEMU's seccomp filter: no obsolete system calls, no fork or exec, no
+/// changes to scheduling or resource limits, and (while QEMU stays root) no
+/// set*id calls.
+///
+/// QEMU 7.2 installs the filter before it drops privileges for `-runas`, so
+/// `elevateprivileges=deny` (or `children`) kills it with SIGSYS on its own
+/// `setgid`. With `-runas` the drop is permanent (real, effective and saved
+/// ids, no capabilities, `no_new_privs` set by the filter), so allowing the
+/// set*id calls gives nothing back; without `-runas` they stay denied.
+pub struct Sandbox {
+    pub drops_privileges: bool,
+}
+impl Switch for Sandbox {
+    fn push_args(&self, argv: &mut Vec<String>) {
+        let elevate = if self.drops_privileges { "allow" } else { "deny" };
+        argv.extend([
+            "-sandbox".into(),
+            format!("on,obsolete=deny,elevateprivileges={elevate},spawn=deny,resourcecontrol=deny"),
+        ]);
+    }
+}
+
+/// `-runas`: after opening its files and sockets as root, QEMU becomes this
+/// user for good (see `vmm::sandbox`).
+pub struct RunAs<'a>(pub Option<&'a str>);
+impl Switch for RunAs<'_> {
+    fn push_args(&self, argv: &mut Vec<String>) {
+        if let Some(user) = self.0 {
+            argv.extend(["-runas".into(), user.to_owned()]);
+        }
     }
 }
 
@@ -328,6 +364,10 @@ pub fn build(cfg: &CmdlineConfig) -> Vec<String> {
     let switches: Vec<Box<dyn Switch + '_>> = vec![
         Box::new(Name(&cfg.vm_id)),
         Box::new(Baseline),
+        Box::new(Sandbox {
+            drops_privileges: cfg.runas.is_some(),
+        }),
+        Box::new(RunAs(cfg.runas.as_deref())),
         Box::new(Machine { accel: cfg.accel }),
         Box::new(Cpu {
             accel: cfg.accel,
@@ -394,6 +434,38 @@ mod tests {
         assert_eq!(
             argv[1],
             "file=/a,,b/disk.qcow2,format=qcow2,if=none,id=d,cache=writeback,discard=unmap"
+        );
+    }
+
+    #[test]
+    fn set_id_calls_are_denied_only_while_qemu_stays_root() {
+        let mut argv = Vec::new();
+        Sandbox {
+            drops_privileges: false,
+        }
+        .push_args(&mut argv);
+        RunAs(None).push_args(&mut argv);
+        assert_eq!(
+            argv,
+            [
+                "-sandbox",
+                "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+            ]
+        );
+        let mut argv = Vec::new();
+        Sandbox {
+            drops_privileges: true,
+        }
+        .push_args(&mut argv);
+        RunAs(Some("webhoster-qemu")).push_args(&mut argv);
+        assert_eq!(
+            argv,
+            [
+                "-sandbox",
+                "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny",
+                "-runas",
+                "webhoster-qemu"
+            ]
         );
     }
 

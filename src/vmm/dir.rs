@@ -15,8 +15,15 @@
 //! serial.log (+.1)   serial console, rotated at SERIAL_LOG_MAX
 //! qemu.log (+.1)     QEMU's own stdout/stderr, rotated the same way
 //! ```
+//!
+//! Modes: `vms/` and every VM directory 0700, every file 0600 (sockets
+//! 0700), all root's, set at creation whatever the umask. QEMU opens what
+//! it needs as root before it drops to its unprivileged user, and needs no
+//! path here afterwards.
 
+use std::fs::{File, OpenOptions, Permissions};
 use std::io;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::VmSpec;
@@ -78,6 +85,36 @@ impl VmDir {
         self.root.join("qemu.log")
     }
 
+    /// The directory, 0700 (also when it already existed with another
+    /// mode); a missing `vms` dir is created 0700 too.
+    pub fn create(&self) -> io::Result<()> {
+        if let Some(parent) = self.root.parent()
+            && !parent.exists()
+        {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(PRIVATE_DIR_MODE)
+                .create(parent)?;
+        }
+        create_private_dir(&self.root)
+    }
+
+    /// Make files that exist from an earlier version or another writer (the
+    /// seed, when it lies in this directory) root's only.
+    pub fn restrict_files(&self, seed: &Path) {
+        let mut files = vec![self.disk(), self.serial_log(), self.qemu_log()];
+        if seed.parent() == Some(self.root.as_path()) {
+            files.push(seed.to_owned());
+        }
+        for file in files {
+            match std::fs::set_permissions(&file, Permissions::from_mode(PRIVATE_FILE_MODE)) {
+                Ok(()) => {}
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => tracing::warn!(path = %file.display(), %err, "cannot restrict file mode"),
+            }
+        }
+    }
+
     pub fn read_spec(&self) -> io::Result<VmSpec> {
         let text = std::fs::read(self.spec_file())?;
         serde_json::from_slice(&text).map_err(io::Error::other)
@@ -85,10 +122,11 @@ impl VmDir {
 
     /// Atomic replace, so a crash never leaves half a vm.json.
     pub fn write_spec(&self, spec: &VmSpec) -> io::Result<()> {
-        std::fs::create_dir_all(&self.root)?;
+        use std::io::Write;
+        self.create()?;
         let tmp = self.root.join(".vm.json.tmp");
         let text = serde_json::to_vec_pretty(spec).map_err(io::Error::other)?;
-        std::fs::write(&tmp, text)?;
+        open_private(OpenOptions::new().write(true).create(true).truncate(true), &tmp)?.write_all(&text)?;
         std::fs::rename(&tmp, self.spec_file())
     }
 
@@ -126,6 +164,31 @@ impl VmDir {
             }
         }
     }
+}
+
+/// Mode of the `vms` directory and of each VM directory.
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
+/// Mode of every file the engine creates in a VM directory.
+pub const PRIVATE_FILE_MODE: u32 = 0o600;
+
+/// Create `dir` (its parent must exist) or take the existing one, and make
+/// it 0700 either way: the mode given at creation is reduced by the umask,
+/// the one set afterwards is not.
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    match std::fs::DirBuilder::new().mode(PRIVATE_DIR_MODE).create(dir) {
+        Ok(()) => {}
+        Err(err) if err.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+        Err(err) => return Err(err),
+    }
+    std::fs::set_permissions(dir, Permissions::from_mode(PRIVATE_DIR_MODE))
+}
+
+/// Open `path` with `opts`, a file created 0600, and an existing one made
+/// 0600 too (on the open descriptor, whatever the umask).
+pub fn open_private(opts: &mut OpenOptions, path: &Path) -> io::Result<File> {
+    let file = opts.mode(PRIVATE_FILE_MODE).open(path)?;
+    file.set_permissions(Permissions::from_mode(PRIVATE_FILE_MODE))?;
+    Ok(file)
 }
 
 /// Copy `path` to `<path>.1` and truncate it when larger than `max`. The

@@ -47,6 +47,15 @@ pub(super) async fn create_overlay(dir: &VmDir, spec: &VmSpec) -> Result<PathBuf
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         });
     }
+    // qemu-img creates 0644 (less the umask): the user's data is root's only.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            &tmp,
+            std::fs::Permissions::from_mode(super::dir::PRIVATE_FILE_MODE),
+        )
+        .map_err(io("cannot restrict the new disk's mode".into()))?;
+    }
     std::fs::rename(&tmp, &disk).map_err(io("cannot move the new disk in place".into()))?;
     Ok(disk)
 }

@@ -6,7 +6,9 @@
 //! - `registry.rs`: the table of VMs and the one place state changes;
 //! - `process.rs`: spawning, attaching to and stopping QEMU;
 //! - `disk.rs`: the qcow2 overlay;
-//! - `supervisor.rs`: watching a QEMU after start, crash restarts.
+//! - `supervisor.rs`: watching a QEMU after start, crash restarts;
+//! - `cgroup.rs`, `sandbox.rs`: the host's walls around each QEMU (its
+//!   cgroup with memory and pids limits, the user it drops to).
 //!
 //! Never trusts memory about a process: a pid counts only when
 //! `/proc/<pid>/cmdline` shows our `-name <vm_id>`. Never signals a process
@@ -21,11 +23,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::accel::{self, AccelChoice};
+use super::cgroup::{CgroupError, Cgroups};
 use super::dir::{self, VmDir};
 use super::disk;
 use super::process::{self, Attached, Launcher, QemuPid};
 use super::qmp;
 use super::registry::{self, Registry, Vm};
+use super::sandbox::QemuUser;
 use super::supervisor::{self, Supervision};
 use super::{EngineOptions, ReattachOutcome, RestartPolicy, VmEvent, VmSpec, VmState, VmStatus, VmmError};
 
@@ -35,6 +39,9 @@ pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Operator passthrough commands get this long (they may wait for another
 /// operator connection to end first).
 pub const OPERATOR_QMP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stop or destroy retries removing a VM's cgroup that is still
+/// busy: the kernel lets go of it as soon as the exited QEMU is gone.
+const CGROUP_RELEASE_PATIENCE: Duration = Duration::from_secs(2);
 
 static TCG_WARNING: Once = Once::new();
 
@@ -55,13 +62,28 @@ impl Drop for Engine {
 }
 
 impl Engine {
+    /// Finds QEMU, creates `vms_dir` (0700), finds the cgroup hierarchies
+    /// and creates the QEMU user when missing (see [`EngineOptions`]).
     pub fn new(opts: EngineOptions) -> Result<Engine, VmmError> {
         let qemu = process::find_qemu(&opts.qemu)?;
-        std::fs::create_dir_all(&opts.vms_dir).map_err(|source| VmmError::Io {
+        create_vms_dir(&opts.vms_dir).map_err(|source| VmmError::Io {
             vm_id: "-".into(),
             what: format!("cannot create {}", opts.vms_dir.display()),
             source,
         })?;
+        let cgroups = setup_cgroups(&opts.cgroups)?;
+        let qemu_user = match &opts.qemu_user {
+            Some(user) => {
+                let user = QemuUser::parse(user)?;
+                let (uid, gid) = user.ensure()?;
+                tracing::info!(user = %user.runas(), uid, gid, "QEMU drops to this user after start");
+                Some(user)
+            }
+            None => {
+                tracing::warn!("QEMU keeps running as root (no QEMU user configured)");
+                None
+            }
+        };
         let (accel, accel_reason) = accel::decide(opts.accel);
         if accel == AccelChoice::Tcg && opts.accel == crate::config::Accel::Auto {
             TCG_WARNING.call_once(|| tracing::warn!(reason = %accel_reason, "guests run under TCG"));
@@ -74,6 +96,9 @@ impl Engine {
                 qemu,
                 accel,
                 tap_opener: opts.tap_opener,
+                cgroups,
+                cgroup_options: opts.cgroups,
+                qemu_user,
             }),
             accel_reason,
             restart: opts.restart,
@@ -83,6 +108,28 @@ impl Engine {
 
     pub fn accel(&self) -> (AccelChoice, &str) {
         (self.launcher.accel, &self.accel_reason)
+    }
+
+    /// The VMs' cgroups; `None` when VMs run without (off, or none usable).
+    pub fn cgroups(&self) -> Option<&Cgroups> {
+        self.launcher.cgroups.as_ref()
+    }
+
+    /// Remove the VM's cgroup, waiting a moment for a process that is
+    /// exiting (one killed outside the engine, such as an orphaned QEMU).
+    /// A cgroup still busy after that is logged and left for later.
+    pub async fn remove_cgroup(&self, vm_id: &str) -> Result<(), VmmError> {
+        super::validate_vm_id(vm_id)?;
+        self.launcher
+            .release_cgroup_patiently(vm_id, CGROUP_RELEASE_PATIENCE)
+            .instrument(registry::span(vm_id))
+            .await;
+        Ok(())
+    }
+
+    /// The user QEMU drops to; `None` when it stays root.
+    pub fn qemu_user(&self) -> Option<&QemuUser> {
+        self.launcher.qemu_user.as_ref()
     }
 
     pub fn vm_dir(&self, vm_id: &str) -> VmDir {
@@ -209,6 +256,11 @@ impl Engine {
             self.stop_locked(&vm, None).await?;
             self.registry
                 .set_state(&vm, VmState::Deleting, "destroy requested")?;
+            // The stop removed the cgroup; one it found busy (or one an
+            // earlier stop left) gets another try.
+            self.launcher
+                .release_cgroup_patiently(vm_id, CGROUP_RELEASE_PATIENCE)
+                .await;
             match std::fs::remove_dir_all(vm.dir().root()) {
                 Ok(()) => {}
                 Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
@@ -265,6 +317,7 @@ impl Engine {
             Some(raw) => match QemuPid::new(raw).filter(|pid| pid.is_ours(vm.id())) {
                 Some(pid) => {
                     let attached = process::attach(vm.id(), vm.dir(), pid).await?;
+                    self.check_cgroup(vm.id(), pid);
                     vm.assume_state(VmState::Running);
                     self.supervise(&vm, attached);
                     Ok(ReattachOutcome::Reattached { pid: pid.get() })
@@ -284,6 +337,21 @@ impl Engine {
                 vm.dir().clean_runtime_files();
                 Ok(ReattachOutcome::Stopped)
             }
+        }
+    }
+
+    /// A reattached QEMU keeps the cgroup it was started in; one started
+    /// without (before cgroups were enabled) is left alone, and said so.
+    fn check_cgroup(&self, vm_id: &str, pid: QemuPid) {
+        let Some(cgroups) = self.cgroups() else {
+            return;
+        };
+        let procs = cgroups.procs(vm_id);
+        if procs.iter().any(|p| !p.contains(&pid.get())) {
+            tracing::warn!(
+                pid = pid.get(),
+                "QEMU runs outside its cgroup (started without one): restart the VM to apply its limits"
+            );
         }
     }
 
@@ -373,6 +441,9 @@ impl Engine {
             // is now stopped on request).
             vm.end_stop();
             vm.dir().clean_runtime_files();
+            self.launcher
+                .release_cgroup_patiently(vm.id(), CGROUP_RELEASE_PATIENCE)
+                .await;
             if matches!(
                 state,
                 VmState::Running | VmState::Paused | VmState::Starting | VmState::Stopping | VmState::Crashed
@@ -388,10 +459,62 @@ impl Engine {
         let how = process::stop(vm.id(), pid, client.as_deref(), graceful).await?;
         vm.end_stop();
         vm.dir().clean_runtime_files();
+        self.launcher
+            .release_cgroup_patiently(vm.id(), CGROUP_RELEASE_PATIENCE)
+            .await;
         if vm.state() != VmState::Stopped {
             self.registry
                 .set_state(vm, VmState::Stopped, &format!("stopped on request ({how})"))?;
         }
         Ok(())
+    }
+}
+
+/// `vms_dir` 0700 (also when it existed with another mode). Missing
+/// ancestors (a fresh state dir) are created 0711: traversable, not
+/// listable, as the service's state dir is (see `app`).
+fn create_vms_dir(vms_dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(parent) = vms_dir.parent()
+        && !parent.as_os_str().is_empty()
+        && !parent.exists()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(parent)?;
+    }
+    dir::create_private_dir(vms_dir)
+}
+
+/// The cgroups the policy asks for. `auto` takes what the host offers and
+/// warns when it offers nothing usable; `required` fails instead.
+fn setup_cgroups(opts: &super::CgroupOptions) -> Result<Option<Cgroups>, VmmError> {
+    use crate::config::CgroupPolicy;
+    if opts.policy == CgroupPolicy::Off {
+        tracing::warn!("per-VM cgroups are off: VMs run without memory and pids limits");
+        return Ok(None);
+    }
+    let found = Cgroups::detect(&opts.parent).and_then(|cg| cg.ensure_parent().map(|()| cg));
+    match found {
+        Ok(cg) => {
+            tracing::info!(
+                mode = %cg.mode(),
+                parent = %opts.parent,
+                memory_overhead_mib = opts.memory_overhead_mib,
+                pids_max = opts.pids_max,
+                "each VM runs in its own cgroup"
+            );
+            Ok(Some(cg))
+        }
+        Err(err @ CgroupError::BadParent(_)) => Err(VmmError::CgroupSetup(err)),
+        Err(err) if opts.policy == CgroupPolicy::Auto => {
+            tracing::warn!(
+                err = %super::error_chain(&err),
+                "VMs run without memory and pids limits (--vm-cgroups required refuses this)"
+            );
+            Ok(None)
+        }
+        Err(err) => Err(VmmError::CgroupsRequired(err)),
     }
 }

@@ -6,6 +6,7 @@
 //! [`VmEvent`]s for the orchestrator to persist.
 
 pub mod accel;
+pub mod cgroup;
 pub mod cli;
 pub mod cmdline;
 pub mod dir;
@@ -17,6 +18,7 @@ mod process;
 pub mod qga;
 pub mod qmp;
 mod registry;
+pub mod sandbox;
 pub mod scan;
 pub mod state;
 mod supervisor;
@@ -31,6 +33,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 pub use accel::AccelChoice;
+pub use cgroup::{CgroupLimits, CgroupMode, CgroupOptions, Cgroups};
 pub use dir::VmDir;
 pub use engine::{DEFAULT_STOP_TIMEOUT, Engine};
 pub use guest::GuestSystemState;
@@ -38,6 +41,7 @@ pub use plan::{Plan, PlanError};
 pub use process::{START_TIMEOUT, argv_for};
 pub use qga::{QgaClient, QgaError};
 pub use qmp::QmpError;
+pub use sandbox::QemuUser;
 pub use state::{InvalidTransition, VmState};
 
 /// Everything needed to run one VM. Persisted as `<vms_dir>/<vm_id>/vm.json`.
@@ -92,6 +96,18 @@ impl VmSpec {
         }
         Ok(())
     }
+}
+
+/// An error and its sources, `a: b: c`, for log lines.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 pub fn validate_vm_id(vm_id: &str) -> Result<(), VmmError> {
@@ -185,9 +201,16 @@ pub struct EngineOptions {
     pub accel: crate::config::Accel,
     pub tap_opener: Option<Arc<dyn TapOpener>>,
     pub restart: RestartPolicy,
+    /// Per-VM cgroups (memory and pids limits): see [`cgroup`].
+    pub cgroups: CgroupOptions,
+    /// The user QEMU drops to (`-runas`, see [`sandbox`]): a name or
+    /// `UID:GID`. `None` keeps QEMU root.
+    pub qemu_user: Option<String>,
 }
 
 impl EngineOptions {
+    /// The defaults are the hardened ones: cgroups where the host has them,
+    /// QEMU as [`sandbox::DEFAULT_QEMU_USER`].
     pub fn new(vms_dir: PathBuf) -> EngineOptions {
         EngineOptions {
             vms_dir,
@@ -195,6 +218,8 @@ impl EngineOptions {
             accel: crate::config::Accel::Auto,
             tap_opener: None,
             restart: RestartPolicy::default(),
+            cgroups: CgroupOptions::default(),
+            qemu_user: Some(sandbox::DEFAULT_QEMU_USER.to_owned()),
         }
     }
 }
@@ -259,6 +284,18 @@ pub enum VmmError {
     Unkillable { vm_id: String, pid: i32 },
     #[error(transparent)]
     Transition(#[from] InvalidTransition),
+    #[error("VM {vm_id}: its cgroup")]
+    Cgroup {
+        vm_id: String,
+        #[source]
+        source: cgroup::CgroupError,
+    },
+    #[error("per-VM cgroups are required (--vm-cgroups required) but cannot be used")]
+    CgroupsRequired(#[source] cgroup::CgroupError),
+    #[error("the cgroup setup")]
+    CgroupSetup(#[source] cgroup::CgroupError),
+    #[error("QEMU user {user:?}: {reason}")]
+    QemuUser { user: String, reason: String },
 }
 
 #[cfg(test)]

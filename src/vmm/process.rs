@@ -18,9 +18,11 @@ use nix::unistd::Pid;
 use tokio::sync::{mpsc, watch};
 
 use super::accel::AccelChoice;
+use super::cgroup::{CgroupOptions, Cgroups};
 use super::cmdline::{self, CmdlineConfig, Nic};
 use super::dir::{self, VmDir};
 use super::qmp::{QmpClient, QmpEvent};
+use super::sandbox::QemuUser;
 use super::{TapOpener, VmNet, VmSpec, VmmError};
 
 /// How long a spawned QEMU may take to answer QMP. QEMU itself needs well
@@ -28,6 +30,9 @@ use super::{TapOpener, VmNet, VmSpec, VmmError};
 pub const START_TIMEOUT: Duration = Duration::from_secs(15);
 /// After `quit` or SIGKILL, how long until the process must be gone.
 const EXIT_WAIT: Duration = Duration::from_secs(5);
+/// QEMU's umask: its sockets, serial log and pidfile are root's only
+/// whatever the service's umask is.
+const QEMU_UMASK: libc::mode_t = 0o077;
 
 /// The pid of a QEMU: always positive. `kill(2)` reads 0 as "my process
 /// group" and -1 as "every process I may signal", so a pid that fell back to
@@ -101,14 +106,71 @@ impl fmt::Display for StopMethod {
 }
 
 /// What every spawn needs and no single VM owns: the QEMU binary, the
-/// accelerator, and where taps come from.
+/// accelerator, where taps come from, the cgroups and the user QEMU drops to.
 pub(super) struct Launcher {
     pub qemu: PathBuf,
     pub accel: AccelChoice,
     pub tap_opener: Option<Arc<dyn TapOpener>>,
+    /// `None`: VMs run without cgroups (off, or none usable here).
+    pub cgroups: Option<Cgroups>,
+    pub cgroup_options: CgroupOptions,
+    pub qemu_user: Option<QemuUser>,
 }
 
 impl Launcher {
+    /// The VM's cgroup, created with its limits; the files the child writes
+    /// itself into before exec.
+    fn prepare_cgroup(&self, vm_id: &str, spec: &VmSpec) -> Result<Vec<std::ffi::CString>, VmmError> {
+        let Some(cgroups) = &self.cgroups else {
+            return Ok(Vec::new());
+        };
+        let limits = self.cgroup_options.limits(spec.plan.memory_mib.into());
+        let files = cgroups
+            .prepare(vm_id, limits)
+            .map_err(|source| VmmError::Cgroup {
+                vm_id: vm_id.to_owned(),
+                source,
+            })?;
+        tracing::debug!(?limits, "cgroup ready");
+        files
+            .into_iter()
+            .map(|f| {
+                use std::os::unix::ffi::OsStringExt;
+                std::ffi::CString::new(f.into_os_string().into_vec())
+                    .map_err(|_| VmmError::BadSpec("a cgroup path holds a NUL byte".into()))
+            })
+            .collect()
+    }
+
+    /// Remove the VM's cgroup once its QEMU is gone. A cgroup still busy
+    /// (the process not quite gone) stays for the next stop or destroy.
+    pub fn release_cgroup(&self, vm_id: &str) -> Result<(), VmmError> {
+        match &self.cgroups {
+            Some(cgroups) => cgroups.remove(vm_id).map_err(|source| VmmError::Cgroup {
+                vm_id: vm_id.to_owned(),
+                source,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Self::release_cgroup`], retried for up to `patience` while busy;
+    /// what still fails is logged, not returned (an empty cgroup left behind
+    /// costs nothing and is reused by the next start).
+    pub async fn release_cgroup_patiently(&self, vm_id: &str, patience: Duration) {
+        let deadline = Instant::now() + patience;
+        loop {
+            match self.release_cgroup(vm_id) {
+                Ok(()) => return,
+                Err(err) if Instant::now() >= deadline => {
+                    tracing::warn!(err = %super::error_chain(&err), "cannot remove the VM's cgroup; it is tried again at the next stop");
+                    return;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
     /// Spawn QEMU for `spec` and wait for QMP `running`. The caller holds
     /// the VM's op lock and the start lock, and has made sure no QEMU of
     /// this VM runs.
@@ -139,12 +201,16 @@ impl Launcher {
             }
             _ => None,
         };
-        let argv = cmdline::build(&cmdline_config(self.accel, dir, spec));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.qemu_log())
-            .map_err(io("cannot open qemu.log"))?;
+        dir.create()
+            .map_err(io("cannot restrict the VM directory's mode"))?;
+        dir.restrict_files(&spec.seed_iso);
+        let runas = self.qemu_user.as_ref().map(QemuUser::runas);
+        let argv = cmdline::build(&cmdline_config(self.accel, dir, spec, runas));
+        let log = dir::open_private(
+            std::fs::OpenOptions::new().create(true).append(true),
+            &dir.qemu_log(),
+        )
+        .map_err(io("cannot open qemu.log"))?;
         let log2 = log.try_clone().map_err(io("cannot open qemu.log"))?;
         let mut cmd = std::process::Command::new(&self.qemu);
         cmd.args(&argv)
@@ -153,14 +219,23 @@ impl Launcher {
             .stdout(log)
             .stderr(log2);
         let fds: Vec<_> = tap.iter().map(|fd| (fd.as_fd(), cmdline::TAP_FD)).collect();
+        let cgroup_procs = self.prepare_cgroup(vm_id, spec)?;
         let started = Instant::now();
-        let mut child = crate::sys::spawn_detached(cmd, &fds).map_err(|err| {
-            if err.kind() == std::io::ErrorKind::NotFound {
+        let detach = crate::sys::Detach {
+            fds: &fds,
+            cgroup_procs,
+            umask: Some(QEMU_UMASK),
+        };
+        let spawned = crate::sys::spawn_detached_with(cmd, detach);
+        let mut child = spawned.map_err(|err| {
+            let _ = self.release_cgroup(vm_id);
+            // NotFound is also what a vanished cgroup gives in the child.
+            if err.kind() == std::io::ErrorKind::NotFound && !self.qemu.exists() {
                 VmmError::QemuMissing {
                     program: self.qemu.display().to_string(),
                 }
             } else {
-                io("cannot spawn QEMU")(err)
+                io("cannot spawn QEMU (or put it into its cgroup)")(err)
             }
         })?;
         drop(fds);
@@ -186,7 +261,9 @@ impl Launcher {
             log_tail: dir::tail(&dir.qemu_log(), 10),
         };
         let connected = loop {
-            if let Some(status) = *exit_rx.borrow() {
+            let exited = *exit_rx.borrow();
+            if let Some(status) = exited {
+                let _ = self.release_cgroup(vm_id);
                 return Err(fail_exit(status));
             }
             if started.elapsed() > START_TIMEOUT {
@@ -266,13 +343,15 @@ pub(super) async fn lock_start(
         what: format!("cannot lock {}", path.display()),
         source,
     };
-    std::fs::create_dir_all(dir.root()).map_err(io)?;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(io)?;
+    dir.create().map_err(io)?;
+    let file = dir::open_private(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true),
+        &path,
+    )
+    .map_err(io)?;
     tokio::task::spawn_blocking(move || {
         nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
             .map_err(|(_, errno)| std::io::Error::from(errno))
@@ -365,7 +444,7 @@ fn which(program: &Path) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-fn cmdline_config(accel: AccelChoice, dir: &VmDir, spec: &VmSpec) -> CmdlineConfig {
+fn cmdline_config(accel: AccelChoice, dir: &VmDir, spec: &VmSpec, runas: Option<String>) -> CmdlineConfig {
     CmdlineConfig {
         vm_id: spec.vm_id.clone(),
         plan: spec.plan.clone(),
@@ -387,13 +466,16 @@ fn cmdline_config(accel: AccelChoice, dir: &VmDir, spec: &VmSpec) -> CmdlineConf
         qga_socket: dir.qga_socket(),
         serial_log: dir.serial_log(),
         pidfile: dir.pidfile(),
+        runas,
     }
 }
 
 /// The argv (without the program) the engine would run for `spec` in
-/// `vms_dir`: for golden tests and `vm info`.
-pub fn argv_for(accel: AccelChoice, vms_dir: &Path, spec: &VmSpec) -> Vec<String> {
-    cmdline::build(&cmdline_config(accel, &VmDir::new(vms_dir, &spec.vm_id), spec))
+/// `vms_dir`, QEMU dropping to `runas` (a user name or `UID:GID`; `None`
+/// keeps it root): for golden tests and `vm info`.
+pub fn argv_for(accel: AccelChoice, vms_dir: &Path, spec: &VmSpec, runas: Option<&str>) -> Vec<String> {
+    let dir = VmDir::new(vms_dir, &spec.vm_id);
+    cmdline::build(&cmdline_config(accel, &dir, spec, runas.map(str::to_owned)))
 }
 
 pub(super) fn describe_exit(status: Option<ExitStatus>) -> String {

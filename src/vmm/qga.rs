@@ -402,12 +402,14 @@ async fn take_lock(path: &Path) -> Result<Flock<File>, QgaError> {
         path: path.to_owned(),
         source,
     };
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .map_err(lock_err)?;
+    let mut file = super::dir::open_private(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true),
+        path,
+    )
+    .map_err(lock_err)?;
     let deadline = Instant::now() + LOCK_TIMEOUT;
     loop {
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {

@@ -61,7 +61,7 @@ pub(super) async fn run(sup: Supervision, vm: Arc<Vm>, mut attached: Attached) {
         let crash = match exit {
             Exit::Ours => return,
             Exit::Stopped(reason) => {
-                finish_process(&vm);
+                finish_process(&sup, &vm);
                 if let Err(err) = sup.registry.set_state(&vm, VmState::Stopped, &reason) {
                     tracing::error!(%err, "cannot record stop");
                 }
@@ -69,7 +69,7 @@ pub(super) async fn run(sup: Supervision, vm: Arc<Vm>, mut attached: Attached) {
             }
             Exit::Crashed(reason) => reason,
         };
-        finish_process(&vm);
+        finish_process(&sup, &vm);
         match restart_after_crash(&sup, &vm, crash).await {
             Some(next) => attached = next,
             None => return,
@@ -77,10 +77,15 @@ pub(super) async fn run(sup: Supervision, vm: Arc<Vm>, mut attached: Attached) {
     }
 }
 
-/// Forget the dead process and remove what it left behind.
-fn finish_process(vm: &Vm) {
+/// Forget the dead process and remove what it left behind: its runtime
+/// files and its cgroup (a restart makes a fresh one; one still busy is
+/// removed by the next stop or destroy).
+fn finish_process(sup: &Supervision, vm: &Vm) {
     vm.clear_process();
     vm.dir().clean_runtime_files();
+    if let Err(err) = sup.launcher.release_cgroup(vm.id()) {
+        tracing::debug!(err = %super::error_chain(&err), "the cgroup is still busy");
+    }
 }
 
 /// Record a crash, then restart with backoff until a QEMU runs again

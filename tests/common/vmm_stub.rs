@@ -152,12 +152,27 @@ impl QemuReaper {
 
 impl Drop for QemuReaper {
     fn drop(&mut self) {
-        for vm_id in self.vm_ids.lock().unwrap().iter() {
+        let vm_ids = self.vm_ids.lock().unwrap();
+        for vm_id in vm_ids.iter() {
             for pid in Self::pids_of(vm_id) {
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid),
                     nix::sys::signal::Signal::SIGKILL,
                 );
+            }
+        }
+        // The VMs' cgroups (the engine removes them on stop and destroy,
+        // which a test that ends early never reaches). A killed QEMU takes a
+        // moment to let go of its cgroup.
+        let Ok(cgroups) = webhoster::vmm::Cgroups::detect(webhoster::vmm::cgroup::DEFAULT_PARENT) else {
+            return;
+        };
+        for vm_id in vm_ids.iter() {
+            for _ in 0..40 {
+                if cgroups.remove(vm_id).is_ok() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
             }
         }
     }
