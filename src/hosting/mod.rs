@@ -207,10 +207,6 @@ impl HostingService {
         &self.ports
     }
 
-    pub fn config(&self) -> &HostingConfig {
-        &self.cfg
-    }
-
     pub fn create_durations(&self) -> &Histogram {
         &self.create_durations
     }
