@@ -31,6 +31,7 @@ pub struct Link {
     pub name: String,
     pub kind: Option<InfoKind>,
     pub controller: Option<u32>,
+    pub mac: Option<[u8; 6]>,
 }
 
 impl Link {
@@ -40,11 +41,13 @@ impl Link {
             name: String::new(),
             kind: None,
             controller: None,
+            mac: None,
         };
         for attr in &msg.attributes {
             match attr {
                 LinkAttribute::IfName(n) => link.name = n.clone(),
                 LinkAttribute::Controller(c) => link.controller = Some(*c),
+                LinkAttribute::Address(a) => link.mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
                         if let LinkInfo::Kind(k) = info {
@@ -99,20 +102,41 @@ pub async fn delete(h: &Handle, name: &str) -> Result<bool, NetError> {
     }
 }
 
-/// Create a bridge unless a link of that name exists.
-pub async fn ensure_bridge(h: &Handle, name: &str) -> Result<u32, NetError> {
-    if let Some(l) = get(h, name).await? {
-        return Ok(l.index);
+/// Create a bridge unless a link of that name exists, with the fixed MAC
+/// `mac`. A bridge left to itself takes the lowest MAC of its ports, so it
+/// changes whenever a port joins or leaves, and every change flushes its
+/// neighbour table, permanent entries included (`neigh_changeaddr`); a set
+/// address stays. It is set only when it differs: setting it at all
+/// flushes too.
+pub async fn ensure_bridge(h: &Handle, name: &str, mac: [u8; 6]) -> Result<u32, NetError> {
+    let existing = get(h, name).await?;
+    if existing.is_none() {
+        match h
+            .link()
+            .add(LinkBridge::new(name).address(mac.to_vec()).build())
+            .execute()
+            .await
+        {
+            Ok(()) => {}
+            Err(e) if errno(&e) == Some(EEXIST) => {}
+            Err(e) => return Err(NetError::netlink(format!("create bridge {name:?}"))(e)),
+        }
     }
-    match h.link().add(LinkBridge::new(name).build()).execute().await {
-        Ok(()) => {}
-        Err(e) if errno(&e) == Some(EEXIST) => {}
-        Err(e) => return Err(NetError::netlink(format!("create bridge {name:?}"))(e)),
+    let l = match existing {
+        Some(l) => l,
+        None => get(h, name).await?.ok_or_else(|| NetError::Io {
+            op: format!("bridge {name:?} vanished after creation"),
+            source: std::io::Error::from_raw_os_error(ENODEV),
+        })?,
+    };
+    if l.mac != Some(mac) {
+        h.link()
+            .set(LinkUnspec::new_with_index(l.index).address(mac.to_vec()).build())
+            .execute()
+            .await
+            .map_err(NetError::netlink(format!("set the address of bridge {name:?}")))?;
     }
-    get(h, name).await?.map(|l| l.index).ok_or_else(|| NetError::Io {
-        op: format!("bridge {name:?} vanished after creation"),
-        source: std::io::Error::from_raw_os_error(ENODEV),
-    })
+    Ok(l.index)
 }
 
 /// Create a veth pair `name`/`peer` in the handle's namespace.

@@ -187,7 +187,7 @@ impl Network {
             .ok_or_else(|| NetError::NoNamespace(opts.netns.clone()))?;
         link::ensure_address(&ns, uplink.index, ns_end(transfer)).await?;
         link::up(&ns, uplink.index).await?;
-        let bridge_index = link::ensure_bridge(&ns, BRIDGE).await?;
+        let bridge_index = link::ensure_bridge(&ns, BRIDGE, alloc::bridge_mac(&opts.netns)).await?;
         let gw = Ipv4Net::new(alloc::gateway(opts.subnet), opts.subnet.prefix_len()).expect("valid prefix");
         link::ensure_address(&ns, bridge_index, gw).await?;
         link::up(&ns, bridge_index).await?;
