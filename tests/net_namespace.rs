@@ -291,73 +291,88 @@ async fn cli_and_operator_script_build_show_and_tear_down() {
     assert!(!run_ok("nft", &["list", "ruleset"]).contains(&o.netns));
 }
 
-#[tokio::test]
-async fn egress_is_off_by_default_and_on_with_an_uplink() {
-    // The "uplink" is a veth to a namespace standing in for the outside
-    // world, so no traffic leaves the machine.
-    let (link_net, _r) = common::host::unique_subnet();
-    let hosts: Vec<Ipv4Addr> = link_net.hosts().take(2).collect();
-    let (host_ip, outside_ip) = (hosts[0], hosts[1]);
-    let outside = common::host::NetnsGuard::new(&unique_name("wo"));
-    let uplink = unique_name("wu");
-    run_ok(
-        "ip",
-        &[
-            "link", "add", &uplink, "type", "veth", "peer", "name", "eth0", "netns", &outside.0,
-        ],
-    );
-    struct DelLink(String);
-    impl Drop for DelLink {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("ip")
-                .args(["link", "del", &self.0])
-                .output();
-        }
-    }
-    let _del = DelLink(uplink.clone());
-    run_ok("ip", &["addr", "add", &format!("{host_ip}/24"), "dev", &uplink]);
-    run_ok("ip", &["link", "set", &uplink, "up"]);
-    outside.exec_ok("ip", &["addr", "add", &format!("{outside_ip}/24"), "dev", "eth0"]);
-    outside.exec_ok("ip", &["link", "set", "eth0", "up"]);
-    let server = webhoster::sys::in_netns(&outside.path(), move || {
-        std::net::TcpListener::bind((outside_ip, 0))
+/// What a guest reaches through the namespace: `addr` -> reached?
+fn reach(guest: &TestGuest, targets: &[SocketAddr]) -> Vec<(SocketAddr, bool)> {
+    // In parallel: every blocked target costs the whole timeout.
+    std::thread::scope(|s| {
+        let probes: Vec<_> = targets
+            .iter()
+            .map(|t| s.spawn(move || (*t, guest.connect(*t, Duration::from_secs(2)).is_ok())))
+            .collect();
+        probes.into_iter().map(|p| p.join().unwrap()).collect()
     })
-    .unwrap()
-    .unwrap();
-    let target = server.local_addr().unwrap();
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    {
-        let seen = seen.clone();
-        std::thread::spawn(move || {
-            for c in server.incoming().flatten() {
-                seen.lock().unwrap().push(c.peer_addr().unwrap().ip());
-            }
-        });
-    }
+}
+
+#[tokio::test]
+async fn egress_is_off_by_default_and_reaches_the_outside_world_only() {
+    // The "outside" is a namespace behind a veth uplink, and the host routes
+    // what comes from our veth there only: no packet leaves the machine.
+    let mut outside = common::host::TestOutside::new();
+    let (port, seen) = outside.listen();
+    let (public, private, metadata) = (
+        SocketAddr::from((outside.public_ip, port)),
+        SocketAddr::from((outside.private_ip, port)),
+        SocketAddr::from((outside.metadata_ip, port)),
+    );
+    // A listener on every host address, for "never the host itself".
+    let (host_port, host_seen) =
+        common::host::log_connections(std::net::TcpListener::bind("0.0.0.0:0").unwrap());
 
     let mut t = TestNet::new();
     let net = Network::up(t.opts.clone()).await.expect("up without egress");
-    let guest = TestGuest::plug(
-        &net,
-        webhoster::net::alloc::guest_ips(net.subnet()).next().unwrap(),
-    )
-    .await;
-    let r = guest.connect(target, Duration::from_secs(2));
-    assert!(r.is_err(), "a guest got out without --egress");
+    outside.route_from(&t.opts.netns);
+    let mut ips = webhoster::net::alloc::guest_ips(net.subnet());
+    let guest = TestGuest::plug(&net, ips.next().unwrap()).await;
+    let other = TestGuest::plug(&net, ips.next().unwrap()).await;
+    other.serve_http("the other guest");
+    assert_eq!(
+        reach(&guest, &[public, private, metadata]),
+        [(public, false), (private, false), (metadata, false)],
+        "a guest got out without --egress"
+    );
     drop(net);
 
-    t.opts.egress = Some(uplink.clone());
-    let fwd_key = format!("/proc/sys/net/ipv4/conf/{uplink}/forwarding");
-    let _net = Network::up(t.opts.clone()).await.expect("up with egress");
+    t.opts.egress = Some(outside.uplink.clone());
+    let fwd_key = format!("/proc/sys/net/ipv4/conf/{}/forwarding", outside.uplink);
+    let net = Network::up(t.opts.clone()).await.expect("up with egress");
     assert_eq!(std::fs::read_to_string(&fwd_key).unwrap().trim(), "1");
-    guest
-        .connect(target, Duration::from_secs(5))
-        .expect("egress through the uplink");
-    std::thread::sleep(Duration::from_millis(200));
+    let mut host_addrs: Vec<Ipv4Addr> = vec![net.host_address(), outside.host_ip];
+    for line in run_ok("ip", &["-4", "-o", "addr", "show", "scope", "global"]).lines() {
+        if let Some(a) = line.split_whitespace().nth(3).and_then(|a| a.split('/').next()) {
+            host_addrs.push(a.parse().unwrap());
+        }
+    }
+    host_addrs.sort();
+    host_addrs.dedup();
+    let host_targets: Vec<SocketAddr> = host_addrs
+        .iter()
+        .map(|a| SocketAddr::from((*a, host_port)))
+        .collect();
+    let mut targets = vec![public, private, metadata, SocketAddr::from((other.ip, 80))];
+    targets.extend(&host_targets);
+    let got = reach(&guest, &targets);
+    let mut want = vec![(public, true), (private, false), (metadata, false)];
+    want.push((SocketAddr::from((other.ip, 80)), false));
+    want.extend(host_targets.iter().map(|t| (*t, false)));
+    assert_eq!(
+        got, want,
+        "with --egress a guest reaches public addresses only: not private ranges, not \
+         169.254.169.254, not another guest, not the host's own addresses"
+    );
+    assert!(host_seen.lock().unwrap().is_empty(), "the host was reached");
     assert_eq!(
         seen.lock().unwrap().as_slice(),
-        &[std::net::IpAddr::V4(host_ip)],
+        &[(outside.public_ip, outside.host_ip)],
         "the guest must be masqueraded behind the uplink's address"
+    );
+    drop(net);
+
+    // A private range opened on purpose: reachable; metadata still not.
+    t.opts.egress_allow = vec![outside.link_net];
+    let _net = Network::up(t.opts.clone()).await.expect("up with an exception");
+    assert_eq!(
+        reach(&guest, &[private, metadata]),
+        [(private, true), (metadata, false)]
     );
     Network::down(&t.opts).await.unwrap();
     assert_eq!(

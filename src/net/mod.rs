@@ -200,13 +200,16 @@ impl Network {
 
         // Namespace: forward between veth and bridge (filtered by nft).
         {
-            let egress = opts.egress.is_some();
+            let rules = nft::ns_ruleset(&nft::NsRules {
+                bridge: BRIDGE,
+                uplink: NS_UPLINK,
+                subnet: opts.subnet,
+                egress: opts.egress.is_some(),
+                allow: &opts.egress_allow,
+            });
             in_ns(&opts, "configure the namespace", move || {
                 sysctl::write("ip_forward", "1")?;
-                nft::apply(
-                    &nft::ns_ruleset(BRIDGE, NS_UPLINK, egress),
-                    "install the namespace table",
-                )
+                nft::apply(&rules, "install the namespace table")
             })
             .await?;
         }
