@@ -35,7 +35,7 @@ async fn boot(
     pubkey: &str,
 ) -> Vm {
     let mac = alloc::mac_for(vm_id);
-    let tap = net.create_tap(vm_id).await.expect("create tap");
+    let tap = net.create_tap(vm_id, &mac, ip).await.expect("create tap");
     let fd = net.open_tap(&tap).expect("open tap");
     // QEMU inherits the fd: clear close-on-exec on our copy.
     fcntl(&fd, FcntlArg::F_SETFD(FdFlag::empty())).expect("clear FD_CLOEXEC");

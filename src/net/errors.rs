@@ -18,6 +18,8 @@ pub enum NetError {
     BadEgress(String),
     #[error("egress exception {net} is unusable: {why}")]
     BadEgressAllow { net: Ipv4Net, why: &'static str },
+    #[error("{0:?} is not a unicast MAC address")]
+    BadMac(String),
     #[error("host interface {name:?} exists and is not webhoster's veth")]
     ForeignInterface { name: String },
     #[error("no free guest address left in {0}")]

@@ -254,7 +254,12 @@ impl TestGuest {
                 &opts.netns,
             ],
         );
-        net.plug_port(&port).await.expect("plug the guest port");
+        // The port is guarded like a tap: it sends only from eth0's MAC and
+        // the guest's address.
+        let mac = ns.exec_ok("cat", &["/sys/class/net/eth0/address"]);
+        net.plug_port(&port, mac.trim(), ip)
+            .await
+            .expect("plug the guest port");
         let cidr = format!("{ip}/{}", net.subnet().prefix_len());
         ns.exec_ok("ip", &["addr", "add", &cidr, "dev", "eth0"]);
         ns.exec_ok("ip", &["link", "set", "eth0", "up"]);

@@ -8,3 +8,4 @@ pub mod fakes;
 pub mod guest;
 pub mod host;
 pub mod vmm_stub;
+pub mod walls;
