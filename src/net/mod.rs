@@ -383,8 +383,8 @@ impl Network {
     /// vm_id is unknown; a guard whose tap is already gone).
     pub async fn delete_tap_named(&self, name: &str) -> Result<(), NetError> {
         if name.starts_with(TAP_PREFIX) {
-            link::delete(&self.ns, name).await?;
-            self.unguard(name).await?;
+            let (link, guard) = tokio::join!(link::delete(&self.ns, name), self.unguard(name));
+            link.and(guard)?;
         }
         Ok(())
     }
@@ -525,13 +525,16 @@ impl Network {
     }
 
     /// Delete the VM's tap and its guard (fine if they are gone). A QEMU
-    /// still holding it keeps a detached device until it exits.
+    /// still holding it keeps a detached device until it exits. Both wait
+    /// (netdev unregister, nft spawns), so they run concurrently; a port
+    /// whose guard went first is mute (the guard chain's policy drop).
     pub async fn delete_tap(&self, vm_id: &str) -> Result<(), NetError> {
         let name = tap_name(vm_id);
-        if link::delete(&self.ns, &name).await? {
+        let (link, guard) = tokio::join!(link::delete(&self.ns, &name), self.unguard(&name));
+        if link? {
             debug!(vm_id, tap = %name, "tap deleted");
         }
-        self.unguard(&name).await
+        guard
     }
 
     /// Taps webhoster made (by prefix) in the namespace.
