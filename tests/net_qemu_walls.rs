@@ -102,6 +102,21 @@ async fn a_root_guest_cannot_be_its_neighbour_nor_reach_the_host() {
             .success()
             .then_some(())
     });
+    // Until boot is over, cloud-init may still restart sshd under us.
+    for port in [port_a, port_b] {
+        let boot = ssh(
+            "127.0.0.1",
+            port,
+            "ubuntu",
+            &key,
+            "timeout 180 systemctl is-system-running --wait",
+        );
+        let state = String::from_utf8_lossy(&boot.stdout);
+        assert!(
+            state.contains("running") || state.contains("degraded"),
+            "boot of the guest behind :{port}: {state}"
+        );
+    }
     let key_b = until("B's host key", deadline, || host_key("127.0.0.1", port_b));
     let key_a = until("A's host key", deadline, || host_key("127.0.0.1", port_a));
     assert_ne!(key_a, key_b);
@@ -157,17 +172,28 @@ async fn a_root_guest_cannot_be_its_neighbour_nor_reach_the_host() {
     assert!(said.contains(&format!("sent ra {rounds}")), "{said}");
     eprintln!("attack done after {:?} ({} looks)", started.elapsed(), seen.len());
 
+    // A look that got no key at all (ssh-keyscan's 5 s on a loaded host)
+    // proves nothing either way; any other key is A answering as B, and
+    // too few keys would be B made unreachable.
     let wrong: Vec<_> = seen
         .iter()
         .filter(|(pb, pa, kb)| {
-            !pb.contains(&owner_b) || !pa.contains(&owner_a) || kb.as_deref() != Some(&key_b)
+            !pb.contains(&owner_b) || !pa.contains(&owner_a) || kb.as_ref().is_some_and(|k| *k != key_b)
         })
         .collect();
     assert!(
         wrong.is_empty(),
         "during the attack (B's page, A's page, B's key via forward), B's key is {key_b}: {wrong:#?}"
     );
-    assert_eq!(host_key(&b.ip.to_string(), 22).as_deref(), Some(key_b.as_str()));
+    let keys = seen.iter().filter(|(_, _, kb)| kb.is_some()).count();
+    assert!(
+        keys * 2 >= seen.len(),
+        "B's SSH answered {keys} of {} looks",
+        seen.len()
+    );
+    let b_ip = b.ip.to_string();
+    let direct = until("B's host key, directly", deadline, || host_key(&b_ip, 22));
+    assert_eq!(direct, key_b, "B's host key, directly on {b_ip}:22");
     let n = common::walls::neighbour(&ns, b.ip);
     assert!(
         n.contains(&format!("lladdr {}", b.mac)) && n.contains("PERMANENT"),
