@@ -583,3 +583,33 @@ async fn a_lost_guard_is_noticed_and_put_back() {
     assert!(adapter.inventory().await.unwrap().guards.is_empty());
     assert_eq!(common::walls::neighbour(&ns, ip), "");
 }
+
+/// Convergence reads taps and guards at once (one netlink socket in the
+/// namespace): the kernel refuses a second dump in flight on a socket
+/// (EBUSY), and a failed read once made convergence restart every QEMU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn namespace_reads_can_run_at_once() {
+    let t = TestNet::new();
+    let net = std::sync::Arc::new(Network::up(t.opts.clone()).await.expect("up"));
+    // Enough links that a link dump spans several reads.
+    let n = 12;
+    for (i, ip) in webhoster::net::alloc::guest_ips(net.subnet()).take(n).enumerate() {
+        let vm = format!("vm-reads-{i}");
+        net.create_tap(&vm, &webhoster::net::alloc::mac_for(&vm), ip)
+            .await
+            .unwrap();
+    }
+    let reads = (0..8).map(|_| {
+        let net = net.clone();
+        tokio::spawn(async move {
+            for _ in 0..50 {
+                let (taps, guards) = tokio::join!(net.taps(), net.guards());
+                assert_eq!(taps.expect("taps").len(), n);
+                assert_eq!(guards.expect("guards").len(), n);
+            }
+        })
+    });
+    for r in futures::future::join_all(reads).await {
+        r.expect("concurrent reads of the namespace");
+    }
+}

@@ -90,6 +90,10 @@ pub struct Network {
     /// `/run/netns` file): a namespace deleted and made anew by someone else
     /// is another one, even under the same name.
     ns_id: (u64, u64),
+    /// One netlink dump at a time on the namespace socket: the kernel
+    /// refuses a second one while the first is still being read (EBUSY),
+    /// and convergence reads links and neighbours concurrently.
+    ns_dumps: tokio::sync::Mutex<()>,
 }
 
 fn ns_identity(opts: &NetOptions) -> Option<(u64, u64)> {
@@ -270,6 +274,7 @@ impl Network {
             bridge_index,
             transfer,
             ns_id,
+            ns_dumps: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -300,6 +305,7 @@ impl Network {
             bridge_index,
             transfer,
             ns_id,
+            ns_dumps: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -494,7 +500,7 @@ impl Network {
         if removed.is_empty() {
             return Ok(());
         }
-        for n in link::neighbours(&self.ns, self.bridge_index).await? {
+        for n in self.neighbours().await? {
             if removed.iter().any(|g| g.ip == n.ip && n.mac == Some(g.mac.0)) {
                 link::delete_neighbour(&self.ns, &n).await?;
             }
@@ -503,12 +509,17 @@ impl Network {
         Ok(())
     }
 
+    async fn neighbours(&self) -> Result<Vec<link::Neighbour>, NetError> {
+        let _dump = self.ns_dumps.lock().await;
+        link::neighbours(&self.ns, self.bridge_index).await
+    }
+
     /// Every guard in the namespace by port, and whether it is whole: its
     /// set element and its permanent neighbour entry both in place (one nft
     /// call and one netlink dump, for a convergence pass).
     pub async fn guards(&self) -> Result<std::collections::HashMap<String, bool>, NetError> {
         let guards = in_ns(&self.opts, "read the guards", guard::list).await?;
-        let neighbours = link::neighbours(&self.ns, self.bridge_index).await?;
+        let neighbours = self.neighbours().await?;
         Ok(guards
             .into_iter()
             .map(|g| {
@@ -539,6 +550,7 @@ impl Network {
 
     /// Taps webhoster made (by prefix) in the namespace.
     pub async fn taps(&self) -> Result<Vec<String>, NetError> {
+        let _dump = self.ns_dumps.lock().await;
         Ok(link::list(&self.ns)
             .await?
             .into_iter()
