@@ -118,7 +118,7 @@ async fn tap_and_forward_timing(net: &Network) {
     for i in 0..20 {
         let vm = format!("bench-vm-{i}");
         let t = Instant::now();
-        net.create_tap(&vm).await.unwrap();
+        net.create_tap(&vm, &alloc::mac_for(&vm), ip).await.unwrap();
         tap_c.push(ms(t));
         let t2 = Instant::now();
         net.add_forward(&vm, port, ip).await.unwrap();
@@ -131,7 +131,7 @@ async fn tap_and_forward_timing(net: &Network) {
         net.remove_forward(&vm).await.unwrap();
         fwd_d.push(ms(t2));
         delete.push(ms(t));
-        net.create_tap(&vm).await.unwrap();
+        net.create_tap(&vm, &alloc::mac_for(&vm), ip).await.unwrap();
         net.add_forward(&vm, port, ip).await.unwrap();
         let t = Instant::now();
         net.release_vm(&vm).await.unwrap();

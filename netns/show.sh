@@ -24,6 +24,8 @@ if ip netns list | grep -qE "^$ns( |\$)"; then
     echo "net.ipv4.ip_forward (inside) = $(ip netns exec "$ns" cat /proc/sys/net/ipv4/ip_forward)"
     echo "== inside $ns: bridge ports"
     bridge -n "$ns" -d link show 2>/dev/null | grep -E "^[0-9]+:|isolated" || true
-    echo "== inside $ns: nftables"
+    echo "== inside $ns: neighbours of br0 (guests: PERMANENT, set with their guard)"
+    ip -n "$ns" neigh show dev br0
+    echo "== inside $ns: nftables (bridge webhoster_guard: what each tap may send from)"
     ip netns exec "$ns" nft list ruleset
 fi

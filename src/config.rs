@@ -145,6 +145,13 @@ pub struct NetArgs {
     /// Off by default: guests have no egress.
     #[arg(long, env = "WEBHOSTER_EGRESS")]
     pub egress: Option<String>,
+
+    /// Private ranges (10/8, 172.16/12, 192.168/16, 100.64/10) guests may
+    /// reach through the egress uplink anyway, comma-separated. Without it
+    /// they reach only public addresses; never the host, link-local
+    /// (169.254/16, cloud metadata) or each other.
+    #[arg(long, env = "WEBHOSTER_EGRESS_ALLOW", value_delimiter = ',')]
+    pub egress_allow: Vec<Ipv4Net>,
 }
 
 /// `webhoster serve`.

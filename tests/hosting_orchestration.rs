@@ -16,7 +16,7 @@ use reqwest::Method;
 
 use common::control::{Db, TestApi, TestDb, fast_hosting_config};
 use common::fakes::{FakeWorld, step_method};
-use webhoster::hosting::ports::{GuestBoot, VmRunState};
+use webhoster::hosting::ports::{GuestBoot, VmNetwork, VmRunState};
 use webhoster::hosting::{Desired, HostingError, HostingService, HostingState, Step};
 use webhoster::store::{StepState, Store, User};
 
@@ -512,6 +512,47 @@ async fn a_vanished_tap_is_repaired(db: Db) {
     drop(rig.db);
 }
 
+/// The tap's guard is lost (its nft table flushed or deleted) under a
+/// running VM: it is put back on the same tap, with the VM's own MAC and
+/// address, and QEMU is left alone (its fd still points at the tap).
+async fn a_lost_guard_is_put_back_in_place(db: Db) {
+    let rig = Rig::new(db).await;
+    let user = rig.user("gus").await;
+    let h = rig
+        .svc
+        .create(
+            &user,
+            Some(webhoster::auth::SshPublicKey::parse(KEY).unwrap()),
+            true,
+        )
+        .await
+        .unwrap()
+        .hosting;
+    let tap = rig.world.tap_name(&h.vm_id);
+    let guard = (h.mac.clone(), h.vm_ip.parse().unwrap());
+    assert_eq!(
+        rig.world.held().guards.get(&tap),
+        Some(&guard),
+        "the create step guards the tap"
+    );
+    rig.world.lose_guard(&h.vm_id);
+    let report = rig.svc.converge_all().await.unwrap();
+    assert_eq!(report.repaired[&h.vm_id], vec!["tap guard"], "{report:?}");
+    assert_eq!(rig.world.held().guards.get(&tap), Some(&guard));
+    assert!(
+        !rig.world
+            .calls()
+            .iter()
+            .any(|c| c.starts_with("engine.restart") || c.starts_with("engine.kill")),
+        "QEMU must not restart for a guard"
+    );
+    let row = rig.store.hosting_by_user(user.id).await.unwrap().unwrap();
+    assert_eq!(row.state, HostingState::Running);
+    let again = rig.svc.converge_all().await.unwrap();
+    assert!(again.repaired.is_empty(), "{again:?}");
+    drop(rig.db);
+}
+
 /// Start, stop and restart repair instead of refusing.
 async fn power_calls_are_idempotent_and_repair(db: Db) {
     let rig = Rig::new(db).await;
@@ -741,6 +782,7 @@ both_backends!(
     status_follows_engine_events,
     convergence_brings_back_a_rebooted_host,
     a_vanished_tap_is_repaired,
+    a_lost_guard_is_put_back_in_place,
     power_calls_are_idempotent_and_repair,
     delete_cancels_a_create_in_flight,
     a_panicking_create_is_rolled_back,

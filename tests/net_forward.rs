@@ -93,8 +93,15 @@ async fn taps_are_isolated_bridge_ports_opened_by_fd_and_reclaimed() {
     let net = Network::up(o.clone()).await.expect("up");
     let name = tap_name("vm-tap-1");
     assert!(name.len() <= 15);
-    assert_eq!(net.create_tap("vm-tap-1").await.unwrap(), name);
-    assert_eq!(net.create_tap("vm-tap-1").await.unwrap(), name, "idempotent");
+    let mut ips = alloc::guest_ips(net.subnet());
+    let (ip1, ip2) = (ips.next().unwrap(), ips.next().unwrap());
+    let mac1 = alloc::mac_for("vm-tap-1");
+    assert_eq!(net.create_tap("vm-tap-1", &mac1, ip1).await.unwrap(), name);
+    assert_eq!(
+        net.create_tap("vm-tap-1", &mac1, ip1).await.unwrap(),
+        name,
+        "idempotent"
+    );
 
     let detail = run_ok(
         "ip",
@@ -122,9 +129,10 @@ async fn taps_are_isolated_bridge_ports_opened_by_fd_and_reclaimed() {
     drop(fd2);
 
     // A tap left with no VM behind it (a crash) and a stale forward are reclaimed.
-    net.create_tap("vm-orphan").await.unwrap();
-    let ip = alloc::guest_ips(net.subnet()).next().unwrap();
-    net.add_forward("vm-orphan", *o.ssh_ports.start(), ip)
+    net.create_tap("vm-orphan", &alloc::mac_for("vm-orphan"), ip2)
+        .await
+        .unwrap();
+    net.add_forward("vm-orphan", *o.ssh_ports.start(), ip2)
         .await
         .unwrap();
     let keep: HashSet<String> = ["vm-tap-1".to_string()].into();
@@ -133,10 +141,19 @@ async fn taps_are_isolated_bridge_ports_opened_by_fd_and_reclaimed() {
     assert_eq!(r.forwards.len(), 1);
     assert_eq!(net.taps().await.unwrap(), vec![name.clone()]);
     assert!(net.forwards().await.unwrap().is_empty());
+    // The orphan's guard went with it; the kept tap's is whole.
+    let guards = net.guards().await.unwrap();
+    assert_eq!(guards, [(name.clone(), true)].into_iter().collect());
 
     net.delete_tap("vm-tap-1").await.unwrap();
     net.delete_tap("vm-tap-1").await.expect("deleting twice is fine");
     assert!(net.taps().await.unwrap().is_empty());
+    assert!(
+        net.guards().await.unwrap().is_empty(),
+        "the guard goes with its tap"
+    );
+    let neigh = run_ok("ip", &["-n", &o.netns, "neigh", "show", "dev", "br0"]);
+    assert!(!neigh.contains(&ip1.to_string()), "{neigh}");
 }
 
 /// A real sshd inside the guest namespace, with its own host key and one

@@ -295,9 +295,10 @@ impl VmNetwork for NetworkAdapter {
 
     async fn inventory(&self) -> Result<NetInventory, PortError> {
         let network = self.get().await;
-        let (taps, forwards) = tokio::join!(network.taps(), network.forwards());
+        let (taps, guards, forwards) = tokio::join!(network.taps(), network.guards(), network.forwards());
         Ok(NetInventory {
             taps: taps?.into_iter().collect(),
+            guards: guards?,
             forwards: forwards?
                 .into_iter()
                 .map(|f| (f.vm_id, (f.port, f.guest)))
@@ -316,8 +317,8 @@ impl VmNetwork for NetworkAdapter {
         Ok(())
     }
 
-    async fn create_tap(&self, vm_id: &str) -> Result<String, PortError> {
-        Ok(self.get().await.create_tap(vm_id).await?)
+    async fn create_tap(&self, vm_id: &str, mac: &str, guest_ip: Ipv4Addr) -> Result<String, PortError> {
+        Ok(self.get().await.create_tap(vm_id, mac, guest_ip).await?)
     }
 
     async fn delete_tap(&self, vm_id: &str) -> Result<(), PortError> {

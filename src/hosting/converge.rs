@@ -188,11 +188,14 @@ impl HostingService {
         let mut repaired = Vec::new();
 
         let tap_gone = !snapshot.net.taps.contains(&job.launch.tap_name);
-        if tap_gone {
-            net.create_tap(vm_id)
+        // A guard lost with its table (a flush, a delete) is put back on the
+        // tap in place: QEMU keeps its fd, the guest notices nothing.
+        let unguarded = snapshot.net.guards.get(&job.launch.tap_name) != Some(&true);
+        if tap_gone || unguarded {
+            net.create_tap(vm_id, &job.launch.mac, job.launch.guest_ip)
                 .await
                 .map_err(vm_err("creating the tap of"))?;
-            repaired.push("tap");
+            repaired.push(if tap_gone { "tap" } else { "tap guard" });
         }
         let forward = (h.ssh_port, job.launch.guest_ip);
         if snapshot.net.forwards.get(vm_id) != Some(&forward) {

@@ -144,6 +144,9 @@ pub trait VmEngine: Send + Sync {
 pub struct NetInventory {
     /// Tap names in the namespace.
     pub taps: std::collections::HashSet<String>,
+    /// Ports (tap names) holding a guard, and whether it is whole (filter
+    /// entry and permanent neighbour entry). A guard may outlive its tap.
+    pub guards: std::collections::HashMap<String, bool>,
     /// vm_id -> (host port, guest address) of each SSH forward.
     pub forwards: std::collections::HashMap<String, (u16, Ipv4Addr)>,
 }
@@ -155,7 +158,8 @@ pub trait VmNetwork: Send + Sync {
     /// not. True when something had to be rebuilt.
     async fn ensure(&self) -> Result<bool, PortError>;
     async fn inventory(&self) -> Result<NetInventory, PortError>;
-    /// Removes these taps (by name) and the forwards of these vm_ids.
+    /// Removes these taps (by name, with their guards) and the forwards of
+    /// these vm_ids.
     async fn remove_orphans(&self, taps: &[String], forwards_of: &[String]) -> Result<(), PortError>;
     fn subnet(&self) -> Ipv4Net;
     fn gateway(&self) -> Ipv4Addr;
@@ -163,8 +167,11 @@ pub trait VmNetwork: Send + Sync {
     fn port_is_free(&self, port: u16) -> bool;
     /// The VM's tap name (deterministic, at most 15 bytes).
     fn tap_name(&self, vm_id: &str) -> String;
-    /// Creates the VM's tap and returns its name.
-    async fn create_tap(&self, vm_id: &str) -> Result<String, PortError>;
+    /// Creates the VM's tap behind its guard (it sends only from `mac` and
+    /// `guest_ip`; the host side never learns another mapping for them) and
+    /// returns its name. On an existing tap it puts back a missing guard.
+    async fn create_tap(&self, vm_id: &str, mac: &str, guest_ip: Ipv4Addr) -> Result<String, PortError>;
+    /// Deletes the VM's tap and its guard.
     async fn delete_tap(&self, vm_id: &str) -> Result<(), PortError>;
     async fn add_forward(&self, vm_id: &str, host_port: u16, guest_ip: Ipv4Addr) -> Result<(), PortError>;
     async fn remove_forward(&self, vm_id: &str) -> Result<(), PortError>;

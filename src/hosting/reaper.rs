@@ -1,7 +1,7 @@
 //! The reaper: removes what belongs to no hosting. A rollback whose undo
 //! failed, a crash between two steps, or a database restored from a backup
-//! can leave QEMU processes, VM directories, taps, SSH forwards and nginx
-//! sites behind; this finds them by name and removes them.
+//! can leave QEMU processes, VM directories, taps (and their guards), SSH
+//! forwards and nginx sites behind; this finds them by name and removes them.
 //!
 //! Order matters: what exists is listed *before* the hostings are read, so a
 //! create that inserts its row and then makes its tap between the two reads
@@ -58,8 +58,10 @@ impl HostingService {
         match inventory {
             Ok(inv) => {
                 let known_taps: HashSet<String> = known.iter().map(|v| ports.network.tap_name(v)).collect();
-                let orphan_taps: Vec<String> =
-                    inv.taps.into_iter().filter(|t| !known_taps.contains(t)).collect();
+                // A guard whose tap is gone is an orphan too.
+                let held: std::collections::BTreeSet<String> =
+                    inv.taps.into_iter().chain(inv.guards.into_keys()).collect();
+                let orphan_taps: Vec<String> = held.into_iter().filter(|t| !known_taps.contains(t)).collect();
                 let orphan_forwards: Vec<String> =
                     inv.forwards.into_keys().filter(|v| !known.contains(v)).collect();
                 match ports.network.remove_orphans(&orphan_taps, &orphan_forwards).await {

@@ -104,7 +104,10 @@ pub async fn run(step: Step, job: &Job, ports: &Ports, ready: Readiness) -> Resu
             ports.seeder.write(&spec, &job.seed_path()).await
         }
         Step::Disk => ports.engine.create_disk(&job.launch).await,
-        Step::Tap => ports.network.create_tap(vm_id).await.map(|_| ()),
+        Step::Tap => {
+            let (mac, ip) = (&job.launch.mac, job.launch.guest_ip);
+            ports.network.create_tap(vm_id, mac, ip).await.map(|_| ())
+        }
         Step::Spawn => ports.engine.spawn(&job.launch).await.map(|_| ()),
         Step::Forward => {
             ports

@@ -45,6 +45,14 @@ pub fn mac_for(vm_id: &str) -> String {
     )
 }
 
+/// The bridge's own MAC in namespace `netns`: `06:` (locally administered,
+/// unicast) and 5 bytes of SHA-256, so it never equals a guest's `02:` MAC,
+/// and stays the same across rebuilds (guests keep the gateway's entry).
+pub fn bridge_mac(netns: &str) -> [u8; 6] {
+    let d = Sha256::digest(format!("bridge {netns}").as_bytes());
+    [0x06, d[0], d[1], d[2], d[3], d[4]]
+}
+
 /// Whether nothing on the host holds TCP `bind:port` (binding proves it, and
 /// the probe socket is closed at once). Ports forwarded by our nftables table
 /// are bound by nothing: ask `Network::port_available` to include those.
@@ -109,6 +117,10 @@ mod tests {
         assert_eq!(first & 0x02, 0x02, "locally administered");
         assert_eq!(first & 0x01, 0, "unicast");
         assert_eq!(a.len(), 17);
+        let b = bridge_mac("whns");
+        assert_eq!(b, bridge_mac("whns"));
+        assert_ne!(b, bridge_mac("other"));
+        assert_eq!(b[0], 0x06, "locally administered, unicast, never a guest's 02:");
     }
 
     #[test]

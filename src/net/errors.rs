@@ -16,6 +16,10 @@ pub enum NetError {
     BadPortRange { lo: u16, hi: u16, why: String },
     #[error("egress uplink {0:?} is not a usable interface name")]
     BadEgress(String),
+    #[error("egress exception {net} is unusable: {why}")]
+    BadEgressAllow { net: Ipv4Net, why: &'static str },
+    #[error("{0:?} is not a unicast MAC address")]
+    BadMac(String),
     #[error("host interface {name:?} exists and is not webhoster's veth")]
     ForeignInterface { name: String },
     #[error("no free guest address left in {0}")]

@@ -9,6 +9,9 @@ use ipnet::Ipv4Net;
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{InfoBridgePort, InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use rtnetlink::packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
+};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteType};
 use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
@@ -16,6 +19,7 @@ use super::NetError;
 
 const ENODEV: i32 = 19;
 const EEXIST: i32 = 17;
+const ENOENT: i32 = 2;
 
 pub fn errno(err: &rtnetlink::Error) -> Option<i32> {
     match err {
@@ -31,6 +35,7 @@ pub struct Link {
     pub name: String,
     pub kind: Option<InfoKind>,
     pub controller: Option<u32>,
+    pub mac: Option<[u8; 6]>,
 }
 
 impl Link {
@@ -40,11 +45,13 @@ impl Link {
             name: String::new(),
             kind: None,
             controller: None,
+            mac: None,
         };
         for attr in &msg.attributes {
             match attr {
                 LinkAttribute::IfName(n) => link.name = n.clone(),
                 LinkAttribute::Controller(c) => link.controller = Some(*c),
+                LinkAttribute::Address(a) => link.mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
                         if let LinkInfo::Kind(k) = info {
@@ -99,20 +106,41 @@ pub async fn delete(h: &Handle, name: &str) -> Result<bool, NetError> {
     }
 }
 
-/// Create a bridge unless a link of that name exists.
-pub async fn ensure_bridge(h: &Handle, name: &str) -> Result<u32, NetError> {
-    if let Some(l) = get(h, name).await? {
-        return Ok(l.index);
+/// Create a bridge unless a link of that name exists, with the fixed MAC
+/// `mac`. A bridge left to itself takes the lowest MAC of its ports, so it
+/// changes whenever a port joins or leaves, and every change flushes its
+/// neighbour table, permanent entries included (`neigh_changeaddr`); a set
+/// address stays. It is set only when it differs: setting it at all
+/// flushes too.
+pub async fn ensure_bridge(h: &Handle, name: &str, mac: [u8; 6]) -> Result<u32, NetError> {
+    let existing = get(h, name).await?;
+    if existing.is_none() {
+        match h
+            .link()
+            .add(LinkBridge::new(name).address(mac.to_vec()).build())
+            .execute()
+            .await
+        {
+            Ok(()) => {}
+            Err(e) if errno(&e) == Some(EEXIST) => {}
+            Err(e) => return Err(NetError::netlink(format!("create bridge {name:?}"))(e)),
+        }
     }
-    match h.link().add(LinkBridge::new(name).build()).execute().await {
-        Ok(()) => {}
-        Err(e) if errno(&e) == Some(EEXIST) => {}
-        Err(e) => return Err(NetError::netlink(format!("create bridge {name:?}"))(e)),
+    let l = match existing {
+        Some(l) => l,
+        None => get(h, name).await?.ok_or_else(|| NetError::Io {
+            op: format!("bridge {name:?} vanished after creation"),
+            source: std::io::Error::from_raw_os_error(ENODEV),
+        })?,
+    };
+    if l.mac != Some(mac) {
+        h.link()
+            .set(LinkUnspec::new_with_index(l.index).address(mac.to_vec()).build())
+            .execute()
+            .await
+            .map_err(NetError::netlink(format!("set the address of bridge {name:?}")))?;
     }
-    get(h, name).await?.map(|l| l.index).ok_or_else(|| NetError::Io {
-        op: format!("bridge {name:?} vanished after creation"),
-        source: std::io::Error::from_raw_os_error(ENODEV),
-    })
+    Ok(l.index)
 }
 
 /// Create a veth pair `name`/`peer` in the handle's namespace.
@@ -252,4 +280,76 @@ pub async fn routes(h: &Handle) -> Result<Vec<Route>, NetError> {
         }
     }
     Ok(out)
+}
+
+/// `ip neigh replace <ip> lladdr <mac> nud permanent dev <index>`: a
+/// permanent entry, which no ARP packet (gratuitous or not) can change.
+pub async fn set_permanent_neighbour(
+    h: &Handle,
+    index: u32,
+    ip: Ipv4Addr,
+    mac: [u8; 6],
+) -> Result<(), NetError> {
+    h.neighbours()
+        .add(index, IpAddr::V4(ip))
+        .link_layer_address(&mac)
+        .state(NeighbourState::Permanent)
+        .replace()
+        .execute()
+        .await
+        .map_err(NetError::netlink(format!("set the neighbour entry of {ip}")))
+}
+
+/// One IPv4 neighbour entry of a link.
+#[derive(Debug, Clone)]
+pub struct Neighbour {
+    pub ip: Ipv4Addr,
+    pub mac: Option<[u8; 6]>,
+    pub permanent: bool,
+    msg: NeighbourMessage,
+}
+
+/// The IPv4 neighbour entries of link `index`.
+pub async fn neighbours(h: &Handle, index: u32) -> Result<Vec<Neighbour>, NetError> {
+    let msgs: Vec<NeighbourMessage> = h
+        .neighbours()
+        .get()
+        .set_address_family(AddressFamily::Inet)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(NetError::netlink("list neighbours"))?;
+    let mut out = Vec::new();
+    for m in msgs.into_iter().filter(|m| m.header.ifindex == index) {
+        let mut ip = None;
+        let mut mac = None;
+        for a in &m.attributes {
+            match a {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) => ip = Some(*d),
+                NeighbourAttribute::LinkLayerAddress(l) => mac = <[u8; 6]>::try_from(l.as_slice()).ok(),
+                _ => {}
+            }
+        }
+        if let Some(ip) = ip {
+            out.push(Neighbour {
+                ip,
+                mac,
+                permanent: m.header.state == NeighbourState::Permanent,
+                msg: m,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Delete one entry (fine if it is gone).
+pub async fn delete_neighbour(h: &Handle, n: &Neighbour) -> Result<(), NetError> {
+    match h.neighbours().del(n.msg.clone()).execute().await {
+        Ok(()) => Ok(()),
+        Err(e) if errno(&e) == Some(ENOENT) => Ok(()),
+        Err(e) => Err(NetError::netlink(format!(
+            "delete the neighbour entry of {}",
+            n.ip
+        ))(e)),
+    }
 }

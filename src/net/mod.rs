@@ -6,6 +6,22 @@
 //! VM subnet, the SSH forwards (kernel DNAT in the host table
 //! `ip webhoster_<netns>`) and the few sysctls that make them work.
 //!
+//! The walls, because a guest's user is root in it and may forge anything:
+//!
+//! - **Who a guest may be** (`guard`): each tap gets a guard when it is
+//!   created: the bridge table `webhoster_guard` lets a port send only IPv4
+//!   from its guest's own MAC and address and ARP for that address alone,
+//!   and drops IPv6, DHCP server answers and every other ethertype. With it,
+//!   a permanent neighbour entry (guest address -> guest MAC) on `br0`, so
+//!   the namespace never learns a mapping from a guest at all. An isolated
+//!   port only stops A talking *to* B; this stops A *being* B.
+//! - **Where a guest may go** (`nft::ns_ruleset`, `nft::host_ruleset`):
+//!   nowhere without `--egress`; with it, the outside world only: never the
+//!   host (the host table's input guard), link-local (metadata), the VM
+//!   subnet, or private ranges not opened by `--egress-allow`.
+//! - IPv6 is off inside the namespace (`disable_ipv6`), so even a frame the
+//!   guard missed would teach the namespace no route.
+//!
 //! Everything is found by name, so `up` is idempotent, `down` removes it all
 //! and `reclaim` removes what a crash left. This module never touches
 //! interfaces, namespaces or nftables tables it did not name, never persists
@@ -14,6 +30,7 @@
 pub mod alloc;
 pub mod cli;
 mod errors;
+mod guard;
 mod host;
 mod link;
 pub mod netns;
@@ -33,6 +50,7 @@ use rtnetlink::packet_route::link::InfoKind;
 use tracing::{debug, info, warn};
 
 pub use errors::NetError;
+pub use guard::{Guard, Mac};
 pub use nft::Forward;
 pub use options::{NetOptions, validate_netns_name};
 
@@ -72,6 +90,10 @@ pub struct Network {
     /// `/run/netns` file): a namespace deleted and made anew by someone else
     /// is another one, even under the same name.
     ns_id: (u64, u64),
+    /// One netlink dump at a time on the namespace socket: the kernel
+    /// refuses a second one while the first is still being read (EBUSY),
+    /// and convergence reads links and neighbours concurrently.
+    ns_dumps: tokio::sync::Mutex<()>,
 }
 
 fn ns_identity(opts: &NetOptions) -> Option<(u64, u64)> {
@@ -187,7 +209,7 @@ impl Network {
             .ok_or_else(|| NetError::NoNamespace(opts.netns.clone()))?;
         link::ensure_address(&ns, uplink.index, ns_end(transfer)).await?;
         link::up(&ns, uplink.index).await?;
-        let bridge_index = link::ensure_bridge(&ns, BRIDGE).await?;
+        let bridge_index = link::ensure_bridge(&ns, BRIDGE, alloc::bridge_mac(&opts.netns)).await?;
         let gw = Ipv4Net::new(alloc::gateway(opts.subnet), opts.subnet.prefix_len()).expect("valid prefix");
         link::ensure_address(&ns, bridge_index, gw).await?;
         link::up(&ns, bridge_index).await?;
@@ -198,15 +220,22 @@ impl Network {
         link::replace_route(&ns, any, host_end(transfer).addr(), uplink.index).await?;
         link::replace_route(&host, opts.subnet, ns_end(transfer).addr(), host_index).await?;
 
-        // Namespace: forward between veth and bridge (filtered by nft).
+        // Namespace: forward between veth and bridge (filtered by nft),
+        // no IPv6, and the guards in front of the taps (with the guards the
+        // old table held: one transaction, no moment without a wall).
         {
-            let egress = opts.egress.is_some();
+            let rules = nft::ns_ruleset(&nft::NsRules {
+                bridge: BRIDGE,
+                uplink: NS_UPLINK,
+                subnet: opts.subnet,
+                egress: opts.egress.is_some(),
+                allow: &opts.egress_allow,
+            });
             in_ns(&opts, "configure the namespace", move || {
                 sysctl::write("ip_forward", "1")?;
-                nft::apply(
-                    &nft::ns_ruleset(BRIDGE, NS_UPLINK, egress),
-                    "install the namespace table",
-                )
+                sysctl::disable_ipv6()?;
+                nft::apply(&rules, "install the namespace table")?;
+                nft::apply(&guard::ruleset(&guard::list()?), "install the guard table")
             })
             .await?;
         }
@@ -245,6 +274,7 @@ impl Network {
             bridge_index,
             transfer,
             ns_id,
+            ns_dumps: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -275,6 +305,7 @@ impl Network {
             bridge_index,
             transfer,
             ns_id,
+            ns_dumps: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -344,13 +375,22 @@ impl Network {
         {
             missing.push("namespace nft table");
         }
+        if !in_ns(&self.opts, "read the guard table", || {
+            table_intact("bridge", guard::TABLE)
+        })
+        .await?
+        {
+            missing.push("guard nft table");
+        }
         Ok(missing)
     }
 
-    /// Removes a tap by name (the reaper's orphans, whose vm_id is unknown).
+    /// Removes a tap by name, with its guard (the reaper's orphans, whose
+    /// vm_id is unknown; a guard whose tap is already gone).
     pub async fn delete_tap_named(&self, name: &str) -> Result<(), NetError> {
         if name.starts_with(TAP_PREFIX) {
-            link::delete(&self.ns, name).await?;
+            let (link, guard) = tokio::join!(link::delete(&self.ns, name), self.unguard(name));
+            link.and(guard)?;
         }
         Ok(())
     }
@@ -370,9 +410,16 @@ impl Network {
     }
 
     /// Create (or adopt) the VM's persistent tap and plug it into the bridge
-    /// as an isolated port, up. Returns the tap's name.
-    pub async fn create_tap(&self, vm_id: &str) -> Result<String, NetError> {
+    /// as an isolated port, up, behind its guard: the tap sends only from
+    /// `mac` and `ip` (the guest's), and the namespace's neighbour entry for
+    /// `ip` is `mac`, permanently. Idempotent: called again (convergence),
+    /// it puts back whatever part of that is missing. Returns the tap's name.
+    pub async fn create_tap(&self, vm_id: &str, mac: &str, ip: Ipv4Addr) -> Result<String, NetError> {
         let name = tap_name(vm_id);
+        let guard = self.guard_for(&name, mac, ip)?;
+        // The wall first: a port is mute without it, but its guest's
+        // address must never be learned from it either.
+        self.install_guard(&guard).await?;
         {
             let (path, n) = (self.opts.netns_path(), name.clone());
             blocking(move || tap::create(&path, &n).map_err(NetError::io(format!("create tap {n:?}"))))
@@ -383,13 +430,16 @@ impl Network {
             source: std::io::Error::from_raw_os_error(libc::ENODEV),
         })?;
         self.plug_port_index(l.index).await?;
-        debug!(vm_id, tap = %name, "tap ready");
+        debug!(vm_id, tap = %name, %mac, %ip, "tap ready");
         Ok(name)
     }
 
     /// Plug an existing interface of the namespace into the bridge as an
-    /// isolated port (what `create_tap` does to taps; tests plug veths).
-    pub async fn plug_port(&self, ifname: &str) -> Result<(), NetError> {
+    /// isolated port behind a guard for `mac` and `ip` (what `create_tap`
+    /// does to taps; tests plug veths).
+    pub async fn plug_port(&self, ifname: &str, mac: &str, ip: Ipv4Addr) -> Result<(), NetError> {
+        let guard = self.guard_for(ifname, mac, ip)?;
+        self.install_guard(&guard).await?;
         let l = link::get(&self.ns, ifname).await?.ok_or_else(|| NetError::Io {
             op: format!("plug {ifname:?} into the bridge"),
             source: std::io::Error::from_raw_os_error(libc::ENODEV),
@@ -397,22 +447,110 @@ impl Network {
         self.plug_port_index(l.index).await
     }
 
-    async fn plug_port_index(&self, index: u32) -> Result<(), NetError> {
-        link::plug_isolated(&self.ns, index, self.bridge_index).await
+    fn guard_for(&self, port: &str, mac: &str, ip: Ipv4Addr) -> Result<Guard, NetError> {
+        self.check_guest_ip(ip)?;
+        Ok(Guard {
+            port: port.to_string(),
+            mac: mac.parse()?,
+            ip,
+        })
     }
 
-    /// Delete the VM's tap (fine if it is gone). A QEMU still holding it keeps
-    /// a detached device until it exits.
-    pub async fn delete_tap(&self, vm_id: &str) -> Result<(), NetError> {
-        let name = tap_name(vm_id);
-        if link::delete(&self.ns, &name).await? {
-            debug!(vm_id, tap = %name, "tap deleted");
+    fn check_guest_ip(&self, ip: Ipv4Addr) -> Result<(), NetError> {
+        let subnet = self.opts.subnet;
+        if !subnet.contains(&ip) || ip == self.gateway() || ip == subnet.network() || ip == subnet.broadcast()
+        {
+            return Err(NetError::NotAGuestAddress { ip, subnet });
         }
         Ok(())
     }
 
+    /// The port's element in the guard set (replacing stale ones of the
+    /// port, the address or the MAC), then the permanent neighbour entry.
+    async fn install_guard(&self, g: &Guard) -> Result<(), NetError> {
+        {
+            let want = g.clone();
+            in_ns(&self.opts, "install a guard", move || {
+                guard::edit(&format!("guard port {}", want.port), |current| {
+                    guard::install_script(current, &want)
+                })
+                .map(|_| ())
+            })
+            .await?;
+        }
+        link::set_permanent_neighbour(&self.ns, self.bridge_index, g.ip, g.mac.0).await
+    }
+
+    /// Remove a port's guard (after its interface is gone): its element in
+    /// the guard set, and the permanent neighbour entry of its address if
+    /// that still names its MAC (a later VM with the address has its own).
+    async fn unguard(&self, port: &str) -> Result<(), NetError> {
+        let p = port.to_string();
+        let removed = in_ns(&self.opts, "remove a guard", move || {
+            let mine = |current: &[Guard]| -> Vec<Guard> {
+                current.iter().filter(|g| g.port == p).cloned().collect()
+            };
+            let before = guard::edit(&format!("unguard port {p}"), |current| {
+                let gone = mine(current);
+                (!gone.is_empty()).then(|| guard::delete_script(&gone.iter().collect::<Vec<_>>()))
+            })?;
+            Ok(mine(&before))
+        })
+        .await?;
+        if removed.is_empty() {
+            return Ok(());
+        }
+        for n in self.neighbours().await? {
+            if removed.iter().any(|g| g.ip == n.ip && n.mac == Some(g.mac.0)) {
+                link::delete_neighbour(&self.ns, &n).await?;
+            }
+        }
+        debug!(port, "guard removed");
+        Ok(())
+    }
+
+    async fn neighbours(&self) -> Result<Vec<link::Neighbour>, NetError> {
+        let _dump = self.ns_dumps.lock().await;
+        link::neighbours(&self.ns, self.bridge_index).await
+    }
+
+    /// Every guard in the namespace by port, and whether it is whole: its
+    /// set element and its permanent neighbour entry both in place (one nft
+    /// call and one netlink dump, for a convergence pass).
+    pub async fn guards(&self) -> Result<std::collections::HashMap<String, bool>, NetError> {
+        let guards = in_ns(&self.opts, "read the guards", guard::list).await?;
+        let neighbours = self.neighbours().await?;
+        Ok(guards
+            .into_iter()
+            .map(|g| {
+                let whole = neighbours
+                    .iter()
+                    .any(|n| n.permanent && n.ip == g.ip && n.mac == Some(g.mac.0));
+                (g.port, whole)
+            })
+            .collect())
+    }
+
+    async fn plug_port_index(&self, index: u32) -> Result<(), NetError> {
+        link::plug_isolated(&self.ns, index, self.bridge_index).await
+    }
+
+    /// Delete the VM's tap and its guard (fine if they are gone). A QEMU
+    /// still holding it keeps a detached device until it exits. Both wait
+    /// (netdev unregister, nft spawns), so they run concurrently; a port
+    /// whose guard went first is mute (the guard chain's policy drop).
+    pub async fn delete_tap(&self, vm_id: &str) -> Result<(), NetError> {
+        let name = tap_name(vm_id);
+        let (link, guard) = tokio::join!(link::delete(&self.ns, &name), self.unguard(&name));
+        if link? {
+            debug!(vm_id, tap = %name, "tap deleted");
+        }
+        guard
+    }
+
     /// Taps webhoster made (by prefix) in the namespace.
     pub async fn taps(&self) -> Result<Vec<String>, NetError> {
+        let _dump = self.ns_dumps.lock().await;
         Ok(link::list(&self.ns)
             .await?
             .into_iter()
@@ -438,14 +576,7 @@ impl Network {
                 hi,
             });
         }
-        let subnet = self.opts.subnet;
-        if !subnet.contains(&guest_ip)
-            || guest_ip == self.gateway()
-            || guest_ip == subnet.network()
-            || guest_ip == subnet.broadcast()
-        {
-            return Err(NetError::NotAGuestAddress { ip: guest_ip, subnet });
-        }
+        self.check_guest_ip(guest_ip)?;
         let table = self.opts.table();
         let bind = self.opts.ssh_bind;
         let want = Forward {
@@ -520,14 +651,21 @@ impl Network {
         Ok(!forwarded && alloc::port_is_free(self.opts.ssh_bind, port))
     }
 
-    /// Remove taps and forwards of VMs not in `keep` (service start: whatever
-    /// a crash left behind).
+    /// Remove taps (with their guards), guards of taps that are gone, and
+    /// forwards of VMs not in `keep` (service start: whatever a crash left
+    /// behind).
     pub async fn reclaim(&self, keep: &HashSet<String>) -> Result<Reclaimed, NetError> {
         let keep_taps: HashSet<String> = keep.iter().map(|v| tap_name(v)).collect();
         let mut out = Reclaimed::default();
-        for tap in self.taps().await? {
+        let mut ports: Vec<String> = self.taps().await?;
+        for port in self.guards().await?.into_keys() {
+            if port.starts_with(TAP_PREFIX) && !ports.contains(&port) {
+                ports.push(port);
+            }
+        }
+        for tap in ports {
             if !keep_taps.contains(&tap) {
-                link::delete(&self.ns, &tap).await?;
+                self.delete_tap_named(&tap).await?;
                 out.taps.push(tap);
             }
         }

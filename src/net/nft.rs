@@ -1,8 +1,11 @@
 //! nftables, through `nft -f -` and `nft -j`: webhoster's own table on the
 //! host (`ip webhoster_<netns>`: SSH DNAT map, loopback masquerade, forward
-//! guard) and its table inside the namespace (`inet webhoster`: guests get no
-//! egress). Only ever creates, replaces or deletes those tables; never
-//! flushes the ruleset or touches another table.
+//! guard, and an input guard: nothing from the namespace opens a connection
+//! to the host) and its tables inside the namespace (`inet webhoster`:
+//! guests get no egress, or with `--egress` only the outside world; `bridge
+//! webhoster_guard`, rendered by `guard`: each guest sends only from its own
+//! MAC and address). Only ever creates, replaces or deletes those tables;
+//! never flushes the ruleset or touches another table.
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -46,7 +49,8 @@ pub struct HostRules<'a> {
     pub forwards: &'a [Forward],
 }
 
-fn q(s: &str) -> String {
+/// An nft string literal (quotes and backslashes cannot occur in our names).
+pub(super) fn q(s: &str) -> String {
     format!("\"{}\"", s.replace(['"', '\\'], ""))
 }
 
@@ -116,20 +120,64 @@ pub fn host_ruleset(r: &HostRules) -> String {
     // We turned forwarding on for these only so DNATed SSH reaches guests:
     // they must not start routing anything else.
     s += "    iifname @opened drop\n";
+    s += "  }\n";
+    // Nothing behind the veth (guests, with or without egress) opens a
+    // connection to the host itself, on any of its addresses: only replies
+    // to what the host started (nginx, SSH through the forwards) come in.
+    s += "  chain input { type filter hook input priority 0; policy accept;\n";
+    s += &format!("    iifname {veth} ct state established,related accept\n");
+    s += &format!("    iifname {veth} drop\n");
     s += "  }\n}\n";
     s
 }
 
+/// Destinations a guest never reaches through egress: this host's
+/// link-local transfer net and the cloud metadata address (169.254/16),
+/// loopback, "this network", multicast and reserved.
+pub const NEVER_EGRESS: [&str; 4] = ["0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/3"];
+
+/// Private and shared ranges a guest reaches through egress only when
+/// configured (`--egress-allow`): the host's other networks, other
+/// tenants' networks, the provider's internal ones.
+pub const PRIVATE_RANGES: [&str; 4] = ["10.0.0.0/8", "100.64.0.0/10", "172.16.0.0/12", "192.168.0.0/16"];
+
+/// Everything the namespace's `inet` table is built from.
+pub struct NsRules<'a> {
+    pub bridge: &'a str,
+    pub uplink: &'a str,
+    pub subnet: Ipv4Net,
+    /// Guests may start connections out of the uplink (`--egress`).
+    pub egress: bool,
+    /// Private ranges opened to guests anyway (`--egress-allow`).
+    pub allow: &'a [Ipv4Net],
+}
+
 /// The namespace's table: forward host->guests and replies; guests start
-/// nothing beyond the gateway unless `egress`.
-pub fn ns_ruleset(bridge: &str, uplink: &str, egress: bool) -> String {
+/// nothing beyond the gateway unless `egress`, and then only to the outside
+/// world: never to the host (its input guard), never to link-local,
+/// loopback or multicast, never to the VM subnet (other guests), and to
+/// private ranges only when allowed.
+pub fn ns_ruleset(r: &NsRules) -> String {
     let t = NS_TABLE;
+    let (bridge, uplink) = (q(r.bridge), q(r.uplink));
     let mut s = format!("add table inet {t}\ndelete table inet {t}\ntable inet {t} {{\n");
     s += "  chain forward { type filter hook forward priority 0; policy drop;\n";
     s += "    ct state established,related accept\n";
-    s += &format!("    iifname {} oifname {} accept\n", q(uplink), q(bridge));
-    if egress {
-        s += &format!("    iifname {} oifname {} accept\n", q(bridge), q(uplink));
+    s += &format!("    iifname {uplink} oifname {bridge} accept\n");
+    if r.egress {
+        let out = format!("iifname {bridge} oifname {uplink} meta nfproto ipv4");
+        let never: Vec<String> = NEVER_EGRESS
+            .iter()
+            .map(|n| n.to_string())
+            .chain([r.subnet.trunc().to_string()])
+            .collect();
+        s += &format!("    {out} ip daddr {{ {} }} drop\n", never.join(", "));
+        if !r.allow.is_empty() {
+            let allow: Vec<String> = r.allow.iter().map(|n| n.trunc().to_string()).collect();
+            s += &format!("    {out} ip daddr {{ {} }} accept\n", allow.join(", "));
+        }
+        s += &format!("    {out} ip daddr {{ {} }} drop\n", PRIVATE_RANGES.join(", "));
+        s += &format!("    {out} accept\n");
     }
     s += "  }\n}\n";
     s
@@ -373,11 +421,84 @@ mod tests {
         assert!(s.contains("oifname \"eth1\" ip saddr 10.83.0.0/24 masquerade"));
         assert!(s.contains("iifname \"whns\" oifname \"eth1\" accept"));
         assert!(s.contains("elements = { \"eth1\" }"));
-        let ns = ns_ruleset("br0", "up0", false);
-        assert!(ns.contains("policy drop"));
-        assert!(ns.contains("iifname \"up0\" oifname \"br0\" accept"));
-        assert!(!ns.contains("iifname \"br0\" oifname \"up0\""));
-        assert!(ns_ruleset("br0", "up0", true).contains("iifname \"br0\" oifname \"up0\" accept"));
+    }
+
+    fn ns(egress: bool, allow: &[Ipv4Net]) -> String {
+        ns_ruleset(&NsRules {
+            bridge: "br0",
+            uplink: "up0",
+            subnet: "10.83.0.0/24".parse().unwrap(),
+            egress,
+            allow,
+        })
+    }
+
+    #[test]
+    fn without_egress_guests_start_nothing() {
+        let s = ns(false, &[]);
+        assert!(s.starts_with("add table inet webhoster\ndelete table inet webhoster\n"));
+        assert!(s.contains("type filter hook forward priority 0; policy drop;"));
+        assert!(s.contains("iifname \"up0\" oifname \"br0\" accept"));
+        assert!(!s.contains("iifname \"br0\""), "{s}");
+    }
+
+    #[test]
+    fn egress_reaches_the_outside_world_only() {
+        let s = ns(true, &[]);
+        let lines: Vec<&str> = s.lines().map(str::trim).collect();
+        let out = "iifname \"br0\" oifname \"up0\" meta nfproto ipv4";
+        let i = lines
+            .iter()
+            .position(|l| l.starts_with(out))
+            .expect("egress rules");
+        assert_eq!(
+            lines[i],
+            format!(
+                "{out} ip daddr {{ 0.0.0.0/8, 127.0.0.0/8, 169.254.0.0/16, 224.0.0.0/3, 10.83.0.0/24 }} drop"
+            ),
+            "link-local (metadata, the host's transfer net), loopback, multicast and the other guests first"
+        );
+        assert_eq!(
+            lines[i + 1],
+            format!("{out} ip daddr {{ 10.0.0.0/8, 100.64.0.0/10, 172.16.0.0/12, 192.168.0.0/16 }} drop")
+        );
+        assert_eq!(lines[i + 2], format!("{out} accept"));
+        assert_eq!(lines[i + 3], "}");
+
+        // An allowed private range opens between the two, never before the
+        // link-local and subnet drop.
+        let allow: [Ipv4Net; 2] = [
+            "10.200.0.0/16".parse().unwrap(),
+            "192.168.7.1/24".parse().unwrap(),
+        ];
+        let s = ns(true, &allow);
+        let lines: Vec<&str> = s.lines().map(str::trim).collect();
+        let i = lines.iter().position(|l| l.starts_with(out)).unwrap();
+        assert!(lines[i].ends_with("10.83.0.0/24 } drop"));
+        assert_eq!(
+            lines[i + 1],
+            format!("{out} ip daddr {{ 10.200.0.0/16, 192.168.7.0/24 }} accept")
+        );
+        assert!(lines[i + 2].contains("10.0.0.0/8") && lines[i + 2].ends_with("drop"));
+    }
+
+    #[test]
+    fn nothing_behind_the_veth_opens_a_connection_to_the_host() {
+        let s = rules(Ipv4Addr::UNSPECIFIED, Some("eth1"), &BTreeSet::new(), &[]);
+        let input: Vec<&str> = s
+            .lines()
+            .skip_while(|l| !l.contains("chain input"))
+            .map(str::trim)
+            .collect();
+        assert_eq!(
+            input[..4],
+            [
+                "chain input { type filter hook input priority 0; policy accept;",
+                "iifname \"whns\" ct state established,related accept",
+                "iifname \"whns\" drop",
+                "}",
+            ]
+        );
     }
 
     #[test]

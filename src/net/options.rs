@@ -18,6 +18,8 @@ pub struct NetOptions {
     pub ssh_bind: Ipv4Addr,
     pub ssh_ports: RangeInclusive<u16>,
     pub egress: Option<String>,
+    /// Private ranges guests may reach through `egress` anyway.
+    pub egress_allow: Vec<Ipv4Net>,
 }
 
 impl From<&NetArgs> for NetOptions {
@@ -28,6 +30,7 @@ impl From<&NetArgs> for NetOptions {
             ssh_bind: a.ssh_bind,
             ssh_ports: a.ssh_ports.clone(),
             egress: a.egress.clone(),
+            egress_allow: a.egress_allow.clone(),
         }
     }
 }
@@ -72,6 +75,19 @@ impl NetOptions {
             && (up.is_empty() || up.len() > 15 || up == &self.netns)
         {
             return Err(NetError::BadEgress(up.clone()));
+        }
+        for &net in &self.egress_allow {
+            let bad = |why| NetError::BadEgressAllow { net, why };
+            if self.egress.is_none() {
+                return Err(bad("there is no egress (--egress) to open it on"));
+            }
+            let mut never = nft::NEVER_EGRESS.iter().filter_map(|n| n.parse::<Ipv4Net>().ok());
+            // The VM subnet may overlap: its drop comes before the exceptions.
+            if never.any(|n| n.contains(&net.network()) || net.contains(&n.network())) {
+                return Err(bad(
+                    "it overlaps link-local, loopback or multicast, which guests never reach",
+                ));
+            }
         }
         Ok(())
     }
@@ -118,6 +134,7 @@ mod tests {
             ssh_bind: Ipv4Addr::UNSPECIFIED,
             ssh_ports: 10000..=20000,
             egress: None,
+            egress_allow: Vec::new(),
         }
     }
 
@@ -165,5 +182,33 @@ mod tests {
         let mut o = opts();
         o.egress = Some("whns".into());
         assert!(matches!(o.validate(), Err(NetError::BadEgress(_))));
+    }
+
+    #[test]
+    fn egress_exceptions() {
+        let mut o = opts();
+        o.egress_allow = vec!["192.168.5.0/24".parse().unwrap()];
+        assert!(
+            matches!(o.validate(), Err(NetError::BadEgressAllow { .. })),
+            "an exception without egress"
+        );
+        o.egress = Some("eth1".into());
+        assert!(o.validate().is_ok());
+        // Overlapping the VM subnet is fine: other guests stay dropped first.
+        o.egress_allow = vec!["10.0.0.0/8".parse().unwrap()];
+        assert!(o.validate().is_ok());
+        for bad in [
+            "169.254.169.254/32",
+            "169.0.0.0/8",
+            "127.0.0.1/32",
+            "0.0.0.0/0",
+            "239.1.1.1/32",
+        ] {
+            o.egress_allow = vec![bad.parse().unwrap()];
+            assert!(
+                matches!(o.validate(), Err(NetError::BadEgressAllow { .. })),
+                "{bad} accepted"
+            );
+        }
     }
 }

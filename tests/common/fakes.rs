@@ -22,6 +22,8 @@ pub struct Held {
     pub seeds: BTreeSet<PathBuf>,
     pub disks: BTreeSet<String>,
     pub taps: BTreeSet<String>,
+    /// tap -> (MAC, address) its guard lets it send from.
+    pub guards: BTreeMap<String, (String, Ipv4Addr)>,
     /// vm_id -> running
     pub vms: BTreeMap<String, bool>,
     pub forwards: BTreeMap<String, (u16, Ipv4Addr)>,
@@ -180,15 +182,23 @@ impl FakeWorld {
         self.with(|h| {
             h.vms.clear();
             h.taps.clear();
+            h.guards.clear();
             h.forwards.clear();
         });
         self.w().proxy_down = true;
     }
 
-    /// A tap vanishes (an operator's `ip link del`).
+    /// A tap vanishes (an operator's `ip link del`); its guard stays.
     pub fn remove_tap(&self, vm_id: &str) {
         let name = self.tap_name(vm_id);
         self.with(|h| h.taps.remove(&name));
+    }
+
+    /// A tap's guard vanishes (an operator flushed or deleted the guard
+    /// table); the tap stays.
+    pub fn lose_guard(&self, vm_id: &str) {
+        let name = self.tap_name(vm_id);
+        self.with(|h| h.guards.remove(&name));
     }
 
     /// Resources of a VM and a site that no hosting owns (a crash's leftovers).
@@ -197,7 +207,9 @@ impl FakeWorld {
         self.with(|h| {
             h.disks.insert(vm_id.to_owned());
             h.vms.insert(vm_id.to_owned(), true);
-            h.taps.insert(tap);
+            h.taps.insert(tap.clone());
+            h.guards
+                .insert(tap, ("02:00:00:00:00:fa".into(), Ipv4Addr::new(10, 98, 0, 250)));
             h.forwards
                 .insert(vm_id.to_owned(), (19999, Ipv4Addr::new(10, 98, 0, 250)));
             h.sites.insert(
@@ -350,6 +362,7 @@ impl VmNetwork for FakeWorld {
         self.enter("net.inventory", "").await?;
         Ok(self.with(|h| NetInventory {
             taps: h.taps.iter().cloned().collect(),
+            guards: h.guards.keys().map(|t| (t.clone(), true)).collect(),
             forwards: h.forwards.clone().into_iter().collect(),
         }))
     }
@@ -359,6 +372,7 @@ impl VmNetwork for FakeWorld {
         self.with(|h| {
             for t in taps {
                 h.taps.remove(t);
+                h.guards.remove(t);
             }
             for v in forwards_of {
                 h.forwards.remove(v);
@@ -366,16 +380,22 @@ impl VmNetwork for FakeWorld {
         });
         Ok(())
     }
-    async fn create_tap(&self, vm_id: &str) -> Result<String, PortError> {
+    async fn create_tap(&self, vm_id: &str, mac: &str, guest_ip: Ipv4Addr) -> Result<String, PortError> {
         self.enter("net.create_tap", vm_id).await?;
         let name = self.tap_name(vm_id);
-        self.with(|h| h.taps.insert(name.clone()));
+        self.with(|h| {
+            h.taps.insert(name.clone());
+            h.guards.insert(name.clone(), (mac.to_owned(), guest_ip));
+        });
         Ok(name)
     }
     async fn delete_tap(&self, vm_id: &str) -> Result<(), PortError> {
         self.enter("net.delete_tap", vm_id).await?;
         let name = self.tap_name(vm_id);
-        self.with(|h| h.taps.remove(&name));
+        self.with(|h| {
+            h.taps.remove(&name);
+            h.guards.remove(&name);
+        });
         Ok(())
     }
     async fn add_forward(&self, vm_id: &str, host_port: u16, guest_ip: Ipv4Addr) -> Result<(), PortError> {

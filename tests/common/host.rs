@@ -199,6 +199,7 @@ impl TestNet {
                 ssh_bind: Ipv4Addr::LOCALHOST,
                 ssh_ports: ports,
                 egress: None,
+                egress_allow: Vec::new(),
             },
             _subnet: sr,
             _ports: pr,
@@ -253,7 +254,12 @@ impl TestGuest {
                 &opts.netns,
             ],
         );
-        net.plug_port(&port).await.expect("plug the guest port");
+        // The port is guarded like a tap: it sends only from eth0's MAC and
+        // the guest's address.
+        let mac = ns.exec_ok("cat", &["/sys/class/net/eth0/address"]);
+        net.plug_port(&port, mac.trim(), ip)
+            .await
+            .expect("plug the guest port");
         let cidr = format!("{ip}/{}", net.subnet().prefix_len());
         ns.exec_ok("ip", &["addr", "add", &cidr, "dev", "eth0"]);
         ns.exec_ok("ip", &["link", "set", "eth0", "up"]);
@@ -342,5 +348,161 @@ pub fn pid_gone(pid: i32) -> bool {
         Ok(stat) => stat
             .rsplit_once(')')
             .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// A stand-in for the outside world behind an egress uplink, that no packet
+/// leaves the machine for: a namespace joined to the host by a veth
+/// (`uplink`, host side `host_ip`), holding a private address
+/// (`private_ip`, in a reserved 10.x /24), a public-looking one
+/// (`public_ip`, in 198.18.0.0/15, the benchmarking range) and the cloud
+/// metadata address 169.254.169.254. What the host forwards from a VM
+/// network's veth (`route_from`) is routed by its own table to here and
+/// nowhere else: anything else from that veth is unreachable.
+pub struct TestOutside {
+    pub ns: NetnsGuard,
+    pub uplink: String,
+    pub link_net: ipnet::Ipv4Net,
+    pub host_ip: Ipv4Addr,
+    pub private_ip: Ipv4Addr,
+    pub public_ip: Ipv4Addr,
+    pub metadata_ip: Ipv4Addr,
+    routed: Option<(String, String)>,
+    _reserved: Vec<Reservation>,
+}
+
+impl TestOutside {
+    pub fn new() -> TestOutside {
+        let (link_net, r_net) = unique_subnet();
+        let mut hosts = link_net.hosts();
+        let (host_ip, private_ip) = (hosts.next().unwrap(), hosts.next().unwrap());
+        let [_, _, c, _] = link_net.network().octets();
+        let public_ip = Ipv4Addr::new(198, 18 + (c & 1), c, 7);
+        let ns = NetnsGuard::new(&unique_name("wo"));
+        let uplink = unique_name("wu");
+        run_ok(
+            "ip",
+            &[
+                "link", "add", &uplink, "type", "veth", "peer", "name", "eth0", "netns", &ns.0,
+            ],
+        );
+        let out = TestOutside {
+            ns,
+            uplink,
+            link_net,
+            host_ip,
+            private_ip,
+            public_ip,
+            metadata_ip: Ipv4Addr::new(169, 254, 169, 254),
+            routed: None,
+            _reserved: vec![r_net],
+        };
+        let prefix = link_net.prefix_len();
+        run_ok(
+            "ip",
+            &["addr", "add", &format!("{host_ip}/{prefix}"), "dev", &out.uplink],
+        );
+        run_ok("ip", &["link", "set", &out.uplink, "up"]);
+        for a in [
+            format!("{private_ip}/{prefix}"),
+            format!("{public_ip}/32"),
+            format!("{}/32", out.metadata_ip),
+        ] {
+            out.ns.exec_ok("ip", &["addr", "add", &a, "dev", "eth0"]);
+        }
+        out.ns.exec_ok("ip", &["link", "set", "eth0", "up"]);
+        out.ns.exec_ok("ip", &["link", "set", "lo", "up"]);
+        out
+    }
+
+    /// Route what the host forwards from `veth` here only (policy routing
+    /// with a table of our own); everything else from it is unreachable.
+    pub fn route_from(&mut self, veth: &str) {
+        let (table, r) = (0..1000)
+            .find_map(|_| {
+                // Also the rule's preference: below main's (32766).
+                let t: u32 = rand::rng().random_range(20000..32000);
+                reserve("rtable", &t.to_string()).map(|r| (t.to_string(), r))
+            })
+            .expect("a free routing table number");
+        self._reserved.push(r);
+        let via = self.private_ip.to_string();
+        for dest in [self.public_ip, self.metadata_ip] {
+            run_ok(
+                "ip",
+                &[
+                    "route",
+                    "add",
+                    &format!("{dest}/32"),
+                    "via",
+                    &via,
+                    "dev",
+                    &self.uplink,
+                    "table",
+                    &table,
+                ],
+            );
+        }
+        run_ok(
+            "ip",
+            &[
+                "route",
+                "add",
+                &self.link_net.to_string(),
+                "dev",
+                &self.uplink,
+                "table",
+                &table,
+            ],
+        );
+        run_ok("ip", &["route", "add", "unreachable", "default", "table", &table]);
+        run_ok(
+            "ip",
+            &["rule", "add", "iif", veth, "lookup", &table, "pref", &table],
+        );
+        self.routed = Some((veth.to_string(), table));
+    }
+
+    /// Accept TCP on every address of the outside namespace on a port of
+    /// its own; each connection is logged as (address reached, peer).
+    pub fn listen(&self) -> (u16, ConnLog) {
+        let listener = webhoster::sys::in_netns(&self.ns.path(), || TcpListener::bind("0.0.0.0:0"))
+            .and_then(|r| r)
+            .expect("listen in the outside namespace");
+        log_connections(listener)
+    }
+}
+
+/// (address reached, peer) of each connection a listener accepted.
+pub type ConnLog = std::sync::Arc<std::sync::Mutex<Vec<(Ipv4Addr, Ipv4Addr)>>>;
+
+/// Accept connections on `listener` from a background thread, logging
+/// (local address, peer address) of each.
+pub fn log_connections(listener: TcpListener) -> (u16, ConnLog) {
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for c in listener.incoming().flatten() {
+            if let (Ok(std::net::SocketAddr::V4(l)), Ok(std::net::SocketAddr::V4(p))) =
+                (c.local_addr(), c.peer_addr())
+            {
+                log.lock().unwrap().push((*l.ip(), *p.ip()));
+            }
+        }
+    });
+    (port, seen)
+}
+
+impl Drop for TestOutside {
+    fn drop(&mut self) {
+        if let Some((veth, table)) = self.routed.take() {
+            let _ = run(
+                "ip",
+                &["rule", "del", "iif", &veth, "lookup", &table, "pref", &table],
+            );
+            let _ = run("ip", &["route", "flush", "table", &table]);
+        }
+        let _ = run("ip", &["link", "del", &self.uplink]);
     }
 }

@@ -7,4 +7,6 @@ pub mod deploy;
 pub mod fakes;
 pub mod guest;
 pub mod host;
+pub mod tap_guest;
 pub mod vmm_stub;
+pub mod walls;
