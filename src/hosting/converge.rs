@@ -83,18 +83,14 @@ impl HostingService {
             }
             Err(e) => warn!(error = %chain(&e), "the nginx front could not be ensured"),
         }
-        let snapshot = Snapshot {
-            net: ports.network.inventory().await.unwrap_or_else(|e| {
-                warn!(error = %chain(&e), "reading the VM network");
-                NetInventory::default()
-            }),
-            sites: match ports.proxy.sites().await {
-                Ok(sites) => sites.into_iter().map(|s| (s.user_id, s.upstream)).collect(),
-                Err(e) => {
-                    warn!(error = %chain(&e), "reading the nginx sites");
-                    HashMap::new()
-                }
-            },
+        // A pass that cannot see the network or the sites changes nothing:
+        // taken for "no taps", a failed read would restart every QEMU.
+        let snapshot = match self.read_snapshot().await {
+            Ok(snapshot) => snapshot,
+            Err(e) => {
+                warn!(error = %chain(&e), "convergence pass skipped: cannot read the network or the sites");
+                return Ok(report);
+            }
         };
         let hostings = self.store.all_hostings().await?;
         let work = hostings.into_iter().map(|h| {
@@ -362,7 +358,7 @@ impl HostingService {
         let deadline = tokio::time::Instant::now() + ready.timeout;
         let mut force = true;
         loop {
-            let snapshot = self.snapshot().await;
+            let snapshot = self.snapshot().await?;
             let last = match self.ensure_running(&mut h, &snapshot, force).await {
                 Ok(_) if h.state == HostingState::Running => return Ok(h),
                 Ok(_) => PortError::Probe(
@@ -385,7 +381,7 @@ impl HostingService {
     }
 
     /// The network's and nginx's view, read now (for one hosting's start).
-    async fn snapshot(&self) -> Snapshot {
+    async fn snapshot(&self) -> Result<Snapshot, HostingError> {
         let ports = &self.ports;
         if let Err(e) = ports.network.ensure().await {
             warn!(error = %chain(&e), "the VM network could not be ensured");
@@ -393,15 +389,19 @@ impl HostingService {
         if let Err(e) = ports.proxy.ensure().await {
             warn!(error = %chain(&e), "the nginx front could not be ensured");
         }
-        Snapshot {
-            net: ports.network.inventory().await.unwrap_or_default(),
-            sites: ports
-                .proxy
-                .sites()
-                .await
-                .map(|s| s.into_iter().map(|s| (s.user_id, s.upstream)).collect())
-                .unwrap_or_default(),
-        }
+        self.read_snapshot().await.map_err(|source| HostingError::Vm {
+            action: "reading the network for",
+            source,
+        })
+    }
+
+    /// Taps, forwards and sites as they are now.
+    async fn read_snapshot(&self) -> Result<Snapshot, PortError> {
+        let (net, sites) = tokio::join!(self.ports.network.inventory(), self.ports.proxy.sites());
+        Ok(Snapshot {
+            net: net?,
+            sites: sites?.into_iter().map(|s| (s.user_id, s.upstream)).collect(),
+        })
     }
 
     /// Follows the engine's state changes between passes: a crash shows
