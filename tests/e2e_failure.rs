@@ -52,6 +52,24 @@ fn vm_leftovers(dep: &Deployment) -> Vec<String> {
     left
 }
 
+/// Waits until the user's create is at its readiness step: by then QEMU
+/// runs and the seed, disk, tap and forward exist for real.
+async fn at_readiness_step(dep: &Deployment, client: &reqwest::Client, user: &common::deploy::User) {
+    let started = std::time::Instant::now();
+    loop {
+        let (_, body) = user.host(client, &dep.api).await;
+        if body["data"]["hosting"]["step"] == "ready" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the create never reached its readiness step: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!vm_leftovers(dep).is_empty(), "the create had made nothing yet");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_create_that_fails_is_undone_completely() {
     let mut dep = Deployment::new();
@@ -88,19 +106,7 @@ async fn a_service_killed_mid_create_recovers_to_nothing() {
     assert_eq!(resp.status(), 202);
     // Kill the service while it waits for the guest: by then QEMU runs and
     // the tap and the forward exist.
-    let started = std::time::Instant::now();
-    loop {
-        let (_, body) = user.host(&client, &dep.api).await;
-        if body["data"]["hosting"]["step"] == "ready" {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "the create never reached its readiness step: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(!vm_leftovers(&dep).is_empty(), "the create had made nothing yet");
+    at_readiness_step(&dep, &client, &user).await;
     dep.kill();
 
     dep.start().await;
@@ -138,19 +144,7 @@ async fn delete_cancels_a_create_in_flight() {
             (status, resp.json::<serde_json::Value>().await.unwrap())
         })
     };
-    let started = std::time::Instant::now();
-    loop {
-        let (_, body) = user.host(&client, &dep.api).await;
-        if body["data"]["hosting"]["step"] == "ready" {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "no readiness step: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(!vm_leftovers(&dep).is_empty(), "the create had made nothing yet");
+    at_readiness_step(&dep, &client, &user).await;
     let (status, body) = user.delete_host(&client, &dep.api).await;
     assert_eq!(status, 200, "{body}");
     let (status, body) = waiting.await.unwrap();

@@ -17,17 +17,14 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::guest::{TestKey, sftp_put, ssh};
 use common::host::free_port;
 use common::vmm_stub::{QemuReaper, unique_vm_id};
-use webhoster::seed::{SeedSpec, StaticNetwork};
-use webhoster::vmm::cmdline::USER_NET_MAC;
 use webhoster::vmm::qga::FsFreezeStatus;
-use webhoster::vmm::{Engine, EngineOptions, GuestSystemState, Plan, RestartPolicy, VmNet, VmSpec, VmState};
+use webhoster::vmm::{Engine, EngineOptions, GuestSystemState, RestartPolicy, VmState};
 
 /// Under TCG on a loaded 2-core host a Debian boot takes 20-90 s.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -131,40 +128,8 @@ async fn agent_ready_state_writeback_bound_and_clean_powerdown() {
     let key = TestKey::new();
     let (http_port, ssh_port) = (free_port(), free_port());
     let dir = engine.vm_dir(&vm_id);
-    std::fs::create_dir_all(dir.root()).unwrap();
-    webhoster::seed::write(
-        &SeedSpec {
-            instance_id: vm_id.clone(),
-            hostname: "lifecycle".into(),
-            user: "ubuntu".into(),
-            ssh_keys: vec![webhoster::auth::SshPublicKey::parse(key.public_line()).unwrap()],
-            owner: "lifecycle".into(),
-            network: Some(StaticNetwork {
-                mac: USER_NET_MAC.into(),
-                address: "10.0.2.15/24".parse().unwrap(),
-                gateway: "10.0.2.2".parse().unwrap(),
-            }),
-        },
-        &dir.seed_iso(),
-    )
-    .await
-    .unwrap();
-    let spec = VmSpec {
-        vm_id: vm_id.clone(),
-        plan: Plan::load("small").unwrap(),
-        kernel: image.kernel.clone(),
-        initrd: image.initrd.clone(),
-        base_disk: image.disk.clone(),
-        append: webhoster::image::KERNEL_CMDLINE.into(),
-        seed_iso: dir.seed_iso(),
-        net: VmNet::User {
-            hostfwd: vec![
-                (SocketAddr::from(([127, 0, 0, 1], http_port)), 80),
-                (SocketAddr::from(([127, 0, 0, 1], ssh_port)), 22),
-            ],
-        },
-        labels: Default::default(),
-    };
+    let spec =
+        common::guest::user_net_spec(&engine, &image, &vm_id, "lifecycle", &key, (http_port, ssh_port)).await;
     engine.create_disk(&spec).await.unwrap();
 
     // Ready means ready.

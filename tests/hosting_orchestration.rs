@@ -23,6 +23,11 @@ use webhoster::store::{StepState, Store, User};
 const KEY: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl test@example";
 
+/// The test key, parsed as the API would.
+fn key() -> Option<webhoster::auth::SshPublicKey> {
+    Some(webhoster::auth::SshPublicKey::parse(KEY).unwrap())
+}
+
 struct Rig {
     store: Store,
     world: Arc<FakeWorld>,
@@ -95,15 +100,7 @@ async fn rollback_at_every_step(db: Db) {
         rig.world.clear_faults();
         rig.world.fail_on(step_method(step));
         let before = rig.world.calls().len();
-        let err = rig
-            .svc
-            .create(
-                &user,
-                Some(webhoster::auth::SshPublicKey::parse(KEY).unwrap()),
-                true,
-            )
-            .await
-            .unwrap_err();
+        let err = rig.svc.create(&user, key(), true).await.unwrap_err();
         match &err {
             HostingError::StepFailed { step: s, .. } => assert_eq!(*s, step.name()),
             other => panic!("step {step:?}: unexpected {other:?}"),
@@ -135,15 +132,7 @@ async fn rollback_at_every_step(db: Db) {
     // With the fault gone, the same user gets a hosting.
     rig.world.clear_faults();
     let user = rig.store.user_by_login("user0").await.unwrap().unwrap().user;
-    let created = rig
-        .svc
-        .create(
-            &user,
-            Some(webhoster::auth::SshPublicKey::parse(KEY).unwrap()),
-            true,
-        )
-        .await
-        .unwrap();
+    let created = rig.svc.create(&user, key(), true).await.unwrap();
     assert_eq!(created.hosting.state, HostingState::Running);
     let journal = rig.store.steps(created.hosting.id).await.unwrap();
     assert_eq!(journal.len(), Step::ALL.len());
@@ -156,15 +145,7 @@ async fn failed_undo_keeps_the_row_until_delete(db: Db) {
     let user = rig.user("ivan").await;
     rig.world.fail_on(step_method(Step::Forward));
     rig.world.fail_on("engine.remove_disk");
-    let err = rig
-        .svc
-        .create(
-            &user,
-            Some(webhoster::auth::SshPublicKey::parse(KEY).unwrap()),
-            true,
-        )
-        .await
-        .unwrap_err();
+    let err = rig.svc.create(&user, key(), true).await.unwrap_err();
     assert!(matches!(err, HostingError::RollbackFailed { .. }), "{err:?}");
     let h = rig.store.hosting_by_user(user.id).await.unwrap().unwrap();
     assert_eq!(h.state, HostingState::Deleting);
@@ -195,15 +176,7 @@ async fn crash_at_every_step_is_undone_on_restart(db: Db) {
         let user = rig.user(&format!("crash{i}")).await;
         rig.world.clear_faults();
         rig.world.hang_on(step_method(step));
-        let created = rig
-            .svc
-            .create(
-                &user,
-                Some(webhoster::auth::SshPublicKey::parse(KEY).unwrap()),
-                false,
-            )
-            .await
-            .unwrap();
+        let created = rig.svc.create(&user, key(), false).await.unwrap();
         let id = created.hosting.id;
         // Wait until the journal shows the step under way, then "kill -9".
         let mut seen = false;
@@ -235,28 +208,14 @@ async fn crash_at_every_step_is_undone_on_restart(db: Db) {
     let report = rig.svc.recover().await.unwrap();
     assert!(report.undone.is_empty() && report.deleted.is_empty());
     let user = rig.store.user_by_login("crash0").await.unwrap().unwrap().user;
-    rig.svc
-        .create(
-            &user,
-            Some(webhoster::auth::SshPublicKey::parse(KEY).unwrap()),
-            true,
-        )
-        .await
-        .unwrap();
+    rig.svc.create(&user, key(), true).await.unwrap();
     drop(rig.db);
 }
 
 async fn crash_during_delete_is_finished_on_restart(db: Db) {
     let mut rig = Rig::new(db).await;
     let user = rig.user("judy").await;
-    rig.svc
-        .create(
-            &user,
-            Some(webhoster::auth::SshPublicKey::parse(KEY).unwrap()),
-            true,
-        )
-        .await
-        .unwrap();
+    rig.svc.create(&user, key(), true).await.unwrap();
     rig.world.hang_on("net.delete_tap");
     let svc = rig.svc.clone();
     let uid = user.id;
@@ -366,37 +325,20 @@ async fn subnet_full_is_503(db: Db) {
     let svc = HostingService::new(store.clone(), world.ports(), fast_hosting_config());
     let a = store.create_user("a@example.com", "aaa", "x").await.unwrap();
     let b = store.create_user("b@example.com", "bbb", "x").await.unwrap();
-    svc.create(&a, Some(webhoster::auth::SshPublicKey::parse(KEY).unwrap()), true)
-        .await
-        .unwrap();
-    let err = svc
-        .create(&b, Some(webhoster::auth::SshPublicKey::parse(KEY).unwrap()), true)
-        .await
-        .unwrap_err();
+    svc.create(&a, key(), true).await.unwrap();
+    let err = svc.create(&b, key(), true).await.unwrap_err();
     assert!(matches!(err, HostingError::SubnetFull), "{err:?}");
     assert!(store.hosting_by_user(b.id).await.unwrap().is_none());
     // Deleting releases the address.
     svc.delete(a.id).await.unwrap();
-    svc.create(&b, Some(webhoster::auth::SshPublicKey::parse(KEY).unwrap()), true)
-        .await
-        .unwrap();
+    svc.create(&b, key(), true).await.unwrap();
 }
 
 async fn status_follows_engine_events(db: Db) {
     let rig = Rig::new(db).await;
     let follower = rig.svc.follow_engine().expect("the fakes publish events");
     let user = rig.user("mia").await;
-    let vm_id = rig
-        .svc
-        .create(
-            &user,
-            Some(webhoster::auth::SshPublicKey::parse(KEY).unwrap()),
-            true,
-        )
-        .await
-        .unwrap()
-        .hosting
-        .vm_id;
+    let vm_id = rig.svc.create(&user, key(), true).await.unwrap().hosting.vm_id;
     let row = || async { rig.store.hosting_by_user(user.id).await.unwrap().unwrap() };
     async fn until(f: impl AsyncFn() -> webhoster::store::Hosting, want: HostingState) {
         for _ in 0..200 {
@@ -437,18 +379,8 @@ async fn status_follows_engine_events(db: Db) {
 async fn convergence_brings_back_a_rebooted_host(db: Db) {
     let rig = Rig::new(db).await;
     let (a, b) = (rig.user("nina").await, rig.user("oscar").await);
-    let ha = rig
-        .svc
-        .create(&a, Some(webhoster::auth::SshPublicKey::parse(KEY).unwrap()), true)
-        .await
-        .unwrap()
-        .hosting;
-    let hb = rig
-        .svc
-        .create(&b, Some(webhoster::auth::SshPublicKey::parse(KEY).unwrap()), true)
-        .await
-        .unwrap()
-        .hosting;
+    let ha = rig.svc.create(&a, key(), true).await.unwrap().hosting;
+    let hb = rig.svc.create(&b, key(), true).await.unwrap().hosting;
     rig.svc.stop(b.id).await.unwrap();
     let before = rig.world.held();
     rig.world.reboot();
@@ -488,16 +420,7 @@ async fn convergence_brings_back_a_rebooted_host(db: Db) {
 async fn a_vanished_tap_is_repaired(db: Db) {
     let rig = Rig::new(db).await;
     let user = rig.user("pia").await;
-    let h = rig
-        .svc
-        .create(
-            &user,
-            Some(webhoster::auth::SshPublicKey::parse(KEY).unwrap()),
-            true,
-        )
-        .await
-        .unwrap()
-        .hosting;
+    let h = rig.svc.create(&user, key(), true).await.unwrap().hosting;
     rig.world.remove_tap(&h.vm_id);
     let report = rig.svc.converge_all().await.unwrap();
     assert_eq!(report.repaired[&h.vm_id], vec!["tap", "qemu"], "{report:?}");
@@ -518,16 +441,7 @@ async fn a_vanished_tap_is_repaired(db: Db) {
 async fn a_lost_guard_is_put_back_in_place(db: Db) {
     let rig = Rig::new(db).await;
     let user = rig.user("gus").await;
-    let h = rig
-        .svc
-        .create(
-            &user,
-            Some(webhoster::auth::SshPublicKey::parse(KEY).unwrap()),
-            true,
-        )
-        .await
-        .unwrap()
-        .hosting;
+    let h = rig.svc.create(&user, key(), true).await.unwrap().hosting;
     let tap = rig.world.tap_name(&h.vm_id);
     let guard = (h.mac.clone(), h.vm_ip.parse().unwrap());
     assert_eq!(
@@ -557,14 +471,7 @@ async fn a_lost_guard_is_put_back_in_place(db: Db) {
 async fn power_calls_are_idempotent_and_repair(db: Db) {
     let rig = Rig::new(db).await;
     let user = rig.user("quinn").await;
-    rig.svc
-        .create(
-            &user,
-            Some(webhoster::auth::SshPublicKey::parse(KEY).unwrap()),
-            true,
-        )
-        .await
-        .unwrap();
+    rig.svc.create(&user, key(), true).await.unwrap();
     assert_eq!(rig.svc.start(user.id).await.unwrap().state, HostingState::Running);
     rig.world.reboot();
     assert_eq!(rig.svc.start(user.id).await.unwrap().state, HostingState::Running);
@@ -586,10 +493,7 @@ async fn delete_cancels_a_create_in_flight(db: Db) {
     rig.world.hang_on(step_method(Step::Ready));
     let svc = rig.svc.clone();
     let u = user.clone();
-    let waiting = tokio::spawn(async move {
-        svc.create(&u, Some(webhoster::auth::SshPublicKey::parse(KEY).unwrap()), true)
-            .await
-    });
+    let waiting = tokio::spawn(async move { svc.create(&u, key(), true).await });
     for _ in 0..500 {
         if rig
             .world
@@ -614,15 +518,7 @@ async fn a_panicking_create_is_rolled_back(db: Db) {
     let rig = Rig::new(db).await;
     let user = rig.user("sam").await;
     rig.world.panic_on(step_method(Step::Proxy));
-    let err = rig
-        .svc
-        .create(
-            &user,
-            Some(webhoster::auth::SshPublicKey::parse(KEY).unwrap()),
-            true,
-        )
-        .await
-        .unwrap_err();
+    let err = rig.svc.create(&user, key(), true).await.unwrap_err();
     assert!(matches!(err, HostingError::TaskLost), "{err:?}");
     assert!(rig.world.held().is_empty(), "{:?}", rig.world.held());
     assert!(rig.store.hosting_by_user(user.id).await.unwrap().is_none());
@@ -633,16 +529,7 @@ async fn a_panicking_create_is_rolled_back(db: Db) {
 async fn the_reaper_removes_orphans(db: Db) {
     let rig = Rig::new(db).await;
     let user = rig.user("tom").await;
-    let h = rig
-        .svc
-        .create(
-            &user,
-            Some(webhoster::auth::SshPublicKey::parse(KEY).unwrap()),
-            true,
-        )
-        .await
-        .unwrap()
-        .hosting;
+    let h = rig.svc.create(&user, key(), true).await.unwrap().hosting;
     let kept = rig.world.held();
     rig.world.plant_orphan("vm-orphan", 4242);
     let reaped = rig.svc.reap().await.unwrap();
@@ -678,16 +565,9 @@ async fn no_capacity_is_refused_up_front(db: Db) {
         }),
     );
     let (a, b) = (rig.user("uma").await, rig.user("vic").await);
-    rig.svc
-        .create(&a, Some(webhoster::auth::SshPublicKey::parse(KEY).unwrap()), true)
-        .await
-        .unwrap();
+    rig.svc.create(&a, key(), true).await.unwrap();
     let calls = rig.world.calls().len();
-    let err = rig
-        .svc
-        .create(&b, Some(webhoster::auth::SshPublicKey::parse(KEY).unwrap()), true)
-        .await
-        .unwrap_err();
+    let err = rig.svc.create(&b, key(), true).await.unwrap_err();
     assert!(
         matches!(&err, HostingError::Capacity(why) if why.contains("memory")),
         "{err:?}"
@@ -727,7 +607,7 @@ async fn creates_queue_in_order(db: Db) {
         rig.user("yan").await,
     ];
     rig.world.hang_on(step_method(Step::Ready));
-    let key = || Some(webhoster::auth::SshPublicKey::parse(KEY).unwrap());
+    let key = || key();
     let first = rig.svc.create(&users[0], key(), false).await.unwrap().hosting;
     let second = rig.svc.create(&users[1], key(), false).await.unwrap().hosting;
     let third = rig.svc.create(&users[2], key(), false).await.unwrap().hosting;

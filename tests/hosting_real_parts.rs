@@ -26,6 +26,11 @@ use webhoster::store::Store;
 const KEY: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl test@example";
 
+/// The test key, parsed as the API would.
+fn key() -> Option<webhoster::auth::SshPublicKey> {
+    Some(webhoster::auth::SshPublicKey::parse(KEY).unwrap())
+}
+
 /// A local "nginx": answers every request with `status`, counting requests.
 async fn http_server(status: Arc<AtomicU16>) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -104,14 +109,7 @@ async fn real_seed_and_probe(db: Db) {
 
     // nginx answers 502: the publish step times out, and the real seed ISO
     // that step 1 wrote is gone after the rollback.
-    let err = svc
-        .create(
-            &user,
-            Some(webhoster::auth::SshPublicKey::parse(KEY).unwrap()),
-            true,
-        )
-        .await
-        .unwrap_err();
+    let err = svc.create(&user, key(), true).await.unwrap_err();
     assert!(err.is_timeout(), "{err:?}");
     assert!(matches!(err, HostingError::StepFailed { step: "publish", .. }));
     let seeds: Vec<_> = walk(db.dir())
@@ -124,14 +122,7 @@ async fn real_seed_and_probe(db: Db) {
 
     // nginx answers 200: the create finishes, with a real cidata ISO on disk.
     status.store(200, Ordering::Relaxed);
-    let created = svc
-        .create(
-            &user,
-            Some(webhoster::auth::SshPublicKey::parse(KEY).unwrap()),
-            true,
-        )
-        .await
-        .unwrap();
+    let created = svc.create(&user, key(), true).await.unwrap();
     assert_eq!(created.hosting.ssh_port, ssh_port);
     let iso = db.dir().join("vms").join(&created.hosting.vm_id).join("seed.iso");
     let bytes = std::fs::read(&iso).unwrap();

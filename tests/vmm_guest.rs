@@ -12,14 +12,11 @@ use common::host::free_port;
 
 use common::guest::{TestKey, ssh};
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::vmm_stub::{QemuReaper, unique_vm_id};
-use webhoster::seed::{SeedSpec, StaticNetwork};
-use webhoster::vmm::cmdline::USER_NET_MAC;
-use webhoster::vmm::{Engine, EngineOptions, Plan, ReattachOutcome, RestartPolicy, VmNet, VmSpec, VmState};
+use webhoster::vmm::{Engine, EngineOptions, ReattachOutcome, RestartPolicy, VmState};
 
 /// Under TCG on a loaded 2-core host a Debian boot takes 20-90 s.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -90,43 +87,10 @@ async fn debian_guest_serves_survives_kill_9_and_reattach() {
     let engine = Engine::new(engine_opts()).unwrap();
 
     let key = TestKey::new();
-    let pubkey = key.public_line().to_owned();
     let (http_port, ssh_port) = (free_port(), free_port());
     let dir = engine.vm_dir(&vm_id);
-    std::fs::create_dir_all(dir.root()).unwrap();
-    webhoster::seed::write(
-        &SeedSpec {
-            instance_id: vm_id.clone(),
-            hostname: "vmmtest".into(),
-            user: "ubuntu".into(),
-            ssh_keys: vec![webhoster::auth::SshPublicKey::parse(&pubkey).unwrap()],
-            owner: "vmmtest".into(),
-            network: Some(StaticNetwork {
-                mac: USER_NET_MAC.into(),
-                address: "10.0.2.15/24".parse().unwrap(),
-                gateway: "10.0.2.2".parse().unwrap(),
-            }),
-        },
-        &dir.seed_iso(),
-    )
-    .await
-    .unwrap();
-    let spec = VmSpec {
-        vm_id: vm_id.clone(),
-        plan: Plan::load("small").unwrap(),
-        kernel: image.kernel.clone(),
-        initrd: image.initrd.clone(),
-        base_disk: image.disk.clone(),
-        append: webhoster::image::KERNEL_CMDLINE.into(),
-        seed_iso: dir.seed_iso(),
-        net: VmNet::User {
-            hostfwd: vec![
-                (SocketAddr::from(([127, 0, 0, 1], http_port)), 80),
-                (SocketAddr::from(([127, 0, 0, 1], ssh_port)), 22),
-            ],
-        },
-        labels: Default::default(),
-    };
+    let spec =
+        common::guest::user_net_spec(&engine, &image, &vm_id, "vmmtest", &key, (http_port, ssh_port)).await;
     engine.create_disk(&spec).await.unwrap();
     let status = engine.start(&spec).await.unwrap();
     assert_eq!(status.state, VmState::Running);

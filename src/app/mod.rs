@@ -139,12 +139,7 @@ pub async fn hosting_summary(paths: &Paths, vm_id: &str) -> Option<String> {
         Err(_) => store::default_url(&paths.state_dir),
     };
     let store = Store::connect(&url).await.ok()?;
-    let h = store
-        .all_hostings()
-        .await
-        .ok()?
-        .into_iter()
-        .find(|h| h.vm_id == vm_id);
+    let h = store.hosting_by_vm(vm_id).await.ok().flatten();
     store.close().await;
     let h = h?;
     Some(format!(

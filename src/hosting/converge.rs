@@ -64,25 +64,7 @@ impl HostingService {
     /// One convergence pass over every hosting.
     pub async fn converge_all(&self) -> Result<PassReport, HostingError> {
         let mut report = PassReport::default();
-        let ports = &self.ports;
-        match ports.network.ensure().await {
-            Ok(rebuilt) => {
-                if rebuilt {
-                    warn!("the VM network was missing or incomplete: rebuilt");
-                }
-                report.network_rebuilt = rebuilt;
-            }
-            Err(e) => warn!(error = %chain(&e), "the VM network could not be ensured"),
-        }
-        match ports.proxy.ensure().await {
-            Ok(restarted) => {
-                if restarted {
-                    warn!("the nginx front was not running: started again");
-                }
-                report.proxy_restarted = restarted;
-            }
-            Err(e) => warn!(error = %chain(&e), "the nginx front could not be ensured"),
-        }
+        (report.network_rebuilt, report.proxy_restarted) = self.ensure_host_parts().await;
         // A pass that cannot see the network or the sites changes nothing:
         // taken for "no taps", a failed read would restart every QEMU.
         let snapshot = match self.read_snapshot().await {
@@ -382,17 +364,32 @@ impl HostingService {
 
     /// The network's and nginx's view, read now (for one hosting's start).
     async fn snapshot(&self) -> Result<Snapshot, HostingError> {
-        let ports = &self.ports;
-        if let Err(e) = ports.network.ensure().await {
-            warn!(error = %chain(&e), "the VM network could not be ensured");
-        }
-        if let Err(e) = ports.proxy.ensure().await {
-            warn!(error = %chain(&e), "the nginx front could not be ensured");
-        }
+        self.ensure_host_parts().await;
         self.read_snapshot().await.map_err(|source| HostingError::Vm {
             action: "reading the network for",
             source,
         })
+    }
+
+    /// The host-wide parts every hosting needs: the VM network and the nginx
+    /// master, rebuilt when gone. Returns (network rebuilt, nginx restarted).
+    async fn ensure_host_parts(&self) -> (bool, bool) {
+        let (network, proxy) = tokio::join!(self.ports.network.ensure(), self.ports.proxy.ensure());
+        let network = network.unwrap_or_else(|e| {
+            warn!(error = %chain(&e), "the VM network could not be ensured");
+            false
+        });
+        let proxy = proxy.unwrap_or_else(|e| {
+            warn!(error = %chain(&e), "the nginx front could not be ensured");
+            false
+        });
+        if network {
+            warn!("the VM network was missing or incomplete: rebuilt");
+        }
+        if proxy {
+            warn!("the nginx front was not running: started again");
+        }
+        (network, proxy)
     }
 
     /// Taps, forwards and sites as they are now.
@@ -432,13 +429,7 @@ impl HostingService {
     }
 
     async fn on_engine_event(&self, ev: &super::ports::VmStateEvent) -> Result<(), HostingError> {
-        let Some(h) = self
-            .store
-            .all_hostings()
-            .await?
-            .into_iter()
-            .find(|h| h.vm_id == ev.vm_id)
-        else {
+        let Some(h) = self.store.hosting_by_vm(&ev.vm_id).await? else {
             return Ok(());
         };
         let Some(_turn) = self.try_lock(h.id) else {
@@ -490,11 +481,4 @@ fn agentless_patience_over(h: &Hosting) -> bool {
     time::OffsetDateTime::parse(&h.state_since, &time::format_description::well_known::Rfc3339)
         .map(|since| time::OffsetDateTime::now_utc() - since > AGENTLESS_PATIENCE)
         .unwrap_or(true)
-}
-
-/// For errors that only need a line in the log.
-impl From<HostingError> for PortError {
-    fn from(e: HostingError) -> PortError {
-        PortError::Probe(chain(&e))
-    }
 }

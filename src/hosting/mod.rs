@@ -339,7 +339,8 @@ impl HostingService {
         if self.store.hosting_by_user(user.id).await?.is_some() {
             return Err(HostingError::Exists);
         }
-        let hostings = self.store.all_hostings().await?.len() as u64;
+        let hostings: i64 = self.store.count_by_status().await?.iter().map(|(_, n)| n).sum();
+        let hostings = u64::try_from(hostings).unwrap_or(0);
         let free_disk = self.ports.system.free_disk().await;
         if let Some(why) = self.cfg.budget.refuse(hostings, free_disk) {
             warn!(user_id = user.id, %why, "create refused: no capacity");

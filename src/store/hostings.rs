@@ -154,6 +154,15 @@ impl Store {
         row.as_ref().map(hosting_from).transpose()
     }
 
+    pub async fn hosting_by_vm(&self, vm_id: &str) -> Result<Option<Hosting>, StoreError> {
+        let row = sqlx::query(concat!("SELECT ", columns!(), " FROM hostings WHERE vm_id = $1"))
+            .bind(vm_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| StoreError::Query("find hosting by vm_id", e))?;
+        row.as_ref().map(hosting_from).transpose()
+    }
+
     pub async fn hosting_by_id(&self, id: i64) -> Result<Option<Hosting>, StoreError> {
         let row = sqlx::query(concat!("SELECT ", columns!(), " FROM hostings WHERE id = $1"))
             .bind(id)

@@ -411,3 +411,53 @@ pub fn ssh_banner(addr: SocketAddr, timeout: Duration) -> std::io::Result<String
         Err(std::io::Error::other(format!("not an SSH banner: {line:?}")))
     }
 }
+
+/// A real Debian guest for the engine tests: writes its NoCloud seed (user
+/// `ubuntu` with `key`, QEMU user networking's static address) into the VM's
+/// directory and returns a `small`-plan spec with the guest's HTTP and SSH
+/// forwarded to `127.0.0.1:http_port` and `:ssh_port`.
+pub async fn user_net_spec(
+    engine: &webhoster::vmm::Engine,
+    image: &Image,
+    vm_id: &str,
+    name: &str,
+    key: &TestKey,
+    (http_port, ssh_port): (u16, u16),
+) -> webhoster::vmm::VmSpec {
+    use webhoster::vmm::{Plan, VmNet, VmSpec};
+    let dir = engine.vm_dir(vm_id);
+    std::fs::create_dir_all(dir.root()).unwrap();
+    webhoster::seed::write(
+        &webhoster::seed::SeedSpec {
+            instance_id: vm_id.to_owned(),
+            hostname: name.into(),
+            user: "ubuntu".into(),
+            ssh_keys: vec![webhoster::auth::SshPublicKey::parse(key.public_line()).unwrap()],
+            owner: name.into(),
+            network: Some(webhoster::seed::StaticNetwork {
+                mac: webhoster::vmm::cmdline::USER_NET_MAC.into(),
+                address: "10.0.2.15/24".parse().unwrap(),
+                gateway: "10.0.2.2".parse().unwrap(),
+            }),
+        },
+        &dir.seed_iso(),
+    )
+    .await
+    .unwrap();
+    VmSpec {
+        vm_id: vm_id.to_owned(),
+        plan: Plan::load("small").unwrap(),
+        kernel: image.kernel.clone(),
+        initrd: image.initrd.clone(),
+        base_disk: image.disk.clone(),
+        append: image::KERNEL_CMDLINE.into(),
+        seed_iso: dir.seed_iso(),
+        net: VmNet::User {
+            hostfwd: vec![
+                (SocketAddr::from(([127, 0, 0, 1], http_port)), 80),
+                (SocketAddr::from(([127, 0, 0, 1], ssh_port)), 22),
+            ],
+        },
+        labels: Default::default(),
+    }
+}
