@@ -62,6 +62,8 @@ fn render_generation(
         gen_dir: &gen_dir,
         generation,
         listen: opts.listen,
+        https: opts.https.as_ref(),
+        api: opts.api.as_ref(),
         site_domain: opts.site_domain.as_deref(),
         docs_url: &opts.docs_url,
         limits: &opts.limits,
