@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::control::{Db, TestApi};
-use serde_json::Value;
+use common::https::curl;
 use warp::Filter;
 use webhoster::proxy::{ApiUpstream, Https, Proxy, ProxyOptions, Site, tls};
 
@@ -107,46 +107,6 @@ async fn backend(name: &'static str) -> SocketAddrV4 {
     };
     tokio::spawn(warp::serve(route).incoming(listener).run());
     addr
-}
-
-/// What curl got: status, response head (lowercase) and body.
-#[derive(Debug)]
-struct Got {
-    status: u16,
-    head: String,
-    body: String,
-}
-
-impl Got {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
-    }
-}
-
-/// Runs curl with `args` (never through a proxy); Err with its stderr when
-/// it fails (a refused certificate, a failed handshake).
-async fn curl(args: &[&str]) -> Result<Got, String> {
-    let out = tokio::process::Command::new("curl")
-        .args(["-sS", "-i", "--noproxy", "*", "--max-time", "30"])
-        .args(args)
-        .output()
-        .await
-        .expect("curl runs (make test installs it)");
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
-    }
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("a status");
-    Ok(Got {
-        status,
-        head: head.to_ascii_lowercase(),
-        body: body.to_string(),
-    })
 }
 
 /// `openssl s_client` to `port` with `args`; Ok(stdout) when the handshake
