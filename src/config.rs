@@ -211,7 +211,8 @@ pub struct ServeArgs {
     #[arg(long, env = "WEBHOSTER_TOKEN_TTL", default_value_t = 24 * 3600)]
     pub token_ttl: u64,
 
-    /// Also serve each site at `http://<username>.<domain>/` by Host header.
+    /// Also serve each site at `http://<username>.<domain>/` by Host header,
+    /// an origin of its own, and make that its `web_url`.
     #[arg(long, env = "WEBHOSTER_SITE_DOMAIN")]
     pub site_domain: Option<String>,
 

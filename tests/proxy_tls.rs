@@ -339,3 +339,37 @@ async fn the_self_signed_pair_is_kept_and_made_again_for_new_names() {
     left.sort();
     assert_eq!(left, ["self-signed.crt", "self-signed.key", "self-signed.names"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pair_renewed_in_place_is_checked_and_loaded_at_the_next_start() {
+    let fx = Fixture::new();
+    let (cert, key) = tls::self_signed(&fx.tls_dir(), &names(&["localhost"])).unwrap();
+    let old_ca = fx.tmp.path().join("old-ca.crt");
+    std::fs::copy(&cert, &old_ca).unwrap();
+    let old_ca = old_ca.to_str().unwrap().to_owned();
+    let ca = cert.to_str().unwrap().to_owned();
+    let url = format!("https://localhost:{}/", fx.https);
+    Proxy::start(fx.opts(cert.clone(), key.clone())).await.unwrap();
+    assert_eq!(curl(&["--cacert", &ca, &url]).await.unwrap().status, 200);
+
+    // New names make a new pair at the same paths; the master keeps the
+    // old one until webhoster starts again.
+    tls::self_signed(&fx.tls_dir(), &names(&["localhost", "*.example.test"])).unwrap();
+    assert!(curl(&["--cacert", &old_ca, &url]).await.is_ok());
+    Proxy::start(fx.opts(cert.clone(), key.clone())).await.unwrap();
+    assert_eq!(curl(&["--cacert", &ca, &url]).await.unwrap().status, 200);
+    assert!(
+        curl(&["--cacert", &old_ca, &url]).await.is_err(),
+        "the old certificate is still served"
+    );
+
+    // A renewal that broke the pair: the start fails, the pair in force keeps serving.
+    let (_, other_key) = tls::self_signed(&fx.tmp.path().join("other"), &names(&["localhost"])).unwrap();
+    std::fs::copy(&other_key, &key).unwrap();
+    let err = Proxy::start(fx.opts(cert.clone(), key.clone()))
+        .await
+        .err()
+        .expect("a mismatched renewal must not load");
+    assert!(err.to_string().contains("key values mismatch"), "{err}");
+    assert_eq!(curl(&["--cacert", &ca, &url]).await.unwrap().status, 200);
+}

@@ -24,6 +24,8 @@ pub(crate) struct RenderInput<'a> {
     pub generation: u64,
     pub listen: SocketAddr,
     pub https: Option<&'a Https>,
+    /// The certificate and key files' digest (set with `https`).
+    pub tls_digest: Option<&'a str>,
     pub api: Option<&'a ApiUpstream>,
     pub site_domain: Option<&'a str>,
     pub docs_url: &'a str,
@@ -111,6 +113,7 @@ struct HttpsData {
     listen: String,
     cert: String,
     key: String,
+    digest: String,
 }
 
 #[derive(Serialize)]
@@ -136,6 +139,15 @@ pub(crate) fn render(input: &RenderInput<'_>) -> Result<Rendered, ProxyError> {
     input.limits.validate()?;
     if let Some(https) = input.https {
         https.validate()?;
+        if !input
+            .tls_digest
+            .is_some_and(|d| d.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(ProxyError::Invalid {
+                field: "tls_digest",
+                reason: "HTTPS needs the hex digest of its files".into(),
+            });
+        }
         if https.listen == input.listen {
             return Err(ProxyError::Invalid {
                 field: "https_listen",
@@ -185,6 +197,7 @@ pub(crate) fn render(input: &RenderInput<'_>) -> Result<Rendered, ProxyError> {
             listen: h.listen.to_string(),
             cert: h.cert.display().to_string(),
             key: h.key.display().to_string(),
+            digest: input.tls_digest.unwrap_or_default().to_owned(),
         }),
         api: input.api.map(|a| ApiData {
             addr: a.addr.to_string(),
@@ -252,6 +265,7 @@ mod tests {
             generation: 7,
             listen: "0.0.0.0:80".parse().unwrap(),
             https: None,
+            tls_digest: None,
             api: None,
             site_domain: domain,
             docs_url: "http://127.0.0.1:8000/docs?a=1&b=2",
@@ -374,6 +388,8 @@ mod tests {
         let mut i = input(&sites, &limits, Some("example.test"));
         i.https = Some(&https);
         i.api = Some(&api);
+        assert!(render(&i).is_err(), "HTTPS without the files' digest");
+        i.tls_digest = Some("00ff");
         let r = render(&i).unwrap();
         let main = file(&r, "nginx.conf");
         assert!(main.contains("listen 0.0.0.0:80 default_server;"));
@@ -381,6 +397,7 @@ mod tests {
         assert!(main.contains("ssl_certificate /etc/webhoster/cert.pem;"));
         assert!(main.contains("ssl_certificate_key /etc/webhoster/key.pem;"));
         assert!(main.contains("ssl_protocols TLSv1.2 TLSv1.3;"));
+        assert!(main.contains("sha256 00ff"));
         assert!(main.contains("ssl_session_cache shared:webhoster_tls:10m;"));
         assert!(main.contains("location ^~ /api/ {"));
         assert!(main.contains("location = /docs {"));
