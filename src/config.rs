@@ -279,7 +279,7 @@ impl ServeArgs {
     }
 
     /// Where HTTPS is served, when it is.
-    pub fn https_addr(&self) -> Option<SocketAddr> {
+    pub fn https_listen(&self) -> Option<SocketAddr> {
         (self.tls() != TlsSource::Off).then(|| self.https_addr.unwrap_or(DEFAULT_HTTPS_ADDR))
     }
 }
@@ -326,7 +326,7 @@ mod tests {
     fn tls_flags() {
         let plain = serve(&[]).unwrap();
         assert_eq!(plain.tls(), TlsSource::Off);
-        assert_eq!(plain.https_addr(), None);
+        assert_eq!(plain.https_listen(), None);
         let files = serve(&["--tls-cert", "/c.pem", "--tls-key", "/k.pem"]).unwrap();
         assert_eq!(
             files.tls(),
@@ -335,10 +335,10 @@ mod tests {
                 key: "/k.pem".into()
             }
         );
-        assert_eq!(files.https_addr(), Some(DEFAULT_HTTPS_ADDR));
+        assert_eq!(files.https_listen(), Some(DEFAULT_HTTPS_ADDR));
         let own = serve(&["--tls-self-signed", "--https-addr", "127.0.0.1:8443"]).unwrap();
         assert_eq!(own.tls(), TlsSource::SelfSigned);
-        assert_eq!(own.https_addr(), Some("127.0.0.1:8443".parse().unwrap()));
+        assert_eq!(own.https_listen(), Some("127.0.0.1:8443".parse().unwrap()));
         for bad in [
             &["--https-addr", "0.0.0.0:443"][..],
             &["--tls-cert", "/c.pem"],

@@ -140,7 +140,7 @@ pub async fn build_backends(paths: &Paths, args: &ServeArgs) -> anyhow::Result<B
 /// pair in `<state>/tls/` for the public host and, with a site domain,
 /// `*.<domain>`.
 async fn https(paths: &Paths, args: &ServeArgs) -> anyhow::Result<Option<Https>> {
-    let Some(listen) = args.https_addr() else {
+    let Some(listen) = args.https_listen() else {
         return Ok(None);
     };
     let (cert, key) = match args.tls() {
@@ -354,7 +354,7 @@ pub async fn run_with(paths: Paths, args: ServeArgs, backends: Backends) -> anyh
         ApiConfig {
             public_host: args.public_host.clone(),
             http_port: args.http_addr.port(),
-            https_port: args.https_addr().map(|a| a.port()),
+            https_port: args.https_listen().map(|a| a.port()),
             site_domain: args.site_domain.clone(),
             state_dir: Some(paths.state_dir.clone()),
             ..ApiConfig::default()
@@ -383,7 +383,7 @@ pub async fn run_with(paths: Paths, args: ServeArgs, backends: Backends) -> anyh
         format!(":{}", args.http_addr.port())
     };
     let https = args
-        .https_addr()
+        .https_listen()
         .map(|a| {
             let port = if a.port() == 443 {
                 String::new()
