@@ -171,6 +171,29 @@ pub struct ServeArgs {
     #[arg(long, env = "WEBHOSTER_HTTP_ADDR", default_value = "0.0.0.0:80")]
     pub http_addr: SocketAddr,
 
+    /// Where nginx serves the sites, the API and its docs over HTTPS.
+    /// Default with `--tls-cert` or `--tls-self-signed`: `0.0.0.0:443`.
+    #[arg(long, env = "WEBHOSTER_HTTPS_ADDR", requires = "tls")]
+    pub https_addr: Option<SocketAddr>,
+
+    /// PEM certificate (leaf first, then its chain) for HTTPS.
+    #[arg(long, env = "WEBHOSTER_TLS_CERT", group = "tls", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of `--tls-cert`, unencrypted.
+    #[arg(long, env = "WEBHOSTER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// HTTPS with a self-signed certificate for `--public-host` (and
+    /// `*.<site domain>`), made once into `<state>/tls/` and kept.
+    #[arg(
+        long,
+        env = "WEBHOSTER_TLS_SELF_SIGNED",
+        group = "tls",
+        conflicts_with = "tls_cert"
+    )]
+    pub tls_self_signed: bool,
+
     /// Host name put in `web_url` and `ssh_command`. Defaults to the address
     /// the request came in on (its Host header).
     #[arg(long, env = "WEBHOSTER_PUBLIC_HOST")]
@@ -188,7 +211,8 @@ pub struct ServeArgs {
     #[arg(long, env = "WEBHOSTER_TOKEN_TTL", default_value_t = 24 * 3600)]
     pub token_ttl: u64,
 
-    /// Also serve each site at `http://<username>.<domain>/` by Host header.
+    /// Also serve each site at `http://<username>.<domain>/` by Host header,
+    /// an origin of its own, and make that its `web_url`.
     #[arg(long, env = "WEBHOSTER_SITE_DOMAIN")]
     pub site_domain: Option<String>,
 
@@ -227,6 +251,39 @@ pub struct ServeArgs {
     pub redis_url: Option<String>,
 }
 
+/// Where the front's certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsSource {
+    /// HTTP only.
+    Off,
+    /// The operator's files.
+    Files { cert: PathBuf, key: PathBuf },
+    /// Made once in the state dir.
+    SelfSigned,
+}
+
+/// `--https-addr`'s default.
+pub const DEFAULT_HTTPS_ADDR: SocketAddr =
+    SocketAddr::V4(std::net::SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 443));
+
+impl ServeArgs {
+    pub fn tls(&self) -> TlsSource {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => TlsSource::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            _ if self.tls_self_signed => TlsSource::SelfSigned,
+            _ => TlsSource::Off,
+        }
+    }
+
+    /// Where HTTPS is served, when it is.
+    pub fn https_listen(&self) -> Option<SocketAddr> {
+        (self.tls() != TlsSource::Off).then(|| self.https_addr.unwrap_or(DEFAULT_HTTPS_ADDR))
+    }
+}
+
 pub fn parse_port_range(s: &str) -> Result<RangeInclusive<u16>, String> {
     let (lo, hi) = s
         .split_once('-')
@@ -245,9 +302,52 @@ pub fn parse_port_range(s: &str) -> Result<RangeInclusive<u16>, String> {
     Ok(lo..=hi)
 }
 
+/// `serve`'s flags parsed from `argv`, for unit tests.
+#[cfg(test)]
+pub(crate) fn parse_serve(argv: &[&str]) -> Result<ServeArgs, clap::Error> {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Serve {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+    Serve::try_parse_from(std::iter::once("serve").chain(argv.iter().copied())).map(|s| s.args)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn serve(argv: &[&str]) -> Result<ServeArgs, clap::Error> {
+        parse_serve(argv)
+    }
+
+    #[test]
+    fn tls_flags() {
+        let plain = serve(&[]).unwrap();
+        assert_eq!(plain.tls(), TlsSource::Off);
+        assert_eq!(plain.https_listen(), None);
+        let files = serve(&["--tls-cert", "/c.pem", "--tls-key", "/k.pem"]).unwrap();
+        assert_eq!(
+            files.tls(),
+            TlsSource::Files {
+                cert: "/c.pem".into(),
+                key: "/k.pem".into()
+            }
+        );
+        assert_eq!(files.https_listen(), Some(DEFAULT_HTTPS_ADDR));
+        let own = serve(&["--tls-self-signed", "--https-addr", "127.0.0.1:8443"]).unwrap();
+        assert_eq!(own.tls(), TlsSource::SelfSigned);
+        assert_eq!(own.https_listen(), Some("127.0.0.1:8443".parse().unwrap()));
+        for bad in [
+            &["--https-addr", "0.0.0.0:443"][..],
+            &["--tls-cert", "/c.pem"],
+            &["--tls-key", "/k.pem"],
+            &["--tls-self-signed", "--tls-cert", "/c.pem", "--tls-key", "/k.pem"],
+        ] {
+            assert!(serve(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn port_ranges() {

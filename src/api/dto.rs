@@ -196,20 +196,104 @@ pub struct HostingData<'a> {
     pub created_at: &'a str,
 }
 
-/// `web_isolation` of a path URL (`http://<host>/<user_id>/`): the nginx
-/// front's CSP sandbox (templates/nginx/isolation.conf.hbs).
-pub const WEB_ISOLATION_PATH: &str = "sandbox";
+/// How the site at `web_url` is kept apart from the other sites in a
+/// visitor's browser (README "Security model").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WebIsolation {
+    /// `http://<host>/<user_id>/`: every site shares the host's origin, so
+    /// the front serves each page in a CSP sandbox with an opaque origin of
+    /// its own (templates/nginx/isolation.conf.hbs): no cookies, no
+    /// storage, no same-site fetches without CORS.
+    Sandbox,
+    /// `http://<username>.<domain>/`: an origin of its own, so cookies and
+    /// storage work; siblings under the domain are still one site.
+    Origin,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scheme {
+    Http,
+    Https,
+}
+
+impl Scheme {
+    fn name(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+
+    /// `host` or `host:port` when the port is not the scheme's own.
+    fn authority(self, host: &str, port: u16) -> String {
+        let default = match self {
+            Scheme::Http => 80,
+            Scheme::Https => 443,
+        };
+        if port == default {
+            host.to_owned()
+        } else {
+            format!("{host}:{port}")
+        }
+    }
+}
+
+/// Where the nginx front serves the sites, as the API shows it.
+#[derive(Debug, Clone, Copy)]
+pub struct Front<'a> {
+    /// The host name users reach webhoster by.
+    pub host: &'a str,
+    pub http_port: u16,
+    /// Set when the front serves HTTPS too.
+    pub https_port: Option<u16>,
+    /// Set when each site also has `<username>.<domain>`.
+    pub site_domain: Option<&'a str>,
+}
+
+impl Front<'_> {
+    /// The site's URL over `scheme`: its own host name when there is one
+    /// (and its username is known), its path on the public host otherwise.
+    fn site_url(
+        &self,
+        scheme: Scheme,
+        port: u16,
+        user_id: i64,
+        username: Option<&str>,
+    ) -> (String, WebIsolation) {
+        match (self.site_domain, username) {
+            (Some(domain), Some(user)) => (
+                format!(
+                    "{}://{}/",
+                    scheme.name(),
+                    scheme.authority(&format!("{user}.{domain}"), port)
+                ),
+                WebIsolation::Origin,
+            ),
+            _ => (
+                format!(
+                    "{}://{}/{user_id}/",
+                    scheme.name(),
+                    scheme.authority(self.host, port)
+                ),
+                WebIsolation::Sandbox,
+            ),
+        }
+    }
+}
 
 #[derive(Debug, Serialize)]
 pub struct HostData<'a> {
     pub hosting: HostingData<'a>,
+    /// The site over HTTP, always served (`http://<host>/<user_id>/` keeps
+    /// working in every mode).
     pub web_url: String,
-    /// How the site at `web_url` is kept apart from the other sites in a
-    /// visitor's browser. `sandbox`: all sites share the host's origin, so
-    /// the front serves each page in a CSP sandbox with an opaque origin of
-    /// its own (no cookies, no storage, no same-site fetches without CORS);
-    /// see README "Security model".
-    pub web_isolation: &'static str,
+    /// How the site at `web_url` (and `https_url`) is kept apart from the
+    /// other sites in a visitor's browser.
+    pub web_isolation: WebIsolation,
+    /// The same site over HTTPS, when the front serves HTTPS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub https_url: Option<String>,
     pub ssh_command: String,
     /// Only in the create response, only when webhoster generated the key.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -217,18 +301,18 @@ pub struct HostData<'a> {
 }
 
 impl<'a> HostData<'a> {
+    /// `username` is needed only with a site domain.
     pub fn new(
         h: &'a Hosting,
-        host: &str,
-        http_port: u16,
+        username: Option<&str>,
+        front: &Front<'_>,
         login_user: &str,
         private_key: Option<&'a str>,
     ) -> HostData<'a> {
-        let authority = if http_port == 80 {
-            host.to_owned()
-        } else {
-            format!("{host}:{http_port}")
-        };
+        let (web_url, web_isolation) = front.site_url(Scheme::Http, front.http_port, h.user_id, username);
+        let https_url = front
+            .https_port
+            .map(|port| front.site_url(Scheme::Https, port, h.user_id, username).0);
         HostData {
             hosting: HostingData {
                 id: h.id,
@@ -243,9 +327,10 @@ impl<'a> HostData<'a> {
                 queue_position: None,
                 created_at: &h.created_at,
             },
-            web_url: format!("http://{authority}/{}/", h.user_id),
-            web_isolation: WEB_ISOLATION_PATH,
-            ssh_command: format!("ssh -p {} {login_user}@{host}", h.ssh_port),
+            web_url,
+            web_isolation,
+            https_url,
+            ssh_command: format!("ssh -p {} {login_user}@{}", h.ssh_port, front.host),
             private_key,
         }
     }
@@ -273,9 +358,38 @@ mod tests {
             created_at: "2026-01-01T00:00:00Z".into(),
             updated_at: "2026-01-01T00:00:00Z".into(),
         };
-        let json = serde_json::to_value(HostData::new(&h, "example.test", 8080, "ubuntu", None)).unwrap();
-        assert_eq!(json["web_url"], "http://example.test:8080/7/");
-        assert_eq!(json["web_isolation"], "sandbox");
+        let json = |front: Front<'_>| {
+            serde_json::to_value(HostData::new(&h, Some("alice"), &front, "ubuntu", None)).unwrap()
+        };
+        let path = Front {
+            host: "example.test",
+            http_port: 8080,
+            https_port: None,
+            site_domain: None,
+        };
+        let plain = json(path);
+        assert_eq!(plain["web_url"], "http://example.test:8080/7/");
+        assert_eq!(plain["web_isolation"], "sandbox");
+        assert!(plain.get("https_url").is_none());
+        assert_eq!(plain["ssh_command"], "ssh -p 10001 ubuntu@example.test");
+
+        let tls = json(Front {
+            https_port: Some(443),
+            ..path
+        });
+        assert_eq!(tls["web_url"], "http://example.test:8080/7/");
+        assert_eq!(tls["https_url"], "https://example.test/7/");
+
+        let domain = json(Front {
+            http_port: 80,
+            https_port: Some(8443),
+            site_domain: Some("sites.test"),
+            ..path
+        });
+        assert_eq!(domain["web_url"], "http://alice.sites.test/");
+        assert_eq!(domain["https_url"], "https://alice.sites.test:8443/");
+        assert_eq!(domain["web_isolation"], "origin");
+        assert_eq!(domain["ssh_command"], "ssh -p 10001 ubuntu@example.test");
     }
 
     #[test]

@@ -154,17 +154,38 @@ pub async fn me(req: &Request<'_>) -> Reply {
     Ok(ok(StatusCode::OK, "your account", &UserData::from(&user)))
 }
 
-fn host_reply(
+/// The hosting's reply. With a site domain its URLs name the owner, read
+/// here unless the caller has the account at hand.
+async fn host_reply(
     req: &Request<'_>,
     status: StatusCode,
     message: &str,
     h: &crate::store::Hosting,
+    owner: Option<&User>,
     private_key: Option<&str>,
-) -> Response {
+) -> Reply {
     let cfg = &req.state.config;
-    let mut data = HostData::new(h, &public_host(req), cfg.http_port, &cfg.login_user, private_key);
+    let looked_up = match (&cfg.site_domain, owner) {
+        (Some(_), None) => Some(
+            req.state
+                .store
+                .user_by_id(h.user_id)
+                .await?
+                .ok_or_else(ApiError::unauthorized)?,
+        ),
+        _ => None,
+    };
+    let username = owner.or(looked_up.as_ref()).map(|u| u.username.as_str());
+    let host = public_host(req);
+    let front = Front {
+        host: &host,
+        http_port: cfg.http_port,
+        https_port: cfg.https_port,
+        site_domain: cfg.site_domain.as_deref(),
+    };
+    let mut data = HostData::new(h, username, &front, &cfg.login_user, private_key);
     data.hosting.queue_position = req.state.hosting.queue_position(h.id);
-    ok(status, message, &data)
+    Ok(ok(status, message, &data))
 }
 
 pub async fn create_host(req: &Request<'_>) -> Reply {
@@ -189,13 +210,15 @@ pub async fn create_host(req: &Request<'_>) -> Reply {
             "hosting is being created; GET /api/v1/host/my shows progress",
         )
     };
-    Ok(host_reply(
+    host_reply(
         req,
         status,
         message,
         &created.hosting,
+        Some(&user),
         created.private_key.as_deref(),
-    ))
+    )
+    .await
 }
 
 pub async fn get_host(req: &Request<'_>) -> Reply {
@@ -211,7 +234,7 @@ pub async fn get_host(req: &Request<'_>) -> Reply {
         }
         Err(e) => return Err(e.into()),
     };
-    Ok(host_reply(req, StatusCode::OK, "your hosting", &h, None))
+    host_reply(req, StatusCode::OK, "your hosting", &h, None, None).await
 }
 
 pub async fn delete_host(req: &Request<'_>) -> Reply {
@@ -228,7 +251,7 @@ pub async fn power(req: &Request<'_>, action: &str) -> Reply {
         "stop" => (hosting.stop(user_id).await?, "VM stopped"),
         _ => (hosting.restart(user_id).await?, "VM restarted"),
     };
-    Ok(host_reply(req, StatusCode::OK, message, &h, None))
+    host_reply(req, StatusCode::OK, message, &h, None, None).await
 }
 
 pub async fn console(req: &Request<'_>) -> Reply {

@@ -49,6 +49,10 @@ pub struct ApiConfig {
     pub public_host: Option<String>,
     /// Port the nginx front listens on (added to `web_url` unless 80).
     pub http_port: u16,
+    /// Port of the front's HTTPS, when it serves HTTPS (`https_url`).
+    pub https_port: Option<u16>,
+    /// With a site domain, `web_url` is `http://<username>.<domain>/`.
+    pub site_domain: Option<String>,
     /// The login user in the guests (`ubuntu`).
     pub login_user: String,
     pub version: &'static str,
@@ -63,6 +67,8 @@ impl Default for ApiConfig {
         ApiConfig {
             public_host: None,
             http_port: 80,
+            https_port: None,
+            site_domain: None,
             login_user: "ubuntu".into(),
             version: env!("CARGO_PKG_VERSION"),
             state_dir: None,
@@ -336,6 +342,7 @@ where
     B: Buf,
 {
     let started = Instant::now();
+    let remote = client_addr(remote, &headers);
     let route = ROUTES.iter().find(|r| r.path == path);
     let label = route.map(|r| r.path).unwrap_or("unmatched");
     let mut resp = match read_body(&headers, body).await {
@@ -368,6 +375,22 @@ where
         "request"
     );
     resp
+}
+
+/// The visitor's address. Through the nginx front (a peer on loopback) it is
+/// the front's `X-Real-IP`; otherwise all of the front's visitors would share
+/// one rate-limit bucket. A local process may claim any address this way:
+/// the per-account log-in limit holds whatever it claims.
+fn client_addr(peer: Option<SocketAddr>, headers: &HeaderMap) -> Option<SocketAddr> {
+    let peer = peer?;
+    if !peer.ip().is_loopback() {
+        return Some(peer);
+    }
+    let forwarded = headers
+        .get("x-real-ip")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<std::net::IpAddr>().ok());
+    Some(forwarded.map_or(peer, |ip| SocketAddr::new(ip, 0)))
 }
 
 /// Reads the body with the 1 MiB cap (a larger Content-Length is refused
@@ -485,4 +508,26 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     Ok((bound, serve_listener(listener, state, shutdown)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_front_names_the_client_only_from_loopback() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-real-ip", HeaderValue::from_static("192.0.2.7"));
+        let front: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let outside: SocketAddr = "198.51.100.1:40000".parse().unwrap();
+        assert_eq!(
+            client_addr(Some(front), &headers),
+            Some("192.0.2.7:0".parse().unwrap())
+        );
+        assert_eq!(client_addr(Some(outside), &headers), Some(outside));
+        assert_eq!(client_addr(Some(front), &HeaderMap::new()), Some(front));
+        headers.insert("x-real-ip", HeaderValue::from_static("not an address"));
+        assert_eq!(client_addr(Some(front), &headers), Some(front));
+        assert_eq!(client_addr(None, &headers), None);
+    }
 }

@@ -18,12 +18,12 @@ use anyhow::Context;
 
 use crate::api::{self, ApiConfig, ApiState};
 use crate::auth::{self, Auth};
-use crate::config::{Paths, ServeArgs};
+use crate::config::{Paths, ServeArgs, TlsSource};
 use crate::hosting::admission::Budget;
 use crate::hosting::ports::Ports;
 use crate::hosting::{HostingConfig, HostingService, Readiness, chain};
 use crate::net::{NetOptions, Network};
-use crate::proxy::{Proxy, ProxyOptions};
+use crate::proxy::{ApiUpstream, Https, Proxy, ProxyOptions};
 use crate::store::{self, Store};
 use crate::vmm::{self, Engine, EngineOptions, Plan};
 
@@ -94,7 +94,15 @@ pub async fn build_backends(paths: &Paths, args: &ServeArgs) -> anyhow::Result<B
     let engine = Arc::new(Engine::new(opts).context("starting the VM engine")?);
     let mut proxy_opts = ProxyOptions::new(paths.nginx_dir(), args.http_addr);
     proxy_opts.site_domain = args.site_domain.clone();
-    proxy_opts.docs_url = format!("http://{}/docs", crate::hosting::probe::reachable(args.api_addr));
+    proxy_opts.https = https(paths, args).await?;
+    proxy_opts.api = Some(ApiUpstream {
+        addr: crate::hosting::probe::reachable(args.api_addr),
+        // A create waits its turn, then the guest's first boot: each up to
+        // the ready timeout.
+        read_timeout: Duration::from_secs(2 * args.ready_timeout + 60),
+    });
+    // The front serves the docs page too, on the visitor's scheme and host.
+    proxy_opts.docs_url = "/docs".into();
     let proxy = Arc::new(
         Proxy::start(proxy_opts)
             .await
@@ -126,6 +134,30 @@ pub async fn build_backends(paths: &Paths, args: &ServeArgs) -> anyhow::Result<B
         engine: Some(engine),
         budget,
     })
+}
+
+/// HTTPS on the front, if asked for: the operator's files, or a self-signed
+/// pair in `<state>/tls/` for the public host and, with a site domain,
+/// `*.<domain>`.
+async fn https(paths: &Paths, args: &ServeArgs) -> anyhow::Result<Option<Https>> {
+    let Some(listen) = args.https_listen() else {
+        return Ok(None);
+    };
+    let (cert, key) = match args.tls() {
+        TlsSource::Off => return Ok(None),
+        TlsSource::Files { cert, key } => (absolute(cert), absolute(key)),
+        TlsSource::SelfSigned => {
+            let host = args.public_host.as_deref().unwrap_or("localhost");
+            let mut names = vec![host.to_ascii_lowercase()];
+            names.extend(args.site_domain.iter().map(|d| format!("*.{d}")));
+            let dir = absolute(paths.state_dir.join("tls"));
+            tokio::task::spawn_blocking(move || crate::proxy::tls::self_signed(&dir, &names))
+                .await
+                .context("the self-signed certificate task")?
+                .context("making the self-signed TLS certificate")?
+        }
+    };
+    Ok(Some(Https { listen, cert, key }))
 }
 
 /// The hosting's side of `vm info`: its state, since when, what its user
@@ -322,6 +354,8 @@ pub async fn run_with(paths: Paths, args: ServeArgs, backends: Backends) -> anyh
         ApiConfig {
             public_host: args.public_host.clone(),
             http_port: args.http_addr.port(),
+            https_port: args.https_listen().map(|a| a.port()),
+            site_domain: args.site_domain.clone(),
             state_dir: Some(paths.state_dir.clone()),
             ..ApiConfig::default()
         },
@@ -348,8 +382,19 @@ pub async fn run_with(paths: Paths, args: ServeArgs, backends: Backends) -> anyh
     } else {
         format!(":{}", args.http_addr.port())
     };
+    let https = args
+        .https_listen()
+        .map(|a| {
+            let port = if a.port() == 443 {
+                String::new()
+            } else {
+                format!(":{}", a.port())
+            };
+            format!("\n  https: https://{site_host}{port}/<user_id>/ and /api/v1")
+        })
+        .unwrap_or_default();
     println!(
-        "webhoster is up\n  API:   http://{addr}/api/v1\n  docs:  http://{addr}/docs\n  sites: http://{site_host}{site_port}/<user_id>/"
+        "webhoster is up\n  API:   http://{addr}/api/v1\n  docs:  http://{addr}/docs\n  sites: http://{site_host}{site_port}/<user_id>/{https}"
     );
     let mut deadline_rx = stop_rx;
     tokio::select! {
@@ -387,6 +432,50 @@ pub async fn run_with(paths: Paths, args: ServeArgs, backends: Backends) -> anyh
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The flags reach the front: the operator's files as given, or a
+    /// self-signed pair (real openssl) for the public host and the domain.
+    #[tokio::test]
+    async fn tls_flags_become_the_fronts_https() {
+        let state = tempfile::tempdir().unwrap();
+        let paths = Paths {
+            state_dir: state.path().to_owned(),
+            image_cache: state.path().join("images"),
+        };
+        let args = |argv: &[&str]| crate::config::parse_serve(argv).unwrap();
+        assert_eq!(https(&paths, &args(&[])).await.unwrap(), None);
+        let files = https(&paths, &args(&["--tls-cert", "/c.pem", "--tls-key", "/k.pem"]))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(files.listen, crate::config::DEFAULT_HTTPS_ADDR);
+        assert_eq!(
+            (files.cert.to_str(), files.key.to_str()),
+            (Some("/c.pem"), Some("/k.pem"))
+        );
+
+        let own = https(
+            &paths,
+            &args(&[
+                "--tls-self-signed",
+                "--https-addr",
+                "127.0.0.1:8443",
+                "--public-host",
+                "Example.test",
+                "--site-domain",
+                "sites.test",
+            ]),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(own.listen, "127.0.0.1:8443".parse().unwrap());
+        assert_eq!(own.cert, state.path().join("tls/self-signed.crt"));
+        assert_eq!(
+            std::fs::read_to_string(state.path().join("tls/self-signed.names")).unwrap(),
+            "DNS:example.test,DNS:*.sites.test"
+        );
+    }
 
     #[test]
     fn sqlite_urls_name_their_file() {

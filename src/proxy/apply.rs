@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use super::layout::{Layout, gen_name};
 use super::render::{self, RenderInput, Rendered};
 use super::site::{self, Site};
+use super::tls::Https;
 use super::{ProxyError, ProxyOptions, control, master};
 
 /// How long the workers get to answer with a new generation after a HUP.
@@ -57,11 +58,15 @@ fn render_generation(
     sites: &[Site],
 ) -> Result<Rendered, ProxyError> {
     let gen_dir = layout.gen_dir(generation);
+    let tls_digest = opts.https.as_ref().map(tls_digest).transpose()?;
     render::render(&RenderInput {
         root: layout.root(),
         gen_dir: &gen_dir,
         generation,
         listen: opts.listen,
+        https: opts.https.as_ref(),
+        tls_digest: tls_digest.as_deref(),
+        api: opts.api.as_ref(),
         site_domain: opts.site_domain.as_deref(),
         docs_url: &opts.docs_url,
         limits: &opts.limits,
@@ -69,6 +74,19 @@ fn render_generation(
         max_files: max_open_files(),
         sites,
     })
+}
+
+/// The SHA-256 of the certificate and key files: a pair renewed in place
+/// changes the rendering, so the next convergence (every start) tests it
+/// with `nginx -t` and has nginx load it.
+fn tls_digest(https: &Https) -> Result<String, ProxyError> {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    for path in [&https.cert, &https.key] {
+        let bytes = std::fs::read(path).map_err(ProxyError::io("reading the TLS file", path))?;
+        hasher.update(&bytes);
+    }
+    Ok(hex::encode(hasher.finalize()))
 }
 
 /// The hard limit on open files this process (and so nginx) got, read from

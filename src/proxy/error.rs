@@ -30,6 +30,12 @@ pub enum ProxyError {
         source: std::io::Error,
     },
 
+    #[error("cannot run openssl (is the Debian package openssl installed?)")]
+    Openssl(#[source] std::io::Error),
+
+    #[error("openssl could not make a self-signed certificate ({status}): {output}")]
+    SelfSigned { status: String, output: String },
+
     /// `nginx -t` refused the candidate; the config in force is unchanged.
     #[error("nginx -t rejected generation {generation}; the previous config stays in force: {output}")]
     ConfigTest { generation: u64, output: String },

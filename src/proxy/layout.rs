@@ -26,21 +26,7 @@ impl Layout {
     /// `root` must be absolute and made only of characters that need no
     /// quoting in an nginx config.
     pub(crate) fn new(root: PathBuf) -> Result<Self, ProxyError> {
-        let text = root.to_str().unwrap_or_default();
-        let ok = root.is_absolute()
-            && !text.is_empty()
-            && text
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"/._-+@".contains(&b));
-        if !ok {
-            return Err(ProxyError::Invalid {
-                field: "dir",
-                reason: format!(
-                    "{} must be an absolute path of [A-Za-z0-9/._+@-] (it is written into nginx configs)",
-                    root.display()
-                ),
-            });
-        }
+        super::site::validate_config_path("dir", &root)?;
         Ok(Layout { root })
     }
 

@@ -1,6 +1,7 @@
 //! proxy: webhoster's own nginx, publishing each site at
 //! `http://<host>/<user_id>/` (and, when a site domain is set, at
-//! `http://<username>.<domain>/`).
+//! `http://<username>.<domain>/`), the same over HTTPS when it has a
+//! certificate (`tls`), and the service's API at `/api/` and `/docs`.
 //!
 //! It owns the nginx master process (prefix, config, pid, logs and temp dirs
 //! all under `<state>/nginx`), the config rendered from `templates/nginx/`,
@@ -32,6 +33,7 @@ mod lock;
 mod master;
 mod render;
 mod site;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -44,6 +46,7 @@ use tokio::sync::oneshot;
 pub use error::ProxyError;
 pub use master::stop;
 pub use site::Site;
+pub use tls::Https;
 
 use layout::Layout;
 
@@ -52,8 +55,12 @@ use layout::Layout;
 pub struct ProxyOptions {
     /// `<state>/nginx`: prefix, configs, pidfile, logs, temp dirs.
     pub dir: PathBuf,
-    /// Where the sites are served.
+    /// Where the sites are served over HTTP.
     pub listen: SocketAddr,
+    /// HTTPS beside HTTP, for the front and the host-name sites.
+    pub https: Option<Https>,
+    /// The service's API, also served by the front at `/api/` and `/docs`.
+    pub api: Option<ApiUpstream>,
     /// Also serve each site at `http://<username>.<domain>/` by Host header.
     pub site_domain: Option<String>,
     /// The nginx binary.
@@ -70,12 +77,37 @@ impl ProxyOptions {
         ProxyOptions {
             dir: dir.into(),
             listen,
+            https: None,
+            api: None,
             site_domain: None,
             nginx: PathBuf::from("nginx"),
             docs_url: "http://127.0.0.1:8000/docs".to_string(),
             limits: SiteLimits::default(),
             workers: None,
         }
+    }
+}
+
+/// The service's API behind the front: sites and API then share the
+/// front's ports, HTTPS included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiUpstream {
+    /// Where the API listens, as reached from this host.
+    pub addr: SocketAddr,
+    /// How long the front waits for an answer (a create may wait for a
+    /// guest's first boot).
+    pub read_timeout: Duration,
+}
+
+impl ApiUpstream {
+    pub fn validate(&self) -> Result<(), ProxyError> {
+        if self.addr.ip().is_unspecified() || self.addr.port() == 0 {
+            return Err(ProxyError::Invalid {
+                field: "api",
+                reason: format!("{} is not an address to connect to", self.addr),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -154,6 +186,9 @@ impl Proxy {
     /// bring its config in line with `opts` and the sites on disk. Cheap
     /// when the master runs and nothing changed (no reload).
     pub async fn start(opts: ProxyOptions) -> Result<Proxy, ProxyError> {
+        if let Some(https) = &opts.https {
+            https.check_files()?;
+        }
         std::fs::create_dir_all(&opts.dir).map_err(ProxyError::io("creating", &opts.dir))?;
         let root = std::fs::canonicalize(&opts.dir).map_err(ProxyError::io("resolving", &opts.dir))?;
         let layout = Layout::new(root)?;

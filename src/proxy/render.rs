@@ -14,7 +14,8 @@ use handlebars::Handlebars;
 use serde::Serialize;
 
 use super::site::{self, Site};
-use super::{ProxyError, SiteLimits};
+use super::tls::Https;
+use super::{ApiUpstream, ProxyError, SiteLimits};
 
 /// What one generation is made of.
 pub(crate) struct RenderInput<'a> {
@@ -22,6 +23,10 @@ pub(crate) struct RenderInput<'a> {
     pub gen_dir: &'a Path,
     pub generation: u64,
     pub listen: SocketAddr,
+    pub https: Option<&'a Https>,
+    /// The certificate and key files' digest (set with `https`).
+    pub tls_digest: Option<&'a str>,
+    pub api: Option<&'a ApiUpstream>,
     pub site_domain: Option<&'a str>,
     pub docs_url: &'a str,
     pub limits: &'a SiteLimits,
@@ -46,6 +51,7 @@ static CONF: LazyLock<Handlebars<'static>> = LazyLock::new(|| {
         ("site.conf", include_str!("../../templates/nginx/site.conf.hbs")),
         ("route.conf", include_str!("../../templates/nginx/route.conf.hbs")),
         ("proxy", include_str!("../../templates/nginx/proxy.conf.hbs")),
+        ("api", include_str!("../../templates/nginx/api.conf.hbs")),
         ("headers", include_str!("../../templates/nginx/headers.conf.hbs")),
         (
             "isolation",
@@ -88,6 +94,8 @@ struct Common<'a> {
     gen_dir: String,
     generation: u64,
     listen: String,
+    https: Option<HttpsData>,
+    api: Option<ApiData>,
     domain: Option<&'a str>,
     workers: String,
     max_files: u64,
@@ -98,6 +106,20 @@ struct Common<'a> {
     landing_page: String,
     unavailable_page: String,
     not_found_page: String,
+}
+
+#[derive(Serialize)]
+struct HttpsData {
+    listen: String,
+    cert: String,
+    key: String,
+    digest: String,
+}
+
+#[derive(Serialize)]
+struct ApiData {
+    addr: String,
+    read_timeout: u64,
 }
 
 #[derive(Serialize)]
@@ -115,6 +137,27 @@ pub(crate) fn render(input: &RenderInput<'_>) -> Result<Rendered, ProxyError> {
     }
     site::validate_docs_url(input.docs_url)?;
     input.limits.validate()?;
+    if let Some(https) = input.https {
+        https.validate()?;
+        if !input
+            .tls_digest
+            .is_some_and(|d| d.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(ProxyError::Invalid {
+                field: "tls_digest",
+                reason: "HTTPS needs the hex digest of its files".into(),
+            });
+        }
+        if https.listen == input.listen {
+            return Err(ProxyError::Invalid {
+                field: "https_listen",
+                reason: format!("{} is the HTTP address too", https.listen),
+            });
+        }
+    }
+    if let Some(api) = input.api {
+        api.validate()?;
+    }
     if input.workers == Some(0) {
         return Err(ProxyError::Invalid {
             field: "workers",
@@ -150,6 +193,16 @@ pub(crate) fn render(input: &RenderInput<'_>) -> Result<Rendered, ProxyError> {
         gen_dir: input.gen_dir.display().to_string(),
         generation: input.generation,
         listen: input.listen.to_string(),
+        https: input.https.map(|h| HttpsData {
+            listen: h.listen.to_string(),
+            cert: h.cert.display().to_string(),
+            key: h.key.display().to_string(),
+            digest: input.tls_digest.unwrap_or_default().to_owned(),
+        }),
+        api: input.api.map(|a| ApiData {
+            addr: a.addr.to_string(),
+            read_timeout: a.read_timeout.as_secs().max(1),
+        }),
         domain: input.site_domain,
         workers: input.workers.map_or("auto".to_string(), |w| w.to_string()),
         max_files: input.max_files,
@@ -211,6 +264,9 @@ mod tests {
             gen_dir: Path::new("/state/nginx/gen-0000000007"),
             generation: 7,
             listen: "0.0.0.0:80".parse().unwrap(),
+            https: None,
+            tls_digest: None,
+            api: None,
             site_domain: domain,
             docs_url: "http://127.0.0.1:8000/docs?a=1&b=2",
             limits,
@@ -314,6 +370,66 @@ mod tests {
         assert!(site_file.contains("proxy_cookie_domain ~.+ alice.example.test;"));
         assert!(site_file.contains("proxy_ignore_headers X-Accel-Redirect"));
         assert!(site_file.contains("add_header X-Frame-Options \"SAMEORIGIN\" always;"));
+    }
+
+    #[test]
+    fn https_and_the_api_join_the_front() {
+        let limits = SiteLimits::default();
+        let sites = [site(1, "alice")];
+        let https = Https {
+            listen: "0.0.0.0:443".parse().unwrap(),
+            cert: "/etc/webhoster/cert.pem".into(),
+            key: "/etc/webhoster/key.pem".into(),
+        };
+        let api = ApiUpstream {
+            addr: "127.0.0.1:8000".parse().unwrap(),
+            read_timeout: std::time::Duration::from_secs(660),
+        };
+        let mut i = input(&sites, &limits, Some("example.test"));
+        i.https = Some(&https);
+        i.api = Some(&api);
+        assert!(render(&i).is_err(), "HTTPS without the files' digest");
+        i.tls_digest = Some("00ff");
+        let r = render(&i).unwrap();
+        let main = file(&r, "nginx.conf");
+        assert!(main.contains("listen 0.0.0.0:80 default_server;"));
+        assert!(main.contains("listen 0.0.0.0:443 ssl default_server;"));
+        assert!(main.contains("ssl_certificate /etc/webhoster/cert.pem;"));
+        assert!(main.contains("ssl_certificate_key /etc/webhoster/key.pem;"));
+        assert!(main.contains("ssl_protocols TLSv1.2 TLSv1.3;"));
+        assert!(main.contains("sha256 00ff"));
+        assert!(main.contains("ssl_session_cache shared:webhoster_tls:10m;"));
+        assert!(main.contains("location ^~ /api/ {"));
+        assert!(main.contains("location = /docs {"));
+        assert!(main.contains("proxy_pass http://127.0.0.1:8000;"));
+        assert!(main.contains("proxy_read_timeout 660s;"));
+        let directives: String = main
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .collect();
+        assert!(!directives.contains("Strict-Transport-Security"));
+        let site_file = file(&r, "sites/1.conf");
+        assert!(site_file.contains("listen 0.0.0.0:443 ssl;"));
+        assert!(site_file.contains("proxy_redirect http://$host/ /;"));
+        // Without them, nothing of either.
+        let plain = render(&input(&sites, &limits, Some("example.test"))).unwrap();
+        assert!(!file(&plain, "nginx.conf").contains("ssl"));
+        assert!(!file(&plain, "nginx.conf").contains("/api/"));
+        assert!(!file(&plain, "sites/1.conf").contains("ssl"));
+
+        let same_port = Https {
+            listen: "0.0.0.0:80".parse().unwrap(),
+            ..https.clone()
+        };
+        i.https = Some(&same_port);
+        assert!(render(&i).is_err());
+        let bad_api = ApiUpstream {
+            addr: "0.0.0.0:8000".parse().unwrap(),
+            ..api
+        };
+        i.https = None;
+        i.api = Some(&bad_api);
+        assert!(render(&i).is_err());
     }
 
     #[test]

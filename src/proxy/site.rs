@@ -72,6 +72,27 @@ pub(crate) fn validate_domain(domain: &str) -> Result<(), ProxyError> {
     }
 }
 
+/// A path written into an nginx config unquoted: absolute and made only of
+/// characters that cannot end a directive or start a variable.
+pub(crate) fn validate_config_path(field: &'static str, path: &std::path::Path) -> Result<(), ProxyError> {
+    let text = path.to_str().unwrap_or_default();
+    let ok = path.is_absolute()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+@".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!(
+                "{} must be an absolute path of [A-Za-z0-9/._+@-] (it is written into nginx configs)",
+                path.display()
+            ),
+        ))
+    }
+}
+
 /// The landing page's link: absolute http(s) URL or absolute path, and none
 /// of the characters that could leave an nginx string or an HTML attribute.
 pub(crate) fn validate_docs_url(url: &str) -> Result<(), ProxyError> {

@@ -7,6 +7,7 @@ pub mod deploy;
 pub mod fakes;
 pub mod guest;
 pub mod host;
+pub mod https;
 pub mod tap_guest;
 pub mod vmm_stub;
 pub mod walls;
