@@ -191,6 +191,22 @@ impl QmpClient {
         self.execute("cont", qmp::cont {}).await.map(drop)
     }
 
+    /// Up to `max` bytes from the `ringbuf` chardev `device`, oldest first;
+    /// what is read leaves the ring. Asked in base64: `utf8` would mangle a
+    /// console's bytes that are not text.
+    pub async fn ringbuf_read(&self, device: &str, max: u32) -> Result<Vec<u8>, QmpError> {
+        use base64::Engine as _;
+        let command = qmp::ringbuf_read {
+            device: device.to_owned(),
+            size: max.into(),
+            format: Some(qmp::DataFormat::base64),
+        };
+        let text = self.execute("ringbuf-read", command).await?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(|err| QmpError::Protocol(format!("ringbuf-read answered no base64: {err}")))
+    }
+
     /// QEMU exits right after (or even before) answering, so a connection
     /// that ends here counts as success.
     pub async fn quit(&self) -> Result<(), QmpError> {
