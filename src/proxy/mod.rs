@@ -3,7 +3,7 @@
 //! `http://<username>.<domain>/`).
 //!
 //! It owns the nginx master process (prefix, config, pid, logs and temp dirs
-//! all under `<state>/nginx`), the config rendered from `templates/nginx/`,
+//! all under `<state>/nginx`), the sink that caps nginx's logs (`logsink`), the config rendered from `templates/nginx/`,
 //! and every change to it: render, `nginx -t`, atomic swap, HUP, confirm.
 //! The site files of the generation in force are the record of the sites,
 //! so they survive a webhoster restart, as does the detached master.
@@ -29,6 +29,7 @@ mod control;
 mod error;
 mod layout;
 mod lock;
+mod logsink;
 mod master;
 mod render;
 mod site;
@@ -46,6 +47,9 @@ pub use master::stop;
 pub use site::Site;
 
 use layout::Layout;
+use logsink::LogSink;
+
+use crate::logfile::LogCap;
 
 /// How webhoster's nginx runs.
 #[derive(Debug, Clone)]
@@ -63,6 +67,8 @@ pub struct ProxyOptions {
     pub limits: SiteLimits,
     /// nginx worker processes; `None` is one per core.
     pub workers: Option<u32>,
+    /// Cap of each nginx log file (error, front access, each site's access).
+    pub log_cap: LogCap,
 }
 
 impl ProxyOptions {
@@ -75,6 +81,7 @@ impl ProxyOptions {
             docs_url: "http://127.0.0.1:8000/docs".to_string(),
             limits: SiteLimits::default(),
             workers: None,
+            log_cap: LogCap::default(),
         }
     }
 }
@@ -134,6 +141,9 @@ struct Inner {
     queue: Mutex<Vec<Pending>>,
     /// Held by the task applying changes (and by start and shutdown).
     turn: Arc<tokio::sync::Mutex<()>>,
+    /// Writes nginx's logs while this handle lives; `None` when another
+    /// webhoster on the same dir does.
+    _log_sink: Option<LogSink>,
 }
 
 enum Change {
@@ -158,10 +168,13 @@ impl Proxy {
         let root = std::fs::canonicalize(&opts.dir).map_err(ProxyError::io("resolving", &opts.dir))?;
         let layout = Layout::new(root)?;
         layout.create_dirs()?;
+        // Before the master starts, so its first lines are kept.
+        let log_sink = LogSink::start(&layout, opts.log_cap)?;
         let proxy = Proxy {
             inner: Arc::new(Inner {
                 opts,
                 layout,
+                _log_sink: log_sink,
                 queue: Mutex::new(Vec::new()),
                 turn: Arc::new(tokio::sync::Mutex::new(())),
             }),
@@ -228,14 +241,6 @@ impl Proxy {
     /// The master's pid, checked now (pidfile and `/proc/<pid>/cmdline`).
     pub fn master_pid(&self) -> Option<i32> {
         master::find(&self.inner.layout)
-    }
-
-    /// Have the master reopen its log files (after a log rotation moved them).
-    pub fn reopen_logs(&self) -> Result<(), ProxyError> {
-        let pid = self.master_pid().ok_or_else(|| ProxyError::NotRunning {
-            dir: self.dir().to_path_buf(),
-        })?;
-        master::reopen_logs(pid)
     }
 
     /// The config generation `current` points at.
