@@ -90,10 +90,12 @@ pub async fn build_backends(paths: &Paths, args: &ServeArgs) -> anyhow::Result<B
     opts.accel = args.vmm.accel;
     opts.cgroups = args.vmm.cgroup_options();
     opts.qemu_user = args.vmm.qemu_user();
+    opts.log_cap = args.log_cap();
     opts.tap_opener = Some(Arc::new(adapters::NsTaps(net_opts)) as Arc<dyn vmm::TapOpener>);
     let engine = Arc::new(Engine::new(opts).context("starting the VM engine")?);
     let mut proxy_opts = ProxyOptions::new(paths.nginx_dir(), args.http_addr);
     proxy_opts.site_domain = args.site_domain.clone();
+    proxy_opts.log_cap = args.log_cap();
     proxy_opts.docs_url = format!("http://{}/docs", crate::hosting::probe::reachable(args.api_addr));
     let proxy = Arc::new(
         Proxy::start(proxy_opts)
