@@ -654,6 +654,24 @@ async fn a_flooded_console_stays_capped_with_or_without_webhoster() {
         .unwrap();
 }
 
+/// QEMU's own output reaches qemu.log through its pipe, and a QEMU that
+/// dies at start-up is reported with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_output_reaches_qemu_log_and_the_start_error() {
+    let fx = Fixture::new();
+    let engine = fx.engine(fast_restarts(3));
+    let mut spec = fx.spec("badkernel", StubAction::Idle);
+    engine.create_disk(&spec).await.unwrap();
+    spec.kernel = fx.root.join("no-such-kernel");
+    let err = engine.start(&spec).await.expect_err("no kernel, no start");
+    match &err {
+        VmmError::StartExited { log_tail, .. } => assert!(log_tail.contains("no-such-kernel"), "{log_tail}"),
+        other => panic!("expected StartExited, got {other:?}"),
+    }
+    let log = std::fs::read_to_string(engine.vm_dir(&spec.vm_id).qemu_log()).unwrap();
+    assert!(log.contains("no-such-kernel"), "{log}");
+}
+
 fn mode(path: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
     std::fs::symlink_metadata(path)
