@@ -654,6 +654,30 @@ async fn a_flooded_console_stays_capped_with_or_without_webhoster() {
         .unwrap();
 }
 
+/// A QMP command whose caller stops waiting (a timeout, an aborted
+/// supervisor draining the console) leaves the connection usable: the next
+/// command gets its answer (qapi alone would panic on a duplicate id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qmp_command_dropped_in_flight_leaves_the_client_usable() {
+    let fx = Fixture::new();
+    let engine = fx.engine(fast_restarts(3));
+    let spec = fx.spec("dropped", StubAction::Spam);
+    engine.create_disk(&spec).await.unwrap();
+    engine.start(&spec).await.unwrap();
+    let socket = engine.vm_dir(&spec.vm_id).operator_socket();
+    let (client, _events) = webhoster::vmm::qmp::QmpClient::connect(&socket).await.unwrap();
+    for _ in 0..5 {
+        let dropped =
+            tokio::time::timeout(Duration::from_nanos(1), client.ringbuf_read("serial0", 65536)).await;
+        assert!(dropped.is_err(), "the read was dropped in flight");
+    }
+    assert!(client.query_status().await.unwrap().running);
+    engine
+        .stop(&spec.vm_id, Duration::from_millis(100))
+        .await
+        .unwrap();
+}
+
 /// QEMU's own output reaches qemu.log through its pipe, and a QEMU that
 /// dies at start-up is reported with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
