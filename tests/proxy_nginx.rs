@@ -785,4 +785,26 @@ async fn logs_are_capped_and_nothing_grows_without_webhoster() {
         assert!(started.elapsed() < Duration::from_secs(10), "the new sink writes");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+
+    // Anyone may send to the socket, but only a published site gets a file.
+    let spoof = std::os::unix::net::UnixDatagram::unbound().unwrap();
+    let socket = fx.nginx_dir().join("run/log.sock");
+    spoof
+        .send_to(b"<190>Dec  1 18:20:00 site_999: spoofed", &socket)
+        .unwrap();
+    spoof
+        .send_to(b"<190>Dec  1 18:20:00 front: after-the-spoof", &socket)
+        .unwrap();
+    let started = Instant::now();
+    while !std::fs::read_to_string(&front)
+        .unwrap_or_default()
+        .contains("after-the-spoof")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the sink reads the socket"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!logs.join("sites/999.access.log").exists());
 }

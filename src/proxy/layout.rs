@@ -59,6 +59,10 @@ impl Layout {
     pub(crate) fn gen_dir(&self, generation: u64) -> PathBuf {
         self.root.join(gen_name(generation))
     }
+    /// The record of `user_id`'s site in the generation in force.
+    pub(crate) fn current_site_file(&self, user_id: i64) -> PathBuf {
+        self.current().join("sites").join(format!("{user_id}.conf"))
+    }
     pub(crate) fn logs(&self) -> PathBuf {
         self.root.join("logs")
     }

@@ -133,6 +133,15 @@ async fn collect(socket: UnixDatagram, layout: Layout, cap: LogCap) {
                     tracing::debug!("a datagram on nginx's log socket that is not nginx's");
                     continue;
                 };
+                // Anyone local may send here (the socket is 0666 for nginx's
+                // workers): a site's file is made only for a published site,
+                // so lines cannot make files without end.
+                if let LogTag::Site(id) = tag
+                    && !files.contains_key(&tag)
+                    && !layout.current_site_file(id).exists()
+                {
+                    continue;
+                }
                 let file = files
                     .entry(tag)
                     .or_insert_with(|| RotatingFile::new(tag.path(&layout), cap));
