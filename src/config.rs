@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 use ipnet::Ipv4Net;
 
+use crate::logfile::LogCap;
+
 /// Where the service keeps its state, and where guest images are cached.
 /// Shared by every subcommand.
 #[derive(Args, Debug, Clone)]
@@ -249,6 +251,24 @@ pub struct ServeArgs {
     /// Redis URL for scale-out; unset on a single machine.
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
+
+    /// Largest size of each log file, MiB: a VM's `serial.log` and
+    /// `qemu.log`, nginx's error, access and per-site logs. A log about to
+    /// pass it is rotated.
+    #[arg(long, env = "WEBHOSTER_LOG_MAX_MIB", default_value_t = LogCap::DEFAULT_MAX_MIB,
+          value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    pub log_max_mib: u64,
+
+    /// Rotated generations kept of each log (`<name>.1` is the newest).
+    #[arg(long, env = "WEBHOSTER_LOG_KEEP", default_value_t = LogCap::DEFAULT_KEEP,
+          value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub log_keep: u32,
+}
+
+impl ServeArgs {
+    pub fn log_cap(&self) -> LogCap {
+        LogCap::from_mib(self.log_max_mib, self.log_keep)
+    }
 }
 
 /// Where the front's certificate comes from.

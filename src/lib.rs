@@ -16,6 +16,7 @@ pub mod doctor;
 pub mod hosting;
 pub mod image;
 pub mod install;
+pub mod logfile;
 pub mod net;
 pub mod proxy;
 pub mod seed;

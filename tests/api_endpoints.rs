@@ -380,6 +380,14 @@ async fn host_lifecycle(db: Db) {
         b["data"]["lines"],
         json!(["line 296", "line 297", "line 298", "line 299", "line 300"])
     );
+    // Just after a rotation the lines before come from `serial.log.1`.
+    std::fs::rename(&log, webhoster::logfile::generation(&log, 1)).unwrap();
+    std::fs::write(&log, "line 301\n").unwrap();
+    let (s, b) = api
+        .call(Method::GET, "/api/v1/host/my/console?lines=3", t, None)
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["data"]["lines"], json!(["line 299", "line 300", "line 301"]));
     let (s, b) = api
         .call(Method::GET, "/api/v1/host/my/console?lines=0", t, None)
         .await;

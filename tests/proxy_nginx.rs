@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use warp::Filter;
+use webhoster::logfile::{LogCap, generation};
 use webhoster::proxy::{Proxy, ProxyError, ProxyOptions, Site, SiteLimits};
 
 /// A state dir and port for one test; stops the master it may have started
@@ -231,26 +232,16 @@ async fn each_prefix_reaches_only_its_own_backend() {
         "{landing}"
     );
 
-    // Each site has its own access log.
-    // Logs are buffered and flushed every second.
+    // Each site has its own access log (written by the sink within moments).
     let log_file = fx.nginx_dir().join("logs/sites/10.access.log");
     let started = Instant::now();
     let mut log = String::new();
     while !log.contains("GET /10/x") && started.elapsed() < Duration::from_secs(5) {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        log = std::fs::read_to_string(&log_file).unwrap();
+        log = std::fs::read_to_string(&log_file).unwrap_or_default();
     }
     assert!(log.contains("GET /10/x"), "{log}");
     assert!(!log.contains("GET /1/"), "{log}");
-
-    // After a rotation the master reopens the logs it writes.
-    std::fs::rename(&log_file, log_file.with_extension("log.1")).unwrap();
-    proxy.reopen_logs().unwrap();
-    let started = Instant::now();
-    while !log_file.exists() && started.elapsed() < Duration::from_secs(5) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(log_file.exists(), "USR1 reopened the site log");
 
     // Remove one: the others still serve, the removed one is a 404.
     proxy.remove_site(10).await.unwrap();
@@ -309,17 +300,20 @@ async fn a_broken_candidate_fails_the_test_and_the_old_config_keeps_serving() {
     let generation = proxy.generation().unwrap();
     let pid = proxy.master_pid();
 
-    // A directory where site 100's access log must go: the candidate names a
-    // log nginx cannot open, which only `nginx -t` (not rendering) finds.
-    let blocker = fx.nginx_dir().join("logs/sites/100.access.log");
-    std::fs::create_dir_all(&blocker).unwrap();
+    // A file where nginx's temp dirs must go: a candidate config then names
+    // paths nginx cannot create, which only `nginx -t` (not rendering) finds.
+    // The running workers never use them (nothing is spooled).
+    let tmp = fx.nginx_dir().join("tmp");
+    let moved = fx.nginx_dir().join("tmp.moved");
+    std::fs::rename(&tmp, &moved).unwrap();
+    std::fs::write(&tmp, b"").unwrap();
     let err = proxy
         .add_site(&site(100, "carol", backend("hundred").await))
         .await
         .expect_err("the candidate must fail nginx -t");
     match &err {
         ProxyError::ConfigTest { output, .. } => {
-            assert!(output.contains("100.access.log"), "{output}")
+            assert!(output.contains("client_body"), "{output}")
         }
         other => panic!("expected a config test failure, got {other:?}"),
     }
@@ -340,7 +334,8 @@ async fn a_broken_candidate_fails_the_test_and_the_old_config_keeps_serving() {
     assert!(gens.len() <= 2, "the failed candidate was removed: {gens:?}");
 
     // Once the cause is gone the same change goes through.
-    std::fs::remove_dir(&blocker).unwrap();
+    std::fs::remove_file(&tmp).unwrap();
+    std::fs::rename(&moved, &tmp).unwrap();
     proxy
         .add_site(&site(100, "carol", backend("hundred").await))
         .await
@@ -669,4 +664,147 @@ async fn a_port_in_use_is_a_clear_start_error() {
         other => panic!("expected a start failure, got {other:?}"),
     }
     assert!(!webhoster::proxy::stop(&fx.nginx_dir(), Duration::from_secs(5)).unwrap());
+}
+
+/// Every file under `dir` (recursively) with its size and modification
+/// time, sorted.
+fn files_under(dir: &std::path::Path) -> Vec<(PathBuf, u64, std::time::SystemTime)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let meta = entry.metadata().unwrap();
+        if meta.is_dir() {
+            out.extend(files_under(&entry.path()));
+        } else {
+            out.push((entry.path(), meta.len(), meta.modified().unwrap()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// nginx's logs (error, front, per site) are capped and rotated by the
+/// sink in webhoster; with no webhoster running nginx serves on and nothing
+/// in its directory grows; the next webhoster collects again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_are_capped_and_nothing_grows_without_webhoster() {
+    let fx = Fixture::new();
+    let cap = LogCap {
+        max_bytes: 16 * 1024,
+        keep: 1,
+    };
+    let mut opts = fx.opts();
+    opts.log_cap = cap;
+    opts.limits.rate_per_sec = 0;
+    let proxy = Proxy::start(opts.clone()).await.unwrap();
+    proxy
+        .add_site(&site(1, "alice", backend("one").await))
+        .await
+        .unwrap();
+    // A site whose guest is down: each request is an error log line.
+    let dead = match std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+    {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(_) => unreachable!(),
+    };
+    proxy.add_site(&site(2, "bob", dead)).await.unwrap();
+    let logs = fx.nginx_dir().join("logs");
+    let (site1, front, errors) = (
+        logs.join("sites/1.access.log"),
+        logs.join("access.log"),
+        logs.join("error.log"),
+    );
+
+    let c = client();
+    let started = Instant::now();
+    let mut requests = 0;
+    while !(generation(&site1, 1).exists()
+        && generation(&front, 1).exists()
+        && generation(&errors, 1).exists())
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no rotation after {requests} requests"
+        );
+        assert_eq!(status(&c, &fx.url("/1/x")).await, 200);
+        assert_eq!(status(&c, &fx.url("/nowhere")).await, 404);
+        assert_eq!(status(&c, &fx.url("/2/")).await, 502);
+        requests += 1;
+    }
+    eprintln!(
+        "every log rotated after {requests} rounds of 3 requests, {:?}",
+        started.elapsed()
+    );
+    for (path, len, _) in files_under(&logs) {
+        assert!(len <= cap.max_bytes, "{} is {len} bytes", path.display());
+        assert!(
+            !path.to_string_lossy().ends_with(".2"),
+            "keep 1: {}",
+            path.display()
+        );
+    }
+    assert!(std::fs::read_to_string(&site1).unwrap().contains("GET /1/x"));
+    assert!(std::fs::read_to_string(&front).unwrap().contains("GET /nowhere"));
+    assert!(
+        std::fs::read_to_string(&errors)
+            .unwrap()
+            .contains("connect() failed")
+    );
+    let pid = proxy.master_pid().unwrap();
+
+    // webhoster goes away: its sink with it. nginx serves on, and nothing
+    // in its directory grows.
+    drop(proxy);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = files_under(&fx.nginx_dir());
+    let quiet = Instant::now();
+    for _ in 0..300 {
+        assert_eq!(status(&c, &fx.url("/1/x")).await, 200);
+        assert_eq!(status(&c, &fx.url("/2/")).await, 502);
+    }
+    eprintln!("600 requests without a sink in {:?}", quiet.elapsed());
+    assert_eq!(
+        files_under(&fx.nginx_dir()),
+        before,
+        "nothing grew without webhoster"
+    );
+
+    // The next webhoster finds the same master and collects again.
+    let proxy = Proxy::start(opts).await.unwrap();
+    assert_eq!(proxy.master_pid(), Some(pid));
+    let mark = format!("/1/after-{}", std::process::id());
+    assert_eq!(status(&c, &fx.url(&mark)).await, 200);
+    let started = Instant::now();
+    while !std::fs::read_to_string(&site1)
+        .unwrap_or_default()
+        .contains(&mark)
+    {
+        assert!(started.elapsed() < Duration::from_secs(10), "the new sink writes");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Anyone may send to the socket, but only a published site gets a file.
+    let spoof = std::os::unix::net::UnixDatagram::unbound().unwrap();
+    let socket = fx.nginx_dir().join("run/log.sock");
+    spoof
+        .send_to(b"<190>Dec  1 18:20:00 site_999: spoofed", &socket)
+        .unwrap();
+    spoof
+        .send_to(b"<190>Dec  1 18:20:00 front: after-the-spoof", &socket)
+        .unwrap();
+    let started = Instant::now();
+    while !std::fs::read_to_string(&front)
+        .unwrap_or_default()
+        .contains("after-the-spoof")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the sink reads the socket"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!logs.join("sites/999.access.log").exists());
 }

@@ -113,6 +113,26 @@ async fn debian_guest_serves_survives_kill_9_and_reattach() {
     .await;
     assert_eq!(wait_http(http_port, "/marker.txt").await.trim(), token);
 
+    // The console reaches serial.log (drained from QEMU's ring buffer every
+    // 2 s), boot output included: that file is what `GET /host/my/console`
+    // tails.
+    wait_ssh(
+        &key,
+        ssh_port,
+        &format!("echo console-{token} | sudo tee /dev/ttyS0"),
+    )
+    .await;
+    let started = Instant::now();
+    let console = loop {
+        let text = std::fs::read_to_string(dir.serial_log()).unwrap_or_default();
+        if text.contains(&format!("console-{token}")) || started.elapsed() > Duration::from_secs(30) {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(console.contains(&format!("console-{token}")), "{console}");
+    assert!(console.contains("Cloud-init"), "boot output: {console}");
+
     let mut events = engine.subscribe();
     let first = engine.status(&vm_id).unwrap().pid.unwrap();
     nix::sys::signal::kill(

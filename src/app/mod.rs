@@ -90,6 +90,7 @@ pub async fn build_backends(paths: &Paths, args: &ServeArgs) -> anyhow::Result<B
     opts.accel = args.vmm.accel;
     opts.cgroups = args.vmm.cgroup_options();
     opts.qemu_user = args.vmm.qemu_user();
+    opts.log_cap = args.log_cap();
     opts.tap_opener = Some(Arc::new(adapters::NsTaps(net_opts)) as Arc<dyn vmm::TapOpener>);
     let engine = Arc::new(Engine::new(opts).context("starting the VM engine")?);
     let mut proxy_opts = ProxyOptions::new(paths.nginx_dir(), args.http_addr);
@@ -103,6 +104,7 @@ pub async fn build_backends(paths: &Paths, args: &ServeArgs) -> anyhow::Result<B
     });
     // The front serves the docs page too, on the visitor's scheme and host.
     proxy_opts.docs_url = "/docs".into();
+    proxy_opts.log_cap = args.log_cap();
     let proxy = Arc::new(
         Proxy::start(proxy_opts)
             .await

@@ -720,11 +720,23 @@ impl HostingService {
     }
 
     /// The last `lines` lines of the VM's serial console (at most the last
-    /// 256 KiB of the log are read).
+    /// 256 KiB of the log and of its newest rotated generation are read).
     pub async fn console(&self, user_id: i64, lines: usize) -> Result<String, HostingError> {
+        const MAX_BYTES: u64 = 256 * 1024;
         let h = self.get(user_id).await?;
         let path = self.ports.engine.serial_log(&h.vm_id);
-        Ok(tail(&path, lines, 256 * 1024).await)
+        let newest = tail(&path, lines, MAX_BYTES).await;
+        let have = newest.lines().count();
+        if have >= lines {
+            return Ok(newest);
+        }
+        // Just rotated: the lines before are in `.1`.
+        let older = tail(&crate::logfile::generation(&path, 1), lines - have, MAX_BYTES).await;
+        Ok([older, newest]
+            .into_iter()
+            .filter(|part| !part.is_empty())
+            .collect::<Vec<_>>()
+            .join("\n"))
     }
 }
 

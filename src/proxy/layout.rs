@@ -6,7 +6,9 @@
 //! gen-0000000042/sites/<id>.conf  one file per site: the record of the site
 //! gen-0000000042/routes/<id>.conf its `/<id>/` locations (derived)
 //! logs/error.log, logs/access.log, logs/sites/<id>.access.log
+//!                                 written by webhoster's sink, capped (+ .1, .2 ...)
 //! run/nginx.pid, run/control.sock
+//! run/log.sock                    the sink nginx sends every log line to
 //! tmp/                            nginx's temp paths (unused by design)
 //! .lock                           serializes changes across processes
 //! ```
@@ -43,6 +45,10 @@ impl Layout {
     pub(crate) fn gen_dir(&self, generation: u64) -> PathBuf {
         self.root.join(gen_name(generation))
     }
+    /// The record of `user_id`'s site in the generation in force.
+    pub(crate) fn current_site_file(&self, user_id: i64) -> PathBuf {
+        self.current().join("sites").join(format!("{user_id}.conf"))
+    }
     pub(crate) fn logs(&self) -> PathBuf {
         self.root.join("logs")
     }
@@ -52,6 +58,12 @@ impl Layout {
     pub(crate) fn error_log(&self) -> PathBuf {
         self.logs().join("error.log")
     }
+    pub(crate) fn access_log(&self) -> PathBuf {
+        self.logs().join("access.log")
+    }
+    pub(crate) fn site_access_log(&self, user_id: i64) -> PathBuf {
+        self.site_logs().join(format!("{user_id}.access.log"))
+    }
     pub(crate) fn run(&self) -> PathBuf {
         self.root.join("run")
     }
@@ -60,6 +72,9 @@ impl Layout {
     }
     pub(crate) fn control_socket(&self) -> PathBuf {
         self.run().join("control.sock")
+    }
+    pub(crate) fn log_socket(&self) -> PathBuf {
+        self.run().join("log.sock")
     }
     pub(crate) fn tmp(&self) -> PathBuf {
         self.root.join("tmp")

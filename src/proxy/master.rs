@@ -208,10 +208,6 @@ pub(crate) fn reload(pid: i32) -> Result<(), ProxyError> {
     kill(Pid::from_raw(pid), Signal::SIGHUP).map_err(|source| ProxyError::Signal { pid, source })
 }
 
-pub(crate) fn reopen_logs(pid: i32) -> Result<(), ProxyError> {
-    kill(Pid::from_raw(pid), Signal::SIGUSR1).map_err(|source| ProxyError::Signal { pid, source })
-}
-
 /// Stop the master of `layout` and its workers: graceful first (SIGQUIT lets
 /// requests in flight finish), then SIGTERM, then SIGKILL for all of them.
 /// Returns whether a master was running. Blocking, so it also works from a

@@ -4,7 +4,7 @@
 //! certificate (`tls`), and the service's API at `/api/` and `/docs`.
 //!
 //! It owns the nginx master process (prefix, config, pid, logs and temp dirs
-//! all under `<state>/nginx`), the config rendered from `templates/nginx/`,
+//! all under `<state>/nginx`), the sink that caps nginx's logs (`logsink`), the config rendered from `templates/nginx/`,
 //! and every change to it: render, `nginx -t`, atomic swap, HUP, confirm.
 //! The site files of the generation in force are the record of the sites,
 //! so they survive a webhoster restart, as does the detached master.
@@ -30,6 +30,7 @@ mod control;
 mod error;
 mod layout;
 mod lock;
+mod logsink;
 mod master;
 mod render;
 mod site;
@@ -49,6 +50,9 @@ pub use site::Site;
 pub use tls::Https;
 
 use layout::Layout;
+use logsink::LogSink;
+
+use crate::logfile::LogCap;
 
 /// How webhoster's nginx runs.
 #[derive(Debug, Clone)]
@@ -70,6 +74,8 @@ pub struct ProxyOptions {
     pub limits: SiteLimits,
     /// nginx worker processes; `None` is one per core.
     pub workers: Option<u32>,
+    /// Cap of each nginx log file (error, front access, each site's access).
+    pub log_cap: LogCap,
 }
 
 impl ProxyOptions {
@@ -84,6 +90,7 @@ impl ProxyOptions {
             docs_url: "http://127.0.0.1:8000/docs".to_string(),
             limits: SiteLimits::default(),
             workers: None,
+            log_cap: LogCap::default(),
         }
     }
 }
@@ -166,6 +173,9 @@ struct Inner {
     queue: Mutex<Vec<Pending>>,
     /// Held by the task applying changes (and by start and shutdown).
     turn: Arc<tokio::sync::Mutex<()>>,
+    /// Writes nginx's logs while this handle lives; `None` when another
+    /// webhoster on the same dir does.
+    _log_sink: Option<LogSink>,
 }
 
 enum Change {
@@ -193,10 +203,13 @@ impl Proxy {
         let root = std::fs::canonicalize(&opts.dir).map_err(ProxyError::io("resolving", &opts.dir))?;
         let layout = Layout::new(root)?;
         layout.create_dirs()?;
+        // Before the master starts, so its first lines are kept.
+        let log_sink = LogSink::start(&layout, opts.log_cap)?;
         let proxy = Proxy {
             inner: Arc::new(Inner {
                 opts,
                 layout,
+                _log_sink: log_sink,
                 queue: Mutex::new(Vec::new()),
                 turn: Arc::new(tokio::sync::Mutex::new(())),
             }),
@@ -263,14 +276,6 @@ impl Proxy {
     /// The master's pid, checked now (pidfile and `/proc/<pid>/cmdline`).
     pub fn master_pid(&self) -> Option<i32> {
         master::find(&self.inner.layout)
-    }
-
-    /// Have the master reopen its log files (after a log rotation moved them).
-    pub fn reopen_logs(&self) -> Result<(), ProxyError> {
-        let pid = self.master_pid().ok_or_else(|| ProxyError::NotRunning {
-            dir: self.dir().to_path_buf(),
-        })?;
-        master::reopen_logs(pid)
     }
 
     /// The config generation `current` points at.

@@ -322,7 +322,7 @@ mod tests {
         assert!(route.contains("return 301 /1/$is_args$args;"));
         assert!(route.contains("proxy_pass http://webhoster_site_1/;"));
         assert!(route.contains("X-Forwarded-Prefix \"/1\""));
-        assert!(route.contains("/state/nginx/logs/sites/1.access.log"));
+        assert!(route.contains("syslog:server=unix:/state/nginx/run/log.sock,tag=site_1,"));
         // Path mode: an opaque origin per document, and nothing of the
         // guest's that reaches past its own responses.
         assert!(route.contains(

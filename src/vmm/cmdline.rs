@@ -39,7 +39,6 @@ pub struct CmdlineConfig {
     pub operator_socket: PathBuf,
     /// Host end of the guest agent's virtio-serial port.
     pub qga_socket: PathBuf,
-    pub serial_log: PathBuf,
     pub pidfile: PathBuf,
     /// The `-runas` value (a user name or `UID:GID`); `None` keeps QEMU root.
     pub runas: Option<String>,
@@ -331,19 +330,25 @@ impl Switch for QmpMonitor<'_> {
     }
 }
 
-/// The serial console, appended to a file. `append=on` makes QEMU write with
-/// O_APPEND, so the supervisor can truncate the file under it (rotation)
-/// without leaving a sparse hole.
-pub struct Serial<'a> {
-    pub log: &'a Path,
-}
-impl Switch for Serial<'_> {
+/// The serial console's chardev id, which `ringbuf-read` names.
+pub const SERIAL_CHARDEV: &str = "serial0";
+
+/// Bytes of serial console QEMU keeps (a power of two, as `ringbuf` wants).
+pub const SERIAL_RING_BYTES: u32 = 1 << 20;
+
+/// The serial console, into a ring buffer in QEMU's memory, never a file:
+/// a guest that floods its console overwrites its own oldest output and
+/// nothing grows on disk, also while no webhoster runs. The supervisor
+/// drains it over QMP (`ringbuf-read`) into `serial.log`, and after a
+/// restart of webhoster the last [`SERIAL_RING_BYTES`] are still there.
+pub struct Serial;
+impl Switch for Serial {
     fn push_args(&self, argv: &mut Vec<String>) {
         argv.extend([
             "-chardev".into(),
-            format!("file,id=serial0,path={},append=on", path(self.log)),
+            format!("ringbuf,id={SERIAL_CHARDEV},size={SERIAL_RING_BYTES}"),
             "-serial".into(),
-            "chardev:serial0".into(),
+            format!("chardev:{SERIAL_CHARDEV}"),
         ]);
     }
 }
@@ -407,7 +412,7 @@ pub fn build(cfg: &CmdlineConfig) -> Vec<String> {
             id: "qmp1",
             socket: &cfg.operator_socket,
         }),
-        Box::new(Serial { log: &cfg.serial_log }),
+        Box::new(Serial),
         Box::new(PidFile(&cfg.pidfile)),
     ];
     let mut argv = Vec::with_capacity(64);

@@ -12,8 +12,8 @@
 //! qga.lock           flock held by the one guest-agent client (vmm::qga)
 //! qemu.pid           written and locked by QEMU
 //! start.lock         flock held while a start checks and spawns
-//! serial.log (+.1)   serial console, rotated at SERIAL_LOG_MAX
-//! qemu.log (+.1)     QEMU's own stdout/stderr, rotated the same way
+//! serial.log (+.1..)  serial console, drained from QEMU's ring (vmm::logs)
+//! qemu.log (+.1..)    QEMU's own stdout/stderr, through a pipe (vmm::logs)
 //! ```
 //!
 //! Modes: `vms/` and every VM directory 0700, every file 0600 (sockets
@@ -27,10 +27,6 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::VmSpec;
-
-/// A log is rotated (copied to `<name>.1`, then truncated) once larger than
-/// this, so each log takes at most about twice this on disk.
-pub const LOG_MAX_BYTES: u64 = 1024 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct VmDir {
@@ -156,14 +152,6 @@ impl VmDir {
             }
         }
     }
-
-    pub fn rotate_logs(&self) {
-        for log in [self.serial_log(), self.qemu_log()] {
-            if let Err(err) = rotate_if_larger(&log, LOG_MAX_BYTES) {
-                tracing::warn!(path = %log.display(), %err, "cannot rotate log");
-            }
-        }
-    }
 }
 
 /// Mode of the `vms` directory and of each VM directory.
@@ -189,26 +177,6 @@ pub fn open_private(opts: &mut OpenOptions, path: &Path) -> io::Result<File> {
     let file = opts.mode(PRIVATE_FILE_MODE).open(path)?;
     file.set_permissions(Permissions::from_mode(PRIVATE_FILE_MODE))?;
     Ok(file)
-}
-
-/// Copy `path` to `<path>.1` and truncate it when larger than `max`. The
-/// writer (QEMU) appends with O_APPEND, so its next write lands at the new
-/// end; the few bytes written between copy and truncate are lost, which is
-/// the price of never stalling the guest's console.
-pub fn rotate_if_larger(path: &Path, max: u64) -> io::Result<bool> {
-    let len = match std::fs::metadata(path) {
-        Ok(meta) => meta.len(),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(false),
-        Err(err) => return Err(err),
-    };
-    if len <= max {
-        return Ok(false);
-    }
-    let mut old = path.as_os_str().to_owned();
-    old.push(".1");
-    std::fs::copy(path, &old)?;
-    std::fs::OpenOptions::new().write(true).open(path)?.set_len(0)?;
-    Ok(true)
 }
 
 /// Whether `pid` is alive (not a zombie) and its command line holds
@@ -285,19 +253,6 @@ mod tests {
         assert!(!is_our_qemu(me, "vm-x"));
         assert!(!is_our_qemu(0, "vm-x"));
         assert!(!is_alive(i32::MAX));
-    }
-
-    #[test]
-    fn rotation_keeps_one_old_copy_and_truncates() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("serial.log");
-        std::fs::write(&log, vec![b'x'; 100]).unwrap();
-        assert!(!rotate_if_larger(&log, 100).unwrap());
-        std::fs::write(&log, vec![b'y'; 101]).unwrap();
-        assert!(rotate_if_larger(&log, 100).unwrap());
-        assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
-        assert_eq!(std::fs::read(dir.path().join("serial.log.1")).unwrap().len(), 101);
-        assert!(!rotate_if_larger(&dir.path().join("missing"), 1).unwrap());
     }
 
     #[test]

@@ -99,6 +99,7 @@ impl Engine {
                 cgroups,
                 cgroup_options: opts.cgroups,
                 qemu_user,
+                log_cap: opts.log_cap,
             }),
             accel_reason,
             restart: opts.restart,

@@ -13,6 +13,7 @@ pub mod dir;
 mod disk;
 mod engine;
 mod guest;
+mod logs;
 pub mod plan;
 mod process;
 pub mod qga;
@@ -31,6 +32,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
+
+use crate::logfile::LogCap;
 
 pub use accel::AccelChoice;
 pub use cgroup::{CgroupLimits, CgroupMode, CgroupOptions, Cgroups};
@@ -206,6 +209,8 @@ pub struct EngineOptions {
     /// The user QEMU drops to (`-runas`, see [`sandbox`]): a name or
     /// `UID:GID`. `None` keeps QEMU root.
     pub qemu_user: Option<String>,
+    /// Cap of each VM's `serial.log` and `qemu.log`.
+    pub log_cap: LogCap,
 }
 
 impl EngineOptions {
@@ -220,6 +225,7 @@ impl EngineOptions {
             restart: RestartPolicy::default(),
             cgroups: CgroupOptions::default(),
             qemu_user: Some(sandbox::DEFAULT_QEMU_USER.to_owned()),
+            log_cap: LogCap::default(),
         }
     }
 }

@@ -21,9 +21,11 @@ use super::accel::AccelChoice;
 use super::cgroup::{CgroupOptions, Cgroups};
 use super::cmdline::{self, CmdlineConfig, Nic};
 use super::dir::{self, VmDir};
+use super::logs;
 use super::qmp::{QmpClient, QmpEvent};
 use super::sandbox::QemuUser;
 use super::{TapOpener, VmNet, VmSpec, VmmError};
+use crate::logfile::{LogCap, RotatingFile};
 
 /// How long a spawned QEMU may take to answer QMP. QEMU itself needs well
 /// under a second (no guest boot involved); the margin is for a loaded host.
@@ -115,6 +117,8 @@ pub(super) struct Launcher {
     pub cgroups: Option<Cgroups>,
     pub cgroup_options: CgroupOptions,
     pub qemu_user: Option<QemuUser>,
+    /// The cap of `serial.log` and `qemu.log`.
+    pub log_cap: LogCap,
 }
 
 impl Launcher {
@@ -206,18 +210,18 @@ impl Launcher {
         dir.restrict_files(&spec.seed_iso);
         let runas = self.qemu_user.as_ref().map(QemuUser::runas);
         let argv = cmdline::build(&cmdline_config(self.accel, dir, spec, runas));
-        let log = dir::open_private(
-            std::fs::OpenOptions::new().create(true).append(true),
-            &dir.qemu_log(),
-        )
-        .map_err(io("cannot open qemu.log"))?;
-        let log2 = log.try_clone().map_err(io("cannot open qemu.log"))?;
+        let qemu_log =
+            RotatingFile::open(dir.qemu_log(), self.log_cap).map_err(io("cannot open qemu.log"))?;
+        let (output, output_write) = logs::output_pipe().map_err(io("cannot make QEMU's output pipe"))?;
+        let output_write2 = output_write
+            .try_clone()
+            .map_err(io("cannot make QEMU's output pipe"))?;
         let mut cmd = std::process::Command::new(&self.qemu);
         cmd.args(&argv)
             .current_dir(dir.root())
             .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2);
+            .stdout(output_write)
+            .stderr(output_write2);
         let fds: Vec<_> = tap.iter().map(|fd| (fd.as_fd(), cmdline::TAP_FD)).collect();
         let cgroup_procs = self.prepare_cgroup(vm_id, spec)?;
         let started = Instant::now();
@@ -240,6 +244,9 @@ impl Launcher {
         })?;
         drop(fds);
         drop(tap);
+        // The command is gone with its copies of the write end, so the copy
+        // ends (EOF) when QEMU does.
+        let mut output = tokio::spawn(logs::copy_output(output, qemu_log));
         // `id()` is `None` only once the child has been reaped, and nothing
         // has waited on it yet. Should it ever be `None`, fail: guessing a
         // pid is how a later kill hits the wrong processes.
@@ -264,6 +271,8 @@ impl Launcher {
             let exited = *exit_rx.borrow();
             if let Some(status) = exited {
                 let _ = self.release_cgroup(vm_id);
+                // What QEMU said before it died must be in qemu.log first.
+                let _ = tokio::time::timeout(Duration::from_secs(2), &mut output).await;
                 return Err(fail_exit(status));
             }
             if started.elapsed() > START_TIMEOUT {
@@ -464,7 +473,6 @@ fn cmdline_config(accel: AccelChoice, dir: &VmDir, spec: &VmSpec, runas: Option<
         qmp_socket: dir.qmp_socket(),
         operator_socket: dir.operator_socket(),
         qga_socket: dir.qga_socket(),
-        serial_log: dir.serial_log(),
         pidfile: dir.pidfile(),
         runas,
     }

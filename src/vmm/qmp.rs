@@ -143,21 +143,31 @@ impl QmpClient {
         ))
     }
 
+    /// Run `command` and wait at most [`COMMAND_TIMEOUT`] for its reply.
+    ///
+    /// qapi keeps a reply slot per command (always id 0 without OOB) until
+    /// the reply arrives; a command dropped in flight (its caller timed out,
+    /// or the supervisor draining the console was aborted by a stop) leaves
+    /// the slot behind, and qapi panics on the next command. So each command
+    /// runs to its reply in a task of its own, whoever stops waiting.
     async fn execute<C>(&self, what: &str, command: C) -> Result<C::Ok, QmpError>
     where
-        C: qmp::QmpCommand + 'static,
+        C: qmp::QmpCommand + Send + 'static,
+        C::Ok: Send,
     {
-        match tokio::time::timeout(COMMAND_TIMEOUT, self.service.execute(command)).await {
+        let reply = tokio::spawn(self.service.execute(command));
+        match tokio::time::timeout(COMMAND_TIMEOUT, reply).await {
             Err(_) => Err(QmpError::Timeout {
                 what: what.to_owned(),
                 after: COMMAND_TIMEOUT,
             }),
-            Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(qapi::ExecuteError::Qapi(err))) => Err(QmpError::Refused {
+            Ok(Err(join)) => Err(QmpError::Protocol(format!("QMP {what} ended abnormally: {join}"))),
+            Ok(Ok(Ok(reply))) => Ok(reply),
+            Ok(Ok(Err(qapi::ExecuteError::Qapi(err)))) => Err(QmpError::Refused {
                 what: what.to_owned(),
                 desc: err.desc,
             }),
-            Ok(Err(qapi::ExecuteError::Io(source))) => Err(QmpError::Io {
+            Ok(Ok(Err(qapi::ExecuteError::Io(source)))) => Err(QmpError::Io {
                 what: what.to_owned(),
                 source,
             }),
@@ -189,6 +199,22 @@ impl QmpClient {
 
     pub async fn cont(&self) -> Result<(), QmpError> {
         self.execute("cont", qmp::cont {}).await.map(drop)
+    }
+
+    /// Up to `max` bytes from the `ringbuf` chardev `device`, oldest first;
+    /// what is read leaves the ring. Asked in base64: `utf8` would mangle a
+    /// console's bytes that are not text.
+    pub async fn ringbuf_read(&self, device: &str, max: u32) -> Result<Vec<u8>, QmpError> {
+        use base64::Engine as _;
+        let command = qmp::ringbuf_read {
+            device: device.to_owned(),
+            size: max.into(),
+            format: Some(qmp::DataFormat::base64),
+        };
+        let text = self.execute("ringbuf-read", command).await?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(|err| QmpError::Protocol(format!("ringbuf-read answered no base64: {err}")))
     }
 
     /// QEMU exits right after (or even before) answering, so a connection

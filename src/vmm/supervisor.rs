@@ -1,6 +1,7 @@
 //! Supervision of one VM's QEMU after start or reattach: reads QMP events all
 //! the time, reconnects when the stream breaks (an event qapi cannot decode
-//! ends it), rotates the logs, and when QEMU exits tells apart
+//! ends it), drains the serial console into `serial.log` (`vmm::logs`),
+//! and when QEMU exits tells apart
 //!
 //! - a stop we asked for (the VM's `stopping` mark): nothing to do here;
 //! - a shutdown from inside the guest (`SHUTDOWN guest=true`), or from the
@@ -24,12 +25,16 @@ use std::time::Duration;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
+use super::logs::Console;
 use super::process::{Attached, Launcher, describe_exit, wait_until};
 use super::qmp::{QmpClient, QmpEvent};
 use super::registry::{Registry, Vm};
 use super::{RestartPolicy, VmState, VmmError};
+use crate::logfile::RotatingFile;
 
-/// How often liveness is checked and logs rotated when nothing happens.
+/// How often liveness is checked and the console drained when nothing
+/// happens. The ring holds 1 MiB, so a guest writing more than 512 KiB/s to
+/// its console loses its oldest lines, never the host its disk.
 const TICK: Duration = Duration::from_secs(2);
 /// After the QMP stream ends, how long QEMU may take to finish exiting before
 /// we decide it is alive and reconnect instead.
@@ -151,6 +156,7 @@ async fn watch(sup: &Supervision, vm: &Vm, attached: &mut Attached) -> Option<Ex
     let mut shutdown: Option<(bool, String)> = None;
     let mut panicked = false;
     let mut connected = true;
+    let mut console = Console::new(RotatingFile::new(vm.dir().serial_log(), sup.launcher.log_cap));
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
@@ -166,6 +172,8 @@ async fn watch(sup: &Supervision, vm: &Vm, attached: &mut Attached) -> Option<Ex
                 }
                 Some(QmpEvent::Shutdown { guest, reason }) => {
                     tracing::info!(guest, %reason, "QEMU shutting down");
+                    // The ring goes with QEMU: keep its last words.
+                    drain(&mut console, attached).await;
                     if reason == "guest-panic" {
                         panicked = true;
                     }
@@ -173,6 +181,7 @@ async fn watch(sup: &Supervision, vm: &Vm, attached: &mut Attached) -> Option<Ex
                 }
                 Some(QmpEvent::GuestPanicked) => {
                     tracing::warn!("guest panicked");
+                    drain(&mut console, attached).await;
                     panicked = true;
                 }
                 Some(QmpEvent::Reset { guest, reason }) => {
@@ -190,7 +199,9 @@ async fn watch(sup: &Supervision, vm: &Vm, attached: &mut Attached) -> Option<Ex
                 }
                 Some(other) => tracing::debug!(event = ?other, "QMP event"),
             },
-            _ = tick.tick() => vm.dir().rotate_logs(),
+            _ = tick.tick() => if connected {
+                drain(&mut console, attached).await;
+            },
         }
         if stream_ended {
             connected = false;
@@ -233,6 +244,12 @@ async fn watch(sup: &Supervision, vm: &Vm, attached: &mut Attached) -> Option<Ex
                 Err(err) => tracing::warn!(%err, "QMP reconnect failed; retrying"),
             }
         }
+    }
+}
+
+async fn drain(console: &mut Console, attached: &Attached) {
+    if let Err(err) = console.drain(&attached.qmp).await {
+        tracing::debug!(%err, "cannot drain the serial console");
     }
 }
 
