@@ -538,3 +538,20 @@ pub async fn serve(
     let bound = listener.local_addr()?;
     Ok((bound, serve_listener(listener, state, shutdown)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::path_matches;
+
+    #[test]
+    fn a_brace_segment_fits_any_one_segment() {
+        let p = "/api/v1/host/my/backups/{id}/restore";
+        assert!(path_matches(p, "/api/v1/host/my/backups/12/restore"));
+        assert!(path_matches(p, "/api/v1/host/my/backups/x/restore"));
+        assert!(!path_matches(p, "/api/v1/host/my/backups//restore"));
+        assert!(!path_matches(p, "/api/v1/host/my/backups/12"));
+        assert!(!path_matches(p, "/api/v1/host/my/backups/12/restore/more"));
+        assert!(path_matches("/api/v1/host/my", "/api/v1/host/my"));
+        assert!(!path_matches("/api/v1/host/my", "/api/v1/host/other"));
+    }
+}
