@@ -12,7 +12,7 @@
 //! 4. 200 MB written, a backup started (full: a restore leaves no bitmap),
 //!    `kill -9` of serve while QEMU copies, serve again: the listing shows
 //!    1, 2, 3 only, no file of the killed backup is left, no job runs in
-//!    QEMU, and the next backup completes;
+//!    QEMU, and the next backup (taken with `webhoster vm backup`) completes;
 //! 5. deleting 2 (the middle of 1 <- 2 <- 3) keeps 3 restorable (page C);
 //! 6. deleting the hosting removes its backups.
 
@@ -313,15 +313,31 @@ async fn backups_restore_and_survive_a_crash_of_serve() {
         serde_json::json!([]),
         "QEMU still runs a job: {jobs}"
     );
+    // The next one, through the operator's CLI.
     let started = Instant::now();
-    let b5 = t.start_backup().await;
-    let (row, _) = t.wait_backup(b5).await;
-    println!(
-        "full backup after 200 MB written: {:.1} s, {} MiB",
-        started.elapsed().as_secs_f64(),
-        row["size_bytes"].as_u64().unwrap() >> 20
+    let out = t.dep.command(&["vm", "backup", &vm_id]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "vm backup: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    println!(
+        "full backup after 200 MB written (CLI): {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let rows = t.backups().await;
+    let row = rows.last().unwrap();
+    assert!(row["id"].as_i64().unwrap() > b4, "{row}");
     assert_eq!(row["kind"], "full", "a restore leaves no bitmap: {row}");
+    assert_eq!(row["status"], "complete", "{row}");
+    let out = t.dep.command(&["vm", "backups", &vm_id]).output().unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "vm backups: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(listing.lines().count(), 5, "a header and 4 backups:\n{listing}");
 
     // 5. Deleting the middle of 1 <- 2 <- 3 keeps 3 whole.
     let (status, body) = t.api(Method::DELETE, &format!("/backups/{b2}")).await;

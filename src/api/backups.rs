@@ -19,7 +19,9 @@ pub struct BackupData {
     pub id: i64,
     /// `running` while QEMU copies, then `complete`.
     pub status: &'static str,
-    /// `full` or `incremental`.
+    /// `full` or `incremental`. While running, what was asked (incremental
+    /// on the last backup); QEMU's bitmap decides, and the complete row says
+    /// what it was.
     pub kind: &'static str,
     /// The backup it is incremental on.
     pub parent_id: Option<i64>,

@@ -182,7 +182,6 @@ impl VmEngine for EngineAdapter {
     }
 
     async fn restore_disk(&self, vm_id: &str, id: i64) -> Result<(), PortError> {
-        self.engine.clean_restore(vm_id);
         Ok(self.engine.restore_disk(vm_id, id).await?)
     }
 

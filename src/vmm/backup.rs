@@ -356,12 +356,6 @@ impl Engine {
         info!(id, "disk restored from backup");
         Ok(())
     }
-
-    /// Removes a restore's temporary disk left by a crash (the old disk is
-    /// still in place).
-    pub fn clean_restore(&self, vm_id: &str) {
-        let _ = remove_if_present(&self.vm_dir(vm_id).restore_tmp());
-    }
 }
 
 /// `qemu-img rebase` (safe mode) of `file` onto `backing`: whatever the old
