@@ -70,6 +70,21 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => crate::app::run(cli.paths, *args).await,
             Command::Image(cmd) => crate::image::cli::run(cli.paths, cmd).await,
+            Command::Vm(crate::vmm::cli::VmCmd::Backup { vm_id }) => {
+                crate::app::operator::run(&cli.paths, &vm_id, crate::app::operator::BackupAction::Backup)
+                    .await
+            }
+            Command::Vm(crate::vmm::cli::VmCmd::Backups { vm_id }) => {
+                crate::app::operator::run(&cli.paths, &vm_id, crate::app::operator::BackupAction::List).await
+            }
+            Command::Vm(crate::vmm::cli::VmCmd::Restore { vm_id, backup_id }) => {
+                crate::app::operator::run(
+                    &cli.paths,
+                    &vm_id,
+                    crate::app::operator::BackupAction::Restore(backup_id),
+                )
+                .await
+            }
             Command::Vm(cmd) => {
                 let hosting = match &cmd {
                     crate::vmm::cli::VmCmd::Info { vm_id } => {

@@ -237,6 +237,11 @@ pub struct ServeArgs {
     #[arg(long, env = "WEBHOSTER_DISK_RESERVE_GIB", default_value_t = 5)]
     pub disk_reserve_gib: u64,
 
+    /// Complete backups kept per hosting; a new one beyond deletes the
+    /// oldest (the next in its chain takes over its content).
+    #[arg(long, env = "WEBHOSTER_BACKUPS_KEEP", default_value_t = crate::hosting::backups::DEFAULT_KEEP)]
+    pub backups_keep: usize,
+
     /// Creates that run at once; more wait in a queue (bounded by
     /// `--ready-timeout`) and `GET /host/my` shows their place.
     #[arg(long, env = "WEBHOSTER_CONCURRENT_CREATES", default_value_t = 4)]

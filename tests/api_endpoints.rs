@@ -271,6 +271,10 @@ async fn tokens(db: Db) {
         (Method::POST, "/api/v1/host/my/stop"),
         (Method::POST, "/api/v1/host/my/restart"),
         (Method::GET, "/api/v1/host/my/console"),
+        (Method::POST, "/api/v1/host/my/backups"),
+        (Method::GET, "/api/v1/host/my/backups"),
+        (Method::POST, "/api/v1/host/my/backups/1/restore"),
+        (Method::DELETE, "/api/v1/host/my/backups/1"),
     ] {
         let (s, b) = api.call(m, p, None, None).await;
         assert_error(s, &b, 401, "unauthorized");
@@ -708,7 +712,83 @@ async fn rate_limits(db: Db) {
     assert_eq!(s, 200);
 }
 
+/// Backups are reached only through one's own hosting: another user's id is
+/// a 404 like one that never existed. (Taking and restoring backups needs
+/// real QEMU: `tests/e2e_backup.rs`.)
+async fn backup_access(db: Db) {
+    use webhoster::store::Consistency;
+    let api = TestApi::start(db).await;
+    let erin = api.user("erin").await;
+    let frank = api.user("frank").await;
+    let (e, f) = (Some(erin.as_str()), Some(frank.as_str()));
+    let (s, b) = api.call(Method::GET, "/api/v1/host/my/backups", e, None).await;
+    assert_error(s, &b, 404, "no_hosting");
+    for t in [e, f] {
+        let (s, b) = api.call(Method::POST, "/api/v1/host", t, None).await;
+        assert_eq!(s, 201, "{b}");
+    }
+    let (s, b) = api.call(Method::GET, "/api/v1/host/my/backups", e, None).await;
+    assert_eq!((s, &b["data"]), (200, &json!([])), "{b}");
+    let hosting = api
+        .hosting
+        .get(
+            api.call(Method::GET, "/api/v1/auth/me", e, None).await.1["data"]["id"]
+                .as_i64()
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let done = api.store.insert_backup(hosting.id, None).await.unwrap();
+    api.store
+        .complete_backup(done.id, None, Consistency::Frozen, 4096)
+        .await
+        .unwrap();
+    let running = api.store.insert_backup(hosting.id, Some(done.id)).await.unwrap();
+
+    let (s, b) = api.call(Method::GET, "/api/v1/host/my/backups", e, None).await;
+    assert_eq!(s, 200, "{b}");
+    let rows = b["data"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{b}");
+    assert_eq!(rows[0]["id"], done.id);
+    assert_eq!(rows[0]["status"], "complete");
+    assert_eq!(rows[0]["kind"], "full");
+    assert_eq!(rows[0]["consistency"], "frozen");
+    assert_eq!(rows[0]["size_bytes"], 4096);
+    assert!(
+        rows[0]["completed_at"].is_string() && rows[0]["progress"].is_null(),
+        "{b}"
+    );
+    assert_eq!(rows[1]["status"], "running");
+    assert_eq!(rows[1]["parent_id"], done.id);
+
+    // Frank sees none of them and cannot touch them.
+    let (s, b) = api.call(Method::GET, "/api/v1/host/my/backups", f, None).await;
+    assert_eq!((s, &b["data"]), (200, &json!([])), "{b}");
+    let path = format!("/api/v1/host/my/backups/{}", done.id);
+    let (s, b) = api.call(Method::DELETE, &path, f, None).await;
+    assert_error(s, &b, 404, "no_backup");
+    let (s, b) = api.call(Method::POST, &format!("{path}/restore"), f, None).await;
+    assert_error(s, &b, 404, "no_backup");
+    for bad in ["/api/v1/host/my/backups/x", "/api/v1/host/my/backups/999999"] {
+        let (s, b) = api.call(Method::DELETE, bad, e, None).await;
+        assert_error(s, &b, 404, "no_backup");
+    }
+    // A backup still being taken is neither restored nor deleted.
+    let path = format!("/api/v1/host/my/backups/{}", running.id);
+    let (s, b) = api.call(Method::POST, &format!("{path}/restore"), e, None).await;
+    assert_error(s, &b, 409, "hosting_busy");
+    let (s, b) = api.call(Method::GET, &format!("{path}/restore"), e, None).await;
+    assert_error(s, &b, 405, "method_not_allowed");
+
+    // Deleting the hosting deletes its backups' rows (the files go with the
+    // VM directory).
+    let (s, b) = api.call(Method::DELETE, "/api/v1/host/my", e, None).await;
+    assert_eq!(s, 200, "{b}");
+    assert!(api.store.backups(hosting.id).await.unwrap().is_empty());
+}
+
 both_backends!(
+    backup_access,
     rate_limits,
     accounts,
     validation,

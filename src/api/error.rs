@@ -190,6 +190,9 @@ impl From<HostingError> for ApiError {
             }
             H::Vm { .. } => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "vm_failed", msg),
             H::Transition(_) => ApiError::new(StatusCode::CONFLICT, "hosting_busy", msg),
+            H::NotRunning(_) => ApiError::new(StatusCode::CONFLICT, "not_running", msg),
+            H::NoBackup => ApiError::new(StatusCode::NOT_FOUND, "no_backup", msg),
+            H::NoRoom(_) => ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "no_room", msg),
             ref other @ H::TaskLost => ApiError::internal(other),
         }
     }

@@ -31,7 +31,7 @@ fn content_type(req: &Request<'_>) -> String {
 }
 
 /// The user id of a valid bearer token.
-fn bearer(req: &Request<'_>) -> Result<i64, ApiError> {
+pub(super) fn bearer(req: &Request<'_>) -> Result<i64, ApiError> {
     let value = req
         .headers
         .get(header::AUTHORIZATION)

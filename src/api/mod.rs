@@ -9,6 +9,7 @@
 //! access log line; metrics are counted per route.
 //! This module never runs a VM step itself and never writes SQL.
 
+mod backups;
 mod dto;
 mod error;
 mod handlers;
@@ -205,7 +206,7 @@ pub static ROUTES: &[RouteDef] = &[
     route!(
         DELETE,
         "/api/v1/host/my",
-        "Delete the hosting and everything it holds",
+        "Delete the hosting and everything it holds, its backups included",
         true,
         &[200, 401, 404, 409]
     ),
@@ -236,6 +237,38 @@ pub static ROUTES: &[RouteDef] = &[
         "Last lines of the VM's serial console (?lines=N, at most 1000)",
         true,
         &[200, 401, 404]
+    ),
+    route!(
+        POST,
+        "/api/v1/host/my/backups",
+        "Start a live backup of the running VM's disk (incremental on the last one when possible); \
+         202 with the backup, whose progress GET shows. One at a time; 507 when the host's disk \
+         could not hold it",
+        true,
+        &[202, 401, 404, 409, 507]
+    ),
+    route!(
+        GET,
+        "/api/v1/host/my/backups",
+        "The hosting's backups, oldest first: id, time, size, full or incremental, consistency \
+         (crash, or frozen by the guest agent), progress while running",
+        true,
+        &[200, 401, 404]
+    ),
+    route!(
+        POST,
+        "/api/v1/host/my/backups/{id}/restore",
+        "Stop the VM cleanly, put its disk back to that backup and start it (same address, port, \
+         host key and site); the next backup is full",
+        true,
+        &[200, 401, 404, 409, 504]
+    ),
+    route!(
+        DELETE,
+        "/api/v1/host/my/backups/{id}",
+        "Delete a backup; the others stay restorable (the next in its chain takes over its content)",
+        true,
+        &[200, 401, 404, 409]
     ),
     route!(GET, "/api/v1/health", "Liveness", false, &[200]),
     route!(
@@ -432,7 +465,7 @@ where
 }
 
 async fn dispatch(req: &Request<'_>, path: &str) -> Response {
-    let matching: Vec<&RouteDef> = ROUTES.iter().filter(|r| r.path == path).collect();
+    let matching: Vec<&RouteDef> = ROUTES.iter().filter(|r| path_matches(r.path, path)).collect();
     if matching.is_empty() {
         return ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no route {path}")).into_response();
     }
@@ -459,7 +492,8 @@ async fn dispatch(req: &Request<'_>, path: &str) -> Response {
         }
         return resp;
     }
-    let result = match (method.as_str(), path) {
+    // Every route of one path has the same pattern.
+    let result = match (method.as_str(), matching[0].path) {
         ("POST", "/api/v1/auth/register") => handlers::register(req).await,
         ("POST", "/api/v1/auth/login") => handlers::login(req).await,
         ("GET", "/api/v1/auth/me") => handlers::me(req).await,
@@ -470,6 +504,10 @@ async fn dispatch(req: &Request<'_>, path: &str) -> Response {
         ("POST", "/api/v1/host/my/stop") => handlers::power(req, "stop").await,
         ("POST", "/api/v1/host/my/restart") => handlers::power(req, "restart").await,
         ("GET", "/api/v1/host/my/console") => handlers::console(req).await,
+        ("POST", "/api/v1/host/my/backups") => backups::create(req).await,
+        ("GET", "/api/v1/host/my/backups") => backups::list(req).await,
+        ("POST", "/api/v1/host/my/backups/{id}/restore") => backups::restore(req, path).await,
+        ("DELETE", "/api/v1/host/my/backups/{id}") => backups::delete(req, path).await,
         ("GET", "/api/v1/health") => system::health(req).await,
         ("GET", "/api/v1/health/detailed") => system::health_detailed(req).await,
         ("GET", "/api/v1/version") => system::version(req).await,
@@ -479,6 +517,20 @@ async fn dispatch(req: &Request<'_>, path: &str) -> Response {
         _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")),
     };
     result.unwrap_or_else(ApiError::into_response)
+}
+
+/// Whether `path` fits `pattern`, where a `{name}` segment fits any
+/// non-empty segment.
+fn path_matches(pattern: &str, path: &str) -> bool {
+    let (mut p, mut q) = (pattern.split('/'), path.split('/'));
+    loop {
+        match (p.next(), q.next()) {
+            (None, None) => return true,
+            (Some(a), Some(b)) if a.starts_with('{') && a.ends_with('}') && !b.is_empty() => {}
+            (Some(a), Some(b)) if a == b => {}
+            _ => return false,
+        }
+    }
 }
 
 /// Serves `routes(state)` on `listener` until `shutdown` resolves, then lets
@@ -529,5 +581,17 @@ mod tests {
         headers.insert("x-real-ip", HeaderValue::from_static("not an address"));
         assert_eq!(client_addr(Some(front), &headers), Some(front));
         assert_eq!(client_addr(None, &headers), None);
+    }
+
+    #[test]
+    fn a_brace_segment_fits_any_one_segment() {
+        let p = "/api/v1/host/my/backups/{id}/restore";
+        assert!(path_matches(p, "/api/v1/host/my/backups/12/restore"));
+        assert!(path_matches(p, "/api/v1/host/my/backups/x/restore"));
+        assert!(!path_matches(p, "/api/v1/host/my/backups//restore"));
+        assert!(!path_matches(p, "/api/v1/host/my/backups/12"));
+        assert!(!path_matches(p, "/api/v1/host/my/backups/12/restore/more"));
+        assert!(path_matches("/api/v1/host/my", "/api/v1/host/my"));
+        assert!(!path_matches("/api/v1/host/my", "/api/v1/host/other"));
     }
 }

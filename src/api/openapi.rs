@@ -27,6 +27,7 @@ fn describe(status: u16) -> &'static str {
         422 => "Validation failed",
         503 => "No capacity, or a needed part is down",
         504 => "The guest did not come up in time",
+        507 => "The host's disk has no room for it",
         _ => "See the envelope's message",
     }
 }
@@ -54,6 +55,17 @@ pub fn build(version: &str) -> utoipa::openapi::OpenApi {
             op = op.response(
                 s.to_string(),
                 ResponseBuilder::new().description(describe(*s)).build(),
+            );
+        }
+        if r.path.contains("{id}") {
+            op = op.parameter(
+                utoipa::openapi::path::ParameterBuilder::new()
+                    .name("id")
+                    .parameter_in(utoipa::openapi::path::ParameterIn::Path)
+                    .required(utoipa::openapi::Required::True)
+                    .schema(Some(
+                        utoipa::openapi::ObjectBuilder::new().schema_type(utoipa::openapi::Type::Integer),
+                    )),
             );
         }
         if r.auth {

@@ -154,6 +154,37 @@ impl VmEngine for EngineAdapter {
         }
     }
 
+    fn disk_usage(&self, vm_id: &str) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(self.engine.vm_dir(vm_id).disk()).map_or(0, |m| m.blocks() * 512)
+    }
+
+    async fn backup(
+        &self,
+        vm_id: &str,
+        req: vmm::BackupRequest,
+        progress: &tokio::sync::watch::Sender<vmm::BackupProgress>,
+    ) -> Result<vmm::BackupOutcome, PortError> {
+        Ok(self.engine.backup(vm_id, req, progress).await?)
+    }
+
+    async fn abandon_backup(&self, vm_id: &str, id: i64) -> Result<(), PortError> {
+        Ok(self.engine.abandon_backup(vm_id, id).await?)
+    }
+
+    async fn delete_backup(
+        &self,
+        vm_id: &str,
+        id: i64,
+        child: Option<i64>,
+    ) -> Result<Option<u64>, PortError> {
+        Ok(self.engine.delete_backup(vm_id, id, child).await?)
+    }
+
+    async fn restore_disk(&self, vm_id: &str, id: i64) -> Result<(), PortError> {
+        Ok(self.engine.restore_disk(vm_id, id).await?)
+    }
+
     fn run_state(&self, vm_id: &str) -> Option<VmRunState> {
         self.engine.status(vm_id).map(|status| run_state(status.state))
     }

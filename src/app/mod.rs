@@ -6,6 +6,7 @@
 //! that is `hosting`'s.
 
 pub mod adapters;
+pub mod operator;
 pub mod system;
 pub mod teardown;
 
@@ -331,6 +332,7 @@ pub async fn run_with(paths: Paths, args: ServeArgs, backends: Backends) -> anyh
         },
         converge_every: crate::hosting::converge::INTERVAL,
         budget: backends.budget,
+        backups_keep: args.backups_keep,
     };
     let Backends { ports, engine, .. } = backends;
     let hosting = HostingService::new(store.clone(), ports, cfg);
@@ -338,7 +340,7 @@ pub async fn run_with(paths: Paths, args: ServeArgs, backends: Backends) -> anyh
     // remove what belongs to no hosting, and make one convergence pass so
     // every state shown is one seen since this start.
     let report = hosting.recover().await.context("recovering unfinished work")?;
-    tracing::info!(undone = ?report.undone, deleted = ?report.deleted, failed = ?report.failed, "recovery done");
+    tracing::info!(undone = ?report.undone, deleted = ?report.deleted, failed = ?report.failed, backups_dropped = ?report.backups_dropped, "recovery done");
     let reaped = hosting.reap().await.context("removing leftovers")?;
     tracing::info!(?reaped, "reaper done");
     let started = std::time::Instant::now();

@@ -284,7 +284,7 @@ impl HostingService {
     }
 
     /// QEMU is gone (cleanly: ACPI power-down, a bounded wait, then quit).
-    async fn ensure_stopped(&self, h: &mut Hosting) -> Result<(), HostingError> {
+    pub(super) async fn ensure_stopped(&self, h: &mut Hosting) -> Result<(), HostingError> {
         let engine = &self.ports.engine;
         if engine.run_state(&h.vm_id) != Some(VmRunState::Stopped) {
             if !matches!(h.state, HostingState::Stopping | HostingState::Stopped) {

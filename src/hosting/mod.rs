@@ -22,6 +22,7 @@
 
 pub mod admission;
 pub mod alloc;
+pub mod backups;
 pub mod converge;
 pub mod ports;
 pub mod probe;
@@ -92,6 +93,12 @@ pub enum HostingError {
     Cancelled,
     #[error("this host has no room for another hosting right now: {0}")]
     Capacity(String),
+    #[error("the VM is {0}; it must be running")]
+    NotRunning(&'static str),
+    #[error("this hosting has no such backup")]
+    NoBackup,
+    #[error("the host's disk has no room for this backup: {0}")]
+    NoRoom(String),
     #[error("the create task ended before it finished; everything it had done was undone")]
     TaskLost,
     #[error(transparent)]
@@ -122,6 +129,8 @@ pub struct HostingConfig {
     pub converge_every: Duration,
     /// What the host may give to hostings, and the create queue's bounds.
     pub budget: admission::Budget,
+    /// Complete backups kept per hosting; older ones are deleted.
+    pub backups_keep: usize,
 }
 
 impl Default for HostingConfig {
@@ -135,6 +144,7 @@ impl Default for HostingConfig {
             },
             converge_every: converge::INTERVAL,
             budget: admission::Budget::UNLIMITED,
+            backups_keep: backups::DEFAULT_KEEP,
         }
     }
 }
@@ -156,6 +166,8 @@ pub struct Recovery {
     pub deleted: Vec<String>,
     /// vm_ids whose cleanup did not finish (left `deleting`, retried).
     pub failed: Vec<String>,
+    /// Backups a crash left unfinished, removed.
+    pub backups_dropped: Vec<i64>,
 }
 
 const ALLOC_ATTEMPTS: usize = 64;
@@ -174,6 +186,8 @@ pub struct HostingService {
     /// Why the last create of a user failed (the row is gone, so a
     /// `?wait=false` caller learns it from here).
     last_failure: Mutex<HashMap<i64, String>>,
+    /// Backups being taken, by hosting id: their job's progress.
+    backups_running: Mutex<HashMap<i64, tokio::sync::watch::Receiver<ports::BackupProgress>>>,
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -196,6 +210,7 @@ impl HostingService {
             creates: Mutex::new(HashMap::new()),
             create_durations: Histogram::new(stats::CREATE_BUCKETS),
             last_failure: Mutex::new(HashMap::new()),
+            backups_running: Mutex::new(HashMap::new()),
         })
     }
 
@@ -669,6 +684,7 @@ impl HostingService {
                 }
             }
         }
+        report.backups_dropped = self.recover_backups().await?;
         Ok(report)
     }
 

@@ -15,6 +15,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+
+pub use crate::vmm::{BackupOutcome, BackupProgress, BackupRequest};
 use ipnet::Ipv4Net;
 
 /// A failure reported by a port: the error of the part behind it. The
@@ -133,6 +135,25 @@ pub trait VmEngine: Send + Sync {
     async fn vm_ids(&self) -> Result<Vec<String>, PortError>;
     /// The serial console log file.
     fn serial_log(&self, vm_id: &str) -> PathBuf;
+    /// Bytes the VM's disk takes on the host: at most what a backup copies.
+    fn disk_usage(&self, vm_id: &str) -> u64;
+    /// A live backup of the running VM's disk (`vmm::backup`); `progress`
+    /// follows the copy.
+    async fn backup(
+        &self,
+        vm_id: &str,
+        req: BackupRequest,
+        progress: &tokio::sync::watch::Sender<BackupProgress>,
+    ) -> Result<BackupOutcome, PortError>;
+    /// Removes what an unfinished backup left (job, files). Idempotent.
+    async fn abandon_backup(&self, vm_id: &str, id: i64) -> Result<(), PortError>;
+    /// Deletes a backup's file; `child`, backed by it, keeps its content.
+    /// Returns the child's new size.
+    async fn delete_backup(&self, vm_id: &str, id: i64, child: Option<i64>)
+    -> Result<Option<u64>, PortError>;
+    /// Puts the stopped VM's disk back to a backup (old disk kept until the
+    /// new one is whole).
+    async fn restore_disk(&self, vm_id: &str, id: i64) -> Result<(), PortError>;
     /// State changes the engine saw.
     fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<VmStateEvent>> {
         None

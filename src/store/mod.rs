@@ -8,6 +8,7 @@
 //! enforced by the database and comes back as [`StoreError::Conflict`].
 //! No other module writes SQL; this one never talks to QEMU, the network or HTTP.
 
+mod backups;
 mod hostings;
 mod users;
 
@@ -17,6 +18,7 @@ use std::time::Duration;
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::{AnyPool, Executor};
 
+pub use backups::{Backup, BackupKind, BackupStatus, Consistency};
 pub use hostings::{Hosting, NewHosting, StepRecord, StepState, UsedAllocations};
 pub use users::{User, UserWithHash};
 

@@ -23,6 +23,14 @@ pub enum VmCmd {
     /// Send one QMP command (JSON) to a VM and print QEMU's reply, e.g.
     /// `webhoster vm qmp vm-1 '{"execute":"query-status"}'`.
     Qmp { vm_id: String, command: String },
+    /// Take a live backup of a VM's disk (through the running service) and
+    /// wait for it.
+    Backup { vm_id: String },
+    /// List a VM's backups (through the running service).
+    Backups { vm_id: String },
+    /// Stop the VM cleanly, put its disk back to a backup, start it
+    /// (through the running service).
+    Restore { vm_id: String, backup_id: i64 },
 }
 
 pub async fn run(paths: Paths, cmd: VmCmd) -> anyhow::Result<ExitCode> {
@@ -52,6 +60,11 @@ pub async fn run(paths: Paths, cmd: VmCmd) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::SUCCESS
             })
+        }
+        // The engine alone cannot take the hosting's turn: `crate::cli`
+        // sends these to the running service (`app::operator`).
+        VmCmd::Backup { .. } | VmCmd::Backups { .. } | VmCmd::Restore { .. } => {
+            bail!("backups go through the running service")
         }
     }
 }

@@ -12,6 +12,7 @@
 //! qga.lock           flock held by the one guest-agent client (vmm::qga)
 //! qemu.pid           written and locked by QEMU
 //! start.lock         flock held while a start checks and spawns
+//! backups/           <id>.qcow2 per backup (vmm::backup)
 //! serial.log (+.1..)  serial console, drained from QEMU's ring (vmm::logs)
 //! qemu.log (+.1..)    QEMU's own stdout/stderr, through a pipe (vmm::logs)
 //! ```
@@ -50,6 +51,21 @@ impl VmDir {
     }
     /// Where the orchestrator is expected to write the seed (the spec may
     /// name another path).
+    /// `backups/`: one `<id>.qcow2` per complete backup, `.<id>.qcow2.tmp`
+    /// while one is written. Removed with the VM.
+    pub fn backups(&self) -> PathBuf {
+        self.root.join("backups")
+    }
+    pub fn backup_file(&self, id: i64) -> PathBuf {
+        self.backups().join(format!("{id}.qcow2"))
+    }
+    pub fn backup_tmp(&self, id: i64) -> PathBuf {
+        self.backups().join(format!(".{id}.qcow2.tmp"))
+    }
+    /// The disk being rebuilt from a backup, renamed over `disk.qcow2` when whole.
+    pub fn restore_tmp(&self) -> PathBuf {
+        self.root.join(".disk.qcow2.restore")
+    }
     pub fn seed_iso(&self) -> PathBuf {
         self.root.join("seed.iso")
     }

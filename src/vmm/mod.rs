@@ -6,6 +6,7 @@
 //! [`VmEvent`]s for the orchestrator to persist.
 
 pub mod accel;
+mod backup;
 pub mod cgroup;
 pub mod cli;
 pub mod cmdline;
@@ -36,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use crate::logfile::LogCap;
 
 pub use accel::AccelChoice;
+pub use backup::{BackupOutcome, BackupProgress, BackupRequest};
 pub use cgroup::{CgroupLimits, CgroupMode, CgroupOptions, Cgroups};
 pub use dir::VmDir;
 pub use engine::{DEFAULT_STOP_TIMEOUT, Engine};
@@ -240,6 +242,10 @@ pub enum VmmError {
     UnknownVm(String),
     #[error("VM {0:?} is not running")]
     NotRunning(String),
+    #[error("VM {0:?} is still running")]
+    StillRunning(String),
+    #[error("VM {vm_id}: backup {id}: {why}")]
+    Backup { vm_id: String, id: i64, why: String },
     #[error("invalid VM spec: {0}")]
     BadSpec(String),
     #[error(transparent)]

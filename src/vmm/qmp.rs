@@ -249,6 +249,148 @@ fn map_event(event: qmp::Event) -> QmpEvent {
     }
 }
 
+/// A raw monitor session on a socket nobody else holds (the operator
+/// socket): JSON in, QEMU's reply object out, events skipped. It can pass a
+/// file descriptor with a command (`add-fd`), which is how QEMU, no longer
+/// root and unable to open our files by path, gets a new backup target.
+pub struct Monitor {
+    lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    write: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl Monitor {
+    /// Connect, read the greeting and negotiate, within [`CONNECT_TIMEOUT`].
+    pub async fn connect(socket: &Path) -> Result<Monitor, QmpError> {
+        let run = async {
+            let stream = UnixStream::connect(socket)
+                .await
+                .map_err(|source| QmpError::Connect {
+                    path: socket.to_owned(),
+                    source,
+                })?;
+            let (read, write) = stream.into_split();
+            let mut monitor = Monitor {
+                lines: BufReader::new(read).lines(),
+                write,
+            };
+            let greeting = monitor.next_reply().await?;
+            if greeting.get("QMP").is_none() {
+                return Err(QmpError::Protocol("no QMP greeting".into()));
+            }
+            let caps = monitor
+                .send(&serde_json::json!({"execute": "qmp_capabilities"}), None)
+                .await?;
+            if caps.get("error").is_some() {
+                return Err(QmpError::Protocol(format!("negotiation refused: {caps}")));
+            }
+            Ok(monitor)
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, run)
+            .await
+            .map_err(|_| QmpError::Timeout {
+                what: format!("greeting on {}", socket.display()),
+                after: CONNECT_TIMEOUT,
+            })?
+    }
+
+    async fn next_reply(&mut self) -> Result<serde_json::Value, QmpError> {
+        loop {
+            let line = self
+                .lines
+                .next_line()
+                .await
+                .map_err(|source| QmpError::Io {
+                    what: "reading".into(),
+                    source,
+                })?
+                .ok_or_else(|| QmpError::Protocol("QEMU closed the monitor".into()))?;
+            let value: serde_json::Value = serde_json::from_str(&line)
+                .map_err(|e| QmpError::Protocol(format!("not JSON from QEMU: {e}")))?;
+            if value.get("return").is_some() || value.get("error").is_some() || value.get("QMP").is_some() {
+                return Ok(value);
+            }
+        }
+    }
+
+    /// Sends `command` (with `fd` as SCM_RIGHTS when given) and returns
+    /// QEMU's reply object, `{"return": ...}` or `{"error": ...}`. No
+    /// timeout here: the caller bounds the whole exchange.
+    pub async fn send(
+        &mut self,
+        command: &serde_json::Value,
+        fd: Option<std::os::fd::BorrowedFd<'_>>,
+    ) -> Result<serde_json::Value, QmpError> {
+        let what = command
+            .get("execute")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| QmpError::Protocol("the command needs an \"execute\" member".into()))?
+            .to_owned();
+        let mut line = serde_json::to_vec(command).expect("a JSON value serializes");
+        line.push(b'\n');
+        let io = |source| QmpError::Io {
+            what: what.clone(),
+            source,
+        };
+        match fd {
+            None => self.write.write_all(&line).await.map_err(io)?,
+            Some(fd) => {
+                use std::os::fd::AsRawFd;
+                let sock: &UnixStream = self.write.as_ref();
+                let fds = [fd.as_raw_fd()];
+                let mut sent = 0;
+                // The fd goes with the first byte; the rest is plain data.
+                while sent < line.len() {
+                    sock.writable().await.map_err(io)?;
+                    let chunk = [std::io::IoSlice::new(&line[sent..])];
+                    let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+                    let cmsgs: &[nix::sys::socket::ControlMessage] = if sent == 0 { &cmsg } else { &[] };
+                    match sock.try_io(tokio::io::Interest::WRITABLE, || {
+                        nix::sys::socket::sendmsg::<()>(
+                            sock.as_raw_fd(),
+                            &chunk,
+                            cmsgs,
+                            nix::sys::socket::MsgFlags::empty(),
+                            None,
+                        )
+                        .map_err(std::io::Error::from)
+                    }) {
+                        Ok(n) => sent += n,
+                        Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => continue,
+                        Err(err) => return Err(io(err)),
+                    }
+                }
+            }
+        }
+        self.next_reply().await
+    }
+
+    /// [`Monitor::send`] within [`COMMAND_TIMEOUT`], `return`'s value or
+    /// [`QmpError::Refused`].
+    pub async fn execute(
+        &mut self,
+        command: serde_json::Value,
+        fd: Option<std::os::fd::BorrowedFd<'_>>,
+    ) -> Result<serde_json::Value, QmpError> {
+        let what = command["execute"].as_str().unwrap_or("?").to_owned();
+        let reply = tokio::time::timeout(COMMAND_TIMEOUT, self.send(&command, fd))
+            .await
+            .map_err(|_| QmpError::Timeout {
+                what: what.clone(),
+                after: COMMAND_TIMEOUT,
+            })??;
+        match reply.get("return") {
+            Some(value) => Ok(value.clone()),
+            None => Err(QmpError::Refused {
+                what,
+                desc: reply["error"]["desc"]
+                    .as_str()
+                    .unwrap_or("no description")
+                    .to_owned(),
+            }),
+        }
+    }
+}
+
 /// One command as raw JSON on a monitor socket (the operator passthrough):
 /// connect, negotiate, send `command`, return QEMU's reply object
 /// (`{"return": ...}` or `{"error": ...}`), skipping events.
@@ -263,56 +405,10 @@ pub async fn raw_command(
         .ok_or_else(|| QmpError::Protocol("the command needs an \"execute\" member".into()))?
         .to_owned();
     let run = async {
-        let stream = UnixStream::connect(socket)
-            .await
-            .map_err(|source| QmpError::Connect {
-                path: socket.to_owned(),
-                source,
-            })?;
-        let (read, mut write) = stream.into_split();
-        let mut lines = BufReader::new(read).lines();
-        let io = |what: &str| {
-            let what = what.to_owned();
-            move |source| QmpError::Io { what, source }
-        };
-        let next_reply = async |lines: &mut tokio::io::Lines<_>| -> Result<serde_json::Value, QmpError> {
-            loop {
-                let line = lines
-                    .next_line()
-                    .await
-                    .map_err(io("reading"))?
-                    .ok_or_else(|| QmpError::Protocol("QEMU closed the monitor".into()))?;
-                let value: serde_json::Value = serde_json::from_str(&line)
-                    .map_err(|e| QmpError::Protocol(format!("not JSON from QEMU: {e}")))?;
-                if value.get("return").is_some() || value.get("error").is_some() {
-                    return Ok(value);
-                }
-                if value.get("QMP").is_some() {
-                    return Ok(value);
-                }
-            }
-        };
-        let greeting = next_reply(&mut lines).await?;
-        if greeting.get("QMP").is_none() {
-            return Err(QmpError::Protocol("no QMP greeting".into()));
-        }
-        write
-            .write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
-            .await
-            .map_err(io("qmp_capabilities"))?;
-        let caps = next_reply(&mut lines).await?;
-        if caps.get("error").is_some() {
-            return Err(QmpError::Protocol(format!("negotiation refused: {caps}")));
-        }
-        let mut line = serde_json::to_vec(command).expect("a JSON value serializes");
-        line.push(b'\n');
-        write.write_all(&line).await.map_err(io(&what))?;
-        next_reply(&mut lines).await
+        let mut monitor = Monitor::connect(socket).await?;
+        monitor.send(command, None).await
     };
     tokio::time::timeout(timeout, run)
         .await
-        .map_err(|_| QmpError::Timeout {
-            what: what.clone(),
-            after: timeout,
-        })?
+        .map_err(|_| QmpError::Timeout { what, after: timeout })?
 }

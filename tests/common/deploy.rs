@@ -62,7 +62,10 @@ impl Deployment {
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(BIN);
+        // WEBHOSTER_TEST_BIN: a copy of the binary under test, for a run that
+        // shares its target dir with other builds (they replace BIN).
+        let bin = std::env::var("WEBHOSTER_TEST_BIN").unwrap_or_else(|_| BIN.to_owned());
+        let mut cmd = Command::new(bin);
         cmd.args(args).envs(&self.env).env_remove("DATABASE_URL");
         cmd
     }

@@ -250,6 +250,31 @@ fn refused(what: &str) -> PortError {
 
 #[async_trait]
 impl VmEngine for FakeWorld {
+    fn disk_usage(&self, _vm_id: &str) -> u64 {
+        0
+    }
+    async fn backup(
+        &self,
+        vm_id: &str,
+        _req: webhoster::vmm::BackupRequest,
+        _progress: &tokio::sync::watch::Sender<webhoster::vmm::BackupProgress>,
+    ) -> Result<webhoster::vmm::BackupOutcome, PortError> {
+        panic!("the fake engine takes no backups ({vm_id}); backups are tested on real QEMU")
+    }
+    async fn abandon_backup(&self, vm_id: &str, _id: i64) -> Result<(), PortError> {
+        panic!("the fake engine takes no backups ({vm_id})")
+    }
+    async fn delete_backup(
+        &self,
+        vm_id: &str,
+        _id: i64,
+        _child: Option<i64>,
+    ) -> Result<Option<u64>, PortError> {
+        panic!("the fake engine takes no backups ({vm_id})")
+    }
+    async fn restore_disk(&self, vm_id: &str, _id: i64) -> Result<(), PortError> {
+        panic!("the fake engine takes no backups ({vm_id})")
+    }
     fn vm_dir(&self, vm_id: &str) -> PathBuf {
         self.dir.join("vms").join(vm_id)
     }
