@@ -89,7 +89,7 @@ pub async fn build_backends(paths: &Paths, args: &ServeArgs) -> anyhow::Result<B
     opts.qemu = args.vmm.qemu.clone();
     opts.accel = args.vmm.accel;
     opts.cgroups = args.vmm.cgroup_options();
-    opts.qemu_user = args.vmm.qemu_user();
+    opts.qemu_ids = args.vmm.qemu_ids;
     opts.tap_opener = Some(Arc::new(adapters::NsTaps(net_opts)) as Arc<dyn vmm::TapOpener>);
     let engine = Arc::new(Engine::new(opts).context("starting the VM engine")?);
     let mut proxy_opts = ProxyOptions::new(paths.nginx_dir(), args.http_addr);
