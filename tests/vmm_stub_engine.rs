@@ -536,6 +536,9 @@ async fn operator_cli_list_info_qmp() {
         out.contains(&format!("pid:        {pid}")) && out.contains("\"running\""),
         "{out}"
     );
+    let uid = webhoster::vmm::dir::uid_of(pid).unwrap();
+    assert_ne!(uid, 0);
+    assert!(out.contains(&format!("runs as:    uid {uid}\n")), "{out}");
 
     let (ok, _, err) = run(&["vm", "info", "nope"]);
     assert!(!ok && err.contains("unknown VM \"nope\""), "{err}");
