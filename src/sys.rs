@@ -66,7 +66,8 @@ pub fn spawn_detached(
     )
 }
 
-/// [`spawn_detached`], and before exec: set the umask and join cgroups.
+/// [`spawn_detached`], and before exec: set the umask, join cgroups, then
+/// drop to unprivileged credentials.
 pub fn spawn_detached_with(
     cmd: std::process::Command,
     detach: Detach<'_>,

@@ -10,7 +10,7 @@
 //! qmp-operator.sock  QMP for operators: `webhoster vm qmp`, socat
 //! qga.sock           the guest agent's virtio-serial port (one client at a time)
 //! qga.lock           flock held by the one guest-agent client (vmm::qga)
-//! qemu.pid           written and locked by QEMU
+//! qemu.pid           created by the engine, written and locked by QEMU
 //! start.lock         flock held while a start checks and spawns
 //! serial.log (+.1)   serial console, rotated at SERIAL_LOG_MAX
 //! qemu.log (+.1)     QEMU's own stdout/stderr, rotated the same way

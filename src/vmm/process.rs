@@ -147,11 +147,13 @@ impl Launcher {
     /// gid. Under KVM also the group of `/dev/kvm`, which QEMU opens by path.
     fn credentials(&self, vm_id: &str, dir: &VmDir) -> Result<crate::sys::Credentials, VmmError> {
         let vms_dir = dir.root().parent().unwrap_or(Path::new("/"));
-        let live: Vec<u32> = super::scan::qemu_processes(vms_dir)
-            .into_iter()
-            .filter_map(|(pid, _)| dir::uid_of(pid))
-            .collect();
-        let id = self.qemu_ids.assign(vms_dir, dir, &live)?;
+        let live = || {
+            super::scan::qemu_processes(vms_dir)
+                .into_iter()
+                .filter_map(|(pid, _)| dir::uid_of(pid))
+                .collect()
+        };
+        let id = self.qemu_ids.assign(vms_dir, dir, live)?;
         let groups = match self.accel {
             AccelChoice::Kvm => {
                 use std::os::unix::fs::MetadataExt;

@@ -68,10 +68,15 @@ impl QemuIds {
 
     /// The id of `dir`'s VM: the one its directory's group already names,
     /// or else the lowest one in the range that no other VM directory under
-    /// `vms_dir` and no live QEMU of ours (`live`) holds; the directory's
-    /// group is set to it. Serialised across processes by an flock on
-    /// `vms_dir`.
-    pub fn assign(&self, vms_dir: &Path, dir: &VmDir, live: &[u32]) -> Result<u32, VmmError> {
+    /// `vms_dir` and no live QEMU of ours (the uids `live` lists, asked only
+    /// for a new id: it scans /proc) holds; the directory's group is set to
+    /// it. Serialised across processes by an flock on `vms_dir`.
+    pub fn assign(
+        &self,
+        vms_dir: &Path,
+        dir: &VmDir,
+        live: impl FnOnce() -> Vec<u32>,
+    ) -> Result<u32, VmmError> {
         let fail = |what: &str, source: std::io::Error| VmmError::Io {
             vm_id: dir_name(dir),
             what: what.to_owned(),
@@ -80,7 +85,7 @@ impl QemuIds {
         let lock = std::fs::File::open(vms_dir).map_err(|e| fail("cannot open the vms directory", e))?;
         let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
             .map_err(|(_, errno)| fail("cannot lock the vms directory", errno.into()))?;
-        let mut taken: BTreeSet<u32> = live.iter().copied().collect();
+        let mut taken = BTreeSet::new();
         let mut own = None;
         for entry in std::fs::read_dir(vms_dir).map_err(|e| fail("cannot list the vms directory", e))? {
             let entry = entry.map_err(|e| fail("cannot list the vms directory", e))?;
@@ -95,9 +100,12 @@ impl QemuIds {
             }
         }
         // Kept unless another directory claims the same id (a copied dir).
+        // No other VM can have been given it meanwhile, so a live QEMU with
+        // it can only be this VM's own.
         if let Some(id) = own.filter(|id| !taken.contains(id)) {
             return Ok(id);
         }
+        taken.extend(live());
         let id = (self.first..=self.last)
             .find(|id| !taken.contains(id))
             .ok_or_else(|| VmmError::QemuIds {
@@ -158,18 +166,18 @@ mod tests {
         for d in &dirs {
             d.create().unwrap();
         }
-        let a = ids.assign(tmp.path(), &dirs[0], &[]).unwrap();
+        let none = Vec::new;
+        let a = ids.assign(tmp.path(), &dirs[0], none).unwrap();
         assert_eq!(a, ids.first);
-        assert_eq!(ids.assign(tmp.path(), &dirs[0], &[]).unwrap(), a, "kept");
-        let b = ids.assign(tmp.path(), &dirs[1], &[ids.first + 1]).unwrap();
+        let kept = ids.assign(tmp.path(), &dirs[0], || unreachable!("no scan for a kept id"));
+        assert_eq!(kept.unwrap(), a);
+        let b = ids.assign(tmp.path(), &dirs[1], || vec![ids.first + 1]).unwrap();
         assert_eq!(b, ids.first + 2, "skips the id a live QEMU holds");
-        assert!(
-            ids.assign(tmp.path(), &dirs[2], &[ids.first + 1]).is_err(),
-            "range exhausted"
-        );
+        let full = ids.assign(tmp.path(), &dirs[2], || vec![ids.first + 1]);
+        assert!(full.is_err(), "range exhausted");
         std::fs::remove_dir(dirs[0].root()).unwrap();
         assert_eq!(
-            ids.assign(tmp.path(), &dirs[3], &[]).unwrap(),
+            ids.assign(tmp.path(), &dirs[3], none).unwrap(),
             a,
             "freed id reused"
         );
