@@ -34,6 +34,7 @@ fn mem_total_kib() -> u64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let tmp = tempfile::Builder::new().prefix("vmm-bench").tempdir().unwrap();
+    vmm_stub::let_qemu_through(tmp.path());
     let reaper = QemuReaper::default();
     let engine = Engine::new(EngineOptions::new(tmp.path().join("vms"))).unwrap();
     let (kernel, initrd, base, seed) = stub_files(&tmp.path().join("files"), StubAction::Idle);

@@ -98,12 +98,10 @@ pub struct VmmArgs {
     #[arg(long, env = "WEBHOSTER_VM_PIDS_MAX", default_value_t = crate::vmm::cgroup::DEFAULT_PIDS_MAX)]
     pub vm_pids_max: u64,
 
-    /// The unprivileged user QEMU drops to after opening its files
-    /// (`-runas`): a user name (created as a system user at start when
-    /// missing) or `UID:GID`. An empty value keeps QEMU root (still
-    /// seccomp-sandboxed).
-    #[arg(long, env = "WEBHOSTER_QEMU_USER", default_value = crate::vmm::sandbox::DEFAULT_QEMU_USER)]
-    pub qemu_user: String,
+    /// The ids QEMUs run as, `FIRST-LAST`: each VM's QEMU gets one of its
+    /// own as uid and gid (no account needed) and never runs as root.
+    #[arg(long, env = "WEBHOSTER_QEMU_IDS", default_value = crate::vmm::sandbox::DEFAULT_QEMU_IDS)]
+    pub qemu_ids: crate::vmm::QemuIds,
 }
 
 impl VmmArgs {
@@ -114,12 +112,6 @@ impl VmmArgs {
             memory_overhead_mib: self.vm_memory_overhead_mib,
             pids_max: self.vm_pids_max,
         }
-    }
-
-    /// `None` when QEMU stays root.
-    pub fn qemu_user(&self) -> Option<String> {
-        let user = self.qemu_user.trim();
-        (!user.is_empty()).then(|| user.to_owned())
     }
 }
 

@@ -110,7 +110,7 @@ pub fn checks(paths: &Paths, vmm: &VmmArgs) -> Vec<Check> {
             check("accel", true, Ok(format!("{accel}: {reason}")))
         },
         cgroups_check(vmm),
-        qemu_user_check(vmm),
+        qemu_ids_check(vmm),
         check(
             "image",
             false,
@@ -199,31 +199,16 @@ fn cgroups_check(vmm: &VmmArgs) -> Check {
     check("cgroups", required, result)
 }
 
-/// The user QEMU drops to, and whether it exists yet (the engine creates a
-/// missing one at start).
-fn qemu_user_check(vmm: &VmmArgs) -> Check {
-    use crate::vmm::QemuUser;
-    let Some(user) = vmm.qemu_user() else {
-        return check(
-            "qemu user",
-            false,
-            Err("none (--qemu-user ''): QEMU stays root, sandboxed by seccomp only".into()),
-        );
-    };
-    let result = match QemuUser::parse(&user) {
-        Err(err) => Err(err.to_string()),
-        Ok(user) => Ok(match user.ids() {
-            Some((uid, gid)) => format!(
-                "QEMU drops to {} (uid {uid}, gid {gid}) after start",
-                user.runas()
-            ),
-            None => format!(
-                "QEMU drops to {} after start; the user is missing and is created (useradd --system) when serve starts",
-                user.runas()
-            ),
-        }),
-    };
-    check("qemu user", true, result)
+/// The ids QEMUs run as.
+fn qemu_ids_check(vmm: &VmmArgs) -> Check {
+    check(
+        "qemu ids",
+        true,
+        Ok(format!(
+            "each VM's QEMU runs as its own uid and gid from {} (never root; set*id denied by seccomp)",
+            vmm.qemu_ids
+        )),
+    )
 }
 
 pub async fn run(paths: Paths, args: DoctorArgs) -> anyhow::Result<ExitCode> {

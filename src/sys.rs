@@ -32,6 +32,20 @@ pub struct Detach<'a> {
     /// The child's umask, so what it creates (sockets, logs, pidfile) gets
     /// modes that do not depend on ours.
     pub umask: Option<libc::mode_t>,
+    /// Who the child becomes after joining its cgroups (which needs root)
+    /// and before exec; `None` keeps our ids.
+    pub credentials: Option<Credentials>,
+}
+
+/// An unprivileged identity for a child: real, effective and saved uid and
+/// gid, exactly these supplementary groups, no capabilities (the kernel
+/// clears them when every uid leaves 0), and `no_new_privs`, so no set-id
+/// binary or file capability can give any of it back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
 }
 
 /// Spawn `cmd` in a new session (`setsid`, so signals to our process group
@@ -52,7 +66,8 @@ pub fn spawn_detached(
     )
 }
 
-/// [`spawn_detached`], and before exec: set the umask and join cgroups.
+/// [`spawn_detached`], and before exec: set the umask, join cgroups, then
+/// drop to unprivileged credentials.
 pub fn spawn_detached_with(
     cmd: std::process::Command,
     detach: Detach<'_>,
@@ -64,7 +79,14 @@ pub fn spawn_detached_with(
         fds,
         cgroup_procs,
         umask,
+        credentials,
     } = detach;
+    if credentials.as_ref().is_some_and(|c| c.uid == 0 || c.gid == 0) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "credentials to drop to must not be root's",
+        ));
+    }
     if cgroup_procs.len() > MAX_CGROUPS {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -86,9 +108,10 @@ pub fn spawn_detached_with(
     let mut cmd = cmd;
     // SAFETY: the closure runs in the forked child before exec, where only
     // async-signal-safe calls are allowed: it calls umask, open, write,
-    // close, setsid, fcntl and dup2 on plain integers and on the pointers of
-    // C strings built before the fork (owned by the closure, only read), and
-    // touches no allocator or lock (`pairs` is a fixed array copied into the
+    // close, setsid, fcntl, dup2, setgroups, setresgid, setresuid and prctl
+    // on plain integers and on the pointers of C strings and a group list
+    // built before the fork (owned by the closure, only read), and touches
+    // no allocator or lock (`pairs` is a fixed array copied into the
     // closure). The borrowed descriptors outlive the spawn call, which is
     // when the closure runs.
     unsafe {
@@ -129,6 +152,16 @@ pub fn spawn_detached_with(
                     return Err(std::io::Error::last_os_error());
                 }
                 libc::close(fd);
+            }
+            // Last, since everything above may need root. Groups first and
+            // the uid last: after setresuid nothing else can be changed.
+            if let Some(c) = &credentials
+                && (libc::setgroups(c.groups.len(), c.groups.as_ptr()) == -1
+                    || libc::setresgid(c.gid, c.gid, c.gid) == -1
+                    || libc::setresuid(c.uid, c.uid, c.uid) == -1
+                    || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == -1)
+            {
+                return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });

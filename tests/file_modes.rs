@@ -2,8 +2,8 @@
 //! comes from the umask): the state dir, the SQLite database and its WAL
 //! files and the JWT secret as `serve` opens them, and the VM directories
 //! as the engine makes them. The files of a running VM (disk, logs,
-//! sockets, pidfile) are checked by `vmm_stub_engine`'s
-//! `vm_runs_in_its_cgroup_as_the_qemu_user_with_private_files`.
+//! sockets, pidfile, with the group of the VM's QEMU id) are checked by
+//! `vmm_stub_engine`'s `vm_runs_in_its_cgroup_as_its_own_id_with_private_files`.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -56,12 +56,11 @@ async fn state_dir_database_secret_and_vm_dirs_are_private() {
     assert_eq!(mode(&state), 0o711);
     assert_eq!(mode(&db), 0o600);
 
-    // The engine's dirs: `vms/` and each VM's, 0700; vm.json 0600.
-    let mut opts = EngineOptions::new(cli.paths.vms_dir());
-    opts.qemu_user = None;
-    let engine = Engine::new(opts).unwrap();
-    assert_eq!(mode(&cli.paths.vms_dir()), 0o700);
+    // The engine's dirs: `vms/` 0711 (each QEMU passes through to its own
+    // dir), each VM's 0710 (its group is its QEMU's id, given at spawn).
+    let engine = Engine::new(EngineOptions::new(cli.paths.vms_dir())).unwrap();
+    assert_eq!(mode(&cli.paths.vms_dir()), 0o711);
     let dir = engine.vm_dir("vm-modes");
     dir.create().unwrap();
-    assert_eq!(mode(dir.root()), 0o700);
+    assert_eq!(mode(dir.root()), 0o710);
 }

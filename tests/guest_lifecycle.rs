@@ -115,6 +115,7 @@ async fn agent_ready_state_writeback_bound_and_clean_powerdown() {
         .prefix("guest-lifecycle")
         .tempdir()
         .unwrap();
+    common::vmm_stub::let_qemu_through(tmp.path());
     let reaper = QemuReaper::default();
     let vm_id = unique_vm_id("life");
     reaper.track(&vm_id);

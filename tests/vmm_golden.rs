@@ -21,18 +21,8 @@ fn spec(vm_id: &str, plan: &str, net: VmNet) -> VmSpec {
     }
 }
 
-/// QEMU drops to the default user unless a test says otherwise.
 fn check(name: &str, accel: AccelChoice, spec: &VmSpec) {
-    check_as(
-        name,
-        accel,
-        spec,
-        Some(webhoster::vmm::sandbox::DEFAULT_QEMU_USER),
-    );
-}
-
-fn check_as(name: &str, accel: AccelChoice, spec: &VmSpec, runas: Option<&str>) {
-    let argv = argv_for(accel, Path::new("/var/lib/webhoster/vms"), spec, runas);
+    let argv = argv_for(accel, Path::new("/var/lib/webhoster/vms"), spec);
     let actual = argv.join("\n") + "\n";
     let file: PathBuf = [
         env!("CARGO_MANIFEST_DIR"),
@@ -90,18 +80,4 @@ fn no_network_and_a_comma_in_a_path() {
     let mut spec = spec("vm-nonet", "small", VmNet::None);
     spec.seed_iso = "/srv/odd,dir/seed.iso".into();
     check("vmm_nonet_comma", AccelChoice::Tcg, &spec);
-}
-
-/// Without `-runas` QEMU stays root, and its sandbox also denies set*id.
-#[test]
-fn qemu_kept_root_denies_elevating_privileges() {
-    let spec = spec("vm-root1", "small", VmNet::None);
-    check_as("vmm_root_sandboxed", AccelChoice::Tcg, &spec, None);
-}
-
-/// A bare `UID:GID` (no account needed).
-#[test]
-fn qemu_as_bare_ids() {
-    let spec = spec("vm-ids1", "small", VmNet::None);
-    check_as("vmm_runas_ids", AccelChoice::Tcg, &spec, Some("64055:64055"));
 }

@@ -3,7 +3,9 @@
 //! spare the CPU: start and `running` over QMP, the welcome page over HTTP,
 //! data written over SSH, `kill -9` (the supervisor restarts it, the data is
 //! still there), a new engine reattaching to the same pid without a guest
-//! reboot, and a graceful stop that the guest performs itself.
+//! reboot, and a graceful stop that the guest performs itself. All of it
+//! with a QEMU that never held root (its own id, seccomp denying set*id):
+//! QMP, the guest agent, disk writes and the network work without it.
 //! Guest networking is QEMU user mode, `restrict=on`, forwards on 127.0.0.1.
 
 mod common;
@@ -16,7 +18,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::vmm_stub::{QemuReaper, unique_vm_id};
-use webhoster::vmm::{Engine, EngineOptions, ReattachOutcome, RestartPolicy, VmState};
+use webhoster::vmm::{Engine, EngineOptions, QgaClient, ReattachOutcome, RestartPolicy, VmState};
 
 /// Under TCG on a loaded 2-core host a Debian boot takes 20-90 s.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -62,6 +64,56 @@ async fn wait_ssh(key: &TestKey, port: u16, command: &str) -> String {
     }
 }
 
+/// Status fields of `pid` (`Uid:` ...), whitespace normalised.
+fn proc_status(pid: i32, key: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// Real, effective, saved and fs uid all one non-root id of the engine's
+/// range, no capability, no_new_privs, a seccomp filter, and a sandbox
+/// that denies set*id calls.
+fn assert_unprivileged(pid: i32, engine: &Engine) {
+    let uids = proc_status(pid, "Uid:");
+    let uid: u32 = uids.split(' ').next().unwrap().parse().unwrap();
+    assert_ne!(uid, 0);
+    assert!(engine.qemu_ids().contains(uid), "uid {uid}");
+    let all = format!("{uid} {uid} {uid} {uid}");
+    assert_eq!(uids, all);
+    assert_eq!(proc_status(pid, "Gid:"), all);
+    assert_eq!(proc_status(pid, "CapEff:"), "0000000000000000");
+    assert_eq!(proc_status(pid, "NoNewPrivs:"), "1");
+    assert_eq!(proc_status(pid, "Seccomp:"), "2");
+    let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap();
+    let sandbox = cmdline
+        .split('\0')
+        .skip_while(|a| *a != "-sandbox")
+        .nth(1)
+        .unwrap_or_default();
+    assert!(sandbox.contains("elevateprivileges=deny"), "{cmdline:?}");
+}
+
+/// A guest-agent client once the agent answers (it starts late in the boot).
+async fn qga_when_up(dir: &webhoster::vmm::VmDir) -> QgaClient {
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    loop {
+        match QgaClient::connect(&dir.qga_socket(), &dir.qga_lock()).await {
+            Ok(mut client) => {
+                if client.ping().await.is_ok() {
+                    return client;
+                }
+            }
+            Err(err) => assert!(Instant::now() < deadline, "no guest agent: {err}"),
+        }
+        assert!(Instant::now() < deadline, "the guest agent never answered a ping");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 fn kernel_boots(serial_log: &Path) -> usize {
     std::fs::read_to_string(serial_log)
         .unwrap_or_default()
@@ -73,6 +125,7 @@ fn kernel_boots(serial_log: &Path) -> usize {
 async fn debian_guest_serves_survives_kill_9_and_reattach() {
     let image = common::guest::test_image();
     let tmp = tempfile::Builder::new().prefix("vmm-guest").tempdir().unwrap();
+    common::vmm_stub::let_qemu_through(tmp.path());
     let reaper = QemuReaper::default();
     let vm_id = unique_vm_id("guest");
     reaper.track(&vm_id);
@@ -132,6 +185,15 @@ async fn debian_guest_serves_survives_kill_9_and_reattach() {
     };
     assert!(console.contains(&format!("console-{token}")), "{console}");
     assert!(console.contains("Cloud-init"), "boot output: {console}");
+    // That QEMU never held root.
+    let pid = engine.status(&vm_id).unwrap().pid.unwrap();
+    assert_unprivileged(pid, &engine);
+    // The guest agent answers through the socket passed to it, and reads
+    // back what was written to the disk.
+    let mut qga = qga_when_up(&dir).await;
+    let out = qga.exec("/bin/cat", &["/var/www/html/marker.txt"]).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), token, "{out:?}");
+    drop(qga);
 
     let mut events = engine.subscribe();
     let first = engine.status(&vm_id).unwrap().pid.unwrap();
@@ -151,6 +213,7 @@ async fn debian_guest_serves_survives_kill_9_and_reattach() {
     assert_eq!(seen, vec![VmState::Crashed, VmState::Starting, VmState::Running]);
     let second = engine.status(&vm_id).unwrap().pid.unwrap();
     assert_ne!(first, second);
+    assert_unprivileged(second, &engine);
     assert_eq!(
         wait_http(http_port, "/marker.txt").await.trim(),
         token,

@@ -58,3 +58,61 @@ async fn a_cgroup_that_cannot_be_joined_fails_the_spawn() {
     .unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
 }
+
+/// The child becomes the given ids for good before exec: real, effective
+/// and saved uid and gid, only the given groups, no capability, and
+/// `no_new_privs`. It still joined its session first (which needs no root,
+/// but runs before the drop like the cgroup join, which does).
+#[tokio::test]
+async fn the_child_drops_to_the_given_ids_before_exec() {
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args([
+        "-c",
+        "grep -E '^(Uid|Gid|Groups|CapEff|CapPrm|NoNewPrivs):' /proc/self/status",
+    ])
+    .stdout(std::process::Stdio::piped());
+    let child = webhoster::sys::spawn_detached_with(
+        cmd,
+        webhoster::sys::Detach {
+            credentials: Some(webhoster::sys::Credentials {
+                uid: 2_100_000_123,
+                gid: 2_100_000_124,
+                groups: vec![2_100_000_125],
+            }),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let field = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|| panic!("no {key} in {text}"))
+    };
+    assert_eq!(field("Uid:"), "2100000123 2100000123 2100000123 2100000123");
+    assert_eq!(field("Gid:"), "2100000124 2100000124 2100000124 2100000124");
+    assert_eq!(field("Groups:"), "2100000125");
+    assert_eq!(field("CapEff:"), "0000000000000000");
+    assert_eq!(field("CapPrm:"), "0000000000000000");
+    assert_eq!(field("NoNewPrivs:"), "1");
+}
+
+#[tokio::test]
+async fn dropping_to_root_is_refused() {
+    let err = webhoster::sys::spawn_detached_with(
+        std::process::Command::new("true"),
+        webhoster::sys::Detach {
+            credentials: Some(webhoster::sys::Credentials {
+                uid: 0,
+                gid: 5,
+                groups: Vec::new(),
+            }),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{err}");
+}

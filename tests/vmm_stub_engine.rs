@@ -26,6 +26,7 @@ impl Fixture {
     fn new() -> Fixture {
         let tmp = tempfile::Builder::new().prefix("vmm-test").tempdir().unwrap();
         let root = tmp.path().to_owned();
+        common::vmm_stub::let_qemu_through(&root);
         Fixture {
             _tmp: tmp,
             root,
@@ -543,6 +544,9 @@ async fn operator_cli_list_info_qmp() {
         out.contains(&format!("pid:        {pid}")) && out.contains("\"running\""),
         "{out}"
     );
+    let uid = webhoster::vmm::dir::uid_of(pid).unwrap();
+    assert_ne!(uid, 0);
+    assert!(out.contains(&format!("runs as:    uid {uid}\n")), "{out}");
 
     let (ok, _, err) = run(&["vm", "info", "nope"]);
     assert!(!ok && err.contains("unknown VM \"nope\""), "{err}");
@@ -717,16 +721,32 @@ fn proc_status(pid: i32, key: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Whether a process running as `id` (uid and gid) can open `path` for
+/// reading and writing.
+fn can_open_as(id: u32, path: &Path) -> bool {
+    use std::os::unix::process::CommandExt;
+    std::process::Command::new("sh")
+        .args(["-c", "exec 3<>\"$0\"", path.to_str().unwrap()])
+        .uid(id)
+        .gid(id)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
 /// The host's walls around one VM, with the engine's defaults: QEMU joins
-/// the VM's cgroup before exec (memory = plan + overhead, pids), drops to
-/// the QEMU user under its seccomp sandbox, keeps serving QMP, the operator
-/// socket and the guest-agent socket it made as root, and every file of
-/// the VM is root's only whatever the umask. The cgroup goes with a stop,
-/// comes back with a start and a crash restart, stays with a reattach, and
-/// is gone after destroy.
+/// the VM's cgroup before exec (memory = plan + overhead, pids), runs from
+/// exec on as an id of its own, never root, under a seccomp sandbox that
+/// denies set*id, serves QMP, the operator socket and the guest-agent
+/// socket passed to it, and reaches only its own VM's files, whatever the
+/// umask: another VM's id cannot open its disk. The cgroup goes with a
+/// stop, comes back with a start and a crash restart, stays with a
+/// reattach, and is gone after destroy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn vm_runs_in_its_cgroup_as_the_qemu_user_with_private_files() {
-    use webhoster::vmm::{CgroupLimits, QemuUser, sandbox::DEFAULT_QEMU_USER};
+async fn vm_runs_in_its_cgroup_as_its_own_id_with_private_files() {
+    use std::os::unix::fs::MetadataExt;
+    use webhoster::vmm::CgroupLimits;
     // A permissive umask: modes must not depend on it. (Process-wide, but
     // no other test here looks at modes.)
     // SAFETY: umask only swaps an integer in the process's fs struct.
@@ -740,12 +760,6 @@ async fn vm_runs_in_its_cgroup_as_the_qemu_user_with_private_files() {
         .expect("this host has cgroups (v2 with memory and pids, or v1)")
         .clone();
     eprintln!("cgroups: {}", cgroups.mode());
-    let (uid, gid) = QemuUser::parse(DEFAULT_QEMU_USER)
-        .unwrap()
-        .ids()
-        .expect("the engine created the QEMU user");
-    assert_ne!(uid, 0);
-    assert_eq!(engine.qemu_user().unwrap().runas(), DEFAULT_QEMU_USER);
 
     engine.create_disk(&spec).await.unwrap();
     let pid = engine.start(&spec).await.unwrap().pid.unwrap();
@@ -770,19 +784,34 @@ async fn vm_runs_in_its_cgroup_as_the_qemu_user_with_private_files() {
         );
     }
 
-    // Dropped for good: every uid and gid the QEMU user's, no capability,
-    // a seccomp filter.
+    // Never root: real, effective, saved and fs ids all the VM's own id,
+    // no other group, no capability, no_new_privs, a seccomp filter that
+    // denies set*id, and no `-runas`.
+    let uid: u32 = proc_status(pid, "Uid:")
+        .split('\t')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(engine.qemu_ids().contains(uid), "uid {uid}");
     assert_eq!(proc_status(pid, "Uid:"), format!("{uid}\t{uid}\t{uid}\t{uid}"));
-    assert_eq!(proc_status(pid, "Gid:"), format!("{gid}\t{gid}\t{gid}\t{gid}"));
-    assert_eq!(proc_status(pid, "Groups:"), gid.to_string());
+    assert_eq!(proc_status(pid, "Gid:"), format!("{uid}\t{uid}\t{uid}\t{uid}"));
+    assert_eq!(proc_status(pid, "Groups:"), "");
     assert_eq!(proc_status(pid, "CapEff:"), "0000000000000000");
     assert_eq!(proc_status(pid, "CapPrm:"), "0000000000000000");
     assert_eq!(proc_status(pid, "NoNewPrivs:"), "1");
     assert_eq!(proc_status(pid, "Seccomp:"), "2");
+    let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap();
+    let args: Vec<&str> = cmdline.split('\0').collect();
+    assert!(
+        args.contains(&"on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"),
+        "{args:?}"
+    );
+    assert!(!args.contains(&"-runas"), "{args:?}");
 
-    // What QEMU opened as root it still serves: QMP (the supervisor's and
-    // the operator's) and the guest agent's socket (the stub has no agent,
-    // but the socket accepts).
+    // It serves the sockets passed to it: QMP (the supervisor's and the
+    // operator's) and the guest agent's (the stub has no agent, but the
+    // socket accepts).
     let reply = engine
         .qmp(&spec.vm_id, serde_json::json!({"execute": "query-status"}))
         .await
@@ -795,22 +824,53 @@ async fn vm_runs_in_its_cgroup_as_the_qemu_user_with_private_files() {
     })
     .await;
 
-    // Modes, with umask 0.
-    assert_eq!(mode(&fx.vms_dir()), 0o700);
-    assert_eq!(mode(dir.root()), 0o700);
+    // Modes and owners, with umask 0: everything root's; the VM's id is
+    // the group of its directory (pass through only) and of the files QEMU
+    // opens by path; the rest is root's only.
+    let owner = |path: &Path| {
+        let meta = std::fs::symlink_metadata(path).unwrap();
+        (meta.uid(), meta.gid(), mode(path))
+    };
+    assert_eq!(owner(&fx.vms_dir()), (0, 0, 0o711));
+    assert_eq!(owner(dir.root()), (0, uid, 0o710));
+    for file in [dir.disk(), dir.serial_log(), dir.pidfile()] {
+        assert_eq!(owner(&file), (0, uid, 0o660), "{}", file.display());
+    }
     for file in [
         dir.spec_file(),
-        dir.disk(),
         dir.qemu_log(),
-        dir.serial_log(),
-        dir.pidfile(),
         dir.start_lock(),
+        dir.qmp_socket(),
+        dir.operator_socket(),
+        dir.qga_socket(),
     ] {
-        assert_eq!(mode(&file), 0o600, "{}", file.display());
+        assert_eq!(owner(&file), (0, 0, 0o600), "{}", file.display());
     }
-    for socket in [dir.qmp_socket(), dir.operator_socket(), dir.qga_socket()] {
-        assert_eq!(mode(&socket) & 0o077, 0, "{}", socket.display());
-    }
+    assert_eq!(
+        std::fs::read_to_string(dir.pidfile()).unwrap().trim(),
+        pid.to_string()
+    );
+
+    // A second VM runs as another id, which cannot open the first VM's
+    // disk; the first VM's id can.
+    let other = fx.spec("walls2", StubAction::Idle);
+    engine.create_disk(&other).await.unwrap();
+    let other_pid = engine.start(&other).await.unwrap().pid.unwrap();
+    let other_uid: u32 = proc_status(other_pid, "Uid:")
+        .split('\t')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(engine.qemu_ids().contains(other_uid));
+    assert_ne!(other_uid, uid);
+    assert!(can_open_as(uid, &dir.disk()), "the VM's own id opens its disk");
+    assert!(
+        !can_open_as(other_uid, &dir.disk()),
+        "another VM's id opens the disk"
+    );
+    assert!(!can_open_as(uid, &engine.vm_dir(&other.vm_id).disk()));
+    engine.destroy(&other.vm_id).await.unwrap();
     // A pause and a resume (`cont`) need nothing reopened.
     engine
         .qmp(&spec.vm_id, serde_json::json!({"execute": "stop"}))
@@ -850,7 +910,11 @@ async fn vm_runs_in_its_cgroup_as_the_qemu_user_with_private_files() {
     expect_transition(&mut events, &spec.vm_id, VmState::Starting, VmState::Running).await;
     let pid = engine.status(&spec.vm_id).unwrap().pid.unwrap();
     assert!(in_cgroup(pid), "{:?}", cgroups.procs(&spec.vm_id));
-    assert_eq!(proc_status(pid, "Uid:"), format!("{uid}\t{uid}\t{uid}\t{uid}"));
+    assert_eq!(
+        proc_status(pid, "Uid:"),
+        format!("{uid}\t{uid}\t{uid}\t{uid}"),
+        "same id after a restart"
+    );
 
     // A new engine reattaches: same pid, same cgroup, still managed.
     drop(engine);

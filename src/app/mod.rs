@@ -90,7 +90,7 @@ pub async fn build_backends(paths: &Paths, args: &ServeArgs) -> anyhow::Result<B
     opts.qemu = args.vmm.qemu.clone();
     opts.accel = args.vmm.accel;
     opts.cgroups = args.vmm.cgroup_options();
-    opts.qemu_user = args.vmm.qemu_user();
+    opts.qemu_ids = args.vmm.qemu_ids;
     opts.log_cap = args.log_cap();
     opts.tap_opener = Some(Arc::new(adapters::NsTaps(net_opts)) as Arc<dyn vmm::TapOpener>);
     let engine = Arc::new(Engine::new(opts).context("starting the VM engine")?);

@@ -173,6 +173,9 @@ pub async fn info(vms_dir: &Path, vm_id: &str) -> anyhow::Result<String> {
         if let Some(rss) = dir::rss_kib(pid) {
             writeln!(out, "rss:        {} MiB", rss / 1024)?;
         }
+        if let Some(uid) = dir::uid_of(pid) {
+            writeln!(out, "runs as:    uid {uid}")?;
+        }
         match qmp::raw_command(
             &dir.operator_socket(),
             &serde_json::json!({"execute": "query-status"}),

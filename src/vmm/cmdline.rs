@@ -7,9 +7,10 @@
 //! one virtio-net-pci NIC, virtio-rng-pci, isa-serial on ttyS0, pvpanic so a
 //! guest kernel panic reaches us as `GUEST_PANICKED`, a virtio-serial port
 //! for the guest agent (`org.qemu.guest_agent.0`), no graphics, no
-//! default devices; QEMU under its seccomp sandbox and, when configured,
-//! dropping to an unprivileged user once its files are open. Must never decide policy (which VM, which plan): it only
-//! spells out a [`CmdlineConfig`].
+//! default devices; QEMU under its seccomp sandbox. QEMU is started
+//! unprivileged (`vmm::sandbox`), so its listening sockets are made by the
+//! engine and passed as descriptors. Must never decide policy (which VM,
+//! which plan): it only spells out a [`CmdlineConfig`].
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,8 +18,14 @@ use std::path::{Path, PathBuf};
 use super::accel::AccelChoice;
 use super::plan::Plan;
 
-/// Where a passed file descriptor lands in QEMU (0-2 are stdio).
+/// Where each passed file descriptor lands in QEMU (0-2 are stdio).
 pub const TAP_FD: i32 = 3;
+/// The supervisor's QMP socket, listening.
+pub const QMP_FD: i32 = 4;
+/// The operators' QMP socket, listening.
+pub const OPERATOR_FD: i32 = 5;
+/// The guest agent's socket, listening.
+pub const QGA_FD: i32 = 6;
 
 /// QEMU's default MAC, used when the spec has no tap (user networking).
 pub const USER_NET_MAC: &str = "52:54:00:12:34:56";
@@ -35,13 +42,7 @@ pub struct CmdlineConfig {
     pub disk: PathBuf,
     pub seed_iso: PathBuf,
     pub nic: Nic,
-    pub qmp_socket: PathBuf,
-    pub operator_socket: PathBuf,
-    /// Host end of the guest agent's virtio-serial port.
-    pub qga_socket: PathBuf,
     pub pidfile: PathBuf,
-    /// The `-runas` value (a user name or `UID:GID`); `None` keeps QEMU root.
-    pub runas: Option<String>,
 }
 
 /// One switch group.
@@ -87,36 +88,23 @@ impl Switch for Baseline {
     }
 }
 
-/// QEMU's seccomp filter: no obsolete system calls, no fork or exec, no
-/// changes to scheduling or resource limits, and (while QEMU stays root) no
-/// set*id calls.
+/// QEMU's seccomp filter: no obsolete system calls, no set*id calls, no
+/// fork or exec, no changes to scheduling or resource limits.
 ///
-/// QEMU 7.2 installs the filter before it drops privileges for `-runas`, so
-/// `elevateprivileges=deny` (or `children`) kills it with SIGSYS on its own
-/// `setgid`. With `-runas` the drop is permanent (real, effective and saved
-/// ids, no capabilities, `no_new_privs` set by the filter), so allowing the
-/// set*id calls gives nothing back; without `-runas` they stay denied.
-pub struct Sandbox {
-    pub drops_privileges: bool,
-}
+/// No `-runas`: QEMU 7.2 installs the filter before it would drop
+/// privileges, so `elevateprivileges=deny` would kill it on its own
+/// `setgid`. QEMU is started unprivileged instead, and never needs a set*id
+/// call.
+pub struct Sandbox;
 impl Switch for Sandbox {
     fn push_args(&self, argv: &mut Vec<String>) {
-        let elevate = if self.drops_privileges { "allow" } else { "deny" };
-        argv.extend([
-            "-sandbox".into(),
-            format!("on,obsolete=deny,elevateprivileges={elevate},spawn=deny,resourcecontrol=deny"),
-        ]);
-    }
-}
-
-/// `-runas`: after opening its files and sockets as root, QEMU becomes this
-/// user for good (see `vmm::sandbox`).
-pub struct RunAs<'a>(pub Option<&'a str>);
-impl Switch for RunAs<'_> {
-    fn push_args(&self, argv: &mut Vec<String>) {
-        if let Some(user) = self.0 {
-            argv.extend(["-runas".into(), user.to_owned()]);
-        }
+        argv.extend(
+            [
+                "-sandbox",
+                "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+            ]
+            .map(String::from),
+        );
     }
 }
 
@@ -290,18 +278,18 @@ impl Switch for PanicDevice {
 
 /// The guest agent's channel: a virtio-serial controller with one port named
 /// `org.qemu.guest_agent.0` (the name the guest's udev rule starts
-/// `qemu-guest-agent.service` for), backed by a listening unix socket.
-/// `wait=off`: QEMU does not wait for a client. Whatever sits in the channel
-/// from an earlier client (a late reply) is skipped by the client's resync
-/// (`vmm::qga`).
-pub struct GuestAgentPort<'a> {
-    pub socket: &'a Path,
+/// `qemu-guest-agent.service` for), backed by a listening unix socket
+/// passed as descriptor `fd`. `wait=off`: QEMU does not wait for a client.
+/// Whatever sits in the channel from an earlier client (a late reply) is
+/// skipped by the client's resync (`vmm::qga`).
+pub struct GuestAgentPort {
+    pub fd: i32,
 }
-impl Switch for GuestAgentPort<'_> {
+impl Switch for GuestAgentPort {
     fn push_args(&self, argv: &mut Vec<String>) {
         argv.extend([
             "-chardev".into(),
-            format!("socket,id=qga0,path={},server=on,wait=off", path(self.socket)),
+            format!("socket,id=qga0,fd={},server=on,wait=off", self.fd),
             "-device".into(),
             "virtio-serial-pci,id=vser0".into(),
             "-device".into(),
@@ -310,20 +298,16 @@ impl Switch for GuestAgentPort<'_> {
     }
 }
 
-/// A QMP monitor on a listening unix socket.
+/// A QMP monitor on a listening unix socket passed as descriptor `fd`.
 pub struct QmpMonitor<'a> {
     pub id: &'a str,
-    pub socket: &'a Path,
+    pub fd: i32,
 }
 impl Switch for QmpMonitor<'_> {
     fn push_args(&self, argv: &mut Vec<String>) {
         argv.extend([
             "-chardev".into(),
-            format!(
-                "socket,id={},path={},server=on,wait=off",
-                self.id,
-                path(self.socket)
-            ),
+            format!("socket,id={},fd={},server=on,wait=off", self.id, self.fd),
             "-mon".into(),
             format!("chardev={},mode=control", self.id),
         ]);
@@ -354,9 +338,9 @@ impl Switch for Serial {
 }
 
 /// QEMU writes and locks its pidfile; the engine reads it to find the VM after
-/// a restart. (QEMU 7.2 creates its sockets before taking the lock, so the
-/// lock alone does not keep a second QEMU off them: the engine's
-/// `start.lock` does.)
+/// a restart. The engine creates it for QEMU, which may not create files in
+/// the VM directory. (The lock alone does not keep a second QEMU of the VM
+/// off its sockets: the engine's `start.lock` does.)
 pub struct PidFile<'a>(pub &'a Path);
 impl Switch for PidFile<'_> {
     fn push_args(&self, argv: &mut Vec<String>) {
@@ -369,10 +353,7 @@ pub fn build(cfg: &CmdlineConfig) -> Vec<String> {
     let switches: Vec<Box<dyn Switch + '_>> = vec![
         Box::new(Name(&cfg.vm_id)),
         Box::new(Baseline),
-        Box::new(Sandbox {
-            drops_privileges: cfg.runas.is_some(),
-        }),
-        Box::new(RunAs(cfg.runas.as_deref())),
+        Box::new(Sandbox),
         Box::new(Machine { accel: cfg.accel }),
         Box::new(Cpu {
             accel: cfg.accel,
@@ -399,18 +380,16 @@ pub fn build(cfg: &CmdlineConfig) -> Vec<String> {
         Box::new(Rng),
         Box::new(PanicDevice),
         // After every existing PCI device, so theirs keep their addresses.
-        Box::new(GuestAgentPort {
-            socket: &cfg.qga_socket,
-        }),
+        Box::new(GuestAgentPort { fd: QGA_FD }),
         Box::new(QmpMonitor {
             id: "qmp0",
-            socket: &cfg.qmp_socket,
+            fd: QMP_FD,
         }),
         // A second monitor for operators (`webhoster vm qmp`, socat), so the
         // supervisor's connection is never taken away.
         Box::new(QmpMonitor {
             id: "qmp1",
-            socket: &cfg.operator_socket,
+            fd: OPERATOR_FD,
         }),
         Box::new(Serial),
         Box::new(PidFile(&cfg.pidfile)),
@@ -443,33 +422,14 @@ mod tests {
     }
 
     #[test]
-    fn set_id_calls_are_denied_only_while_qemu_stays_root() {
+    fn set_id_calls_are_always_denied() {
         let mut argv = Vec::new();
-        Sandbox {
-            drops_privileges: false,
-        }
-        .push_args(&mut argv);
-        RunAs(None).push_args(&mut argv);
+        Sandbox.push_args(&mut argv);
         assert_eq!(
             argv,
             [
                 "-sandbox",
                 "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
-            ]
-        );
-        let mut argv = Vec::new();
-        Sandbox {
-            drops_privileges: true,
-        }
-        .push_args(&mut argv);
-        RunAs(Some("webhoster-qemu")).push_args(&mut argv);
-        assert_eq!(
-            argv,
-            [
-                "-sandbox",
-                "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny",
-                "-runas",
-                "webhoster-qemu"
             ]
         );
     }

@@ -10,21 +10,29 @@
 //! qmp-operator.sock  QMP for operators: `webhoster vm qmp`, socat
 //! qga.sock           the guest agent's virtio-serial port (one client at a time)
 //! qga.lock           flock held by the one guest-agent client (vmm::qga)
-//! qemu.pid           written and locked by QEMU
+//! qemu.pid           created by the engine, written and locked by QEMU
 //! start.lock         flock held while a start checks and spawns
 //! backups/           <id>.qcow2 per backup (vmm::backup)
 //! serial.log (+.1..)  serial console, drained from QEMU's ring (vmm::logs)
 //! qemu.log (+.1..)    QEMU's own stdout/stderr, through a pipe (vmm::logs)
 //! ```
 //!
-//! Modes: `vms/` and every VM directory 0700, every file 0600 (sockets
-//! 0700), all root's, set at creation whatever the umask. QEMU opens what
-//! it needs as root before it drops to its unprivileged user, and needs no
-//! path here afterwards.
+//! Modes, set whatever the umask: everything is root's. `vms/` is 0711
+//! (traversable, not listable), each VM directory 0710 with the group of
+//! its VM's QEMU id (`vmm::sandbox`), so that QEMU alone may pass through
+//! it, and may create, rename or remove nothing in it. QEMU gets exactly
+//! the files it opens by path through that group: `disk.qcow2` and
+//! `qemu.pid` 0660 (the engine creates the pidfile for it), the seed 0640.
+//! Everything else is 0600: `vm.json`, the locks, the logs (written by the
+//! engine alone, capped), and the sockets, which the engine binds
+//! and passes to QEMU as descriptors ([`VmDir::listen`]). A QEMU cannot
+//! chmod what it does not own, and cannot plant a symlink for the root
+//! service to follow.
 
 use std::fs::{File, OpenOptions, Permissions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
 use super::VmSpec;
@@ -97,34 +105,70 @@ impl VmDir {
         self.root.join("qemu.log")
     }
 
-    /// The directory, 0700 (also when it already existed with another
-    /// mode); a missing `vms` dir is created 0700 too.
+    /// The directory, 0710 (also when it already existed with another
+    /// mode; its group is left alone); a missing `vms` dir is created 0711.
     pub fn create(&self) -> io::Result<()> {
         if let Some(parent) = self.root.parent()
             && !parent.exists()
         {
             std::fs::DirBuilder::new()
                 .recursive(true)
-                .mode(PRIVATE_DIR_MODE)
+                .mode(VMS_DIR_MODE)
                 .create(parent)?;
         }
-        create_private_dir(&self.root)
+        create_dir_with_mode(&self.root, VM_DIR_MODE)
     }
 
-    /// Make files that exist from an earlier version or another writer (the
-    /// seed, when it lies in this directory) root's only.
-    pub fn restrict_files(&self, seed: &Path) {
-        let mut files = vec![self.disk(), self.serial_log(), self.qemu_log()];
+    /// Before a spawn: give group `gid` (the VM's QEMU id) what its QEMU
+    /// opens by path, and nothing else (see the module doc). Creates the
+    /// serial log and the pidfile for it; makes files left by an earlier
+    /// version or another writer (the seed, when it lies in this directory)
+    /// follow the same modes. Only root writes in this directory, so no
+    /// path here can have been swapped for a symlink.
+    pub fn grant(&self, gid: u32, seed: &Path) -> io::Result<()> {
+        let mut files = vec![(self.disk(), QEMU_RW_MODE), (self.pidfile(), QEMU_RW_MODE)];
         if seed.parent() == Some(self.root.as_path()) {
-            files.push(seed.to_owned());
+            files.push((seed.to_owned(), QEMU_RO_MODE));
         }
-        for file in files {
-            match std::fs::set_permissions(&file, Permissions::from_mode(PRIVATE_FILE_MODE)) {
-                Ok(()) => {}
-                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-                Err(err) => tracing::warn!(path = %file.display(), %err, "cannot restrict file mode"),
+        open_private(OpenOptions::new().append(true).create(true), &self.pidfile())?;
+        for (file, mode) in files {
+            std::os::unix::fs::chown(&file, Some(0), Some(gid))?;
+            std::fs::set_permissions(&file, Permissions::from_mode(mode))?;
+        }
+        // The logs are webhoster's to write (vmm::logs), capped: QEMU must not
+        // reach them by path, whatever an older version left.
+        for log in [self.serial_log(), self.qemu_log()] {
+            match std::fs::set_permissions(&log, Permissions::from_mode(PRIVATE_FILE_MODE)) {
+                Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
+                _ => {}
             }
         }
+        Ok(())
+    }
+
+    /// QEMU's listening sockets, bound by the engine (QEMU may not create
+    /// files here) in the order [`cmdline::QMP_FD`], [`cmdline::OPERATOR_FD`],
+    /// [`cmdline::QGA_FD`], each 0600; a stale socket file is replaced. Only
+    /// call when no QEMU of this VM runs.
+    ///
+    /// [`cmdline::QMP_FD`]: super::cmdline::QMP_FD
+    /// [`cmdline::OPERATOR_FD`]: super::cmdline::OPERATOR_FD
+    /// [`cmdline::QGA_FD`]: super::cmdline::QGA_FD
+    pub fn listen(&self) -> io::Result<[UnixListener; 3]> {
+        let bind = |path: PathBuf| -> io::Result<UnixListener> {
+            match std::fs::remove_file(&path) {
+                Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
+                _ => {}
+            }
+            let listener = UnixListener::bind(&path)?;
+            std::fs::set_permissions(&path, Permissions::from_mode(PRIVATE_FILE_MODE))?;
+            Ok(listener)
+        };
+        Ok([
+            bind(self.qmp_socket())?,
+            bind(self.operator_socket())?,
+            bind(self.qga_socket())?,
+        ])
     }
 
     pub fn read_spec(&self) -> io::Result<VmSpec> {
@@ -170,21 +214,27 @@ impl VmDir {
     }
 }
 
-/// Mode of the `vms` directory and of each VM directory.
-pub const PRIVATE_DIR_MODE: u32 = 0o700;
-/// Mode of every file the engine creates in a VM directory.
+/// Mode of the `vms` directory: every QEMU passes through to its own.
+pub const VMS_DIR_MODE: u32 = 0o711;
+/// Mode of each VM directory, whose group is its QEMU's id.
+pub const VM_DIR_MODE: u32 = 0o710;
+/// Mode of every file in a VM directory that QEMU does not open by path.
 pub const PRIVATE_FILE_MODE: u32 = 0o600;
+/// Files QEMU writes (disk, serial log, pidfile): root and its group.
+pub const QEMU_RW_MODE: u32 = 0o660;
+/// Files QEMU only reads (the seed).
+pub const QEMU_RO_MODE: u32 = 0o640;
 
-/// Create `dir` (its parent must exist) or take the existing one, and make
-/// it 0700 either way: the mode given at creation is reduced by the umask,
-/// the one set afterwards is not.
-pub fn create_private_dir(dir: &Path) -> io::Result<()> {
-    match std::fs::DirBuilder::new().mode(PRIVATE_DIR_MODE).create(dir) {
+/// Create `dir` (its parent must exist) or take the existing one, and give
+/// it `mode` either way: the mode given at creation is reduced by the
+/// umask, the one set afterwards is not.
+pub fn create_dir_with_mode(dir: &Path, mode: u32) -> io::Result<()> {
+    match std::fs::DirBuilder::new().mode(mode & 0o700).create(dir) {
         Ok(()) => {}
         Err(err) if err.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => {}
         Err(err) => return Err(err),
     }
-    std::fs::set_permissions(dir, Permissions::from_mode(PRIVATE_DIR_MODE))
+    std::fs::set_permissions(dir, Permissions::from_mode(mode))
 }
 
 /// Open `path` with `opts`, a file created 0600, and an existing one made
@@ -247,6 +297,16 @@ pub fn rss_kib(pid: i32) -> Option<u64> {
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The real uid `pid` runs as, from /proc.
+pub fn uid_of(pid: i32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
 }

@@ -8,7 +8,7 @@
 //! - `disk.rs`: the qcow2 overlay;
 //! - `supervisor.rs`: watching a QEMU after start, crash restarts;
 //! - `cgroup.rs`, `sandbox.rs`: the host's walls around each QEMU (its
-//!   cgroup with memory and pids limits, the user it drops to).
+//!   cgroup with memory and pids limits, the unprivileged id it runs as).
 //!
 //! Never trusts memory about a process: a pid counts only when
 //! `/proc/<pid>/cmdline` shows our `-name <vm_id>`. Never signals a process
@@ -29,7 +29,7 @@ use super::disk;
 use super::process::{self, Attached, Launcher, QemuPid};
 use super::qmp;
 use super::registry::{self, Registry, Vm};
-use super::sandbox::QemuUser;
+use super::sandbox::QemuIds;
 use super::supervisor::{self, Supervision};
 use super::{EngineOptions, ReattachOutcome, RestartPolicy, VmEvent, VmSpec, VmState, VmStatus, VmmError};
 
@@ -62,8 +62,8 @@ impl Drop for Engine {
 }
 
 impl Engine {
-    /// Finds QEMU, creates `vms_dir` (0700), finds the cgroup hierarchies
-    /// and creates the QEMU user when missing (see [`EngineOptions`]).
+    /// Finds QEMU, creates `vms_dir` (0711) and finds the cgroup
+    /// hierarchies (see [`EngineOptions`]).
     pub fn new(opts: EngineOptions) -> Result<Engine, VmmError> {
         let qemu = process::find_qemu(&opts.qemu)?;
         create_vms_dir(&opts.vms_dir).map_err(|source| VmmError::Io {
@@ -72,18 +72,6 @@ impl Engine {
             source,
         })?;
         let cgroups = setup_cgroups(&opts.cgroups)?;
-        let qemu_user = match &opts.qemu_user {
-            Some(user) => {
-                let user = QemuUser::parse(user)?;
-                let (uid, gid) = user.ensure()?;
-                tracing::info!(user = %user.runas(), uid, gid, "QEMU drops to this user after start");
-                Some(user)
-            }
-            None => {
-                tracing::warn!("QEMU keeps running as root (no QEMU user configured)");
-                None
-            }
-        };
         let (accel, accel_reason) = accel::decide(opts.accel);
         if accel == AccelChoice::Tcg && opts.accel == crate::config::Accel::Auto {
             TCG_WARNING.call_once(|| tracing::warn!(reason = %accel_reason, "guests run under TCG"));
@@ -98,7 +86,7 @@ impl Engine {
                 tap_opener: opts.tap_opener,
                 cgroups,
                 cgroup_options: opts.cgroups,
-                qemu_user,
+                qemu_ids: opts.qemu_ids,
                 log_cap: opts.log_cap,
             }),
             accel_reason,
@@ -128,9 +116,9 @@ impl Engine {
         Ok(())
     }
 
-    /// The user QEMU drops to; `None` when it stays root.
-    pub fn qemu_user(&self) -> Option<&QemuUser> {
-        self.launcher.qemu_user.as_ref()
+    /// The ids QEMUs run as, one per VM.
+    pub fn qemu_ids(&self) -> QemuIds {
+        self.launcher.qemu_ids
     }
 
     pub fn vm_dir(&self, vm_id: &str) -> VmDir {
@@ -471,9 +459,10 @@ impl Engine {
     }
 }
 
-/// `vms_dir` 0700 (also when it existed with another mode). Missing
-/// ancestors (a fresh state dir) are created 0711: traversable, not
-/// listable, as the service's state dir is (see `app`).
+/// `vms_dir` 0711 (also when it existed with another mode), so each QEMU
+/// can pass through to its own VM directory. Missing ancestors (a fresh
+/// state dir) are created 0711 too: traversable, not listable, as the
+/// service's state dir is (see `app`).
 fn create_vms_dir(vms_dir: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     if let Some(parent) = vms_dir.parent()
@@ -485,7 +474,7 @@ fn create_vms_dir(vms_dir: &std::path::Path) -> std::io::Result<()> {
             .mode(0o711)
             .create(parent)?;
     }
-    dir::create_private_dir(vms_dir)
+    dir::create_dir_with_mode(vms_dir, dir::VMS_DIR_MODE)
 }
 
 /// The cgroups the policy asks for. `auto` takes what the host offers and

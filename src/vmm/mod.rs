@@ -46,7 +46,7 @@ pub use plan::{Plan, PlanError};
 pub use process::{START_TIMEOUT, argv_for};
 pub use qga::{QgaClient, QgaError};
 pub use qmp::QmpError;
-pub use sandbox::QemuUser;
+pub use sandbox::QemuIds;
 pub use state::{InvalidTransition, VmState};
 
 /// Everything needed to run one VM. Persisted as `<vms_dir>/<vm_id>/vm.json`.
@@ -208,16 +208,15 @@ pub struct EngineOptions {
     pub restart: RestartPolicy,
     /// Per-VM cgroups (memory and pids limits): see [`cgroup`].
     pub cgroups: CgroupOptions,
-    /// The user QEMU drops to (`-runas`, see [`sandbox`]): a name or
-    /// `UID:GID`. `None` keeps QEMU root.
-    pub qemu_user: Option<String>,
+    /// The ids QEMUs run as, one per VM (see [`sandbox`]).
+    pub qemu_ids: QemuIds,
     /// Cap of each VM's `serial.log` and `qemu.log`.
     pub log_cap: LogCap,
 }
 
 impl EngineOptions {
     /// The defaults are the hardened ones: cgroups where the host has them,
-    /// QEMU as [`sandbox::DEFAULT_QEMU_USER`].
+    /// each QEMU as its own id from [`sandbox::DEFAULT_QEMU_IDS`].
     pub fn new(vms_dir: PathBuf) -> EngineOptions {
         EngineOptions {
             vms_dir,
@@ -226,7 +225,9 @@ impl EngineOptions {
             tap_opener: None,
             restart: RestartPolicy::default(),
             cgroups: CgroupOptions::default(),
-            qemu_user: Some(sandbox::DEFAULT_QEMU_USER.to_owned()),
+            qemu_ids: sandbox::DEFAULT_QEMU_IDS
+                .parse()
+                .expect("the default QEMU id range parses"),
             log_cap: LogCap::default(),
         }
     }
@@ -306,8 +307,8 @@ pub enum VmmError {
     CgroupsRequired(#[source] cgroup::CgroupError),
     #[error("the cgroup setup")]
     CgroupSetup(#[source] cgroup::CgroupError),
-    #[error("QEMU user {user:?}: {reason}")]
-    QemuUser { user: String, reason: String },
+    #[error("QEMU id range {range:?}: {reason}")]
+    QemuIds { range: String, reason: String },
 }
 
 #[cfg(test)]

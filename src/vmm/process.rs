@@ -23,7 +23,7 @@ use super::cmdline::{self, CmdlineConfig, Nic};
 use super::dir::{self, VmDir};
 use super::logs;
 use super::qmp::{QmpClient, QmpEvent};
-use super::sandbox::QemuUser;
+use super::sandbox::QemuIds;
 use super::{TapOpener, VmNet, VmSpec, VmmError};
 use crate::logfile::{LogCap, RotatingFile};
 
@@ -32,8 +32,8 @@ use crate::logfile::{LogCap, RotatingFile};
 pub const START_TIMEOUT: Duration = Duration::from_secs(15);
 /// After `quit` or SIGKILL, how long until the process must be gone.
 const EXIT_WAIT: Duration = Duration::from_secs(5);
-/// QEMU's umask: its sockets, serial log and pidfile are root's only
-/// whatever the service's umask is.
+/// QEMU's umask: it may create nothing in its VM directory, but whatever it
+/// creates elsewhere (a temporary file) is its own only.
 const QEMU_UMASK: libc::mode_t = 0o077;
 
 /// The pid of a QEMU: always positive. `kill(2)` reads 0 as "my process
@@ -108,7 +108,7 @@ impl fmt::Display for StopMethod {
 }
 
 /// What every spawn needs and no single VM owns: the QEMU binary, the
-/// accelerator, where taps come from, the cgroups and the user QEMU drops to.
+/// accelerator, where taps come from, the cgroups and the ids QEMUs run as.
 pub(super) struct Launcher {
     pub qemu: PathBuf,
     pub accel: AccelChoice,
@@ -116,7 +116,7 @@ pub(super) struct Launcher {
     /// `None`: VMs run without cgroups (off, or none usable here).
     pub cgroups: Option<Cgroups>,
     pub cgroup_options: CgroupOptions,
-    pub qemu_user: Option<QemuUser>,
+    pub qemu_ids: QemuIds,
     /// The cap of `serial.log` and `qemu.log`.
     pub log_cap: LogCap,
 }
@@ -144,6 +144,39 @@ impl Launcher {
                     .map_err(|_| VmmError::BadSpec("a cgroup path holds a NUL byte".into()))
             })
             .collect()
+    }
+
+    /// Who this VM's QEMU runs as: its own id ([`QemuIds::assign`]; an id a
+    /// live QEMU of ours holds is never given to another VM), as uid and
+    /// gid. Under KVM also the group of `/dev/kvm`, which QEMU opens by path.
+    fn credentials(&self, vm_id: &str, dir: &VmDir) -> Result<crate::sys::Credentials, VmmError> {
+        let vms_dir = dir.root().parent().unwrap_or(Path::new("/"));
+        let live = || {
+            super::scan::qemu_processes(vms_dir)
+                .into_iter()
+                .filter_map(|(pid, _)| dir::uid_of(pid))
+                .collect()
+        };
+        let id = self.qemu_ids.assign(vms_dir, dir, live)?;
+        let groups = match self.accel {
+            AccelChoice::Kvm => {
+                use std::os::unix::fs::MetadataExt;
+                let kvm = std::fs::metadata("/dev/kvm").map_err(|source| VmmError::Io {
+                    vm_id: vm_id.to_owned(),
+                    what: "cannot stat /dev/kvm".into(),
+                    source,
+                })?;
+                // A root-group device is out of reach whatever we do here.
+                vec![kvm.gid()].into_iter().filter(|gid| *gid != 0).collect()
+            }
+            AccelChoice::Tcg => Vec::new(),
+        };
+        tracing::debug!(id, ?groups, "QEMU's ids");
+        Ok(crate::sys::Credentials {
+            uid: id,
+            gid: id,
+            groups,
+        })
     }
 
     /// Remove the VM's cgroup once its QEMU is gone. A cgroup still busy
@@ -189,9 +222,9 @@ impl Launcher {
                 path: dir.disk(),
             });
         }
-        // Stale files are not removed here: QEMU replaces a stale pidfile and
-        // stale sockets itself, and the caller holds the start lock, so no
-        // other QEMU of this VM can be starting right now.
+        // Stale files are not removed here: QEMU overwrites a stale pidfile,
+        // `listen` replaces stale sockets, and the caller holds the start
+        // lock, so no other QEMU of this VM can be starting right now.
         let tap = match &spec.net {
             VmNet::Tap { tap_name, .. } => {
                 let opener = self.tap_opener.as_ref().ok_or_else(|| VmmError::NoTapOpener {
@@ -207,9 +240,11 @@ impl Launcher {
         };
         dir.create()
             .map_err(io("cannot restrict the VM directory's mode"))?;
-        dir.restrict_files(&spec.seed_iso);
-        let runas = self.qemu_user.as_ref().map(QemuUser::runas);
-        let argv = cmdline::build(&cmdline_config(self.accel, dir, spec, runas));
+        let credentials = self.credentials(vm_id, dir)?;
+        dir.grant(credentials.gid, &spec.seed_iso)
+            .map_err(io("cannot give QEMU's id its files"))?;
+        let sockets = dir.listen().map_err(io("cannot bind QEMU's sockets"))?;
+        let argv = cmdline::build(&cmdline_config(self.accel, dir, spec));
         let qemu_log =
             RotatingFile::open(dir.qemu_log(), self.log_cap).map_err(io("cannot open qemu.log"))?;
         let (output, output_write) = logs::output_pipe().map_err(io("cannot make QEMU's output pipe"))?;
@@ -222,13 +257,20 @@ impl Launcher {
             .stdin(Stdio::null())
             .stdout(output_write)
             .stderr(output_write2);
-        let fds: Vec<_> = tap.iter().map(|fd| (fd.as_fd(), cmdline::TAP_FD)).collect();
+        let [qmp, operator, qga] = &sockets;
+        let mut fds = vec![
+            (qmp.as_fd(), cmdline::QMP_FD),
+            (operator.as_fd(), cmdline::OPERATOR_FD),
+            (qga.as_fd(), cmdline::QGA_FD),
+        ];
+        fds.extend(tap.iter().map(|fd| (fd.as_fd(), cmdline::TAP_FD)));
         let cgroup_procs = self.prepare_cgroup(vm_id, spec)?;
         let started = Instant::now();
         let detach = crate::sys::Detach {
             fds: &fds,
             cgroup_procs,
             umask: Some(QEMU_UMASK),
+            credentials: Some(credentials),
         };
         let spawned = crate::sys::spawn_detached_with(cmd, detach);
         let mut child = spawned.map_err(|err| {
@@ -242,7 +284,10 @@ impl Launcher {
                 io("cannot spawn QEMU (or put it into its cgroup)")(err)
             }
         })?;
+        // Only QEMU holds the listening sockets now: should it die, a client
+        // gets an error instead of waiting on a socket nobody serves.
         drop(fds);
+        drop(sockets);
         drop(tap);
         // The command is gone with its copies of the write end, so the copy
         // ends (EOF) when QEMU does.
@@ -453,7 +498,7 @@ fn which(program: &Path) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-fn cmdline_config(accel: AccelChoice, dir: &VmDir, spec: &VmSpec, runas: Option<String>) -> CmdlineConfig {
+fn cmdline_config(accel: AccelChoice, dir: &VmDir, spec: &VmSpec) -> CmdlineConfig {
     CmdlineConfig {
         vm_id: spec.vm_id.clone(),
         plan: spec.plan.clone(),
@@ -470,20 +515,15 @@ fn cmdline_config(accel: AccelChoice, dir: &VmDir, spec: &VmSpec, runas: Option<
             },
             VmNet::Tap { mac, .. } => Nic::Tap { mac: mac.clone() },
         },
-        qmp_socket: dir.qmp_socket(),
-        operator_socket: dir.operator_socket(),
-        qga_socket: dir.qga_socket(),
         pidfile: dir.pidfile(),
-        runas,
     }
 }
 
 /// The argv (without the program) the engine would run for `spec` in
-/// `vms_dir`, QEMU dropping to `runas` (a user name or `UID:GID`; `None`
-/// keeps it root): for golden tests and `vm info`.
-pub fn argv_for(accel: AccelChoice, vms_dir: &Path, spec: &VmSpec, runas: Option<&str>) -> Vec<String> {
+/// `vms_dir`: for golden tests.
+pub fn argv_for(accel: AccelChoice, vms_dir: &Path, spec: &VmSpec) -> Vec<String> {
     let dir = VmDir::new(vms_dir, &spec.vm_id);
-    cmdline::build(&cmdline_config(accel, &dir, spec, runas.map(str::to_owned)))
+    cmdline::build(&cmdline_config(accel, &dir, spec))
 }
 
 pub(super) fn describe_exit(status: Option<ExitStatus>) -> String {

@@ -1,161 +1,141 @@
-//! The unprivileged user QEMU drops to (`-runas`), and making sure it
-//! exists. QEMU starts as root, opens everything it needs (disk, seed,
-//! kernel, serial log, pidfile, its listening sockets, `/dev/urandom`; the
-//! tap arrives as an open fd), then switches to this user for good: real,
-//! effective and saved ids, no capabilities, `no_new_privs` from its
-//! seccomp filter. After that it reaches nothing by path under the state
-//! dir (root's, 0700), so a guest that breaks into QEMU holds an
-//! unprivileged process with open descriptors to its own VM's files only.
+//! Who each QEMU runs as: an id of its own, taken from a range
+//! (`--qemu-ids`), used as both uid and gid. QEMU never holds root: it is
+//! spawned directly with that id (`sys::Credentials`, after it joined its
+//! cgroup and before exec), so its seccomp filter can deny every set*id call
+//! (`elevateprivileges=deny`).
 //!
-//! The user is a system user, `webhoster-qemu` by default, created at
-//! engine start with `useradd --system` when missing (so neither `make run`
-//! nor the tests need a manual step). Every VM's QEMU shares it; one uid per
-//! VM (QEMU 7.2 also takes `-runas UID:GID`) would also keep an escaped
-//! QEMU from signalling its neighbours, and is the next step.
+//! One id per VM, not one shared user: a process may signal and ptrace any
+//! other of its uid, and a QEMU that starts unprivileged stays dumpable, so
+//! one escaped QEMU sharing a uid with the others would own them all. With
+//! its own id it reaches only what is granted to its group: its VM
+//! directory (traverse only), its disk, seed, serial log and pidfile (see
+//! `dir.rs`). The ids need no passwd entry.
 //!
-//! Never starts QEMU: `process.rs` puts `-runas` on the command line.
+//! The record of which VM has which id is the group of its directory, so it
+//! survives restarts of the service with no other state. Ids are handed out
+//! under an flock on the `vms` directory; one still held by a live QEMU of
+//! this state dir (an orphan whose directory is gone) is not handed out
+//! again. Ids are unique within one state dir: two services on one host
+//! need disjoint ranges.
+//!
+//! Never starts QEMU: `process.rs` does, with the id assigned here.
 
-use std::sync::Mutex;
+use std::collections::BTreeSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 
 use super::VmmError;
+use super::dir::VmDir;
 
-/// The system user QEMU runs as unless configured otherwise.
-pub const DEFAULT_QEMU_USER: &str = "webhoster-qemu";
+/// The default range: inside the span systemd's "UID/GID ranges" document
+/// leaves unused (1879048192-2147352575), so it collides with no account,
+/// container or dynamic user of a stock host.
+pub const DEFAULT_QEMU_IDS: &str = "2000000000-2000065535";
 
-/// Who QEMU runs as after dropping root.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum QemuUser {
-    /// A user from the passwd database (created when missing).
-    Name(String),
-    /// Bare ids: nothing to create (`-runas UID:GID`, QEMU 7.2 and later).
-    Ids { uid: u32, gid: u32 },
+/// The ids QEMU processes may run as, `first..=last`, none of them root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QemuIds {
+    first: u32,
+    last: u32,
 }
 
-impl QemuUser {
-    /// A user name (`[a-z_][a-z0-9_-]*`, at most 32 bytes) or `UID:GID`,
-    /// neither of them root.
-    pub fn parse(text: &str) -> Result<QemuUser, VmmError> {
-        let bad = |reason: &str| VmmError::QemuUser {
-            user: text.to_owned(),
+impl QemuIds {
+    /// `FIRST-LAST`, inclusive, `0 < FIRST <= LAST < 2^31` (ids with the
+    /// sign bit set break tools that read them as signed).
+    pub fn parse(text: &str) -> Result<QemuIds, VmmError> {
+        let bad = |reason: &str| VmmError::QemuIds {
+            range: text.to_owned(),
             reason: reason.to_owned(),
         };
-        if let Some((uid, gid)) = text.split_once(':') {
-            let (Ok(uid), Ok(gid)) = (uid.parse::<u32>(), gid.parse::<u32>()) else {
-                return Err(bad("UID:GID must be two numbers"));
-            };
-            if uid == 0 || gid == 0 {
-                return Err(bad("QEMU must not run as root"));
-            }
-            return Ok(QemuUser::Ids { uid, gid });
-        }
-        let ok = !text.is_empty()
-            && text.len() <= 32
-            && text
-                .bytes()
-                .next()
-                .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
-            && text
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
-        if !ok {
-            return Err(bad("a user name is 1-32 characters of a-z, 0-9, '_', '-'"));
-        }
-        if text == "root" {
+        let Some((first, last)) = text.trim().split_once('-') else {
+            return Err(bad("write the range as FIRST-LAST"));
+        };
+        let (Ok(first), Ok(last)) = (first.parse::<u32>(), last.parse::<u32>()) else {
+            return Err(bad("FIRST and LAST must be numbers"));
+        };
+        if first == 0 {
             return Err(bad("QEMU must not run as root"));
         }
-        Ok(QemuUser::Name(text.to_owned()))
-    }
-
-    /// The value of `-runas`.
-    pub fn runas(&self) -> String {
-        match self {
-            QemuUser::Name(name) => name.clone(),
-            QemuUser::Ids { uid, gid } => format!("{uid}:{gid}"),
+        if first > last || last > i32::MAX as u32 {
+            return Err(bad("need FIRST <= LAST < 2147483648"));
         }
+        Ok(QemuIds { first, last })
     }
 
-    /// The ids QEMU will run with, or `None` for a name not in passwd.
-    pub fn ids(&self) -> Option<(u32, u32)> {
-        match self {
-            QemuUser::Ids { uid, gid } => Some((*uid, *gid)),
-            QemuUser::Name(name) => nix::unistd::User::from_name(name)
-                .ok()
-                .flatten()
-                .map(|u| (u.uid.as_raw(), u.gid.as_raw())),
-        }
+    pub fn contains(&self, id: u32) -> bool {
+        (self.first..=self.last).contains(&id)
     }
 
-    /// Make sure the user exists: a name missing from passwd is created as
-    /// a system user with its own group, no home and no login shell.
-    /// Returns its ids, which must not be root's.
-    pub fn ensure(&self) -> Result<(u32, u32), VmmError> {
-        // Engines of one process (tests) must not race two useradds.
-        static CREATING: Mutex<()> = Mutex::new(());
-        let fail = |reason: String| VmmError::QemuUser {
-            user: self.runas(),
-            reason,
+    /// The id of `dir`'s VM: the one its directory's group already names,
+    /// or else the lowest one in the range that no other VM directory under
+    /// `vms_dir` and no live QEMU of ours (the uids `live` lists, asked only
+    /// for a new id: it scans /proc) holds; the directory's group is set to
+    /// it. Serialised across processes by an flock on `vms_dir`.
+    pub fn assign(
+        &self,
+        vms_dir: &Path,
+        dir: &VmDir,
+        live: impl FnOnce() -> Vec<u32>,
+    ) -> Result<u32, VmmError> {
+        let fail = |what: &str, source: std::io::Error| VmmError::Io {
+            vm_id: dir_name(dir),
+            what: what.to_owned(),
+            source,
         };
-        let ids = match (self.ids(), self) {
-            (Some(ids), _) => ids,
-            (None, QemuUser::Ids { .. }) => unreachable!("bare ids always resolve"),
-            (None, QemuUser::Name(name)) => {
-                let _guard = CREATING.lock().unwrap_or_else(|e| e.into_inner());
-                if self.ids().is_none() {
-                    create_system_user(name).map_err(fail)?;
-                    tracing::info!(user = %name, "created the system user QEMU runs as");
-                }
-                self.ids()
-                    .ok_or_else(|| fail("useradd succeeded but the user is not in passwd".into()))?
+        let lock = std::fs::File::open(vms_dir).map_err(|e| fail("cannot open the vms directory", e))?;
+        let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, errno)| fail("cannot lock the vms directory", errno.into()))?;
+        let mut taken = BTreeSet::new();
+        let mut own = None;
+        for entry in std::fs::read_dir(vms_dir).map_err(|e| fail("cannot list the vms directory", e))? {
+            let entry = entry.map_err(|e| fail("cannot list the vms directory", e))?;
+            let Ok(meta) = entry.metadata() else { continue };
+            if !meta.is_dir() || !self.contains(meta.gid()) {
+                continue;
             }
-        };
-        if ids.0 == 0 || ids.1 == 0 {
-            return Err(fail("QEMU must not run as root (uid or gid 0)".into()));
+            if entry.path() == dir.root() {
+                own = Some(meta.gid());
+            } else {
+                taken.insert(meta.gid());
+            }
         }
-        Ok(ids)
+        // Kept unless another directory claims the same id (a copied dir).
+        // No other VM can have been given it meanwhile, so a live QEMU with
+        // it can only be this VM's own.
+        if let Some(id) = own.filter(|id| !taken.contains(id)) {
+            return Ok(id);
+        }
+        taken.extend(live());
+        let id = (self.first..=self.last)
+            .find(|id| !taken.contains(id))
+            .ok_or_else(|| VmmError::QemuIds {
+                range: self.to_string(),
+                reason: "every id in the range is in use".into(),
+            })?;
+        std::os::unix::fs::chown(dir.root(), Some(0), Some(id))
+            .map_err(|e| fail("cannot give the VM directory its group", e))?;
+        Ok(id)
     }
 }
 
-/// `useradd --system` for `name`. Another process may create it at the same
-/// moment (useradd then fails on its lock or on the name): what counts is
-/// that the user exists afterwards, so a few tries are made.
-fn create_system_user(name: &str) -> Result<(), String> {
-    let mut last = String::new();
-    for attempt in 0..5 {
-        if attempt > 0 {
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
-        if nix::unistd::User::from_name(name).ok().flatten().is_some() {
-            return Ok(());
-        }
-        let out = std::process::Command::new("useradd")
-            .args([
-                "--system",
-                "--user-group",
-                "--no-create-home",
-                "--home-dir",
-                "/nonexistent",
-                "--shell",
-                "/usr/sbin/nologin",
-                "--comment",
-                "webhoster QEMU",
-                name,
-            ])
-            .output()
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => {
-                    "useradd not found: install the Debian package passwd, or create the user".to_owned()
-                }
-                _ => format!("cannot run useradd: {e}"),
-            })?;
-        if out.status.success() {
-            return Ok(());
-        }
-        last = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+impl std::str::FromStr for QemuIds {
+    type Err = VmmError;
+    fn from_str(text: &str) -> Result<QemuIds, VmmError> {
+        QemuIds::parse(text)
     }
-    if nix::unistd::User::from_name(name).ok().flatten().is_some() {
-        return Ok(());
+}
+
+impl std::fmt::Display for QemuIds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
     }
-    Err(format!("useradd failed: {last}"))
+}
+
+fn dir_name(dir: &VmDir) -> String {
+    dir.root()
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -163,38 +143,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn users_are_parsed_and_root_refused() {
-        assert_eq!(
-            QemuUser::parse("webhoster-qemu").unwrap(),
-            QemuUser::Name("webhoster-qemu".into())
-        );
-        assert_eq!(
-            QemuUser::parse("64000:64000").unwrap(),
-            QemuUser::Ids {
-                uid: 64000,
-                gid: 64000
-            }
-        );
-        assert_eq!(QemuUser::parse("64000:5").unwrap().runas(), "64000:5");
-        for bad in [
-            "root",
-            "0:5",
-            "5:0",
-            "",
-            "Web",
-            "-x",
-            "a b",
-            "a:b",
-            "1:",
-            &"x".repeat(33),
-        ] {
-            assert!(QemuUser::parse(bad).is_err(), "{bad:?}");
+    fn ranges_are_parsed_and_root_refused() {
+        let ids = QemuIds::parse(DEFAULT_QEMU_IDS).unwrap();
+        assert!(ids.contains(2_000_000_000) && ids.contains(2_000_065_535));
+        assert!(!ids.contains(1_999_999_999) && !ids.contains(2_000_065_536));
+        assert_eq!(QemuIds::parse("5-5").unwrap().to_string(), "5-5");
+        for bad in ["", "5", "0-10", "10-5", "a-b", "1-2147483648", "-5", "5-"] {
+            assert!(QemuIds::parse(bad).is_err(), "{bad:?}");
         }
     }
 
+    /// Run as root (chown): each VM gets its own id, keeps it, and does not
+    /// get one a live QEMU holds; a freed id is reused.
     #[test]
-    fn bare_ids_need_no_account() {
-        let user = QemuUser::parse("64123:64123").unwrap();
-        assert_eq!(user.ensure().unwrap(), (64123, 64123));
+    fn each_vm_dir_gets_its_own_id_and_keeps_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ids = QemuIds::parse("2100000000-2100000002").unwrap();
+        let dirs: Vec<VmDir> = ["vm-a", "vm-b", "vm-c", "vm-d"]
+            .iter()
+            .map(|id| VmDir::new(tmp.path(), id))
+            .collect();
+        for d in &dirs {
+            d.create().unwrap();
+        }
+        let none = Vec::new;
+        let a = ids.assign(tmp.path(), &dirs[0], none).unwrap();
+        assert_eq!(a, ids.first);
+        let kept = ids.assign(tmp.path(), &dirs[0], || unreachable!("no scan for a kept id"));
+        assert_eq!(kept.unwrap(), a);
+        let b = ids.assign(tmp.path(), &dirs[1], || vec![ids.first + 1]).unwrap();
+        assert_eq!(b, ids.first + 2, "skips the id a live QEMU holds");
+        let full = ids.assign(tmp.path(), &dirs[2], || vec![ids.first + 1]);
+        assert!(full.is_err(), "range exhausted");
+        std::fs::remove_dir(dirs[0].root()).unwrap();
+        assert_eq!(
+            ids.assign(tmp.path(), &dirs[3], none).unwrap(),
+            a,
+            "freed id reused"
+        );
     }
 }

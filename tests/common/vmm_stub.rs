@@ -177,3 +177,11 @@ impl Drop for QemuReaper {
         }
     }
 }
+
+/// Make a test's temporary root traversable (0711, not listable): QEMU runs
+/// as an unprivileged id of its own and opens its kernel, images and VM
+/// files by path, as it does under `/var/lib/webhoster` (0711).
+pub fn let_qemu_through(root: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711)).unwrap();
+}
