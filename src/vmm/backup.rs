@@ -117,7 +117,8 @@ impl Engine {
             source,
         };
         let spec = dir.read_spec().map_err(io("cannot read vm.json"))?;
-        dir::create_private_dir(&dir.backups()).map_err(io("cannot create the backups directory"))?;
+        dir::create_dir_with_mode(&dir.backups(), dir::PRIVATE_DIR_MODE)
+            .map_err(io("cannot create the backups directory"))?;
         let tmp = dir.backup_tmp(req.id);
         remove_if_present(&tmp).map_err(io("cannot remove a stale temporary backup"))?;
         let mut mon = Monitor::connect(&dir.operator_socket()).await.map_err(qmp)?;

@@ -220,6 +220,8 @@ pub const VMS_DIR_MODE: u32 = 0o711;
 pub const VM_DIR_MODE: u32 = 0o710;
 /// Mode of every file in a VM directory that QEMU does not open by path.
 pub const PRIVATE_FILE_MODE: u32 = 0o600;
+/// Directories only webhoster enters (`backups/`).
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
 /// Files QEMU writes (disk, serial log, pidfile): root and its group.
 pub const QEMU_RW_MODE: u32 = 0o660;
 /// Files QEMU only reads (the seed).
