@@ -826,18 +826,19 @@ async fn vm_runs_in_its_cgroup_as_its_own_id_with_private_files() {
 
     // Modes and owners, with umask 0: everything root's; the VM's id is
     // the group of its directory (pass through only) and of the files QEMU
-    // opens by path; the rest is root's only.
+    // opens by path; the rest, the logs included, is root's only.
     let owner = |path: &Path| {
         let meta = std::fs::symlink_metadata(path).unwrap();
         (meta.uid(), meta.gid(), mode(path))
     };
     assert_eq!(owner(&fx.vms_dir()), (0, 0, 0o711));
     assert_eq!(owner(dir.root()), (0, uid, 0o710));
-    for file in [dir.disk(), dir.serial_log(), dir.pidfile()] {
+    for file in [dir.disk(), dir.pidfile()] {
         assert_eq!(owner(&file), (0, uid, 0o660), "{}", file.display());
     }
     for file in [
         dir.spec_file(),
+        dir.serial_log(),
         dir.qemu_log(),
         dir.start_lock(),
         dir.qmp_socket(),
