@@ -98,6 +98,19 @@ async fn accounts(db: Db) {
             .await;
         assert_error(s, &b, 401, "invalid_credentials");
     }
+    // No account name holds a control character; PostgreSQL cannot even
+    // compare one with a NUL (found by tests/api_fuzz.rs: a 500 there).
+    for user in ["alice\u{0}", "ali\nce", "\u{7}"] {
+        let (s, b) = api
+            .call(
+                Method::POST,
+                "/api/v1/auth/login",
+                None,
+                Some(json!({"username": user, "password": "password123"})),
+            )
+            .await;
+        assert_error(s, &b, 422, "validation_failed");
+    }
     let resp = api
         .client
         .post(api.url("/api/v1/auth/login"))
