@@ -622,6 +622,28 @@ async fn system(db: Db) {
     }
 }
 
+/// `/health/detailed` and `/version` serve the snapshot a background task
+/// takes every few seconds: a burst of them probes the system (for real: the
+/// doctor's checks and `qemu --version`, which run programs) no more often.
+async fn health_snapshot(db: Db) {
+    let api = TestApi::start(db).await;
+    let before = api.world.system_probes();
+    let calls = (0..400).map(|i| {
+        let path = if i % 2 == 0 {
+            "/api/v1/health/detailed"
+        } else {
+            "/api/v1/version"
+        };
+        api.call(Method::GET, path, None, None)
+    });
+    for (s, b) in futures::future::join_all(calls).await {
+        assert_eq!(s, 200, "{b}");
+    }
+    // Two probes per refresh, one refresh per 5 s; per request it would be 400.
+    let probes = api.world.system_probes() - before;
+    assert!(probes < 40, "{probes} system probes for 400 requests");
+}
+
 async fn graceful_shutdown(db: Db) {
     let api = TestApi::start(db).await;
     let token = api.user("olga").await;
@@ -722,5 +744,6 @@ both_backends!(
     host_keys,
     async_create,
     system,
+    health_snapshot,
     graceful_shutdown,
 );
