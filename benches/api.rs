@@ -3,8 +3,12 @@
 //! it with wrk (Debian package `wrk`) and prints req/s and p99 for
 //! `GET /api/v1/host/my`, `GET /api/v1/auth/me`, login alone, and `/auth/me`
 //! during a login flood. Targets on 2 cores: p99 <= 5 ms, >= 5000 req/s.
+//! Then `/health` latency from a paced client, alone and while 200
+//! connections flood `/health/detailed` (served from a snapshot, so the flood
+//! should cost the liveness probe little), and the ratio of the two p99s.
 //!
-//! Knobs: `BENCH_SECONDS` (default 10), `BENCH_CONNECTIONS` (default 128).
+//! Knobs: `BENCH_SECONDS` (default 10), `BENCH_CONNECTIONS` (default 128),
+//! `API_BENCH_PARTS` (comma separated: `routes`, `health`; default both).
 
 use std::process::Command;
 use std::time::Duration;
@@ -157,7 +161,6 @@ fn main() {
         (addr, auth.issue(user.id).unwrap().access_token, tx)
     });
     let base = format!("http://{addr}");
-    let auth_header = vec![format!("Authorization: Bearer {token}")];
     println!(
         "webhoster API bench: {} backend, {conns} connections, {secs} s per run, {cores} cores",
         if url.starts_with("postgres") {
@@ -167,10 +170,24 @@ fn main() {
         }
     );
 
+    let parts = std::env::var("API_BENCH_PARTS").unwrap_or_else(|_| "routes,health".into());
+    for part in parts.split(',').map(str::trim) {
+        match part {
+            "routes" => routes(&base, &token, conns, secs, dir.path()),
+            "health" => health(&base, secs, dir.path()),
+            other => eprintln!("unknown part {other:?} (routes, health)"),
+        }
+    }
+    let _ = shutdown.send(());
+}
+
+/// The account and hosting routes, paced and saturated, and log-in floods.
+fn routes(base: &str, token: &str, conns: u32, secs: u64, dir: &std::path::Path) {
+    let auth_header = vec![format!("Authorization: Bearer {token}")];
     // Paced: each connection waits between requests (wrk's `delay()`), so
     // the offered load is about PACED_RATE req/s over all connections and
     // p99 is the service's latency at that rate, not queueing at saturation.
-    let pace = dir.path().join("pace.lua");
+    let pace = dir.join("pace.lua");
     let delay_ms = (u64::from(conns) * 1000 / PACED_RATE).max(1);
     std::fs::write(&pace, format!("function delay() return {delay_ms} end\n")).unwrap();
     let host_paced = finish(wrk(
@@ -214,7 +231,7 @@ fn main() {
     ));
     report("GET /api/v1/auth/me saturated", &me);
 
-    let script = dir.path().join("login.lua");
+    let script = dir.join("login.lua");
     std::fs::write(
         &script,
         "wrk.method = \"POST\"\nwrk.body = \"username=bench&password=password123\"\nwrk.headers[\"Content-Type\"] = \"application/x-www-form-urlencoded\"\n",
@@ -267,5 +284,47 @@ fn main() {
         me.rps,
         verdict(&me_flood),
     );
-    let _ = shutdown.send(());
+}
+
+/// Connections flooding a route while `/health` is measured.
+const FLOOD: u32 = 200;
+
+/// `/health` from a paced prober (4 connections, one request every 10 ms
+/// each: about 400/s): alone; while [`FLOOD`] connections ask `/health`
+/// itself as fast as they can (the control: what any flood that fills both
+/// cores costs); and while they ask `/health/detailed`. The last two should
+/// be alike: `/health/detailed` serves a snapshot, so it costs no more than
+/// liveness.
+fn health(base: &str, secs: u64, dir: &std::path::Path) {
+    let pace = dir.join("probe.lua");
+    std::fs::write(&pace, "function delay() return 10 end\n").unwrap();
+    let probe = || wrk(&format!("{base}/api/v1/health"), 4, 1, secs, &[], Some(&pace));
+    let under = |route: &str| {
+        let flood = wrk(&format!("{base}{route}"), FLOOD, 1, secs + 2, &[], None);
+        std::thread::sleep(Duration::from_secs(1));
+        let probed = finish(probe());
+        (probed, finish(flood))
+    };
+    let alone = finish(probe());
+    let (control, control_flood) = under("/api/v1/health");
+    let (loaded, flood) = under("/api/v1/health/detailed");
+    report("GET /api/v1/health paced (~400/s), alone", &alone);
+    report(&format!("  same, {FLOOD} conns flooding /health"), &control);
+    report(
+        &format!("  same, {FLOOD} conns flooding /health/detailed"),
+        &loaded,
+    );
+    report(
+        &format!("  (flood: GET /api/v1/health, {FLOOD} conns)"),
+        &control_flood,
+    );
+    report(
+        &format!("  (flood: GET /api/v1/health/detailed, {FLOOD} conns)"),
+        &flood,
+    );
+    println!(
+        "/health p99 during the /health/detailed flood: {:.1}x alone, {:.2}x during a /health flood",
+        loaded.p99_ms / alone.p99_ms,
+        loaded.p99_ms / control.p99_ms,
+    );
 }

@@ -117,6 +117,11 @@ impl LoginRequest {
         if self.username.is_empty() || self.password.is_empty() {
             return Err(ApiError::validation("username and password are required"));
         }
+        // No account name holds one (valid_username, valid_email), and
+        // PostgreSQL cannot compare a text holding a NUL: it would be a 500.
+        if self.username.chars().any(char::is_control) {
+            return Err(ApiError::validation("username must not hold control characters"));
+        }
         if let Some(g) = &self.grant_type
             && g != "password"
         {

@@ -134,6 +134,16 @@ impl TestApi {
     }
 
     pub async fn start_with_limits(db: TestDb, auth_limits: AuthLimits) -> TestApi {
+        let config = ApiConfig {
+            public_host: Some("example.test".into()),
+            auth_limits,
+            ..ApiConfig::default()
+        };
+        Self::start_with_config(db, config).await
+    }
+
+    /// The API with `config` (its state dir set to the test's).
+    pub async fn start_with_config(db: TestDb, config: ApiConfig) -> TestApi {
         let store = Store::connect(&db.url).await.unwrap();
         let world = FakeWorld::new(db.dir(), "10.99.0.0/24".parse().unwrap());
         let hosting = HostingService::new(store.clone(), world.ports(), fast_hosting_config());
@@ -144,10 +154,8 @@ impl TestApi {
             auth.clone(),
             hosting.clone(),
             ApiConfig {
-                public_host: Some("example.test".into()),
                 state_dir: Some(db.dir().to_owned()),
-                auth_limits,
-                ..ApiConfig::default()
+                ..config
             },
         );
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();

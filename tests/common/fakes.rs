@@ -49,6 +49,8 @@ struct World {
     panic: HashSet<String>,
     /// None: the boot is done.
     guest_boot: Option<GuestBoot>,
+    /// Calls of the SystemInfo methods (the real ones run programs).
+    system_probes: usize,
 }
 
 pub struct FakeWorld {
@@ -231,6 +233,11 @@ impl FakeWorld {
     /// Sets the free disk the system reports.
     pub fn set_free_disk(&self, bytes: Option<u64>) {
         self.w().free_disk = bytes;
+    }
+
+    /// How many times the system was probed (`checks`, `qemu_version`).
+    pub fn system_probes(&self) -> usize {
+        self.w().system_probes
     }
 
     /// Sets what the guest says about its boot.
@@ -493,7 +500,11 @@ impl GuestProbe for FakeWorld {
 #[async_trait]
 impl SystemInfo for FakeWorld {
     async fn checks(&self) -> Vec<HealthCheck> {
-        let bad = self.w().unhealthy.clone();
+        let bad = {
+            let mut w = self.w();
+            w.system_probes += 1;
+            w.unhealthy.clone()
+        };
         ["qemu", "accel", "image", "namespace", "nginx"]
             .into_iter()
             .map(|name| HealthCheck {
@@ -513,6 +524,7 @@ impl SystemInfo for FakeWorld {
         self.w().free_disk
     }
     async fn qemu_version(&self) -> Option<String> {
+        self.w().system_probes += 1;
         Some("fake".into())
     }
 }
