@@ -21,6 +21,8 @@ use webhoster::seed::SeedSpec;
 pub struct Held {
     pub seeds: BTreeSet<PathBuf>,
     pub disks: BTreeSet<String>,
+    /// (vm_id, backup id): they live beside the disk and go with it.
+    pub backups: BTreeSet<(String, i64)>,
     pub taps: BTreeSet<String>,
     /// tap -> (MAC, address) its guard lets it send from.
     pub guards: BTreeMap<String, (String, Ipv4Addr)>,
@@ -263,24 +265,39 @@ impl VmEngine for FakeWorld {
     async fn backup(
         &self,
         vm_id: &str,
-        _req: webhoster::vmm::BackupRequest,
+        req: webhoster::vmm::BackupRequest,
         _progress: &tokio::sync::watch::Sender<webhoster::vmm::BackupProgress>,
     ) -> Result<webhoster::vmm::BackupOutcome, PortError> {
-        panic!("the fake engine takes no backups ({vm_id}); backups are tested on real QEMU")
+        self.enter("engine.backup", vm_id).await?;
+        self.with(|h| h.backups.insert((vm_id.to_owned(), req.id)));
+        Ok(webhoster::vmm::BackupOutcome {
+            parent: req.parent,
+            frozen: false,
+            size_bytes: 0,
+        })
     }
-    async fn abandon_backup(&self, vm_id: &str, _id: i64) -> Result<(), PortError> {
-        panic!("the fake engine takes no backups ({vm_id})")
+    async fn abandon_backup(&self, vm_id: &str, id: i64) -> Result<(), PortError> {
+        self.enter("engine.abandon_backup", vm_id).await?;
+        self.with(|h| h.backups.remove(&(vm_id.to_owned(), id)));
+        Ok(())
     }
     async fn delete_backup(
         &self,
         vm_id: &str,
-        _id: i64,
-        _child: Option<i64>,
+        id: i64,
+        child: Option<i64>,
     ) -> Result<Option<u64>, PortError> {
-        panic!("the fake engine takes no backups ({vm_id})")
+        self.enter("engine.delete_backup", vm_id).await?;
+        self.with(|h| h.backups.remove(&(vm_id.to_owned(), id)));
+        Ok(child.map(|_| 0))
     }
-    async fn restore_disk(&self, vm_id: &str, _id: i64) -> Result<(), PortError> {
-        panic!("the fake engine takes no backups ({vm_id})")
+    async fn restore_disk(&self, vm_id: &str, id: i64) -> Result<(), PortError> {
+        self.enter("engine.restore_disk", vm_id).await?;
+        if self.with(|h| h.backups.contains(&(vm_id.to_owned(), id))) {
+            Ok(())
+        } else {
+            Err(refused(&format!("no backup {id} of {vm_id}")))
+        }
     }
     fn vm_dir(&self, vm_id: &str) -> PathBuf {
         self.dir.join("vms").join(vm_id)
@@ -292,7 +309,10 @@ impl VmEngine for FakeWorld {
     }
     async fn remove_disk(&self, vm_id: &str) -> Result<(), PortError> {
         self.enter("engine.remove_disk", vm_id).await?;
-        self.with(|h| h.disks.remove(vm_id));
+        self.with(|h| {
+            h.disks.remove(vm_id);
+            h.backups.retain(|(vm, _)| vm != vm_id);
+        });
         Ok(())
     }
     async fn spawn(&self, vm: &VmLaunch) -> Result<Spawned, PortError> {
