@@ -215,16 +215,7 @@ impl HostingService {
     /// Stops the VM cleanly, puts its disk back to backup `id` and starts
     /// it again; same address, port, host key and site, the files of then.
     pub async fn restore_backup(&self, user_id: i64, id: i64) -> Result<super::Hosting, HostingError> {
-        let h = self.get(user_id).await?;
-        match h.state {
-            HostingState::Creating => return Err(HostingError::Busy("being created")),
-            HostingState::Deleting => return Err(HostingError::Busy("being deleted")),
-            _ => {}
-        }
-        let _turn = self.lock(h.id).await;
-        let Some(mut h) = self.store.hosting_by_id(h.id).await? else {
-            return Err(HostingError::NotFound);
-        };
+        let (_turn, mut h) = self.turn_to_operate(user_id).await?;
         self.complete_backup(h.id, id).await?;
         let span = vm_span(&h.vm_id);
         async {

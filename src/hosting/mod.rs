@@ -235,6 +235,25 @@ impl HostingService {
         self.lock_of(id).lock_owned().await
     }
 
+    /// The user's hosting, re-read once its turn is held, for an action on
+    /// a VM that exists (power, restore): refused while it is created or
+    /// deleted.
+    async fn turn_to_operate(&self, user_id: i64) -> Result<(OwnedMutexGuard<()>, Hosting), HostingError> {
+        let h = self.get(user_id).await?;
+        match h.state {
+            HostingState::Creating => return Err(HostingError::Busy("being created")),
+            HostingState::Deleting => return Err(HostingError::Busy("being deleted")),
+            _ => {}
+        }
+        let turn = self.lock(h.id).await;
+        let h = self
+            .store
+            .hosting_by_id(h.id)
+            .await?
+            .ok_or(HostingError::NotFound)?;
+        Ok((turn, h))
+    }
+
     /// The hosting's turn if nobody has it (convergence skips busy hostings).
     fn try_lock(&self, id: i64) -> Option<OwnedMutexGuard<()>> {
         self.lock_of(id).try_lock_owned().ok()
@@ -721,16 +740,7 @@ impl HostingService {
     }
 
     async fn power(&self, user_id: i64, action: converge::Power) -> Result<Hosting, HostingError> {
-        let h = self.get(user_id).await?;
-        match h.state {
-            HostingState::Creating => return Err(HostingError::Busy("being created")),
-            HostingState::Deleting => return Err(HostingError::Busy("being deleted")),
-            _ => {}
-        }
-        let _turn = self.lock(h.id).await;
-        let Some(h) = self.store.hosting_by_id(h.id).await? else {
-            return Err(HostingError::NotFound);
-        };
+        let (_turn, h) = self.turn_to_operate(user_id).await?;
         let vm_id = h.vm_id.clone();
         self.power_locked(h, action).instrument(vm_span(&vm_id)).await
     }

@@ -320,11 +320,7 @@ impl Monitor {
         command: &serde_json::Value,
         fd: Option<std::os::fd::BorrowedFd<'_>>,
     ) -> Result<serde_json::Value, QmpError> {
-        let what = command
-            .get("execute")
-            .and_then(|v| v.as_str())
-            .ok_or_else(|| QmpError::Protocol("the command needs an \"execute\" member".into()))?
-            .to_owned();
+        let what = command_name(command)?;
         let mut line = serde_json::to_vec(command).expect("a JSON value serializes");
         line.push(b'\n');
         let io = |source| QmpError::Io {
@@ -399,11 +395,7 @@ pub async fn raw_command(
     command: &serde_json::Value,
     timeout: Duration,
 ) -> Result<serde_json::Value, QmpError> {
-    let what = command
-        .get("execute")
-        .and_then(|v| v.as_str())
-        .ok_or_else(|| QmpError::Protocol("the command needs an \"execute\" member".into()))?
-        .to_owned();
+    let what = command_name(command)?;
     let run = async {
         let mut monitor = Monitor::connect(socket).await?;
         monitor.send(command, None).await
@@ -411,4 +403,13 @@ pub async fn raw_command(
     tokio::time::timeout(timeout, run)
         .await
         .map_err(|_| QmpError::Timeout { what, after: timeout })?
+}
+
+/// The `execute` member of a raw QMP command, for errors and logs.
+fn command_name(command: &serde_json::Value) -> Result<String, QmpError> {
+    command
+        .get("execute")
+        .and_then(|v| v.as_str())
+        .map(str::to_owned)
+        .ok_or_else(|| QmpError::Protocol("the command needs an \"execute\" member".into()))
 }
