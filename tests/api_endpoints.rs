@@ -616,15 +616,7 @@ async fn system(db: Db) {
     let token = api.user("heidi").await;
     let (s, _) = api.call(Method::POST, "/api/v1/host", Some(&token), None).await;
     assert_eq!(s, 201);
-    let text = api
-        .client
-        .get(api.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = api.metrics().await;
     for needle in [
         "webhoster_http_requests_total{route=\"/api/v1/auth/register\",status=\"2xx\"} 1",
         "webhoster_http_requests_total{route=\"unmatched\",status=\"4xx\"} 1",

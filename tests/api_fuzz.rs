@@ -298,15 +298,7 @@ async fn nothing_lost(api: &TestApi, victim: &Victim) {
     let owned: std::collections::BTreeSet<&String> = hostings.iter().map(|h| &h.vm_id).collect();
     assert_eq!(vms, owned, "VMs held vs hostings");
     // No 5xx slipped by unseen (a malformed request answered by the router).
-    let metrics = api
-        .client
-        .get(api.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = api.metrics().await;
     let server_errors: Vec<&str> = metrics
         .lines()
         .filter(|l| l.contains("status=\"5xx\"") && !l.ends_with(" 0"))

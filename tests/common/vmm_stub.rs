@@ -132,7 +132,41 @@ pub struct QemuReaper {
 
 impl QemuReaper {
     pub fn track(&self, vm_id: &str) {
+        static SWEEP: std::sync::Once = std::sync::Once::new();
+        SWEEP.call_once(Self::kill_orphans);
         self.vm_ids.lock().unwrap().push(vm_id.to_owned());
+    }
+
+    /// A test process killed outright (a `timeout`, SIGKILL) runs no drop:
+    /// its QEMUs, named `t<pid>-...` by [`unique_vm_id`], outlive it. The
+    /// next test run kills those whose test process is gone.
+    fn kill_orphans() {
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let Some(owner) = args
+                .windows(2)
+                .find(|w| w[0] == "-name")
+                .and_then(|w| w[1].strip_prefix('t')?.split('-').next()?.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let is_qemu = args.first().is_some_and(|a| a.contains("qemu-system"));
+            if is_qemu && !webhoster::vmm::dir::is_alive(owner) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
     }
 
     /// Pids of live processes running `-name <vm_id>`.
