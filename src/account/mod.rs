@@ -372,7 +372,7 @@ mod tests {
         // Uniqueness is per account; the hosting path's add stays idempotent.
         store.insert_ssh_key(b.id, KEY).await.unwrap();
         store.add_ssh_key(a.id, KEY).await.unwrap();
-        assert_eq!(store.ssh_key_rows(a.id).await.unwrap(), [k.clone()]);
+        assert_eq!(store.ssh_key_rows(a.id).await.unwrap(), std::slice::from_ref(&k));
         assert!(!store.delete_ssh_key(b.id, k.id).await.unwrap(), "not b's key");
         assert_eq!(store.ssh_key_rows(a.id).await.unwrap().len(), 1);
         assert!(store.delete_user(a.id).await.unwrap());
