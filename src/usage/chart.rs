@@ -317,7 +317,11 @@ fn render(series: &[Series<'_>], opts: &ChartOptions) -> String {
     // Legend, right-aligned, in each series' colour.
     let named: Vec<&Series<'_>> = series.iter().filter(|s| s.name.is_some()).collect();
     if !named.is_empty() {
-        let _ = write!(out, r#"<text x="{:.1}" y="12" font-size="11" text-anchor="end">"#, w - 4.0);
+        let _ = write!(
+            out,
+            r#"<text x="{:.1}" y="12" font-size="11" text-anchor="end">"#,
+            w - 4.0
+        );
         for (i, s) in named.iter().enumerate() {
             let dash = if s.dashed { "- -" } else { "—" };
             let sep = if i == 0 { "" } else { "  " };
@@ -334,7 +338,11 @@ fn render(series: &[Series<'_>], opts: &ChartOptions) -> String {
     let y = |v: f64| h - PAD - (v / top).clamp(0.0, 1.0) * (h - TOP - 2.0 * PAD);
     for s in series {
         let points = visible(s);
-        let dash = if s.dashed { r#" stroke-dasharray="5 3""# } else { "" };
+        let dash = if s.dashed {
+            r#" stroke-dasharray="5 3""#
+        } else {
+            ""
+        };
         match points.as_slice() {
             [] => {}
             [(t, v)] => {
@@ -410,7 +418,11 @@ mod tests {
     #[test]
     fn colours_pass_wcag_aa_on_the_background() {
         for text in [INK, CPU_COLOUR, IN_COLOUR, OUT_COLOUR] {
-            assert!(contrast(text, BACKGROUND) >= 4.5, "{text}: {}", contrast(text, BACKGROUND));
+            assert!(
+                contrast(text, BACKGROUND) >= 4.5,
+                "{text}: {}",
+                contrast(text, BACKGROUND)
+            );
         }
         // Non-text graphics need 3:1.
         assert!(contrast(RULE, BACKGROUND) >= 3.0);
@@ -429,13 +441,22 @@ mod tests {
     #[test]
     fn one_point_is_a_dot_and_many_a_line() {
         let one = svg(&[(1000, 50.0)], &opts());
-        assert!(one.contains(r#"aria-label="CPU (% of one core), last hour: now 50 %""#), "{one}");
+        assert!(
+            one.contains(r#"aria-label="CPU (% of one core), last hour: now 50 %""#),
+            "{one}"
+        );
         // The point is the right edge; 50 on a scale of 50 is the top.
-        assert!(one.contains(r##"<circle cx="318.0" cy="18.0" r="3" fill="#0b5cad"/>"##), "{one}");
+        assert!(
+            one.contains(r##"<circle cx="318.0" cy="18.0" r="3" fill="#0b5cad"/>"##),
+            "{one}"
+        );
         assert!(!one.contains("<polyline"));
 
         let many = svg(&[(0, 0.0), (1800, 5.0), (3600, 2.5)], &opts());
-        assert!(many.contains(r#"aria-label="CPU (% of one core), last hour: now 2.5 %""#), "{many}");
+        assert!(
+            many.contains(r#"aria-label="CPU (% of one core), last hour: now 2.5 %""#),
+            "{many}"
+        );
         assert!(many.contains(">5.0 %</text>"), "scale top: {many}");
         assert!(
             many.contains(r#"points="2.0,88.0 160.0,18.0 318.0,53.0""#),
@@ -455,7 +476,10 @@ mod tests {
         let mut o = opts();
         o.label = r#"<b>"CPU" & co</b>"#.into();
         let svg = svg(&[], &o);
-        assert!(svg.contains("&lt;b&gt;&quot;CPU&quot; &amp; co&lt;/b&gt;"), "{svg}");
+        assert!(
+            svg.contains("&lt;b&gt;&quot;CPU&quot; &amp; co&lt;/b&gt;"),
+            "{svg}"
+        );
         assert!(!svg.contains("<b>"));
     }
 
@@ -470,7 +494,10 @@ mod tests {
             sample(20, 2.0, 3000, 0),
         ];
         assert_eq!(rates(&h, |s| s.cpu_seconds), vec![(10, 0.5), (20, 0.2)]);
-        assert_eq!(rates(&h, |s| s.net_rx_bytes as f64), vec![(10, 100.0), (20, 200.0)]);
+        assert_eq!(
+            rates(&h, |s| s.net_rx_bytes as f64),
+            vec![(10, 100.0), (20, 200.0)]
+        );
         assert!(rates(&h[..1], |s| s.cpu_seconds).is_empty());
     }
 
@@ -480,20 +507,36 @@ mod tests {
             .map(|i| sample(i * 15, i as f64 * 1.5, i as u64 * 30_000, i as u64 * 15_000))
             .collect();
         let charts = hour_charts(&h, &ChartLabels::english());
-        assert!(charts.cpu_svg.contains(r#"aria-label="CPU (% of one core), last hour: now 10 %""#), "{}", charts.cpu_svg);
         assert!(
-            charts.net_svg.contains(r#"aria-label="Network, last hour: now in 2.0 kB/s, out 1.0 kB/s""#),
+            charts
+                .cpu_svg
+                .contains(r#"aria-label="CPU (% of one core), last hour: now 10 %""#),
+            "{}",
+            charts.cpu_svg
+        );
+        assert!(
+            charts
+                .net_svg
+                .contains(r#"aria-label="Network, last hour: now in 2.0 kB/s, out 1.0 kB/s""#),
             "{}",
             charts.net_svg
         );
         assert_eq!(charts.net_svg.matches("<polyline").count(), 2);
         assert!(charts.net_svg.contains(r#"stroke-dasharray="5 3""#));
-        assert!(charts.net_svg.contains(r##"<tspan fill="#1a7f37">— in</tspan>"##), "{}", charts.net_svg);
+        assert!(
+            charts.net_svg.contains(r##"<tspan fill="#1a7f37">— in</tspan>"##),
+            "{}",
+            charts.net_svg
+        );
 
         // One sample has no rate yet; none has nothing at all.
         for h in [&h[..1], &[][..]] {
             let charts = hour_charts(h, &ChartLabels::korean());
-            assert!(charts.cpu_svg.contains("아직 데이터가 없습니다"), "{}", charts.cpu_svg);
+            assert!(
+                charts.cpu_svg.contains("아직 데이터가 없습니다"),
+                "{}",
+                charts.cpu_svg
+            );
             assert!(charts.net_svg.contains(r#"role="img""#));
         }
     }

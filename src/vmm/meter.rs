@@ -92,7 +92,10 @@ struct BlockDeviceStats {
 /// counted again).
 pub(super) fn sum_blockstats(stats: &[BlockStats]) -> (u64, u64) {
     stats.iter().fold((0, 0), |(r, w), s| {
-        (r.saturating_add(s.stats.rd_bytes), w.saturating_add(s.stats.wr_bytes))
+        (
+            r.saturating_add(s.stats.rd_bytes),
+            w.saturating_add(s.stats.wr_bytes),
+        )
     })
 }
 
