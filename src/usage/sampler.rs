@@ -38,6 +38,7 @@ pub trait Meter: Send + Sync {
 
 /// One pass: read, log the VMs that could not be read, record the rest.
 pub async fn sample_once(usage: &Usage, meter: &dyn Meter) {
+    let started = std::time::Instant::now();
     let reading = meter.read().await;
     let at = unix_now();
     let mut samples = Vec::with_capacity(reading.vms.len());
@@ -53,6 +54,11 @@ pub async fn sample_once(usage: &Usage, meter: &dyn Meter) {
             ),
         }
     }
+    tracing::debug!(
+        vms = samples.len(),
+        micros = started.elapsed().as_micros() as u64,
+        "usage: pass done"
+    );
     usage.record(Pass {
         at,
         samples,
