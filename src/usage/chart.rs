@@ -546,7 +546,7 @@ mod tests {
         assert_eq!(Unit::BytesPerSecond.format(0.0), "0 B/s");
         assert_eq!(Unit::BytesPerSecond.format(1234.0), "1.2 kB/s");
         assert_eq!(Unit::BytesPerSecond.format(56_000_000.0), "56 MB/s");
-        assert_eq!(Unit::PercentOfCore.format(3.14159), "3.1 %");
+        assert_eq!(Unit::PercentOfCore.format(3.04), "3.0 %");
         assert_eq!(Unit::PercentOfCore.format(120.0), "120 %");
         assert_eq!(nice_ceiling(3.0), 5.0);
         assert_eq!(nice_ceiling(5.0), 5.0);
