@@ -1,0 +1,676 @@
+//! The web pages (src/web) against the real store, accounts, sessions and
+//! orchestrator, with the VM parts faked (tests/common/fakes.rs):
+//!
+//! - over HTTP (reqwest, cookies kept by hand so every flag is seen):
+//!   session cookies and their flags, CSRF and Origin checks, expiry,
+//!   revocation, rate limits, every page's headers, both languages;
+//! - in Debian's chromium (fantoccini, headless): every validation error
+//!   inline, a form posted from another origin refused, a revoked session
+//!   sent to log-in, both languages, log-out then back shows no dashboard,
+//!   and a tenant's page behind the real nginx front that cannot read or
+//!   change the dashboard of a visitor who is logged in.
+//!
+//! Screenshots of the pages a browser test visits are written under
+//! `<target>/test-artifacts/<test>/` when it fails; the dashboard's always.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use fantoccini::Locator;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use common::browser::Browser;
+use common::control::{Db, TestApi, TestDb};
+use webhoster::api::ApiConfig;
+use webhoster::api::ratelimit::{AuthLimits, Rate};
+
+const PASSWORD: &str = "password123";
+const ED25519: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl test@example";
+
+// ---------------------------------------------------------------------------
+// A visitor over plain HTTP
+
+/// One browser's worth of cookies, with redirects left to the test.
+struct Visitor {
+    base: String,
+    client: reqwest::Client,
+    cookies: BTreeMap<String, String>,
+}
+
+/// One answer, read whole.
+#[derive(Debug)]
+struct Got {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    body: String,
+}
+
+impl Got {
+    fn header(&self, name: &str) -> &str {
+        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+    }
+
+    fn location(&self) -> &str {
+        self.header("location")
+    }
+
+    fn set_cookies(&self) -> Vec<String> {
+        self.headers
+            .get_all("set-cookie")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn set_cookie(&self, name: &str) -> Option<String> {
+        self.set_cookies()
+            .into_iter()
+            .find(|c| c.starts_with(&format!("{name}=")))
+    }
+
+    /// The CSRF token of the page's forms.
+    fn csrf(&self) -> String {
+        let re = regex::Regex::new(r#"name="csrf" value="([0-9a-f]{64})""#).unwrap();
+        re.captures(&self.body)
+            .unwrap_or_else(|| panic!("no csrf field in: {}", self.body))[1]
+            .to_owned()
+    }
+
+    /// The text of the element with `id` (the first tag carrying it).
+    fn text_of(&self, id: &str) -> Option<String> {
+        let re = regex::Regex::new(&format!(r#"(?s)id="{id}"[^>]*>(.*?)</"#)).unwrap();
+        re.captures(&self.body).map(|c| c[1].trim().to_owned())
+    }
+}
+
+impl Visitor {
+    fn new(base: &str) -> Visitor {
+        Visitor {
+            base: base.to_owned(),
+            client: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+            cookies: BTreeMap::new(),
+        }
+    }
+
+    fn cookie_header(&self) -> String {
+        self.cookies
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    async fn send(&mut self, req: reqwest::RequestBuilder) -> Got {
+        let req = if self.cookies.is_empty() {
+            req
+        } else {
+            req.header("cookie", self.cookie_header())
+        };
+        let resp = req.send().await.unwrap();
+        let got = Got {
+            status: resp.status().as_u16(),
+            headers: resp.headers().clone(),
+            body: resp.text().await.unwrap(),
+        };
+        for c in got.set_cookies() {
+            let first = c.split(';').next().unwrap();
+            let (k, v) = first.split_once('=').unwrap();
+            if v.is_empty() || c.contains("Max-Age=0") {
+                self.cookies.remove(k);
+            } else {
+                self.cookies.insert(k.to_owned(), v.to_owned());
+            }
+        }
+        got
+    }
+
+    async fn get(&mut self, path: &str) -> Got {
+        let req = self.client.get(format!("{}{path}", self.base));
+        self.send(req).await
+    }
+
+    async fn get_with(&mut self, path: &str, headers: &[(&str, &str)]) -> Got {
+        let mut req = self.client.get(format!("{}{path}", self.base));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        self.send(req).await
+    }
+
+    async fn post(&mut self, path: &str, form: &[(&str, &str)]) -> Got {
+        self.post_with(path, form, &[]).await
+    }
+
+    async fn post_with(&mut self, path: &str, form: &[(&str, &str)], headers: &[(&str, &str)]) -> Got {
+        let mut req = self.client.post(format!("{}{path}", self.base)).form(form);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        self.send(req).await
+    }
+
+    /// Signs `username` up through the pages.
+    async fn sign_up(&mut self, username: &str) {
+        let page = self.get("/signup").await;
+        let email = format!("{username}@example.com");
+        let got = self
+            .post(
+                "/signup",
+                &[
+                    ("csrf", &page.csrf()),
+                    ("email", &email),
+                    ("username", username),
+                    ("password", PASSWORD),
+                ],
+            )
+            .await;
+        assert_eq!(got.status, 303, "{got:?}");
+        assert!(got.location().starts_with("/login?n=welcome"), "{got:?}");
+    }
+
+    /// Logs in through the pages; returns the dashboard's CSRF token.
+    async fn log_in(&mut self, login: &str, password: &str) -> String {
+        let page = self.get("/login").await;
+        let got = self
+            .post(
+                "/login",
+                &[("csrf", &page.csrf()), ("username", login), ("password", password)],
+            )
+            .await;
+        assert_eq!(got.status, 303, "{got:?}");
+        assert_eq!(got.location(), "/dashboard");
+        let dash = self.get("/dashboard").await;
+        assert_eq!(dash.status, 200, "{dash:?}");
+        dash.csrf()
+    }
+}
+
+async fn signed_up(api: &TestApi, username: &str) -> (Visitor, String) {
+    let mut v = Visitor::new(&api.base);
+    v.sign_up(username).await;
+    let csrf = v.log_in(username, PASSWORD).await;
+    (v, csrf)
+}
+
+// ---------------------------------------------------------------------------
+// HTTP tests
+
+async fn a_session_lives_from_log_in_to_log_out(db: Db) {
+    let api = TestApi::start(db).await;
+    let mut v = Visitor::new(&api.base);
+
+    // Before log-in: the form cookie that carries the forms' CSRF token.
+    let form = v.get("/login").await;
+    assert_eq!(form.status, 200);
+    let c = form.set_cookie("webhoster_form").expect("a form cookie");
+    assert!(c.contains("HttpOnly") && c.contains("SameSite=Lax") && c.contains("Path=/"), "{c}");
+    assert!(!c.contains("Secure"), "plain HTTP: {c}");
+
+    v.sign_up("alice").await;
+    let login = v.get("/login?n=welcome&username=alice").await;
+    assert_eq!(login.text_of("notice").as_deref(), Some("Welcome! Your account is ready."));
+    assert!(login.body.contains(r#"value="alice""#), "the username is filled in");
+    let got = v
+        .post(
+            "/login",
+            &[("csrf", &login.csrf()), ("username", "alice@example.com"), ("password", PASSWORD)],
+        )
+        .await;
+    assert_eq!(got.status, 303, "log-in by email: {got:?}");
+    let session = got.set_cookie("webhoster_session").expect("a session cookie");
+    assert!(
+        session.contains("; Path=/")
+            && session.contains("; HttpOnly")
+            && session.contains("; SameSite=Lax")
+            && session.contains("; Max-Age=604800"),
+        "{session}"
+    );
+    assert!(!session.contains("Secure"));
+    let token = v.cookies["webhoster_session"].clone();
+    assert_eq!(token.len(), 64);
+
+    let dash = v.get("/dashboard").await;
+    assert_eq!(dash.status, 200);
+    assert_eq!(dash.header("cache-control"), "no-store");
+    assert!(dash.body.contains("id=\"create\""), "no hosting yet: one button");
+    assert!(dash.body.contains(">alice<") || dash.body.contains("Log out"));
+
+    // Log-out without the token is refused and changes nothing.
+    let refused = v.post("/logout", &[("csrf", "0".repeat(64).as_str())]).await;
+    assert_eq!(refused.status, 403);
+    assert_eq!(v.get("/dashboard").await.status, 200);
+    let out = v.post("/logout", &[("csrf", &dash.csrf())]).await;
+    assert_eq!(out.status, 303);
+    assert_eq!(out.location(), "/?n=logged_out");
+    assert!(out.set_cookie("webhoster_session").unwrap().contains("Max-Age=0"));
+    // The old token is dead even if a copy of the cookie is replayed.
+    v.cookies.insert("webhoster_session".into(), token);
+    let after = v.get("/dashboard").await;
+    assert_eq!(after.status, 303);
+    assert_eq!(after.location(), "/login?n=session_ended");
+    api.stop().await;
+}
+
+async fn forms_from_another_site_or_without_the_token_change_nothing(db: Db) {
+    let api = TestApi::start(db).await;
+    let (mut v, csrf) = signed_up(&api, "bob").await;
+    let user = api.store.user_by_login("bob").await.unwrap().unwrap().user;
+    let version = user.token_version;
+    let host = api.base.trim_start_matches("http://").to_owned();
+    let ours = format!("http://{host}");
+    let cases: [(&str, Vec<(&str, &str)>); 5] = [
+        ("no token", vec![]),
+        ("a wrong token", vec![]),
+        ("another origin", vec![("origin", "http://evil.test")]),
+        ("an opaque origin", vec![("origin", "null")]),
+        ("cross-site fetch metadata", vec![("sec-fetch-site", "cross-site")]),
+    ];
+    for (what, headers) in cases {
+        let token = match what {
+            "no token" => "",
+            "a wrong token" => "ab".repeat(32).leak(),
+            _ => csrf.as_str(),
+        };
+        let got = v.post_with("/settings/logout-all", &[("csrf", token)], &headers).await;
+        assert_eq!(got.status, 403, "{what}: {got:?}");
+        assert!(got.body.contains("came from another site"), "{what}");
+        let got = v
+            .post_with("/settings/keys/add", &[("csrf", token), ("public_key", ED25519)], &headers)
+            .await;
+        assert_eq!(got.status, 403, "{what}");
+    }
+    let still = api.store.user_by_login("bob").await.unwrap().unwrap().user;
+    assert_eq!(still.token_version, version, "nothing was revoked");
+    assert!(api.hosting.store().user_by_id(user.id).await.unwrap().is_some());
+    let settings = v.get("/settings").await;
+    assert_eq!(settings.status, 200, "still logged in");
+    assert!(settings.body.contains("id=\"no-keys\""), "no key was added");
+
+    // The same post from our own origin works.
+    let ok = v
+        .post_with(
+            "/settings/keys/add",
+            &[("csrf", &csrf), ("public_key", ED25519)],
+            &[("origin", &ours), ("sec-fetch-site", "same-origin")],
+        )
+        .await;
+    assert_eq!(ok.status, 303, "{ok:?}");
+    assert_eq!(ok.location(), "/settings?n=key_added");
+
+    // Log-in and sign-up forms need their cookie's token too.
+    let mut stranger = Visitor::new(&api.base);
+    let got = stranger
+        .post("/login", &[("csrf", &"cd".repeat(32)), ("username", "bob"), ("password", PASSWORD)])
+        .await;
+    assert_eq!(got.status, 403);
+    assert!(got.set_cookie("webhoster_session").is_none());
+    api.stop().await;
+}
+
+both_backends!(
+    a_session_lives_from_log_in_to_log_out,
+    forms_from_another_site_or_without_the_token_change_nothing
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_session_is_refused() {
+    let db = TestDb::new(Db::Sqlite).await;
+    let api = TestApi::start_with_config(
+        db,
+        ApiConfig {
+            public_host: Some("example.test".into()),
+            auth_limits: AuthLimits::OFF,
+            session_ttl: Duration::from_secs(1),
+            ..ApiConfig::default()
+        },
+    )
+    .await;
+    let (mut v, _) = signed_up(&api, "carol").await;
+    assert_eq!(v.get("/settings").await.status, 200);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let got = v.get("/settings").await;
+    assert_eq!(got.status, 303);
+    assert_eq!(got.location(), "/login?n=session_ended");
+    assert!(got.set_cookie("webhoster_session").unwrap().contains("Max-Age=0"));
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_out_everywhere_and_a_new_password_end_the_other_sessions() {
+    let api = TestApi::start(Db::Sqlite).await;
+    let (mut a, csrf_a) = signed_up(&api, "dave").await;
+    let mut b = Visitor::new(&api.base);
+    let csrf_b = b.log_in("dave", PASSWORD).await;
+    let bearer = api.login("dave").await;
+
+    // A new password: the other browser and the API token stop working;
+    // this browser gets a new session.
+    let wrong = a
+        .post(
+            "/settings/password",
+            &[("csrf", &csrf_a), ("current_password", "not it at all"), ("new_password", "new password 1")],
+        )
+        .await;
+    assert_eq!(wrong.status, 403);
+    assert_eq!(wrong.text_of("current_password-error").as_deref(), Some("This password is not right."));
+    let short = a
+        .post(
+            "/settings/password",
+            &[("csrf", &csrf_a), ("current_password", PASSWORD), ("new_password", "short")],
+        )
+        .await;
+    assert_eq!(short.status, 422);
+    assert!(short.text_of("new_password-error").unwrap().contains("8 to 1024"));
+    let changed = a
+        .post(
+            "/settings/password",
+            &[("csrf", &csrf_a), ("current_password", PASSWORD), ("new_password", "new password 1")],
+        )
+        .await;
+    assert_eq!(changed.status, 303, "{changed:?}");
+    assert_eq!(changed.location(), "/settings?n=password_changed");
+    assert!(changed.set_cookie("webhoster_session").is_some());
+    let settings = a.get("/settings").await;
+    assert_eq!(settings.status, 200, "this browser stays in");
+    assert_eq!(
+        settings.text_of("notice").as_deref(),
+        None,
+        "the notice is only on the redirect's page"
+    );
+    let gone = b.get("/dashboard").await;
+    assert_eq!(gone.status, 303, "the other browser is out");
+    let (s, _) = api.call(reqwest::Method::GET, "/api/v1/auth/me", Some(&bearer), None).await;
+    assert_eq!(s, 401, "the API token is revoked");
+    // Its stale form token cannot do anything either.
+    let stale = b.post("/settings/logout-all", &[("csrf", &csrf_b)]).await;
+    assert_eq!(stale.status, 303);
+    assert!(stale.location().starts_with("/login"));
+
+    // Log out everywhere, from a second session: the first is sent to log-in.
+    let mut c = Visitor::new(&api.base);
+    let csrf_c = c.log_in("dave", "new password 1").await;
+    let settings = a.get("/settings").await;
+    let out = c.post("/settings/logout-all", &[("csrf", &csrf_c)]).await;
+    assert_eq!(out.status, 303);
+    assert_eq!(out.location(), "/login?n=logged_out_all");
+    let refused = a.get("/dashboard").await;
+    assert_eq!(refused.status, 303);
+    assert_eq!(refused.location(), "/login?n=session_ended");
+    let refused = a.post("/settings/keys/add", &[("csrf", &settings.csrf()), ("public_key", ED25519)]).await;
+    assert_eq!(refused.status, 303);
+    assert!(refused.location().starts_with("/login"));
+    assert_eq!(c.get("/dashboard").await.status, 303);
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_in_and_sign_up_have_the_apis_rate_limits() {
+    let db = TestDb::new(Db::Sqlite).await;
+    let api = TestApi::start_with_limits(
+        db,
+        AuthLimits {
+            per_ip: None,
+            per_account: Some(Rate {
+                burst: 2,
+                per_minute: 1,
+            }),
+        },
+    )
+    .await;
+    let mut v = Visitor::new(&api.base);
+    v.sign_up("erin").await;
+    let mut last = None;
+    for _ in 0..3 {
+        let page = v.get("/login").await;
+        last = Some(
+            v.post(
+                "/login",
+                &[("csrf", &page.csrf()), ("username", "erin"), ("password", "wrong password")],
+            )
+            .await,
+        );
+    }
+    let got = last.unwrap();
+    assert_eq!(got.status, 429, "{got:?}");
+    assert_eq!(got.text_of("alert").as_deref(), Some("Too many attempts. Wait a minute and try again."));
+    assert!(got.body.contains(r#"value="erin""#), "the login is kept");
+    api.stop().await;
+
+    let db = TestDb::new(Db::Sqlite).await;
+    let api = TestApi::start_with_limits(
+        db,
+        AuthLimits {
+            per_ip: Some(Rate {
+                burst: 1,
+                per_minute: 1,
+            }),
+            per_account: None,
+        },
+    )
+    .await;
+    let mut v = Visitor::new(&api.base);
+    v.sign_up("frank").await;
+    let page = v.get("/signup").await;
+    let got = v
+        .post(
+            "/signup",
+            &[("csrf", &page.csrf()), ("email", "g@example.com"), ("username", "grace"), ("password", PASSWORD)],
+        )
+        .await;
+    assert_eq!(got.status, 429);
+    assert!(got.body.contains(r#"value="g@example.com""#));
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_page_has_the_headers_and_the_api_keeps_its_paths() {
+    let api = TestApi::start(Db::Sqlite).await;
+    let mut v = Visitor::new(&api.base);
+    for path in ["/", "/signup", "/login", "/no-such-page-is-api", "/dashboard/nope"] {
+        let got = v.get(path).await;
+        if path == "/no-such-page-is-api" {
+            // Not a page: the API's 404 envelope.
+            assert_eq!(got.status, 404);
+            let body: Value = serde_json::from_str(&got.body).unwrap();
+            assert_eq!(body["error"]["code"], "not_found");
+            continue;
+        }
+        assert!(got.status == 200 || got.status == 404, "{path}: {got:?}");
+        let csp = got.header("content-security-policy");
+        assert!(csp.contains("default-src 'self'") && csp.contains("frame-ancestors 'none'"), "{csp}");
+        assert!(!csp.contains("unsafe-inline"));
+        assert_eq!(got.header("x-content-type-options"), "nosniff");
+        assert_eq!(got.header("referrer-policy"), "strict-origin-when-cross-origin");
+        assert_eq!(got.header("cache-control"), "no-store", "{path}");
+        assert!(!got.body.contains("<script>"), "no inline script: {path}");
+    }
+    let health = v.get("/api/v1/health").await;
+    assert_eq!(health.status, 200);
+    assert!(health.header("content-type").starts_with("application/json"));
+    let css = v.get("/assets/site.css").await;
+    let js = v.get("/assets/site.js").await;
+    assert_eq!(css.status, 200);
+    assert!(css.header("content-type").starts_with("text/css"));
+    assert!(js.header("content-type").starts_with("text/javascript"));
+    assert!(css.header("cache-control").contains("immutable"));
+    assert!(css.body.len() + js.body.len() < 50_000);
+    // Over TLS (as the front says from loopback) cookies are Secure.
+    let tls = v.get_with("/login", &[("x-forwarded-proto", "https")]).await;
+    let form = tls.set_cookie("webhoster_form");
+    assert!(
+        form.is_none() || form.as_deref().unwrap().ends_with("; Secure"),
+        "{form:?}"
+    );
+    let mut fresh = Visitor::new(&api.base);
+    let tls = fresh.get_with("/login", &[("x-forwarded-proto", "https")]).await;
+    assert!(tls.set_cookie("webhoster_form").unwrap().ends_with("; Secure"));
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_languages_come_from_the_header_and_the_switch() {
+    let api = TestApi::start(Db::Sqlite).await;
+    let mut v = Visitor::new(&api.base);
+    let ko = v.get_with("/", &[("accept-language", "ko-KR,ko;q=0.9,en;q=0.5")]).await;
+    assert!(ko.body.contains(r#"<html lang="ko">"#));
+    assert!(ko.body.contains("나만의 가상 머신에서 돌아가는 웹사이트"));
+    let en = v.get_with("/", &[("accept-language", "en-US,en;q=0.9")]).await;
+    assert!(en.body.contains(r#"<html lang="en">"#));
+    assert!(en.body.contains("Your website, in a VM of its own"));
+    let switch = v.get_with("/lang/ko?back=/login", &[("accept-language", "en")]).await;
+    assert_eq!(switch.status, 303);
+    assert_eq!(switch.location(), "/login");
+    let login = v.get_with("/login", &[("accept-language", "en")]).await;
+    assert!(login.body.contains(r#"<html lang="ko">"#), "the switch beats the header");
+    assert!(login.body.contains("이메일 또는 사용자 이름"));
+    // The switch never sends anyone off-site.
+    let evil = v.get("/lang/en?back=//evil.test/").await;
+    assert_eq!(evil.location(), "/");
+    assert_eq!(v.get("/lang/xx").await.status, 404);
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_creates_watches_and_manages_the_site() {
+    let api = TestApi::start(Db::Sqlite).await;
+    api.world.delay_on("probe.guest_ready", Duration::from_millis(1500));
+    let (mut v, csrf) = signed_up(&api, "heidi").await;
+
+    let bad = v
+        .post("/dashboard/create", &[("csrf", &csrf), ("ssh_public_key", "ssh-rsa nope")])
+        .await;
+    assert_eq!(bad.status, 422);
+    assert!(bad.text_of("ssh_public_key-error").unwrap().contains("not an SSH public key"));
+    assert!(bad.body.contains("ssh-rsa nope"), "the value is kept");
+
+    let started = Instant::now();
+    let created = v.post("/dashboard/create", &[("csrf", &csrf)]).await;
+    assert_eq!(created.status, 303, "{created:?}");
+    assert!(started.elapsed() < Duration::from_millis(1400), "the page does not wait for the guest");
+    assert_eq!(created.location(), "/dashboard?n=created");
+
+    // While it is created: the progress bar and the step.
+    let dash = v.get("/dashboard?n=created").await;
+    assert!(dash.body.contains("id=\"progress\""), "{}", dash.body);
+    assert!(dash.text_of("step").unwrap().contains(" of 8"));
+    assert_eq!(dash.text_of("state").as_deref(), Some("Being created"));
+    assert!(dash.body.contains("id=\"download-key\""), "the generated key is offered");
+    let status: Value = serde_json::from_str(&v.get("/dashboard/status").await.body).unwrap();
+    assert_eq!(status["state"], "creating");
+    assert_eq!(status["steps_total"], 8);
+    assert!(status["step_done"].as_u64().unwrap() < 8);
+
+    // The key, once.
+    let key = v.post("/dashboard/key", &[("csrf", &csrf)]).await;
+    assert_eq!(key.status, 200);
+    assert!(key.header("content-disposition").starts_with("attachment;"));
+    assert_eq!(key.header("cache-control"), "no-store");
+    assert!(key.body.contains("BEGIN OPENSSH PRIVATE KEY"));
+    let again = v.post("/dashboard/key", &[("csrf", &csrf)]).await;
+    assert_eq!(again.location(), "/dashboard?n=key_gone");
+
+    // Running: every detail.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let dash = loop {
+        let dash = v.get("/dashboard").await;
+        if dash.text_of("state").as_deref() == Some("Running") {
+            break dash;
+        }
+        assert!(Instant::now() < deadline, "never running: {}", dash.body);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let user_id = api.store.user_by_login("heidi").await.unwrap().unwrap().user.id;
+    let h = api.hosting.get(user_id).await.unwrap();
+    assert!(!dash.body.contains("id=\"progress\""));
+    assert!(dash.body.contains(&format!(r#"id="site-link" href="http://example.test/{user_id}/""#)));
+    assert_eq!(
+        dash.text_of("ssh-command").unwrap(),
+        format!("ssh -p {} ubuntu@example.test", h.ssh_port)
+    );
+    assert_eq!(
+        dash.text_of("sftp-command").unwrap(),
+        format!("sftp -P {} ubuntu@example.test", h.ssh_port)
+    );
+    assert_eq!(dash.text_of("ip").unwrap(), h.vm_ip);
+    assert_eq!(dash.text_of("port").unwrap(), h.ssh_port.to_string());
+    assert!(dash.text_of("uptime").unwrap().ends_with("min"));
+    assert!(dash.body.contains("id=\"console\""));
+    assert!(dash.body.contains("id=\"usage\""));
+
+    // Stop, start, restart.
+    for (action, notice, state) in [
+        ("stop", "/dashboard?n=stopped", "Stopped"),
+        ("start", "/dashboard?n=started", "Running"),
+        ("restart", "/dashboard?n=restarted", "Running"),
+    ] {
+        let got = v.post("/dashboard/action", &[("csrf", &csrf), ("action", action)]).await;
+        assert_eq!(got.location(), notice, "{action}: {got:?}");
+        let dash = v.get(notice).await;
+        assert_eq!(dash.text_of("state").as_deref(), Some(state), "{action}");
+    }
+
+    // Delete: first the confirmation, then gone.
+    let ask = v.post("/dashboard/action", &[("csrf", &csrf), ("action", "delete")]).await;
+    assert_eq!(ask.location(), "/dashboard/delete");
+    assert!(api.hosting.get(user_id).await.is_ok(), "not deleted without confirming");
+    let confirm = v.get("/dashboard/delete").await;
+    assert!(confirm.body.contains("id=\"confirm\""));
+    let deleted = v
+        .post(
+            "/dashboard/action",
+            &[("csrf", &confirm.csrf()), ("action", "delete"), ("confirm", "yes")],
+        )
+        .await;
+    assert_eq!(deleted.location(), "/dashboard?n=deleted");
+    assert!(api.hosting.get(user_id).await.is_err());
+    assert!(v.get("/dashboard").await.body.contains("id=\"create\""));
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_manage_keys_and_delete_the_account() {
+    let api = TestApi::start(Db::Sqlite).await;
+    let (mut v, csrf) = signed_up(&api, "ivan").await;
+    let bad = v.post("/settings/keys/add", &[("csrf", &csrf), ("public_key", "not a key")]).await;
+    assert_eq!(bad.status, 422);
+    assert!(bad.text_of("public_key-error").unwrap().contains("not an SSH public key"));
+    assert!(bad.body.contains(">not a key</textarea>"));
+    let added = v.post("/settings/keys/add", &[("csrf", &csrf), ("public_key", ED25519)]).await;
+    assert_eq!(added.location(), "/settings?n=key_added");
+    let again = v.post("/settings/keys/add", &[("csrf", &csrf), ("public_key", ED25519)]).await;
+    assert_eq!(again.status, 409);
+    assert!(again.text_of("public_key-error").unwrap().contains("already on your account"));
+    let page = v.get("/settings").await;
+    assert!(page.body.contains("SHA256:"));
+    let id = regex::Regex::new(r#"name="key_id" value="(\d+)""#).unwrap().captures(&page.body).unwrap()[1].to_owned();
+    let removed = v.post("/settings/keys/remove", &[("csrf", &csrf), ("key_id", &id)]).await;
+    assert_eq!(removed.location(), "/settings?n=key_removed");
+    assert!(v.get("/settings").await.body.contains("id=\"no-keys\""));
+
+    // Delete the account: the box, then the password.
+    let unticked = v.post("/settings/delete", &[("csrf", &csrf), ("password", PASSWORD)]).await;
+    assert_eq!(unticked.status, 422);
+    assert_eq!(unticked.text_of("delete_confirm-error").as_deref(), Some("Tick the box to confirm."));
+    let wrong = v
+        .post("/settings/delete", &[("csrf", &csrf), ("password", "wrong one"), ("confirm", "yes")])
+        .await;
+    assert_eq!(wrong.status, 403);
+    assert_eq!(wrong.text_of("delete_password-error").as_deref(), Some("This password is not right."));
+    assert!(api.store.user_by_login("ivan").await.unwrap().is_some());
+    let gone = v
+        .post("/settings/delete", &[("csrf", &csrf), ("password", PASSWORD), ("confirm", "yes")])
+        .await;
+    assert_eq!(gone.location(), "/?n=account_deleted");
+    assert!(api.store.user_by_login("ivan").await.unwrap().is_none());
+    assert_eq!(v.get("/dashboard").await.status, 303);
+    api.stop().await;
+}
