@@ -7,6 +7,7 @@
 //! wires the real parts behind those ports; `api` and `web` (the pages) are
 //! the only modules that know HTTP.
 
+pub mod account;
 pub mod api;
 pub mod app;
 pub mod auth;

@@ -246,6 +246,7 @@ async fn tokens(db: Db) {
             sub: claims["sub"].as_str().unwrap().into(),
             iat: now - 3600,
             exp: now - 10,
+            ver: 0,
         })
         .unwrap();
     let hs512 = jsonwebtoken::encode(

@@ -11,7 +11,7 @@ use crate::store::User;
 
 type Reply = Result<Response, ApiError>;
 
-fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub(super) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
         // serde's message names the field or position, never a secret value.
         ApiError::bad_request(format!("invalid JSON body: {e}"))
@@ -30,8 +30,8 @@ fn content_type(req: &Request<'_>) -> String {
         .to_ascii_lowercase()
 }
 
-/// The user id of a valid bearer token.
-pub(super) fn bearer(req: &Request<'_>) -> Result<i64, ApiError> {
+/// The token of the `Authorization: Bearer` header.
+fn bearer_token<'a>(req: &'a Request<'_>) -> Result<&'a str, ApiError> {
     let value = req
         .headers
         .get(header::AUTHORIZATION)
@@ -41,17 +41,20 @@ pub(super) fn bearer(req: &Request<'_>) -> Result<i64, ApiError> {
     if !scheme.eq_ignore_ascii_case("bearer") {
         return Err(ApiError::unauthorized());
     }
-    Ok(req.state.auth.verify(token.trim())?)
+    Ok(token.trim())
 }
 
-/// The account of a valid bearer token (a token of a deleted account is 401).
-async fn current_user(req: &Request<'_>) -> Result<User, ApiError> {
-    let id = bearer(req)?;
-    req.state
-        .store
-        .user_by_id(id)
-        .await?
-        .ok_or_else(ApiError::unauthorized)
+/// The account of a valid bearer token: unexpired, of an account that
+/// still exists, and issued under its current token version (a password
+/// change or "log out everywhere" revokes the older ones). Otherwise 401.
+pub(super) async fn current_user(req: &Request<'_>) -> Result<User, ApiError> {
+    let token = bearer_token(req)?;
+    Ok(req.state.accounts.user_of_token(token).await?)
+}
+
+/// The id of [`current_user`].
+pub(super) async fn bearer(req: &Request<'_>) -> Result<i64, ApiError> {
+    Ok(current_user(req).await?.id)
 }
 
 fn query_param<'a>(req: &'a Request<'_>, name: &str) -> Option<std::borrow::Cow<'a, str>> {
@@ -97,14 +100,11 @@ pub(crate) fn public_host_of(config: &super::ApiConfig, headers: &warp::http::He
 pub async fn register(req: &Request<'_>) -> Reply {
     req.state.limits.client(req.remote)?;
     let body: RegisterRequest = parse_json(&req.body)?;
-    let body = body.validate()?;
-    let hash = req.state.auth.hash_password(body.password).await?;
     let user = req
         .state
-        .store
-        .create_user(&body.email, &body.username, &hash)
+        .accounts
+        .register(&body.email, &body.username, &body.password)
         .await?;
-    tracing::info!(user_id = user.id, "account registered");
     Ok(ok(StatusCode::CREATED, "account created", &UserData::from(&user)))
 }
 
@@ -122,28 +122,22 @@ pub async fn login(req: &Request<'_>) -> Reply {
             ));
         }
     };
-    let body = body.validate()?;
-    req.state.limits.account(&body.username)?;
-    let found = req.state.store.user_by_login(&body.username).await?;
-    let (user, hash) = match found {
-        Some(u) => (Some(u.user), Some(u.password_hash)),
-        None => (None, None),
-    };
-    let valid = req.state.auth.verify_password(body.password, hash).await?;
-    let user = match (valid, user) {
-        (true, Some(user)) => user,
-        _ => {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "invalid_credentials",
-                "wrong username or password",
-            ));
-        }
-    };
-    let token = req.state.auth.issue(user.id)?;
+    body.check_grant()?;
+    // Bad fields are refused before they count against the account.
+    let login = crate::account::rules::check_login(&body.username, &body.password)
+        .map_err(ApiError::validation_fields)?;
+    req.state.limits.account(&login)?;
+    let accounts = &req.state.accounts;
+    let user = accounts.authenticate(&login, &body.password).await?;
+    token_reply(req, "logged in", &user)
+}
+
+/// A new token for `user`, in log-in's shape.
+pub(super) fn token_reply(req: &Request<'_>, message: &str, user: &User) -> Reply {
+    let token = req.state.accounts.issue_token(user)?;
     Ok(ok(
         StatusCode::OK,
-        "logged in",
+        message,
         &TokenData {
             access_token: token.access_token,
             token_type: "bearer",
@@ -225,7 +219,7 @@ pub async fn create_host(req: &Request<'_>) -> Reply {
 }
 
 pub async fn get_host(req: &Request<'_>) -> Reply {
-    let user_id = bearer(req)?;
+    let user_id = bearer(req).await?;
     let h = match req.state.hosting.get(user_id).await {
         Ok(h) => h,
         Err(crate::hosting::HostingError::NotFound) => {
@@ -241,13 +235,13 @@ pub async fn get_host(req: &Request<'_>) -> Reply {
 }
 
 pub async fn delete_host(req: &Request<'_>) -> Reply {
-    let user_id = bearer(req)?;
+    let user_id = bearer(req).await?;
     req.state.hosting.delete(user_id).await?;
     Ok(ok(StatusCode::OK, "hosting deleted", &serde_json::Value::Null))
 }
 
 pub async fn power(req: &Request<'_>, action: &str) -> Reply {
-    let user_id = bearer(req)?;
+    let user_id = bearer(req).await?;
     let hosting = &req.state.hosting;
     let (h, message) = match action {
         "start" => (hosting.start(user_id).await?, "VM started"),
@@ -258,7 +252,7 @@ pub async fn power(req: &Request<'_>, action: &str) -> Reply {
 }
 
 pub async fn console(req: &Request<'_>) -> Reply {
-    let user_id = bearer(req)?;
+    let user_id = bearer(req).await?;
     let lines = match query_param(req, "lines") {
         None => 100,
         Some(v) => v

@@ -32,12 +32,13 @@ use warp::Filter;
 use warp::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use warp::reply::Response;
 
-pub use dto::{valid_email, valid_username};
+pub use crate::account::{valid_email, valid_username};
 pub(crate) use dto::{Front, HostData};
 pub(crate) use handlers::public_host_of as public_host;
 pub use error::ApiError;
 pub use metrics::Metrics;
 
+use crate::account::Accounts;
 use crate::auth::Auth;
 use crate::hosting::HostingService;
 use crate::store::Store;
@@ -129,6 +130,8 @@ pub struct ApiState {
     pub store: Store,
     pub auth: Auth,
     pub hosting: Arc<HostingService>,
+    /// Sign-up, log-in, tokens, keys, passwords: shared with the web pages.
+    pub accounts: Accounts,
     pub config: Arc<ApiConfig>,
     pub metrics: Arc<Metrics>,
     pub limits: Arc<AuthLimiters>,
@@ -141,6 +144,7 @@ impl ApiState {
         let mut labels: Vec<&'static str> = ROUTES.iter().map(|r| r.path).collect();
         labels.push("unmatched");
         ApiState {
+            accounts: Accounts::new(store.clone(), auth.clone(), hosting.clone()),
             store,
             auth,
             hosting,

@@ -37,7 +37,7 @@ static PAGES: LazyLock<Handlebars<'static>> = LazyLock::new(|| {
 });
 
 /// What the layout shows around every page.
-pub(super) struct Frame<'a> {
+pub(crate) struct Frame<'a> {
     pub lang: Lang,
     pub title: &'a str,
     /// The signed-in account's username, if any (switches the navigation).
