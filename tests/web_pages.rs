@@ -542,7 +542,7 @@ async fn both_languages_come_from_the_header_and_the_switch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_creates_watches_and_manages_the_site() {
     let api = TestApi::start(Db::Sqlite).await;
-    api.world.delay_on("probe.guest_ready", Duration::from_millis(1500));
+    api.world.delay_on("net.add_forward", Duration::from_millis(1500));
     let (mut v, csrf) = signed_up(&api, "heidi").await;
 
     let bad = v
@@ -561,8 +561,21 @@ async fn the_dashboard_creates_watches_and_manages_the_site() {
     // While it is created: the progress bar and the step.
     let dash = v.get("/dashboard?n=created").await;
     assert!(dash.body.contains("id=\"progress\""), "{}", dash.body);
-    assert!(dash.text_of("step").unwrap().contains(" of 8"));
     assert_eq!(dash.text_of("state").as_deref(), Some("Being created"));
+    // The step shows once the create task took its first one (the guest
+    // is held at `forward` for 1.5 s).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let dash = loop {
+        let dash = v.get("/dashboard").await;
+        let step = dash.text_of("step").unwrap_or_default();
+        if step.starts_with("Step 5 of 8") {
+            break dash;
+        }
+        assert!(Instant::now() < deadline, "never at the forward step: {step:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(dash.text_of("step").unwrap(), "Step 5 of 8: Opening the SSH port");
+    assert!(dash.body.contains(r#"<progress id="progress" max="8" value="4">"#), "{}", dash.body);
     assert!(dash.body.contains("id=\"download-key\""), "the generated key is offered");
     let status: Value = serde_json::from_str(&v.get("/dashboard/status").await.body).unwrap();
     assert_eq!(status["state"], "creating");

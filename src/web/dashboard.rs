@@ -156,7 +156,14 @@ async fn render(ctx: &Ctx<'_>, session: &Session, status: StatusCode, extra: Val
     if let (Value::Object(d), Value::Object(e)) = (&mut data, extra) {
         d.extend(e);
     }
-    let frame = ctx.frame(ctx.t("dashboard_title"), Some(session), &session.csrf);
+    let mut frame = ctx.frame(ctx.t("dashboard_title"), Some(session), &session.csrf);
+    if hosting.is_none()
+        && frame.alert.is_none()
+        && let Some(why) = ctx.st.api.hosting.last_failure(session.user.id)
+    {
+        // The row of a failed create is gone; say why it failed.
+        frame.alert = Some(format!("{}: {why}", ctx.t("err_create_failed")));
+    }
     Ok(ctx.render(status, "dashboard", &frame, data))
 }
 
