@@ -687,3 +687,347 @@ async fn settings_manage_keys_and_delete_the_account() {
     assert_eq!(v.get("/dashboard").await.status, 303);
     api.stop().await;
 }
+
+// ---------------------------------------------------------------------------
+// Browser tests
+
+/// Waits up to 20 s for the element `id`.
+async fn element(b: &Browser, id: &str) -> fantoccini::elements::Element {
+    b.client()
+        .wait()
+        .at_most(Duration::from_secs(20))
+        .for_element(Locator::Id(id))
+        .await
+        .unwrap_or_else(|e| panic!("no #{id} on the page: {e}"))
+}
+
+/// The text of `id`, once it exists.
+async fn text(b: &Browser, id: &str) -> String {
+    element(b, id).await.text().await.unwrap()
+}
+
+/// Waits until `id`'s text is `want` (20 s).
+async fn wait_text(b: &Browser, id: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = match b.client().find(Locator::Id(id)).await {
+            Ok(el) => el.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "#{id} is {got:?}, never {want:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn value(b: &Browser, id: &str) -> String {
+    element(b, id).await.prop("value").await.unwrap().unwrap_or_default()
+}
+
+async fn fill(b: &Browser, id: &str, text: &str) {
+    let el = element(b, id).await;
+    el.clear().await.unwrap();
+    if !text.is_empty() {
+        el.send_keys(text).await.unwrap();
+    }
+}
+
+/// Clicks `button` and waits for the next page to have `then`.
+async fn click_to(b: &mut Browser, button: &str, then: &str, shot: &str) {
+    let old = b.client().find(Locator::Css("html")).await.unwrap();
+    element(b, button).await.click().await.unwrap();
+    // The next page has loaded when the old one's root is gone.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while old.tag_name().await.is_ok() {
+        assert!(Instant::now() < deadline, "clicking #{button} loaded no page");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    element(b, then).await;
+    b.shot(shot).await;
+}
+
+async fn path_of(b: &Browser) -> String {
+    let url = b.client().current_url().await.unwrap();
+    match url.query() {
+        Some(q) => format!("{}?{q}", url.path()),
+        None => url.path().to_owned(),
+    }
+}
+
+async fn visit(b: &mut Browser, url: &str, shot: &str) {
+    b.client().goto(url).await.unwrap();
+    b.shot(shot).await;
+}
+
+async fn browser_log_in(b: &mut Browser, base: &str, login: &str) {
+    visit(b, &format!("{base}/login"), "login").await;
+    fill(b, "username", login).await;
+    fill(b, "password", PASSWORD).await;
+    click_to(b, "submit", "nav-settings", "logged-in").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_the_browser_every_validation_error_shows_next_to_its_field() {
+    let api = TestApi::start(Db::Sqlite).await;
+    api.register("taken").await;
+    let mut b = Browser::start("web_pages-validation", Some("en-US,en")).await;
+    let base = api.base.clone();
+
+    // Sign-up: empty, then malformed, then taken; values kept, never the password.
+    visit(&mut b, &format!("{base}/signup"), "signup").await;
+    click_to(&mut b, "submit", "email-error", "signup-empty").await;
+    assert_eq!(text(&b, "email-error").await, "Enter a valid email address, like name@example.com.");
+    assert_eq!(text(&b, "username-error").await, "Use 3 to 32 characters: lowercase letters, digits, _ and -.");
+    assert_eq!(text(&b, "password-error").await, "The password must be 8 to 1024 characters long.");
+    fill(&b, "email", "not-an-email").await;
+    fill(&b, "username", "Bad Name").await;
+    fill(&b, "password", "short").await;
+    click_to(&mut b, "submit", "email-error", "signup-malformed").await;
+    assert_eq!(value(&b, "email").await, "not-an-email");
+    assert_eq!(value(&b, "username").await, "Bad Name");
+    assert_eq!(value(&b, "password").await, "", "the password is never sent back");
+    assert!(text(&b, "email-error").await.starts_with("Enter a valid email"));
+    assert!(text(&b, "username-error").await.starts_with("Use 3 to 32"));
+    assert!(text(&b, "password-error").await.starts_with("The password must be"));
+    let invalid = element(&b, "email").await.attr("aria-invalid").await.unwrap();
+    assert_eq!(invalid.as_deref(), Some("true"));
+    fill(&b, "email", "new@example.com").await;
+    fill(&b, "username", "taken").await;
+    fill(&b, "password", PASSWORD).await;
+    click_to(&mut b, "submit", "username-error", "signup-taken").await;
+    assert_eq!(text(&b, "username-error").await, "This username is taken.");
+    assert_eq!(text(&b, "email-error").await, "");
+    assert_eq!(value(&b, "email").await, "new@example.com");
+    fill(&b, "email", "taken@example.com").await;
+    fill(&b, "username", "fresh").await;
+    fill(&b, "password", PASSWORD).await;
+    click_to(&mut b, "submit", "email-error", "signup-email-taken").await;
+    assert_eq!(text(&b, "email-error").await, "An account with this email already exists.");
+
+    // Log-in: empty, then wrong; the login is kept.
+    visit(&mut b, &format!("{base}/login"), "login").await;
+    click_to(&mut b, "submit", "username-error", "login-empty").await;
+    assert_eq!(text(&b, "username-error").await, "This field is required.");
+    assert_eq!(text(&b, "password-error").await, "This field is required.");
+    fill(&b, "username", "taken").await;
+    fill(&b, "password", "wrong password").await;
+    click_to(&mut b, "submit", "password-error", "login-wrong").await;
+    assert_eq!(text(&b, "password-error").await, "Wrong email, username or password.");
+    assert_eq!(value(&b, "username").await, "taken");
+    assert_eq!(value(&b, "password").await, "");
+
+    // The forms behind the log-in.
+    fill(&b, "password", PASSWORD).await;
+    click_to(&mut b, "submit", "create", "dashboard-empty").await;
+    element(&b, "ssh_public_key").await; // inside a closed <details>
+    b.client()
+        .execute("document.querySelector('details').open = true", vec![])
+        .await
+        .unwrap();
+    fill(&b, "ssh_public_key", "ssh-ed25519 garbage").await;
+    click_to(&mut b, "create", "ssh_public_key-error", "create-bad-key").await;
+    assert_eq!(text(&b, "ssh_public_key-error").await, "This is not an SSH public key webhoster accepts.");
+    assert_eq!(value(&b, "ssh_public_key").await, "ssh-ed25519 garbage");
+
+    visit(&mut b, &format!("{base}/settings"), "settings").await;
+    fill(&b, "public_key", "not a key").await;
+    click_to(&mut b, "add-key", "public_key-error", "settings-bad-key").await;
+    assert_eq!(text(&b, "public_key-error").await, "This is not an SSH public key webhoster accepts.");
+    assert_eq!(value(&b, "public_key").await, "not a key");
+    fill(&b, "current_password", "wrong password").await;
+    fill(&b, "new_password", "a good new password").await;
+    click_to(&mut b, "change-password", "current_password-error", "settings-wrong-password").await;
+    assert_eq!(text(&b, "current_password-error").await, "This password is not right.");
+    fill(&b, "current_password", PASSWORD).await;
+    fill(&b, "new_password", "short").await;
+    click_to(&mut b, "change-password", "new_password-error", "settings-short-password").await;
+    assert_eq!(text(&b, "new_password-error").await, "The password must be 8 to 1024 characters long.");
+    fill(&b, "delete_password", PASSWORD).await;
+    click_to(&mut b, "delete-account-button", "delete_confirm-error", "settings-delete-unticked").await;
+    assert_eq!(text(&b, "delete_confirm-error").await, "Tick the box to confirm.");
+    assert!(api.store.user_by_login("taken").await.unwrap().is_some());
+    b.close().await;
+    api.stop().await;
+}
+
+/// A page on another origin (another port) whose form posts to the
+/// dashboard's "log out everywhere" as soon as it loads.
+async fn evil_site(target: &str) -> SocketAddr {
+    let page = format!(
+        r#"<!doctype html><meta charset="utf-8"><title>evil</title>
+<form id="f" method="post" action="{target}/settings/logout-all">
+<input type="hidden" name="csrf" value="">
+</form>
+<script>document.getElementById('f').submit();</script>"#
+    );
+    serve_page(page, None).await
+}
+
+/// Serves `html` to every request (one per connection), with `csp` if set.
+async fn serve_page(html: String, csp: Option<&'static str>) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let html = html.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match conn.read(&mut byte).await {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                let csp = csp.map(|c| format!("Content-Security-Policy: {c}\r\n")).unwrap_or_default();
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n{csp}Content-Length: {}\r\nConnection: close\r\n\r\n{html}",
+                    html.len()
+                );
+                let _ = conn.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_the_browser_a_form_from_another_origin_is_refused() {
+    let api = TestApi::start(Db::Sqlite).await;
+    api.register("judy").await;
+    let version = api.store.user_by_login("judy").await.unwrap().unwrap().user.token_version;
+    let mut b = Browser::start("web_pages-cross-origin", Some("en-US,en")).await;
+    browser_log_in(&mut b, &api.base, "judy").await;
+
+    let evil = evil_site(&api.base).await;
+    visit(&mut b, &format!("http://{evil}/"), "evil").await;
+    // The post reached us and was refused.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while path_of(&b).await != "/settings/logout-all" {
+        assert!(Instant::now() < deadline, "the evil form never posted: {}", path_of(&b).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    b.shot("refused").await;
+    assert_eq!(text(&b, "error-title").await, "Request refused");
+    let user = api.store.user_by_login("judy").await.unwrap().unwrap().user;
+    assert_eq!(user.token_version, version, "nothing was revoked");
+    visit(&mut b, &format!("{}/dashboard", api.base), "still-in").await;
+    assert_eq!(path_of(&b).await, "/dashboard", "still logged in");
+    element(&b, "create").await;
+    b.close().await;
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_the_browser_a_revoked_session_is_sent_to_log_in() {
+    let api = TestApi::start(Db::Sqlite).await;
+    api.register("kim").await;
+    let mut b = Browser::start("web_pages-revoked", Some("en-US,en")).await;
+    browser_log_in(&mut b, &api.base, "kim").await;
+    assert_eq!(path_of(&b).await, "/dashboard");
+
+    // Another session logs out everywhere.
+    let mut other = Visitor::new(&api.base);
+    let csrf = other.log_in("kim", PASSWORD).await;
+    let got = other.post("/settings/logout-all", &[("csrf", &csrf)]).await;
+    assert_eq!(got.status, 303);
+
+    visit(&mut b, &format!("{}/settings", api.base), "after-revocation").await;
+    assert_eq!(path_of(&b).await, "/login?n=session_ended");
+    assert_eq!(text(&b, "notice").await, "Your session has ended. Log in again.");
+    let cookies = b.client().get_all_cookies().await.unwrap();
+    assert!(!cookies.iter().any(|c| c.name() == "webhoster_session"), "{cookies:?}");
+    b.close().await;
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_the_browser_both_languages_render() {
+    let api = TestApi::start(Db::Sqlite).await;
+    api.register("lee").await;
+    let mut b = Browser::start("web_pages-languages", Some("ko-KR,ko")).await;
+    visit(&mut b, &format!("{}/", api.base), "home-ko").await;
+    let lang = b.client().execute("return document.documentElement.lang", vec![]).await.unwrap();
+    assert_eq!(lang, "ko", "from Accept-Language");
+    assert_eq!(text(&b, "home-title").await, "나만의 가상 머신에서 돌아가는 웹사이트");
+    assert_eq!(text(&b, "go-signup").await, "계정 만들기");
+    browser_log_in(&mut b, &api.base, "lee").await;
+    assert_eq!(text(&b, "create").await, "내 사이트 만들기");
+    b.keep();
+
+    // The switch: English from here on, whatever the header says.
+    click_to(&mut b, "lang-en", "create", "dashboard-en").await;
+    let lang = b.client().execute("return document.documentElement.lang", vec![]).await.unwrap();
+    assert_eq!(lang, "en");
+    assert_eq!(text(&b, "create").await, "Create my site");
+    visit(&mut b, &format!("{}/settings", api.base), "settings-en").await;
+    assert_eq!(text(&b, "keys-title").await, "SSH keys");
+    click_to(&mut b, "lang-ko", "keys-title", "settings-ko").await;
+    assert_eq!(text(&b, "keys-title").await, "SSH 키");
+    assert_eq!(path_of(&b).await, "/settings", "the switch comes back to the page");
+    b.close().await;
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_the_browser_the_dashboard_follows_a_create_and_log_out_leaves_nothing_behind() {
+    let api = TestApi::start(Db::Sqlite).await;
+    api.register("mia").await;
+    // The guest "boots" slowly enough to watch the progress bar.
+    api.world.delay_on("net.add_forward", Duration::from_secs(3));
+    let mut b = Browser::start("web_pages-dashboard", Some("en-US,en")).await;
+    browser_log_in(&mut b, &api.base, "mia").await;
+    click_to(&mut b, "create", "progress", "dashboard-creating").await;
+    assert_eq!(text(&b, "state").await, "Being created");
+    // The script follows the steps without a reload.
+    wait_text(&b, "step", "Step 5 of 8: Opening the SSH port").await;
+    let value = b
+        .client()
+        .execute("return document.getElementById('progress').value", vec![])
+        .await
+        .unwrap();
+    assert_eq!(value, 4);
+    b.shot("dashboard-mid-create").await;
+    element(&b, "download-key").await;
+    // ...and reloads when the site is up.
+    wait_text(&b, "state", "Running").await;
+    element(&b, "site-link").await;
+    b.shot("dashboard-running").await;
+    let ssh = text(&b, "ssh-command").await;
+    assert!(ssh.starts_with("ssh -p "), "{ssh}");
+    let copy = element(&b, "ssh-command").await;
+    drop(copy);
+    let copy_hidden = b
+        .client()
+        .execute("return document.querySelector('button.copy').hidden", vec![])
+        .await
+        .unwrap();
+    assert_eq!(copy_hidden, false, "the script shows the copy buttons");
+    let bytes = b
+        .client()
+        .execute(
+            "return document.documentElement.outerHTML.length",
+            vec![],
+        )
+        .await
+        .unwrap();
+    eprintln!("dashboard HTML: {bytes} characters");
+    let dir = b.keep();
+    eprintln!("dashboard screenshots: {}", dir.display());
+
+    // Log out; the back button shows no dashboard.
+    click_to(&mut b, "logout", "notice", "logged-out").await;
+    assert_eq!(text(&b, "notice").await, "You are logged out.");
+    b.client().back().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    b.shot("after-back").await;
+    let path = path_of(&b).await;
+    assert!(path.starts_with("/login"), "back went to {path}");
+    let html = b.client().source().await.unwrap();
+    assert!(!html.contains("id=\"ssh-command\""), "the dashboard is not shown again");
+    assert!(!html.contains("id=\"nav-settings\""));
+    b.close().await;
+    api.stop().await;
+}
