@@ -1014,6 +1014,23 @@ async fn in_the_browser_the_dashboard_follows_a_create_and_log_out_leaves_nothin
         .await
         .unwrap();
     eprintln!("dashboard HTML: {bytes} characters");
+    assert!(
+        b.client().find(Locator::Id("notice")).await.is_err(),
+        "the reload drops the create's notice"
+    );
+    // At phone width: nothing wider than the screen.
+    b.client().set_window_size(375, 900).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    b.shot("dashboard-phone").await;
+    let fits = b
+        .client()
+        .execute(
+            "return document.documentElement.scrollWidth <= window.innerWidth",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(fits, true, "the dashboard scrolls sideways at 375 px");
     let dir = b.keep();
     eprintln!("dashboard screenshots: {}", dir.display());
 

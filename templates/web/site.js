@@ -25,6 +25,8 @@
     var box = document.getElementById('hosting');
     if (!box || box.getAttribute('data-live') !== '1') { return; }
     var first = box.getAttribute('data-state');
+    // The page again, without the notice of the action that started it.
+    function fresh() { location.replace(location.pathname); }
     function text(id, value) {
       var el = document.getElementById(id);
       if (el && value != null && el.textContent !== value) { el.textContent = value; }
@@ -32,7 +34,7 @@
     function tick() {
       fetch('/dashboard/status', { credentials: 'same-origin', headers: { 'Accept': 'application/json' } })
         .then(function (r) {
-          if (r.status === 401 || r.status === 404) { location.reload(); return null; }
+          if (r.status === 401 || r.status === 404) { fresh(); return null; }
           return r.ok ? r.json() : null;
         })
         .then(function (s) {
@@ -44,7 +46,7 @@
           if (p && s.step_done != null) { p.value = s.step_done; p.max = s.steps_total; }
           text('step', s.step_label);
           box.setAttribute('data-state', s.state);
-          if (s.state !== first || !s.live) { location.reload(); return; }
+          if (s.state !== first || !s.live) { fresh(); return; }
           setTimeout(tick, 1000);
         })
         .catch(function () { setTimeout(tick, 3000); });
