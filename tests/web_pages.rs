@@ -16,7 +16,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use fantoccini::Locator;
@@ -27,6 +27,7 @@ use common::browser::Browser;
 use common::control::{Db, TestApi, TestDb};
 use webhoster::api::ApiConfig;
 use webhoster::api::ratelimit::{AuthLimits, Rate};
+use webhoster::proxy::{ApiUpstream, ProxyOptions, Site};
 
 const PASSWORD: &str = "password123";
 const ED25519: &str =
@@ -1046,5 +1047,167 @@ async fn in_the_browser_the_dashboard_follows_a_create_and_log_out_leaves_nothin
     assert!(!html.contains("id=\"ssh-command\""), "the dashboard is not shown again");
     assert!(!html.contains("id=\"nav-settings\""));
     b.close().await;
+    api.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// The tenant wall: the dashboard and the tenants' sites share the front's
+// origin in path mode (`http://<host>/<user_id>/`).
+
+/// The real nginx front in a state dir of its own, with the service's API
+/// and pages behind it; stopped before the dir goes, even on panic.
+struct Front {
+    tmp: tempfile::TempDir,
+    port: u16,
+}
+
+impl Front {
+    async fn start(api: SocketAddr, sites: &[Site]) -> (Front, webhoster::proxy::Proxy) {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::Builder::new().prefix("whwebfront-").tempdir().unwrap();
+        // nginx workers run unprivileged: they must be able to look below.
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let port = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let front = Front { tmp, port };
+        let mut opts = ProxyOptions::new(front.tmp.path().join("nginx"), SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+        opts.workers = Some(1);
+        opts.api = Some(ApiUpstream {
+            addr: api,
+            read_timeout: Duration::from_secs(30),
+        });
+        let proxy = webhoster::proxy::Proxy::start(opts).await.expect("the front starts");
+        for site in sites {
+            proxy.add_site(site).await.expect("the site is published");
+        }
+        (front, proxy)
+    }
+
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Front {
+    fn drop(&mut self) {
+        if let Err(e) = webhoster::proxy::stop(&self.tmp.path().join("nginx"), Duration::from_secs(10)) {
+            eprintln!("stopping the test nginx: {e}");
+        }
+    }
+}
+
+/// The tenant's page: it tries to read the dashboard, to call the API with
+/// the visitor's credentials, and to post the dashboard's forms (by fetch
+/// and by a real form into a hidden frame), then writes what it got into
+/// `#results`.
+const TENANT_PAGE: &str = r#"<!doctype html><meta charset="utf-8"><title>tenant</title>
+<body><p>a tenant's site</p>
+<iframe name="sink" id="sink"></iframe>
+<script>
+async function attempt(how) {
+  try { const got = String(await how()); return { outcome: 'read: ' + got.slice(0, 200), text: got }; }
+  catch (e) { return { outcome: 'failed: ' + e.name + ': ' + e.message, text: '' }; }
+}
+(async () => {
+  const r = { origin: self.origin };
+  r.dashboard = await attempt(async () => (await fetch('/dashboard', { credentials: 'include' })).text());
+  r.me = await attempt(async () => (await fetch('/api/v1/auth/me', { credentials: 'include' })).text());
+  r.post = await attempt(async () => {
+    const resp = await fetch('/settings/logout-all', { method: 'POST', credentials: 'include',
+      body: new URLSearchParams({ csrf: 'guess' }) });
+    return resp.status + ' ' + (await resp.text());
+  });
+  r.nocors = await attempt(async () => {
+    const resp = await fetch('/settings/keys/add', { method: 'POST', mode: 'no-cors', credentials: 'include',
+      body: new URLSearchParams({ csrf: '', public_key: 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl tenant' }) });
+    return resp.type;
+  });
+  const f = document.createElement('form');
+  f.method = 'post'; f.action = '/settings/logout-all'; f.target = 'sink';
+  const i = document.createElement('input'); i.name = 'csrf'; i.value = ''; f.appendChild(i);
+  document.body.appendChild(f);
+  f.submit();
+  await new Promise(res => setTimeout(res, 1500));
+  const out = document.createElement('pre');
+  out.id = 'results';
+  out.textContent = JSON.stringify(r);
+  document.body.appendChild(out);
+})();
+</script>
+</body>"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_page_cannot_read_or_change_the_dashboard_of_a_visitor() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let api = TestApi::start(Db::Sqlite).await;
+    api.register("nina").await;
+    let user = api.store.user_by_login("nina").await.unwrap().unwrap().user;
+    let tenant = match serve_page(TENANT_PAGE.to_owned(), None).await {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(_) => unreachable!(),
+    };
+    let (front, _proxy) = Front::start(
+        api.addr,
+        &[Site {
+            user_id: 77,
+            username: "tenant".into(),
+            upstream: tenant,
+        }],
+    )
+    .await;
+    let base = front.base();
+    // Through the front, `/` and the pages are the service's, with one of
+    // each security header.
+    let mut v = Visitor::new(&base);
+    let home = v.get("/").await;
+    assert_eq!(home.status, 200);
+    assert!(home.body.contains("id=\"home-title\""), "the web home, not the landing page");
+    let login = v.get("/login").await;
+    for name in ["x-frame-options", "x-content-type-options", "referrer-policy", "content-security-policy"] {
+        assert_eq!(login.headers.get_all(name).iter().count(), 1, "{name}: {:?}", login.headers);
+    }
+    assert_eq!(login.header("x-frame-options"), "DENY");
+    assert!(login.set_cookie("webhoster_form").is_some());
+    let api_health = v.get("/api/v1/health").await;
+    assert_eq!(api_health.status, 200);
+    let mut b = Browser::start("web_pages-tenant-wall", Some("en-US,en")).await;
+    // The visitor logs in through the front, like everyone.
+    browser_log_in(&mut b, &base, "nina").await;
+    assert_eq!(path_of(&b).await, "/dashboard");
+
+    visit(&mut b, &format!("{base}/77/"), "tenant").await;
+    let results = text(&b, "results").await;
+    b.shot("tenant-done").await;
+    let r: Value = serde_json::from_str(&results).unwrap();
+    eprintln!("the tenant's page saw: {r:#}");
+    assert_eq!(r["origin"], "null", "the front sandboxes the tenant's page");
+    for name in ["dashboard", "me", "post"] {
+        let outcome = r[name]["outcome"].as_str().unwrap();
+        assert!(outcome.starts_with("failed: TypeError"), "{name}: {outcome}");
+    }
+    let leaked = results.contains("nina") || results.contains("nav-settings") || results.contains("webhoster_session");
+    assert!(!leaked, "{results}");
+    // An opaque answer at most: nothing readable.
+    assert!(
+        r["nocors"]["outcome"] == "read: opaque" || r["nocors"]["outcome"].as_str().unwrap().starts_with("failed"),
+        "{r}"
+    );
+
+    // Nothing changed: the session lives, the version is the same, no key.
+    let after = api.store.user_by_login("nina").await.unwrap().unwrap().user;
+    assert_eq!(after.token_version, user.token_version, "nothing was revoked");
+    let ctl = webhoster::account::Accounts::new(api.store.clone(), api.auth.clone(), api.hosting.clone());
+    assert!(ctl.ssh_keys(user.id).await.unwrap().is_empty(), "no key was added");
+    visit(&mut b, &format!("{base}/dashboard"), "dashboard-after").await;
+    assert_eq!(path_of(&b).await, "/dashboard", "still logged in");
+    element(&b, "create").await;
+    b.close().await;
+    drop(front);
     api.stop().await;
 }
