@@ -320,7 +320,7 @@ pub(crate) struct Request<'a> {
 
 static REQUEST_SEQ: AtomicU64 = AtomicU64::new(0);
 
-fn request_id() -> String {
+pub(crate) fn request_id() -> String {
     // Unique across restarts (random prefix) and cheap (counter).
     static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     let prefix = PREFIX.get_or_init(|| format!("{:08x}", rand::random::<u32>()));

@@ -95,16 +95,21 @@ pub fn routes(
              peer: Option<SocketAddr>,
              body| async move {
                 let started = Instant::now();
+                let id = crate::api::request_id();
                 let body = crate::api::read_body(&headers, body).await;
-                let resp = match body {
+                let mut resp = match body {
                     Err(e) => e.into_response(),
                     Ok(body) => {
                         let ctx = Ctx::new(&state, method.clone(), &path, query, headers, peer, body);
                         dispatch(&ctx).await
                     }
                 };
+                if let Ok(v) = HeaderValue::from_str(&id) {
+                    resp.headers_mut().insert("x-request-id", v);
+                }
                 tracing::info!(
                     target: "webhoster::access",
+                    request_id = %id,
                     method = %method,
                     path = %path,
                     status = resp.status().as_u16(),
@@ -365,7 +370,10 @@ impl Page {
     }
 
     fn into_response(self) -> Response {
+        // Said outright: hyper leaves it out of an empty answer to HEAD.
+        let length = HeaderValue::from(self.body.len());
         let mut resp = Response::new(self.body.into());
+        resp.headers_mut().insert(header::CONTENT_LENGTH, length);
         *resp.status_mut() = self.status;
         let h = resp.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static(self.content_type));
