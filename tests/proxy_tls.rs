@@ -246,10 +246,19 @@ async fn https_serves_the_sites_and_the_api_and_http_keeps_working() {
         .lines()
         .find(|l| l.to_ascii_lowercase().starts_with("set-cookie: webhoster_form="))
         .unwrap_or_else(|| panic!("no form cookie: {}", page.head));
-    assert!(cookie.trim_end().to_ascii_lowercase().ends_with("; secure"), "{cookie}");
-    let plain_page = curl(&[&format!("http://127.0.0.1:{}/login", fx.http)]).await.unwrap();
+    assert!(
+        cookie.trim_end().to_ascii_lowercase().ends_with("; secure"),
+        "{cookie}"
+    );
+    let plain_page = curl(&[&format!("http://127.0.0.1:{}/login", fx.http)])
+        .await
+        .unwrap();
     assert_eq!(plain_page.status, 200);
-    assert!(!plain_page.head.to_ascii_lowercase().contains("; secure"), "{}", plain_page.head);
+    assert!(
+        !plain_page.head.to_ascii_lowercase().contains("; secure"),
+        "{}",
+        plain_page.head
+    );
     let plain_api = curl(&[&format!("http://127.0.0.1:{}/api/v1/health", fx.http)])
         .await
         .unwrap();

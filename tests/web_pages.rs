@@ -184,7 +184,11 @@ impl Visitor {
         let got = self
             .post(
                 "/login",
-                &[("csrf", &page.csrf()), ("username", login), ("password", password)],
+                &[
+                    ("csrf", &page.csrf()),
+                    ("username", login),
+                    ("password", password),
+                ],
             )
             .await;
         assert_eq!(got.status, 303, "{got:?}");
@@ -213,17 +217,30 @@ async fn a_session_lives_from_log_in_to_log_out(db: Db) {
     let form = v.get("/login").await;
     assert_eq!(form.status, 200);
     let c = form.set_cookie("webhoster_form").expect("a form cookie");
-    assert!(c.contains("HttpOnly") && c.contains("SameSite=Lax") && c.contains("Path=/"), "{c}");
+    assert!(
+        c.contains("HttpOnly") && c.contains("SameSite=Lax") && c.contains("Path=/"),
+        "{c}"
+    );
     assert!(!c.contains("Secure"), "plain HTTP: {c}");
 
     v.sign_up("alice").await;
     let login = v.get("/login?n=welcome&username=alice").await;
-    assert_eq!(login.text_of("notice").as_deref(), Some("Welcome! Your account is ready."));
-    assert!(login.body.contains(r#"value="alice""#), "the username is filled in");
+    assert_eq!(
+        login.text_of("notice").as_deref(),
+        Some("Welcome! Your account is ready.")
+    );
+    assert!(
+        login.body.contains(r#"value="alice""#),
+        "the username is filled in"
+    );
     let got = v
         .post(
             "/login",
-            &[("csrf", &login.csrf()), ("username", "alice@example.com"), ("password", PASSWORD)],
+            &[
+                ("csrf", &login.csrf()),
+                ("username", "alice@example.com"),
+                ("password", PASSWORD),
+            ],
         )
         .await;
     assert_eq!(got.status, 303, "log-in by email: {got:?}");
@@ -273,7 +290,10 @@ async fn forms_from_another_site_or_without_the_token_change_nothing(db: Db) {
         ("a wrong token", vec![]),
         ("another origin", vec![("origin", "http://evil.test")]),
         ("an opaque origin", vec![("origin", "null")]),
-        ("cross-site fetch metadata", vec![("sec-fetch-site", "cross-site")]),
+        (
+            "cross-site fetch metadata",
+            vec![("sec-fetch-site", "cross-site")],
+        ),
     ];
     for (what, headers) in cases {
         let token = match what {
@@ -281,11 +301,17 @@ async fn forms_from_another_site_or_without_the_token_change_nothing(db: Db) {
             "a wrong token" => "ab".repeat(32).leak(),
             _ => csrf.as_str(),
         };
-        let got = v.post_with("/settings/logout-all", &[("csrf", token)], &headers).await;
+        let got = v
+            .post_with("/settings/logout-all", &[("csrf", token)], &headers)
+            .await;
         assert_eq!(got.status, 403, "{what}: {got:?}");
         assert!(got.body.contains("came from another site"), "{what}");
         let got = v
-            .post_with("/settings/keys/add", &[("csrf", token), ("public_key", ED25519)], &headers)
+            .post_with(
+                "/settings/keys/add",
+                &[("csrf", token), ("public_key", ED25519)],
+                &headers,
+            )
             .await;
         assert_eq!(got.status, 403, "{what}");
     }
@@ -310,7 +336,14 @@ async fn forms_from_another_site_or_without_the_token_change_nothing(db: Db) {
     // Log-in and sign-up forms need their cookie's token too.
     let mut stranger = Visitor::new(&api.base);
     let got = stranger
-        .post("/login", &[("csrf", &"cd".repeat(32)), ("username", "bob"), ("password", PASSWORD)])
+        .post(
+            "/login",
+            &[
+                ("csrf", &"cd".repeat(32)),
+                ("username", "bob"),
+                ("password", PASSWORD),
+            ],
+        )
         .await;
     assert_eq!(got.status, 403);
     assert!(got.set_cookie("webhoster_session").is_none());
@@ -358,15 +391,26 @@ async fn log_out_everywhere_and_a_new_password_end_the_other_sessions() {
     let wrong = a
         .post(
             "/settings/password",
-            &[("csrf", &csrf_a), ("current_password", "not it at all"), ("new_password", "new password 1")],
+            &[
+                ("csrf", &csrf_a),
+                ("current_password", "not it at all"),
+                ("new_password", "new password 1"),
+            ],
         )
         .await;
     assert_eq!(wrong.status, 403);
-    assert_eq!(wrong.text_of("current_password-error").as_deref(), Some("This password is not right."));
+    assert_eq!(
+        wrong.text_of("current_password-error").as_deref(),
+        Some("This password is not right.")
+    );
     let short = a
         .post(
             "/settings/password",
-            &[("csrf", &csrf_a), ("current_password", PASSWORD), ("new_password", "short")],
+            &[
+                ("csrf", &csrf_a),
+                ("current_password", PASSWORD),
+                ("new_password", "short"),
+            ],
         )
         .await;
     assert_eq!(short.status, 422);
@@ -374,7 +418,11 @@ async fn log_out_everywhere_and_a_new_password_end_the_other_sessions() {
     let changed = a
         .post(
             "/settings/password",
-            &[("csrf", &csrf_a), ("current_password", PASSWORD), ("new_password", "new password 1")],
+            &[
+                ("csrf", &csrf_a),
+                ("current_password", PASSWORD),
+                ("new_password", "new password 1"),
+            ],
         )
         .await;
     assert_eq!(changed.status, 303, "{changed:?}");
@@ -389,7 +437,9 @@ async fn log_out_everywhere_and_a_new_password_end_the_other_sessions() {
     );
     let gone = b.get("/dashboard").await;
     assert_eq!(gone.status, 303, "the other browser is out");
-    let (s, _) = api.call(reqwest::Method::GET, "/api/v1/auth/me", Some(&bearer), None).await;
+    let (s, _) = api
+        .call(reqwest::Method::GET, "/api/v1/auth/me", Some(&bearer), None)
+        .await;
     assert_eq!(s, 401, "the API token is revoked");
     // Its stale form token cannot do anything either.
     let stale = b.post("/settings/logout-all", &[("csrf", &csrf_b)]).await;
@@ -406,7 +456,12 @@ async fn log_out_everywhere_and_a_new_password_end_the_other_sessions() {
     let refused = a.get("/dashboard").await;
     assert_eq!(refused.status, 303);
     assert_eq!(refused.location(), "/login?n=session_ended");
-    let refused = a.post("/settings/keys/add", &[("csrf", &settings.csrf()), ("public_key", ED25519)]).await;
+    let refused = a
+        .post(
+            "/settings/keys/add",
+            &[("csrf", &settings.csrf()), ("public_key", ED25519)],
+        )
+        .await;
     assert_eq!(refused.status, 303);
     assert!(refused.location().starts_with("/login"));
     assert_eq!(c.get("/dashboard").await.status, 303);
@@ -435,14 +490,21 @@ async fn log_in_and_sign_up_have_the_apis_rate_limits() {
         last = Some(
             v.post(
                 "/login",
-                &[("csrf", &page.csrf()), ("username", "erin"), ("password", "wrong password")],
+                &[
+                    ("csrf", &page.csrf()),
+                    ("username", "erin"),
+                    ("password", "wrong password"),
+                ],
             )
             .await,
         );
     }
     let got = last.unwrap();
     assert_eq!(got.status, 429, "{got:?}");
-    assert_eq!(got.text_of("alert").as_deref(), Some("Too many attempts. Wait a minute and try again."));
+    assert_eq!(
+        got.text_of("alert").as_deref(),
+        Some("Too many attempts. Wait a minute and try again.")
+    );
     assert!(got.body.contains(r#"value="erin""#), "the login is kept");
     api.stop().await;
 
@@ -464,7 +526,12 @@ async fn log_in_and_sign_up_have_the_apis_rate_limits() {
     let got = v
         .post(
             "/signup",
-            &[("csrf", &page.csrf()), ("email", "g@example.com"), ("username", "grace"), ("password", PASSWORD)],
+            &[
+                ("csrf", &page.csrf()),
+                ("email", "g@example.com"),
+                ("username", "grace"),
+                ("password", PASSWORD),
+            ],
         )
         .await;
     assert_eq!(got.status, 429);
@@ -476,7 +543,13 @@ async fn log_in_and_sign_up_have_the_apis_rate_limits() {
 async fn every_page_has_the_headers_and_the_api_keeps_its_paths() {
     let api = TestApi::start(Db::Sqlite).await;
     let mut v = Visitor::new(&api.base);
-    for path in ["/", "/signup", "/login", "/no-such-page-is-api", "/dashboard/nope"] {
+    for path in [
+        "/",
+        "/signup",
+        "/login",
+        "/no-such-page-is-api",
+        "/dashboard/nope",
+    ] {
         let got = v.get(path).await;
         if path == "/no-such-page-is-api" {
             // Not a page: the API's 404 envelope.
@@ -487,7 +560,10 @@ async fn every_page_has_the_headers_and_the_api_keeps_its_paths() {
         }
         assert!(got.status == 200 || got.status == 404, "{path}: {got:?}");
         let csp = got.header("content-security-policy");
-        assert!(csp.contains("default-src 'self'") && csp.contains("frame-ancestors 'none'"), "{csp}");
+        assert!(
+            csp.contains("default-src 'self'") && csp.contains("frame-ancestors 'none'"),
+            "{csp}"
+        );
         assert!(!csp.contains("unsafe-inline"));
         assert_eq!(got.header("x-content-type-options"), "nosniff");
         assert_eq!(got.header("referrer-policy"), "strict-origin-when-cross-origin");
@@ -521,17 +597,24 @@ async fn every_page_has_the_headers_and_the_api_keeps_its_paths() {
 async fn both_languages_come_from_the_header_and_the_switch() {
     let api = TestApi::start(Db::Sqlite).await;
     let mut v = Visitor::new(&api.base);
-    let ko = v.get_with("/", &[("accept-language", "ko-KR,ko;q=0.9,en;q=0.5")]).await;
+    let ko = v
+        .get_with("/", &[("accept-language", "ko-KR,ko;q=0.9,en;q=0.5")])
+        .await;
     assert!(ko.body.contains(r#"<html lang="ko">"#));
     assert!(ko.body.contains("나만의 가상 머신에서 돌아가는 웹사이트"));
     let en = v.get_with("/", &[("accept-language", "en-US,en;q=0.9")]).await;
     assert!(en.body.contains(r#"<html lang="en">"#));
     assert!(en.body.contains("Your website, in a VM of its own"));
-    let switch = v.get_with("/lang/ko?back=/login", &[("accept-language", "en")]).await;
+    let switch = v
+        .get_with("/lang/ko?back=/login", &[("accept-language", "en")])
+        .await;
     assert_eq!(switch.status, 303);
     assert_eq!(switch.location(), "/login");
     let login = v.get_with("/login", &[("accept-language", "en")]).await;
-    assert!(login.body.contains(r#"<html lang="ko">"#), "the switch beats the header");
+    assert!(
+        login.body.contains(r#"<html lang="ko">"#),
+        "the switch beats the header"
+    );
     assert!(login.body.contains("이메일 또는 사용자 이름"));
     // The switch never sends anyone off-site.
     let evil = v.get("/lang/en?back=//evil.test/").await;
@@ -547,16 +630,26 @@ async fn the_dashboard_creates_watches_and_manages_the_site() {
     let (mut v, csrf) = signed_up(&api, "heidi").await;
 
     let bad = v
-        .post("/dashboard/create", &[("csrf", &csrf), ("ssh_public_key", "ssh-rsa nope")])
+        .post(
+            "/dashboard/create",
+            &[("csrf", &csrf), ("ssh_public_key", "ssh-rsa nope")],
+        )
         .await;
     assert_eq!(bad.status, 422);
-    assert!(bad.text_of("ssh_public_key-error").unwrap().contains("not an SSH public key"));
+    assert!(
+        bad.text_of("ssh_public_key-error")
+            .unwrap()
+            .contains("not an SSH public key")
+    );
     assert!(bad.body.contains("ssh-rsa nope"), "the value is kept");
 
     let started = Instant::now();
     let created = v.post("/dashboard/create", &[("csrf", &csrf)]).await;
     assert_eq!(created.status, 303, "{created:?}");
-    assert!(started.elapsed() < Duration::from_millis(1400), "the page does not wait for the guest");
+    assert!(
+        started.elapsed() < Duration::from_millis(1400),
+        "the page does not wait for the guest"
+    );
     assert_eq!(created.location(), "/dashboard?n=created");
 
     // While it is created: the progress bar and the step.
@@ -576,8 +669,16 @@ async fn the_dashboard_creates_watches_and_manages_the_site() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(dash.text_of("step").unwrap(), "Step 5 of 8: Opening the SSH port");
-    assert!(dash.body.contains(r#"<progress id="progress" max="8" value="4">"#), "{}", dash.body);
-    assert!(dash.body.contains("id=\"download-key\""), "the generated key is offered");
+    assert!(
+        dash.body
+            .contains(r#"<progress id="progress" max="8" value="4">"#),
+        "{}",
+        dash.body
+    );
+    assert!(
+        dash.body.contains("id=\"download-key\""),
+        "the generated key is offered"
+    );
     let status: Value = serde_json::from_str(&v.get("/dashboard/status").await.body).unwrap();
     assert_eq!(status["state"], "creating");
     assert_eq!(status["steps_total"], 8);
@@ -605,7 +706,9 @@ async fn the_dashboard_creates_watches_and_manages_the_site() {
     let user_id = api.store.user_by_login("heidi").await.unwrap().unwrap().user.id;
     let h = api.hosting.get(user_id).await.unwrap();
     assert!(!dash.body.contains("id=\"progress\""));
-    assert!(dash.body.contains(&format!(r#"id="site-link" href="http://example.test/{user_id}/""#)));
+    assert!(dash.body.contains(&format!(
+        r#"id="site-link" href="http://example.test/{user_id}/""#
+    )));
     assert_eq!(
         dash.text_of("ssh-command").unwrap(),
         format!("ssh -p {} ubuntu@example.test", h.ssh_port)
@@ -619,6 +722,13 @@ async fn the_dashboard_creates_watches_and_manages_the_site() {
     assert!(dash.text_of("uptime").unwrap().ends_with("min"));
     assert!(dash.body.contains("id=\"console\""));
     assert!(dash.body.contains("id=\"usage\""));
+    let css = v.get("/assets/site.css").await.body.len();
+    let js = v.get("/assets/site.js").await.body.len();
+    eprintln!(
+        "page weight of the dashboard (running, fake console, no charts): HTML {} + CSS {css} + JS {js} = {} bytes",
+        dash.body.len(),
+        dash.body.len() + css + js
+    );
 
     // Stop, start, restart.
     for (action, notice, state) in [
@@ -626,22 +736,33 @@ async fn the_dashboard_creates_watches_and_manages_the_site() {
         ("start", "/dashboard?n=started", "Running"),
         ("restart", "/dashboard?n=restarted", "Running"),
     ] {
-        let got = v.post("/dashboard/action", &[("csrf", &csrf), ("action", action)]).await;
+        let got = v
+            .post("/dashboard/action", &[("csrf", &csrf), ("action", action)])
+            .await;
         assert_eq!(got.location(), notice, "{action}: {got:?}");
         let dash = v.get(notice).await;
         assert_eq!(dash.text_of("state").as_deref(), Some(state), "{action}");
     }
 
     // Delete: first the confirmation, then gone.
-    let ask = v.post("/dashboard/action", &[("csrf", &csrf), ("action", "delete")]).await;
+    let ask = v
+        .post("/dashboard/action", &[("csrf", &csrf), ("action", "delete")])
+        .await;
     assert_eq!(ask.location(), "/dashboard/delete");
-    assert!(api.hosting.get(user_id).await.is_ok(), "not deleted without confirming");
+    assert!(
+        api.hosting.get(user_id).await.is_ok(),
+        "not deleted without confirming"
+    );
     let confirm = v.get("/dashboard/delete").await;
     assert!(confirm.body.contains("id=\"confirm\""));
     let deleted = v
         .post(
             "/dashboard/action",
-            &[("csrf", &confirm.csrf()), ("action", "delete"), ("confirm", "yes")],
+            &[
+                ("csrf", &confirm.csrf()),
+                ("action", "delete"),
+                ("confirm", "yes"),
+            ],
         )
         .await;
     assert_eq!(deleted.location(), "/dashboard?n=deleted");
@@ -654,34 +775,72 @@ async fn the_dashboard_creates_watches_and_manages_the_site() {
 async fn settings_manage_keys_and_delete_the_account() {
     let api = TestApi::start(Db::Sqlite).await;
     let (mut v, csrf) = signed_up(&api, "ivan").await;
-    let bad = v.post("/settings/keys/add", &[("csrf", &csrf), ("public_key", "not a key")]).await;
+    let bad = v
+        .post(
+            "/settings/keys/add",
+            &[("csrf", &csrf), ("public_key", "not a key")],
+        )
+        .await;
     assert_eq!(bad.status, 422);
-    assert!(bad.text_of("public_key-error").unwrap().contains("not an SSH public key"));
+    assert!(
+        bad.text_of("public_key-error")
+            .unwrap()
+            .contains("not an SSH public key")
+    );
     assert!(bad.body.contains(">not a key</textarea>"));
-    let added = v.post("/settings/keys/add", &[("csrf", &csrf), ("public_key", ED25519)]).await;
+    let added = v
+        .post("/settings/keys/add", &[("csrf", &csrf), ("public_key", ED25519)])
+        .await;
     assert_eq!(added.location(), "/settings?n=key_added");
-    let again = v.post("/settings/keys/add", &[("csrf", &csrf), ("public_key", ED25519)]).await;
+    let again = v
+        .post("/settings/keys/add", &[("csrf", &csrf), ("public_key", ED25519)])
+        .await;
     assert_eq!(again.status, 409);
-    assert!(again.text_of("public_key-error").unwrap().contains("already on your account"));
+    assert!(
+        again
+            .text_of("public_key-error")
+            .unwrap()
+            .contains("already on your account")
+    );
     let page = v.get("/settings").await;
     assert!(page.body.contains("SHA256:"));
-    let id = regex::Regex::new(r#"name="key_id" value="(\d+)""#).unwrap().captures(&page.body).unwrap()[1].to_owned();
-    let removed = v.post("/settings/keys/remove", &[("csrf", &csrf), ("key_id", &id)]).await;
+    let id = regex::Regex::new(r#"name="key_id" value="(\d+)""#)
+        .unwrap()
+        .captures(&page.body)
+        .unwrap()[1]
+        .to_owned();
+    let removed = v
+        .post("/settings/keys/remove", &[("csrf", &csrf), ("key_id", &id)])
+        .await;
     assert_eq!(removed.location(), "/settings?n=key_removed");
     assert!(v.get("/settings").await.body.contains("id=\"no-keys\""));
 
     // Delete the account: the box, then the password.
-    let unticked = v.post("/settings/delete", &[("csrf", &csrf), ("password", PASSWORD)]).await;
+    let unticked = v
+        .post("/settings/delete", &[("csrf", &csrf), ("password", PASSWORD)])
+        .await;
     assert_eq!(unticked.status, 422);
-    assert_eq!(unticked.text_of("delete_confirm-error").as_deref(), Some("Tick the box to confirm."));
+    assert_eq!(
+        unticked.text_of("delete_confirm-error").as_deref(),
+        Some("Tick the box to confirm.")
+    );
     let wrong = v
-        .post("/settings/delete", &[("csrf", &csrf), ("password", "wrong one"), ("confirm", "yes")])
+        .post(
+            "/settings/delete",
+            &[("csrf", &csrf), ("password", "wrong one"), ("confirm", "yes")],
+        )
         .await;
     assert_eq!(wrong.status, 403);
-    assert_eq!(wrong.text_of("delete_password-error").as_deref(), Some("This password is not right."));
+    assert_eq!(
+        wrong.text_of("delete_password-error").as_deref(),
+        Some("This password is not right.")
+    );
     assert!(api.store.user_by_login("ivan").await.unwrap().is_some());
     let gone = v
-        .post("/settings/delete", &[("csrf", &csrf), ("password", PASSWORD), ("confirm", "yes")])
+        .post(
+            "/settings/delete",
+            &[("csrf", &csrf), ("password", PASSWORD), ("confirm", "yes")],
+        )
         .await;
     assert_eq!(gone.location(), "/?n=account_deleted");
     assert!(api.store.user_by_login("ivan").await.unwrap().is_none());
@@ -724,7 +883,12 @@ async fn wait_text(b: &Browser, id: &str, want: &str) {
 }
 
 async fn value(b: &Browser, id: &str) -> String {
-    element(b, id).await.prop("value").await.unwrap().unwrap_or_default()
+    element(b, id)
+        .await
+        .prop("value")
+        .await
+        .unwrap()
+        .unwrap_or_default()
 }
 
 async fn fill(b: &Browser, id: &str, text: &str) {
@@ -779,9 +943,18 @@ async fn in_the_browser_every_validation_error_shows_next_to_its_field() {
     // Sign-up: empty, then malformed, then taken; values kept, never the password.
     visit(&mut b, &format!("{base}/signup"), "signup").await;
     click_to(&mut b, "submit", "email-error", "signup-empty").await;
-    assert_eq!(text(&b, "email-error").await, "Enter a valid email address, like name@example.com.");
-    assert_eq!(text(&b, "username-error").await, "Use 3 to 32 characters: lowercase letters, digits, _ and -.");
-    assert_eq!(text(&b, "password-error").await, "The password must be 8 to 1024 characters long.");
+    assert_eq!(
+        text(&b, "email-error").await,
+        "Enter a valid email address, like name@example.com."
+    );
+    assert_eq!(
+        text(&b, "username-error").await,
+        "Use 3 to 32 characters: lowercase letters, digits, _ and -."
+    );
+    assert_eq!(
+        text(&b, "password-error").await,
+        "The password must be 8 to 1024 characters long."
+    );
     fill(&b, "email", "not-an-email").await;
     fill(&b, "username", "Bad Name").await;
     fill(&b, "password", "short").await;
@@ -791,7 +964,11 @@ async fn in_the_browser_every_validation_error_shows_next_to_its_field() {
     assert_eq!(value(&b, "password").await, "", "the password is never sent back");
     assert!(text(&b, "email-error").await.starts_with("Enter a valid email"));
     assert!(text(&b, "username-error").await.starts_with("Use 3 to 32"));
-    assert!(text(&b, "password-error").await.starts_with("The password must be"));
+    assert!(
+        text(&b, "password-error")
+            .await
+            .starts_with("The password must be")
+    );
     let invalid = element(&b, "email").await.attr("aria-invalid").await.unwrap();
     assert_eq!(invalid.as_deref(), Some("true"));
     fill(&b, "email", "new@example.com").await;
@@ -805,7 +982,10 @@ async fn in_the_browser_every_validation_error_shows_next_to_its_field() {
     fill(&b, "username", "fresh").await;
     fill(&b, "password", PASSWORD).await;
     click_to(&mut b, "submit", "email-error", "signup-email-taken").await;
-    assert_eq!(text(&b, "email-error").await, "An account with this email already exists.");
+    assert_eq!(
+        text(&b, "email-error").await,
+        "An account with this email already exists."
+    );
 
     // Log-in: empty, then wrong; the login is kept.
     visit(&mut b, &format!("{base}/login"), "login").await;
@@ -815,7 +995,10 @@ async fn in_the_browser_every_validation_error_shows_next_to_its_field() {
     fill(&b, "username", "taken").await;
     fill(&b, "password", "wrong password").await;
     click_to(&mut b, "submit", "password-error", "login-wrong").await;
-    assert_eq!(text(&b, "password-error").await, "Wrong email, username or password.");
+    assert_eq!(
+        text(&b, "password-error").await,
+        "Wrong email, username or password."
+    );
     assert_eq!(value(&b, "username").await, "taken");
     assert_eq!(value(&b, "password").await, "");
 
@@ -829,24 +1012,54 @@ async fn in_the_browser_every_validation_error_shows_next_to_its_field() {
         .unwrap();
     fill(&b, "ssh_public_key", "ssh-ed25519 garbage").await;
     click_to(&mut b, "create", "ssh_public_key-error", "create-bad-key").await;
-    assert_eq!(text(&b, "ssh_public_key-error").await, "This is not an SSH public key webhoster accepts.");
+    assert_eq!(
+        text(&b, "ssh_public_key-error").await,
+        "This is not an SSH public key webhoster accepts."
+    );
     assert_eq!(value(&b, "ssh_public_key").await, "ssh-ed25519 garbage");
 
     visit(&mut b, &format!("{base}/settings"), "settings").await;
     fill(&b, "public_key", "not a key").await;
     click_to(&mut b, "add-key", "public_key-error", "settings-bad-key").await;
-    assert_eq!(text(&b, "public_key-error").await, "This is not an SSH public key webhoster accepts.");
+    assert_eq!(
+        text(&b, "public_key-error").await,
+        "This is not an SSH public key webhoster accepts."
+    );
     assert_eq!(value(&b, "public_key").await, "not a key");
     fill(&b, "current_password", "wrong password").await;
     fill(&b, "new_password", "a good new password").await;
-    click_to(&mut b, "change-password", "current_password-error", "settings-wrong-password").await;
-    assert_eq!(text(&b, "current_password-error").await, "This password is not right.");
+    click_to(
+        &mut b,
+        "change-password",
+        "current_password-error",
+        "settings-wrong-password",
+    )
+    .await;
+    assert_eq!(
+        text(&b, "current_password-error").await,
+        "This password is not right."
+    );
     fill(&b, "current_password", PASSWORD).await;
     fill(&b, "new_password", "short").await;
-    click_to(&mut b, "change-password", "new_password-error", "settings-short-password").await;
-    assert_eq!(text(&b, "new_password-error").await, "The password must be 8 to 1024 characters long.");
+    click_to(
+        &mut b,
+        "change-password",
+        "new_password-error",
+        "settings-short-password",
+    )
+    .await;
+    assert_eq!(
+        text(&b, "new_password-error").await,
+        "The password must be 8 to 1024 characters long."
+    );
     fill(&b, "delete_password", PASSWORD).await;
-    click_to(&mut b, "delete-account-button", "delete_confirm-error", "settings-delete-unticked").await;
+    click_to(
+        &mut b,
+        "delete-account-button",
+        "delete_confirm-error",
+        "settings-delete-unticked",
+    )
+    .await;
     assert_eq!(text(&b, "delete_confirm-error").await, "Tick the box to confirm.");
     assert!(api.store.user_by_login("taken").await.unwrap().is_some());
     b.close().await;
@@ -868,7 +1081,9 @@ async fn evil_site(target: &str) -> SocketAddr {
 
 /// Serves `html` to every request (one per connection), with `csp` if set.
 async fn serve_page(html: String, csp: Option<&'static str>) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut conn, _)) = listener.accept().await {
@@ -882,7 +1097,9 @@ async fn serve_page(html: String, csp: Option<&'static str>) -> SocketAddr {
                         _ => return,
                     }
                 }
-                let csp = csp.map(|c| format!("Content-Security-Policy: {c}\r\n")).unwrap_or_default();
+                let csp = csp
+                    .map(|c| format!("Content-Security-Policy: {c}\r\n"))
+                    .unwrap_or_default();
                 let resp = format!(
                     "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n{csp}Content-Length: {}\r\nConnection: close\r\n\r\n{html}",
                     html.len()
@@ -898,7 +1115,14 @@ async fn serve_page(html: String, csp: Option<&'static str>) -> SocketAddr {
 async fn in_the_browser_a_form_from_another_origin_is_refused() {
     let api = TestApi::start(Db::Sqlite).await;
     api.register("judy").await;
-    let version = api.store.user_by_login("judy").await.unwrap().unwrap().user.token_version;
+    let version = api
+        .store
+        .user_by_login("judy")
+        .await
+        .unwrap()
+        .unwrap()
+        .user
+        .token_version;
     let mut b = Browser::start("web_pages-cross-origin", Some("en-US,en")).await;
     browser_log_in(&mut b, &api.base, "judy").await;
 
@@ -907,7 +1131,11 @@ async fn in_the_browser_a_form_from_another_origin_is_refused() {
     // The post reached us and was refused.
     let deadline = Instant::now() + Duration::from_secs(20);
     while path_of(&b).await != "/settings/logout-all" {
-        assert!(Instant::now() < deadline, "the evil form never posted: {}", path_of(&b).await);
+        assert!(
+            Instant::now() < deadline,
+            "the evil form never posted: {}",
+            path_of(&b).await
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     b.shot("refused").await;
@@ -939,7 +1167,10 @@ async fn in_the_browser_a_revoked_session_is_sent_to_log_in() {
     assert_eq!(path_of(&b).await, "/login?n=session_ended");
     assert_eq!(text(&b, "notice").await, "Your session has ended. Log in again.");
     let cookies = b.client().get_all_cookies().await.unwrap();
-    assert!(!cookies.iter().any(|c| c.name() == "webhoster_session"), "{cookies:?}");
+    assert!(
+        !cookies.iter().any(|c| c.name() == "webhoster_session"),
+        "{cookies:?}"
+    );
     b.close().await;
     api.stop().await;
 }
@@ -950,9 +1181,16 @@ async fn in_the_browser_both_languages_render() {
     api.register("lee").await;
     let mut b = Browser::start("web_pages-languages", Some("ko-KR,ko")).await;
     visit(&mut b, &format!("{}/", api.base), "home-ko").await;
-    let lang = b.client().execute("return document.documentElement.lang", vec![]).await.unwrap();
+    let lang = b
+        .client()
+        .execute("return document.documentElement.lang", vec![])
+        .await
+        .unwrap();
     assert_eq!(lang, "ko", "from Accept-Language");
-    assert_eq!(text(&b, "home-title").await, "나만의 가상 머신에서 돌아가는 웹사이트");
+    assert_eq!(
+        text(&b, "home-title").await,
+        "나만의 가상 머신에서 돌아가는 웹사이트"
+    );
     assert_eq!(text(&b, "go-signup").await, "계정 만들기");
     browser_log_in(&mut b, &api.base, "lee").await;
     assert_eq!(text(&b, "create").await, "내 사이트 만들기");
@@ -960,14 +1198,22 @@ async fn in_the_browser_both_languages_render() {
 
     // The switch: English from here on, whatever the header says.
     click_to(&mut b, "lang-en", "create", "dashboard-en").await;
-    let lang = b.client().execute("return document.documentElement.lang", vec![]).await.unwrap();
+    let lang = b
+        .client()
+        .execute("return document.documentElement.lang", vec![])
+        .await
+        .unwrap();
     assert_eq!(lang, "en");
     assert_eq!(text(&b, "create").await, "Create my site");
     visit(&mut b, &format!("{}/settings", api.base), "settings-en").await;
     assert_eq!(text(&b, "keys-title").await, "SSH keys");
     click_to(&mut b, "lang-ko", "keys-title", "settings-ko").await;
     assert_eq!(text(&b, "keys-title").await, "SSH 키");
-    assert_eq!(path_of(&b).await, "/settings", "the switch comes back to the page");
+    assert_eq!(
+        path_of(&b).await,
+        "/settings",
+        "the switch comes back to the page"
+    );
     b.close().await;
     api.stop().await;
 }
@@ -1008,10 +1254,7 @@ async fn in_the_browser_the_dashboard_follows_a_create_and_log_out_leaves_nothin
     assert_eq!(copy_hidden, false, "the script shows the copy buttons");
     let bytes = b
         .client()
-        .execute(
-            "return document.documentElement.outerHTML.length",
-            vec![],
-        )
+        .execute("return document.documentElement.outerHTML.length", vec![])
         .await
         .unwrap();
     eprintln!("dashboard HTML: {bytes} characters");
@@ -1044,7 +1287,10 @@ async fn in_the_browser_the_dashboard_follows_a_create_and_log_out_leaves_nothin
     let path = path_of(&b).await;
     assert!(path.starts_with("/login"), "back went to {path}");
     let html = b.client().source().await.unwrap();
-    assert!(!html.contains("id=\"ssh-command\""), "the dashboard is not shown again");
+    assert!(
+        !html.contains("id=\"ssh-command\""),
+        "the dashboard is not shown again"
+    );
     assert!(!html.contains("id=\"nav-settings\""));
     b.close().await;
     api.stop().await;
@@ -1073,13 +1319,18 @@ impl Front {
             .unwrap()
             .port();
         let front = Front { tmp, port };
-        let mut opts = ProxyOptions::new(front.tmp.path().join("nginx"), SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+        let mut opts = ProxyOptions::new(
+            front.tmp.path().join("nginx"),
+            SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        );
         opts.workers = Some(1);
         opts.api = Some(ApiUpstream {
             addr: api,
             read_timeout: Duration::from_secs(30),
         });
-        let proxy = webhoster::proxy::Proxy::start(opts).await.expect("the front starts");
+        let proxy = webhoster::proxy::Proxy::start(opts)
+            .await
+            .expect("the front starts");
         for site in sites {
             proxy.add_site(site).await.expect("the site is published");
         }
@@ -1167,10 +1418,23 @@ async fn a_tenants_page_cannot_read_or_change_the_dashboard_of_a_visitor() {
     let mut v = Visitor::new(&base);
     let home = v.get("/").await;
     assert_eq!(home.status, 200);
-    assert!(home.body.contains("id=\"home-title\""), "the web home, not the landing page");
+    assert!(
+        home.body.contains("id=\"home-title\""),
+        "the web home, not the landing page"
+    );
     let login = v.get("/login").await;
-    for name in ["x-frame-options", "x-content-type-options", "referrer-policy", "content-security-policy"] {
-        assert_eq!(login.headers.get_all(name).iter().count(), 1, "{name}: {:?}", login.headers);
+    for name in [
+        "x-frame-options",
+        "x-content-type-options",
+        "referrer-policy",
+        "content-security-policy",
+    ] {
+        assert_eq!(
+            login.headers.get_all(name).iter().count(),
+            1,
+            "{name}: {:?}",
+            login.headers
+        );
     }
     assert_eq!(login.header("x-frame-options"), "DENY");
     assert!(login.set_cookie("webhoster_form").is_some());
@@ -1191,11 +1455,13 @@ async fn a_tenants_page_cannot_read_or_change_the_dashboard_of_a_visitor() {
         let outcome = r[name]["outcome"].as_str().unwrap();
         assert!(outcome.starts_with("failed: TypeError"), "{name}: {outcome}");
     }
-    let leaked = results.contains("nina") || results.contains("nav-settings") || results.contains("webhoster_session");
+    let leaked =
+        results.contains("nina") || results.contains("nav-settings") || results.contains("webhoster_session");
     assert!(!leaked, "{results}");
     // An opaque answer at most: nothing readable.
     assert!(
-        r["nocors"]["outcome"] == "read: opaque" || r["nocors"]["outcome"].as_str().unwrap().starts_with("failed"),
+        r["nocors"]["outcome"] == "read: opaque"
+            || r["nocors"]["outcome"].as_str().unwrap().starts_with("failed"),
         "{r}"
     );
 
@@ -1203,7 +1469,10 @@ async fn a_tenants_page_cannot_read_or_change_the_dashboard_of_a_visitor() {
     let after = api.store.user_by_login("nina").await.unwrap().unwrap().user;
     assert_eq!(after.token_version, user.token_version, "nothing was revoked");
     let ctl = webhoster::account::Accounts::new(api.store.clone(), api.auth.clone(), api.hosting.clone());
-    assert!(ctl.ssh_keys(user.id).await.unwrap().is_empty(), "no key was added");
+    assert!(
+        ctl.ssh_keys(user.id).await.unwrap().is_empty(),
+        "no key was added"
+    );
     visit(&mut b, &format!("{base}/dashboard"), "dashboard-after").await;
     assert_eq!(path_of(&b).await, "/dashboard", "still logged in");
     element(&b, "create").await;

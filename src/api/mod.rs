@@ -34,8 +34,8 @@ use warp::reply::Response;
 
 pub use crate::account::{valid_email, valid_username};
 pub(crate) use dto::{Front, HostData};
-pub(crate) use handlers::public_host_of as public_host;
 pub use error::ApiError;
+pub(crate) use handlers::public_host_of as public_host;
 pub use metrics::Metrics;
 
 use crate::account::Accounts;

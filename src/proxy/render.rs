@@ -408,7 +408,10 @@ mod tests {
         assert!(main.contains("location ~ ^/(signup|login|logout|dashboard|settings|lang|assets)(/|$) {"));
         assert!(main.contains("proxy_set_header Host $http_host;"));
         assert!(main.contains("add_header X-Frame-Options \"DENY\" always;"));
-        assert!(!main.contains("Each site hosted here"), "no landing page with the service");
+        assert!(
+            !main.contains("Each site hosted here"),
+            "no landing page with the service"
+        );
         let directives: String = main
             .lines()
             .filter(|l| !l.trim_start().starts_with('#'))

@@ -24,14 +24,26 @@ fn form_token(ctx: &Ctx<'_>) -> (String, Option<String>) {
         None => {
             let t = session::random_token();
             // A day: a form left open overnight still posts.
-            let c = session::set_cookie(FORM_COOKIE, &t, std::time::Duration::from_secs(24 * 3600), ctx.secure);
+            let c = session::set_cookie(
+                FORM_COOKIE,
+                &t,
+                std::time::Duration::from_secs(24 * 3600),
+                ctx.secure,
+            );
             (t, Some(c))
         }
     }
 }
 
 /// Renders sign-up or log-in with `values` kept and `errors` by field.
-fn anonymous_form(ctx: &Ctx<'_>, status: StatusCode, name: &str, title: &str, data: Value, alert: Option<String>) -> Page {
+fn anonymous_form(
+    ctx: &Ctx<'_>,
+    status: StatusCode,
+    name: &str,
+    title: &str,
+    data: Value,
+    alert: Option<String>,
+) -> Page {
     let (token, cookie) = form_token(ctx);
     let mut frame = ctx.frame(ctx.t(title), None, &token);
     if alert.is_some() {
@@ -60,12 +72,20 @@ fn field_errors(ctx: &Ctx<'_>, err: &AccountError) -> Option<Map<String, Value>>
                     "username" => "err_username",
                     _ => "err_password",
                 };
-                let field = if f.field == "email" || f.field == "username" { f.field } else { "password" };
+                let field = if f.field == "email" || f.field == "username" {
+                    f.field
+                } else {
+                    "password"
+                };
                 errors.insert(field.into(), ctx.t(key).into());
             }
         }
         AccountError::Taken(field) => {
-            let key = if *field == "email" { "err_email_taken" } else { "err_username_taken" };
+            let key = if *field == "email" {
+                "err_email_taken"
+            } else {
+                "err_username_taken"
+            };
             errors.insert((*field).into(), ctx.t(key).into());
         }
         AccountError::WrongCredentials => {
@@ -80,7 +100,14 @@ pub async fn signup_form(ctx: &Ctx<'_>) -> Answer {
     if ctx.session().await?.is_some() {
         return Ok(Page::redirect("/dashboard"));
     }
-    Ok(anonymous_form(ctx, StatusCode::OK, "signup", "signup_title", json!({}), None))
+    Ok(anonymous_form(
+        ctx,
+        StatusCode::OK,
+        "signup",
+        "signup_title",
+        json!({}),
+        None,
+    ))
 }
 
 pub async fn signup(ctx: &Ctx<'_>) -> Answer {
@@ -104,13 +131,11 @@ pub async fn signup(ctx: &Ctx<'_>) -> Answer {
     {
         Ok(user) => {
             tracing::info!(user_id = user.id, "account registered on the web");
-            let to = format!(
+            // Usernames are [a-z0-9_-] (account::rules): safe in a query as they are.
+            Ok(Page::redirect(&format!(
                 "/login?n=welcome&username={}",
-                serde_urlencoded::to_string([("", &user.username)])
-                    .unwrap_or_default()
-                    .trim_start_matches('=')
-            );
-            Ok(Page::redirect(&to))
+                user.username
+            )))
         }
         Err(e) => match field_errors(ctx, &e) {
             Some(errors) => {
@@ -171,7 +196,11 @@ pub async fn login(ctx: &Ctx<'_>) -> Answer {
         missing.insert("password".into(), ctx.t("err_required").into());
     }
     if !missing.is_empty() {
-        return Err(again(StatusCode::UNPROCESSABLE_ENTITY, Value::Object(missing), None));
+        return Err(again(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Value::Object(missing),
+            None,
+        ));
     }
     // The API's limits: per client address, then per account name.
     let limits = &ctx.st.api.limits;
@@ -182,7 +211,13 @@ pub async fn login(ctx: &Ctx<'_>) -> Answer {
             Some(ctx.t("err_rate_limited").into()),
         ));
     }
-    let user = match ctx.st.api.accounts.authenticate(login, form.get("password")).await {
+    let user = match ctx
+        .st
+        .api
+        .accounts
+        .authenticate(login, form.get("password"))
+        .await
+    {
         Ok(user) => user,
         Err(e) => {
             return match field_errors(ctx, &e) {
@@ -239,6 +274,11 @@ pub fn switch_lang(ctx: &Ctx<'_>, code: &str) -> Page {
             lang.code(),
             if ctx.secure { "; Secure" } else { "" }
         )),
-        None => ctx.error_page(StatusCode::NOT_FOUND, "err_not_found_title", "err_not_found_text", None),
+        None => ctx.error_page(
+            StatusCode::NOT_FOUND,
+            "err_not_found_title",
+            "err_not_found_text",
+            None,
+        ),
     }
 }

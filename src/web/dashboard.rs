@@ -35,7 +35,13 @@ fn progress(lang: Lang, h: &Hosting, queue_position: Option<usize>) -> (usize, S
         Some(step) => {
             let n = step.seq() as usize;
             let name = lang.t(&format!("step_{}", step.name()));
-            (n - 1, lang.format("step_label", &[("n", &n.to_string()), ("total", &total), ("name", name)]))
+            (
+                n - 1,
+                lang.format(
+                    "step_label",
+                    &[("n", &n.to_string()), ("total", &total), ("name", name)],
+                ),
+            )
         }
         None if queue_position.is_some() || h.state == HostingState::Creating => {
             (0, lang.t("step_queued").to_owned())
@@ -151,7 +157,11 @@ async fn render(ctx: &Ctx<'_>, session: &Session, status: StatusCode, extra: Val
             .console(session.user.id, CONSOLE_LINES)
             .await
             .unwrap_or_default();
-        data["console"] = json!(if console.trim().is_empty() { ctx.t("console_empty").to_owned() } else { console });
+        data["console"] = json!(if console.trim().is_empty() {
+            ctx.t("console_empty").to_owned()
+        } else {
+            console
+        });
     }
     if let (Value::Object(d), Value::Object(e)) = (&mut data, extra) {
         d.extend(e);
@@ -176,11 +186,17 @@ pub async fn show(ctx: &Ctx<'_>) -> Answer {
 /// 404 without a hosting).
 pub async fn status(ctx: &Ctx<'_>) -> Answer {
     let Some(session) = ctx.session().await? else {
-        return Ok(Page::json(StatusCode::UNAUTHORIZED, &json!({ "error": "no session" })));
+        return Ok(Page::json(
+            StatusCode::UNAUTHORIZED,
+            &json!({ "error": "no session" }),
+        ));
     };
     match hosting_of(ctx, session.user.id).await? {
         Some(h) => Ok(Page::json(StatusCode::OK, &view(ctx, &session, &h))),
-        None => Ok(Page::json(StatusCode::NOT_FOUND, &json!({ "error": "no hosting" }))),
+        None => Ok(Page::json(
+            StatusCode::NOT_FOUND,
+            &json!({ "error": "no hosting" }),
+        )),
     }
 }
 
@@ -264,7 +280,7 @@ pub async fn download_key(ctx: &Ctx<'_>) -> Answer {
     match ctx.st.keys.take(&session.id) {
         Some(key) => Ok(Page {
             content_type: "application/octet-stream",
-            attachment: Some(format!("webhoster-{}-id_ed25519", session.user.username)),
+            attachment: Some(format!("webhoster-{}-id_ed25519", session.user.username).into()),
             ..Page::html(StatusCode::OK, key)
         }),
         None => Ok(Page::redirect("/dashboard?n=key_gone")),

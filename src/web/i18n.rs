@@ -22,8 +22,10 @@ fn load(name: &str, text: &str) -> Catalogue {
     toml::from_str(text).unwrap_or_else(|e| panic!("templates/web/i18n/{name}.toml does not parse: {e}"))
 }
 
-static EN: LazyLock<Catalogue> = LazyLock::new(|| load("en", include_str!("../../templates/web/i18n/en.toml")));
-static KO: LazyLock<Catalogue> = LazyLock::new(|| load("ko", include_str!("../../templates/web/i18n/ko.toml")));
+static EN: LazyLock<Catalogue> =
+    LazyLock::new(|| load("en", include_str!("../../templates/web/i18n/en.toml")));
+static KO: LazyLock<Catalogue> =
+    LazyLock::new(|| load("ko", include_str!("../../templates/web/i18n/ko.toml")));
 
 impl Lang {
     pub const ALL: [Lang; 2] = [Lang::En, Lang::Ko];
@@ -36,7 +38,9 @@ impl Lang {
     }
 
     pub fn parse(code: &str) -> Option<Lang> {
-        Lang::ALL.into_iter().find(|l| l.code().eq_ignore_ascii_case(code))
+        Lang::ALL
+            .into_iter()
+            .find(|l| l.code().eq_ignore_ascii_case(code))
     }
 
     pub fn catalogue(self) -> &'static Catalogue {
@@ -142,7 +146,11 @@ mod tests {
         let re = regex::Regex::new(r"\bt\.([a-z_]+)").unwrap();
         for (name, text) in super::super::render::TEMPLATES {
             for cap in re.captures_iter(text) {
-                assert!(EN.contains_key(&cap[1]), "{name} uses t.{} which en.toml lacks", &cap[1]);
+                assert!(
+                    EN.contains_key(&cap[1]),
+                    "{name} uses t.{} which en.toml lacks",
+                    &cap[1]
+                );
             }
         }
     }

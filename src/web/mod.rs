@@ -43,7 +43,15 @@ const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-
                    object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
 
 /// The first path segments that are web pages.
-const SECTIONS: &[&str] = &["signup", "login", "logout", "dashboard", "settings", "assets", "lang"];
+const SECTIONS: &[&str] = &[
+    "signup",
+    "login",
+    "logout",
+    "dashboard",
+    "settings",
+    "assets",
+    "lang",
+];
 
 /// Whether `path` is one of the pages (the rest goes to the API).
 pub fn is_web_path(path: &str) -> bool {
@@ -225,7 +233,8 @@ impl<'a> Ctx<'a> {
                 let to = if stale { "/login?n=session_ended" } else { "/login" };
                 let mut page = Page::redirect(to);
                 if stale {
-                    page.cookies.push(session::clear_cookie(session::COOKIE, self.secure));
+                    page.cookies
+                        .push(session::clear_cookie(session::COOKIE, self.secure));
                 }
                 Err(page)
             }
@@ -241,10 +250,20 @@ impl<'a> Ctx<'a> {
     }
 
     pub fn check_origin_and_token(&self, sent: &str, expected: &str) -> Result<(), Page> {
-        if session::from_another_site(&self.headers) || expected.is_empty() || !session::constant_time_eq(sent, expected)
+        if session::from_another_site(&self.headers)
+            || expected.is_empty()
+            || !session::constant_time_eq(sent, expected)
         {
-            tracing::warn!(path = self.path, "form refused: another site or a wrong CSRF token");
-            return Err(self.error_page(StatusCode::FORBIDDEN, "err_forbidden_title", "err_form_expired", None));
+            tracing::warn!(
+                path = self.path,
+                "form refused: another site or a wrong CSRF token"
+            );
+            return Err(self.error_page(
+                StatusCode::FORBIDDEN,
+                "err_forbidden_title",
+                "err_form_expired",
+                None,
+            ));
         }
         Ok(())
     }
@@ -278,7 +297,13 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    pub fn error_page(&self, status: StatusCode, heading: &str, text: &str, session: Option<&Session>) -> Page {
+    pub fn error_page(
+        &self,
+        status: StatusCode,
+        heading: &str,
+        text: &str,
+        session: Option<&Session>,
+    ) -> Page {
         let csrf = session.map(|s| s.csrf.as_str()).unwrap_or("");
         let frame = self.frame(self.t(heading), session, csrf);
         let data = serde_json::json!({ "heading": self.t(heading), "text": self.t(text) });
@@ -328,11 +353,12 @@ pub(crate) struct Page {
     pub status: StatusCode,
     pub content_type: &'static str,
     pub body: Bytes,
-    pub location: Option<String>,
+    // Boxed: `Page` is the error side of every handler, kept small.
+    pub location: Option<Box<str>>,
     pub cookies: Vec<String>,
     /// Long caching (assets); every other answer is `no-store`.
     pub cacheable: bool,
-    pub attachment: Option<String>,
+    pub attachment: Option<Box<str>>,
 }
 
 impl Page {
@@ -352,7 +378,7 @@ impl Page {
     pub fn redirect(to: &str) -> Page {
         Page {
             status: StatusCode::SEE_OTHER,
-            location: Some(to.to_owned()),
+            location: Some(to.into()),
             ..Page::html(StatusCode::SEE_OTHER, String::new())
         }
     }
@@ -378,8 +404,14 @@ impl Page {
         let h = resp.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static(self.content_type));
         h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
-        h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-        h.insert(header::REFERRER_POLICY, HeaderValue::from_static("strict-origin-when-cross-origin"));
+        h.insert(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        );
+        h.insert(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("strict-origin-when-cross-origin"),
+        );
         h.insert(
             header::CACHE_CONTROL,
             HeaderValue::from_static(if self.cacheable {
@@ -415,7 +447,11 @@ impl From<Result<Page, Page>> for Page {
 }
 
 async fn dispatch(ctx: &Ctx<'_>) -> Response {
-    let method = if ctx.method == Method::HEAD { Method::GET } else { ctx.method.clone() };
+    let method = if ctx.method == Method::HEAD {
+        Method::GET
+    } else {
+        ctx.method.clone()
+    };
     let page: Result<Page, Page> = match (method.as_str(), ctx.path) {
         ("GET", "/") => account_pages::home(ctx).await,
         ("GET", "/signup") => account_pages::signup_form(ctx).await,
@@ -443,7 +479,12 @@ async fn dispatch(ctx: &Ctx<'_>) -> Response {
             "err_not_found_text",
             None,
         )),
-        _ => Ok(ctx.error_page(StatusCode::NOT_FOUND, "err_not_found_title", "err_not_found_text", None)),
+        _ => Ok(ctx.error_page(
+            StatusCode::NOT_FOUND,
+            "err_not_found_title",
+            "err_not_found_text",
+            None,
+        )),
     };
     Page::from(page).into_response()
 }
@@ -489,13 +530,28 @@ mod tests {
     #[test]
     fn only_the_pages_paths_are_taken() {
         for p in [
-            "/", "/signup", "/login", "/logout", "/dashboard", "/dashboard/status", "/settings",
-            "/settings/keys/add", "/assets/site.css", "/lang/ko",
+            "/",
+            "/signup",
+            "/login",
+            "/logout",
+            "/dashboard",
+            "/dashboard/status",
+            "/settings",
+            "/settings/keys/add",
+            "/assets/site.css",
+            "/lang/ko",
         ] {
             assert!(super::is_web_path(p), "{p}");
         }
         for p in [
-            "/api/v1/health", "/docs", "/metrics", "/1/", "/12/dashboard", "/dashboards", "/signupx", "",
+            "/api/v1/health",
+            "/docs",
+            "/metrics",
+            "/1/",
+            "/12/dashboard",
+            "/dashboards",
+            "/signupx",
+            "",
         ] {
             assert!(!super::is_web_path(p), "{p}");
         }

@@ -20,7 +20,10 @@ pub(super) const TEMPLATES: &[(&str, &str)] = &[
     ("signup", include_str!("../../templates/web/signup.hbs")),
     ("login", include_str!("../../templates/web/login.hbs")),
     ("dashboard", include_str!("../../templates/web/dashboard.hbs")),
-    ("confirm_delete", include_str!("../../templates/web/confirm_delete.hbs")),
+    (
+        "confirm_delete",
+        include_str!("../../templates/web/confirm_delete.hbs"),
+    ),
     ("settings", include_str!("../../templates/web/settings.hbs")),
     ("error", include_str!("../../templates/web/error.hbs")),
 ];
@@ -123,9 +126,20 @@ mod tests {
     #[test]
     fn every_page_renders_in_both_languages() {
         for lang in Lang::ALL {
-            for name in ["home", "signup", "login", "dashboard", "confirm_delete", "settings", "error"] {
+            for name in [
+                "home",
+                "signup",
+                "login",
+                "dashboard",
+                "confirm_delete",
+                "settings",
+                "error",
+            ] {
                 let html = page(name, &frame(lang), json!({})).unwrap();
-                assert!(html.contains(&format!("<html lang=\"{}\">", lang.code())), "{name}");
+                assert!(
+                    html.contains(&format!("<html lang=\"{}\">", lang.code())),
+                    "{name}"
+                );
                 assert!(!html.contains("{{"), "{name}");
             }
         }

@@ -11,6 +11,7 @@
 //!   `webhoster_form` cookie (double submit). Every POST compares it in
 //!   constant time and is refused when the browser says it came from
 //!   another site (`Origin`, `Sec-Fetch-Site`).
+//!
 //! It never hashes passwords or decides who may log in (`account` does).
 
 use std::net::SocketAddr;
@@ -168,11 +169,17 @@ mod tests {
     #[test]
     fn cookies_have_the_flags() {
         let c = set_cookie(COOKIE, "t", DEFAULT_TTL, false);
-        assert_eq!(c, "webhoster_session=t; Path=/; Max-Age=604800; HttpOnly; SameSite=Lax");
+        assert_eq!(
+            c,
+            "webhoster_session=t; Path=/; Max-Age=604800; HttpOnly; SameSite=Lax"
+        );
         assert!(set_cookie(COOKIE, "t", DEFAULT_TTL, true).ends_with("; Secure"));
         assert!(clear_cookie(COOKIE, false).contains("Max-Age=0"));
         let mut h = HeaderMap::new();
-        h.insert(header::COOKIE, HeaderValue::from_static("a=1; webhoster_session=abc ; lang=ko"));
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; webhoster_session=abc ; lang=ko"),
+        );
         assert_eq!(cookie(&h, COOKIE).as_deref(), Some("abc"));
         assert_eq!(cookie(&h, "lang").as_deref(), Some("ko"));
         assert_eq!(cookie(&h, "b"), None);

@@ -63,10 +63,24 @@ pub async fn add_key(ctx: &Ctx<'_>) -> Answer {
     match ctx.st.api.accounts.add_ssh_key(session.user.id, text).await {
         Ok(_) => Ok(Page::redirect("/settings?n=key_added")),
         Err(AccountError::Invalid(_)) => {
-            field_error(ctx, &session, "public_key", "err_key_invalid", json!({ "public_key": text })).await
+            field_error(
+                ctx,
+                &session,
+                "public_key",
+                "err_key_invalid",
+                json!({ "public_key": text }),
+            )
+            .await
         }
         Err(AccountError::Taken(_)) => {
-            field_error(ctx, &session, "public_key", "err_key_taken", json!({ "public_key": text })).await
+            field_error(
+                ctx,
+                &session,
+                "public_key",
+                "err_key_taken",
+                json!({ "public_key": text }),
+            )
+            .await
         }
         Err(e) => Err(ctx.server_error(&e)),
     }
@@ -90,7 +104,11 @@ pub async fn change_password(ctx: &Ctx<'_>) -> Answer {
     let (session, form) = ctx.require_post().await?;
     let accounts = &ctx.st.api.accounts;
     let user = match accounts
-        .change_password(session.user.id, form.get("current_password"), form.get("new_password"))
+        .change_password(
+            session.user.id,
+            form.get("current_password"),
+            form.get("new_password"),
+        )
         .await
     {
         Ok(user) => user,
@@ -103,16 +121,23 @@ pub async fn change_password(ctx: &Ctx<'_>) -> Answer {
         Err(e) => return Err(ctx.server_error(&e)),
     };
     let store = &ctx.st.api.store;
-    store.delete_session(&session.id).await.map_err(|e| ctx.server_error(&e))?;
+    store
+        .delete_session(&session.id)
+        .await
+        .map_err(|e| ctx.server_error(&e))?;
     ctx.st.keys.forget(&session.id);
     let ttl = ctx.st.api.config.session_ttl;
-    let (token, _) = session::open(store, &user, ttl).await.map_err(|e| ctx.server_error(&e))?;
-    Ok(Page::redirect("/settings?n=password_changed").cookie(session::set_cookie(
-        session::COOKIE,
-        &token,
-        ttl,
-        ctx.secure,
-    )))
+    let (token, _) = session::open(store, &user, ttl)
+        .await
+        .map_err(|e| ctx.server_error(&e))?;
+    Ok(
+        Page::redirect("/settings?n=password_changed").cookie(session::set_cookie(
+            session::COOKIE,
+            &token,
+            ttl,
+            ctx.secure,
+        )),
+    )
 }
 
 pub async fn logout_all(ctx: &Ctx<'_>) -> Answer {
@@ -134,11 +159,18 @@ pub async fn delete_account(ctx: &Ctx<'_>) -> Answer {
     if form.get("confirm") != "yes" {
         return field_error(ctx, &session, "confirm", "err_confirm", json!({})).await;
     }
-    match ctx.st.api.accounts.delete(session.user.id, form.get("password")).await {
+    match ctx
+        .st
+        .api
+        .accounts
+        .delete(session.user.id, form.get("password"))
+        .await
+    {
         Ok(()) => {
             ctx.st.keys.forget(&session.id);
             tracing::info!(user_id = session.user.id, "account deleted on the web");
-            Ok(Page::redirect("/?n=account_deleted").cookie(session::clear_cookie(session::COOKIE, ctx.secure)))
+            Ok(Page::redirect("/?n=account_deleted")
+                .cookie(session::clear_cookie(session::COOKIE, ctx.secure)))
         }
         Err(AccountError::WrongPassword) => {
             field_error(ctx, &session, "delete_password", "err_wrong_password", json!({})).await
