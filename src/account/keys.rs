@@ -58,3 +58,44 @@ impl SshKeyEntry {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(line: &str) -> StoredKey {
+        StoredKey {
+            id: 7,
+            public_key: line.to_owned(),
+            created_at: "2026-01-01T00:00:00Z".into(),
+        }
+    }
+
+    #[test]
+    fn a_stored_key_is_described() {
+        let line =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl test@example";
+        let e = SshKeyEntry::from_row(row(line));
+        assert_eq!(e.id, 7);
+        assert_eq!(e.algorithm, "ssh-ed25519");
+        assert_eq!(
+            e.fingerprint,
+            "SHA256:+DiY3wvvV6TuJJhbpZisF/zLDA0zPMSvHdkr4UvCOqU"
+        );
+        assert_eq!(e.comment, "test@example");
+        assert_eq!(e.public_key, line);
+    }
+
+    /// A key stored under an older, looser policy is still listed (so it
+    /// can be removed), with no fingerprint claimed for it.
+    #[test]
+    fn an_unreadable_stored_key_is_still_listed() {
+        let line = "ssh-dss AAAAB3NzaC1kc3MAAACBAOgD root@vm";
+        let e = SshKeyEntry::from_row(row(line));
+        assert_eq!(
+            (e.id, e.algorithm.as_str(), e.fingerprint.as_str()),
+            (7, "ssh-dss", "")
+        );
+        assert_eq!(e.public_key, line);
+    }
+}

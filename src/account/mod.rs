@@ -64,6 +64,9 @@ impl From<StoreError> for AccountError {
     }
 }
 
+// AccountError carries HostingError by value, as the interface says; these
+// two are cheap synchronous calls, not a hot path worth boxing it for.
+#[allow(clippy::result_large_err)]
 fn invalid(bad: Vec<FieldError>) -> Result<(), AccountError> {
     if bad.is_empty() {
         Ok(())
@@ -115,6 +118,7 @@ impl Accounts {
     }
 
     /// A JWT carrying the account's current token version.
+    #[allow(clippy::result_large_err)] // see `invalid`
     pub fn issue_token(&self, user: &User) -> Result<Token, AccountError> {
         Ok(self.auth.issue(user.id, user.token_version)?)
     }
@@ -262,5 +266,118 @@ impl Accounts {
         } else {
             Err(AccountError::WrongPassword)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store() -> (Store, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::connect(&crate::store::default_url(dir.path()))
+            .await
+            .unwrap();
+        (store, dir)
+    }
+
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl test@example";
+
+    #[test]
+    fn store_conflicts_name_the_taken_field() {
+        for (conflict, field) in [
+            (Conflict::Email, "email"),
+            (Conflict::Username, "username"),
+            (Conflict::SshKey, "public_key"),
+        ] {
+            match AccountError::from(StoreError::Conflict(conflict)) {
+                AccountError::Taken(f) => assert_eq!(f, field),
+                other => panic!("{conflict:?}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            AccountError::from(StoreError::Conflict(Conflict::VmId)),
+            AccountError::Store(_)
+        ));
+        let bad = vec![FieldError::new("email", "a"), FieldError::new("password", "b")];
+        assert_eq!(AccountError::Invalid(bad).to_string(), "a; b");
+    }
+
+    /// The store calls the account relies on: a password is replaced only
+    /// over the hash it was checked against, and each change or revocation
+    /// moves the token version.
+    #[tokio::test]
+    async fn password_and_version_updates() {
+        let (store, _dir) = store().await;
+        let u = store.create_user("a@b.io", "abc", "hash-1").await.unwrap();
+        assert_eq!(u.token_version, 0);
+        assert!(
+            store
+                .replace_password(u.id, "stale", "hash-2")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let same = store.user_with_hash(u.id).await.unwrap().unwrap();
+        assert_eq!(
+            (same.password_hash.as_str(), same.user.token_version),
+            ("hash-1", 0)
+        );
+        let changed = store
+            .replace_password(u.id, "hash-1", "hash-2")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(changed.token_version, 1);
+        assert!(
+            store
+                .replace_password(u.id, "hash-1", "hash-3")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(
+            store
+                .bump_token_version(u.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .token_version,
+            2
+        );
+        assert_eq!(
+            store
+                .user_by_login("abc")
+                .await
+                .unwrap()
+                .unwrap()
+                .user
+                .token_version,
+            2
+        );
+        assert!(store.bump_token_version(u.id + 100).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn keys_belong_to_one_account_and_go_with_it() {
+        let (store, _dir) = store().await;
+        let a = store.create_user("a@b.io", "abc", "h").await.unwrap();
+        let b = store.create_user("b@b.io", "bcd", "h").await.unwrap();
+        let k = store.insert_ssh_key(a.id, KEY).await.unwrap();
+        assert!(matches!(
+            store.insert_ssh_key(a.id, KEY).await.map_err(AccountError::from),
+            Err(AccountError::Taken("public_key"))
+        ));
+        // Uniqueness is per account; the hosting path's add stays idempotent.
+        store.insert_ssh_key(b.id, KEY).await.unwrap();
+        store.add_ssh_key(a.id, KEY).await.unwrap();
+        assert_eq!(store.ssh_key_rows(a.id).await.unwrap(), std::slice::from_ref(&k));
+        assert!(!store.delete_ssh_key(b.id, k.id).await.unwrap(), "not b's key");
+        assert_eq!(store.ssh_key_rows(a.id).await.unwrap().len(), 1);
+        assert!(store.delete_user(a.id).await.unwrap());
+        assert!(store.ssh_key_rows(a.id).await.unwrap().is_empty(), "cascade");
+        assert!(!store.delete_user(a.id).await.unwrap());
+        assert_eq!(store.ssh_key_rows(b.id).await.unwrap().len(), 1);
     }
 }

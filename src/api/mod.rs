@@ -9,6 +9,7 @@
 //! access log line; metrics are counted per route.
 //! This module never runs a VM step itself and never writes SQL.
 
+mod account;
 mod backups;
 mod dto;
 mod error;
@@ -200,6 +201,50 @@ pub static ROUTES: &[RouteDef] = &[
         "The account of the token",
         true,
         &[200, 401]
+    ),
+    route!(
+        POST,
+        "/api/v1/auth/logout-all",
+        "Log out everywhere: revoke every token and web session of the account (this one too)",
+        true,
+        &[200, 400, 401]
+    ),
+    route!(
+        GET,
+        "/api/v1/account/ssh-keys",
+        "The account's SSH public keys (id, algorithm, SHA256 fingerprint, comment), oldest first",
+        true,
+        &[200, 401]
+    ),
+    route!(
+        POST,
+        "/api/v1/account/ssh-keys",
+        "Add an SSH public key (JSON public_key); the next hosting created without a key gets \
+         the account's keys",
+        true,
+        &[201, 400, 401, 409, 413, 422]
+    ),
+    route!(
+        DELETE,
+        "/api/v1/account/ssh-keys/{id}",
+        "Remove one of the account's SSH keys",
+        true,
+        &[200, 401, 404]
+    ),
+    route!(
+        POST,
+        "/api/v1/account/password",
+        "Change the password (JSON current_password, new_password); every older token and \
+         session is revoked, and the answer carries a new token",
+        true,
+        &[200, 400, 401, 403, 422, 429]
+    ),
+    route!(
+        DELETE,
+        "/api/v1/account",
+        "Delete the account (JSON password), its hosting, backups and SSH keys",
+        true,
+        &[200, 400, 401, 403, 422, 429]
     ),
     route!(
         POST,
@@ -509,6 +554,12 @@ async fn dispatch(req: &Request<'_>, path: &str) -> Response {
         ("POST", "/api/v1/auth/register") => handlers::register(req).await,
         ("POST", "/api/v1/auth/login") => handlers::login(req).await,
         ("GET", "/api/v1/auth/me") => handlers::me(req).await,
+        ("POST", "/api/v1/auth/logout-all") => account::logout_all(req).await,
+        ("GET", "/api/v1/account/ssh-keys") => account::list_keys(req).await,
+        ("POST", "/api/v1/account/ssh-keys") => account::add_key(req).await,
+        ("DELETE", "/api/v1/account/ssh-keys/{id}") => account::remove_key(req, path).await,
+        ("POST", "/api/v1/account/password") => account::change_password(req).await,
+        ("DELETE", "/api/v1/account") => account::delete_account(req).await,
         ("POST", "/api/v1/host") => handlers::create_host(req).await,
         ("GET", "/api/v1/host/my") => handlers::get_host(req).await,
         ("DELETE", "/api/v1/host/my") => handlers::delete_host(req).await,
