@@ -679,6 +679,11 @@ async fn the_dashboard_creates_watches_and_manages_the_site() {
         dash.body.contains("id=\"download-key\""),
         "the generated key is offered"
     );
+    assert!(
+        dash.body
+            .contains(r#"<noscript><meta http-equiv="refresh" content="3"></noscript>"#),
+        "without JavaScript the page reloads itself"
+    );
     let status: Value = serde_json::from_str(&v.get("/dashboard/status").await.body).unwrap();
     assert_eq!(status["state"], "creating");
     assert_eq!(status["steps_total"], 8);
@@ -706,6 +711,10 @@ async fn the_dashboard_creates_watches_and_manages_the_site() {
     let user_id = api.store.user_by_login("heidi").await.unwrap().unwrap().user.id;
     let h = api.hosting.get(user_id).await.unwrap();
     assert!(!dash.body.contains("id=\"progress\""));
+    assert!(
+        !dash.body.contains("http-equiv=\"refresh\""),
+        "a settled page stays put"
+    );
     assert!(dash.body.contains(&format!(
         r#"id="site-link" href="http://example.test/{user_id}/""#
     )));

@@ -148,6 +148,8 @@ async fn render(ctx: &Ctx<'_>, session: &Session, status: StatusCode, extra: Val
     if let Some(h) = &hosting {
         data["hosting"] = view(ctx, session, h);
         data["live"] = json!(is_live(h.state));
+        // Without JavaScript the page reloads itself while the state moves.
+        data["refresh"] = json!(is_live(h.state));
         data["charts"] = usage_charts(ctx, &h.vm_id).unwrap_or(Value::Null);
         // The console is a bonus: a VM without a log yet shows an empty box.
         let console = ctx
