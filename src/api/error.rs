@@ -37,10 +37,6 @@ impl ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
 
-    pub fn validation(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", message)
-    }
-
     /// 422 naming each bad field; the message is theirs, joined.
     pub fn validation_fields(fields: Vec<FieldError>) -> ApiError {
         ApiError {

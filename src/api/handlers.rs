@@ -7,6 +7,7 @@ use warp::reply::Response;
 use super::Request;
 use super::dto::*;
 use super::error::{ApiError, ok};
+use crate::account::FieldError;
 use crate::store::User;
 
 type Reply = Result<Response, ApiError>;
@@ -196,7 +197,12 @@ pub async fn create_host(req: &Request<'_>) -> Reply {
     let wait = match query_param(req, "wait").as_deref() {
         None | Some("true") | Some("1") | Some("") => true,
         Some("false") | Some("0") => false,
-        Some(_) => return Err(ApiError::validation("wait must be true or false")),
+        Some(_) => {
+            return Err(ApiError::validation_fields(vec![FieldError::new(
+                "wait",
+                "wait must be true or false",
+            )]));
+        }
     };
     let created = req.state.hosting.create(&user, ssh_key, wait).await?;
     let (status, message) = if wait {
@@ -259,7 +265,12 @@ pub async fn console(req: &Request<'_>) -> Reply {
             .parse::<usize>()
             .ok()
             .filter(|n| (1..=1000).contains(n))
-            .ok_or_else(|| ApiError::validation("lines must be a number from 1 to 1000"))?,
+            .ok_or_else(|| {
+                ApiError::validation_fields(vec![FieldError::new(
+                    "lines",
+                    "lines must be a number from 1 to 1000",
+                )])
+            })?,
     };
     let text = req.state.hosting.console(user_id, lines).await?;
     Ok(ok(

@@ -4,8 +4,9 @@
 //! read with a 1 MiB cap) and [`dispatch`] routes it by hand from a single
 //! table ([`ROUTES`]), so every outcome, including 404, 405, 413 and bad
 //! bodies, comes out in the envelope `{"success", "message", "data"}` with
-//! `error.code` on failures. Handlers parse, validate, then call `auth`,
-//! `store` or `hosting`. Each request gets an id (`x-request-id`) and one
+//! `error.code` on failures (and `error.fields` on a 422). Handlers parse,
+//! then call `account` (sign-up, log-in, tokens, keys, passwords) or
+//! `hosting`. Each request gets an id (`x-request-id`) and one
 //! access log line; metrics are counted per route.
 //! This module never runs a VM step itself and never writes SQL.
 
