@@ -205,6 +205,10 @@ pub struct ServeArgs {
     #[arg(long, env = "WEBHOSTER_TOKEN_TTL", default_value_t = 24 * 3600)]
     pub token_ttl: u64,
 
+    /// How long a web session (the dashboard's log-in) lasts, seconds.
+    #[arg(long, env = "WEBHOSTER_SESSION_TTL", default_value_t = 7 * 24 * 3600)]
+    pub session_ttl: u64,
+
     /// Also serve each site at `http://<username>.<domain>/` by Host header,
     /// an origin of its own, and make that its `web_url`.
     #[arg(long, env = "WEBHOSTER_SITE_DOMAIN")]

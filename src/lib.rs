@@ -4,8 +4,8 @@
 //! qemu-system, `net` the kernel network, `proxy` nginx, `store` the
 //! database, `seed` cloud-init documents, `image` the guest image. `hosting`
 //! is the policy that drives them through ports; `app` is the one place that
-//! wires the real parts behind those ports; `api` is the only module that
-//! knows HTTP.
+//! wires the real parts behind those ports; `api` and `web` (the pages) are
+//! the only modules that know HTTP.
 
 pub mod account;
 pub mod api;
@@ -25,3 +25,4 @@ pub mod store;
 pub mod sys;
 pub mod usage;
 pub mod vmm;
+pub mod web;

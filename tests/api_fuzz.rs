@@ -551,6 +551,15 @@ fn route() -> impl Strategy<Value = (String, &'static str)> {
     let mut paths: Vec<&'static str> = ROUTES.iter().map(|r| r.path).collect();
     paths.extend([
         "/",
+        // The web pages (src/web), served before the API.
+        "/login",
+        "/signup",
+        "/logout",
+        "/dashboard",
+        "/dashboard/action",
+        "/settings/keys/add",
+        "/lang/ko",
+        "/assets/site.css",
         "/api",
         "/api/v1",
         "/api/v1/",
@@ -1330,6 +1339,11 @@ fn parse_answer(buf: &mut Vec<u8>, head: bool) -> Result<Option<Answer>, String>
 fn check(a: &Answer, head: bool, path: Option<&str>) -> Result<(), TestCaseError> {
     prop_assert!(a.status < 500, "a server error: {a:?}");
     prop_assert!(a.header("x-request-id").is_some(), "no request id: {a:?}");
+    // The web pages answer as pages (their body-read errors are envelopes).
+    let page = path.is_none_or(webhoster::web::is_web_path);
+    if page && a.header("content-security-policy").is_some() {
+        return check_page(a);
+    }
     let ct = a.header("content-type");
     let success = (200..300).contains(&a.status);
     const HTML: &str = "text/html; charset=utf-8";
@@ -1394,6 +1408,35 @@ fn check(a: &Answer, head: bool, path: Option<&str>) -> Result<(), TestCaseError
             code.is_some_and(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')),
             "no error.code: {a:?}"
         );
+    }
+    Ok(())
+}
+
+/// The rules of a web page's answer: its security headers, a known type,
+/// and redirects only to our own paths.
+fn check_page(a: &Answer) -> Result<(), TestCaseError> {
+    let csp = a.header("content-security-policy").unwrap_or("");
+    prop_assert!(
+        csp.contains("default-src 'self'") && csp.contains("frame-ancestors 'none'"),
+        "{a:?}"
+    );
+    prop_assert_eq!(a.header("x-content-type-options"), Some("nosniff"), "{:?}", a);
+    let ct = a.header("content-type").unwrap_or("");
+    prop_assert!(
+        [
+            "text/html; charset=utf-8",
+            "text/css; charset=utf-8",
+            "text/javascript; charset=utf-8",
+            "application/json",
+            "application/octet-stream",
+            "text/plain; charset=utf-8",
+        ]
+        .contains(&ct),
+        "{a:?}"
+    );
+    if a.status == 303 {
+        let to = a.header("location").unwrap_or("");
+        prop_assert!(to.starts_with('/') && !to.starts_with("//"), "{a:?}");
     }
     Ok(())
 }

@@ -237,6 +237,28 @@ async fn https_serves_the_sites_and_the_api_and_http_keeps_working() {
     let docs = curl(&["--cacert", &ca, &https("/docs")]).await.unwrap();
     assert_eq!(docs.status, 200);
     assert!(docs.body.contains("/api/v1/openapi.json"));
+    // The web pages over HTTPS set Secure cookies (the front says the
+    // scheme); over HTTP they cannot.
+    let page = curl(&["--cacert", &ca, &https("/login")]).await.unwrap();
+    assert_eq!(page.status, 200, "{page:?}");
+    let cookie = page
+        .head
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie: webhoster_form="))
+        .unwrap_or_else(|| panic!("no form cookie: {}", page.head));
+    assert!(
+        cookie.trim_end().to_ascii_lowercase().ends_with("; secure"),
+        "{cookie}"
+    );
+    let plain_page = curl(&[&format!("http://127.0.0.1:{}/login", fx.http)])
+        .await
+        .unwrap();
+    assert_eq!(plain_page.status, 200);
+    assert!(
+        !plain_page.head.to_ascii_lowercase().contains("; secure"),
+        "{}",
+        plain_page.head
+    );
     let plain_api = curl(&[&format!("http://127.0.0.1:{}/api/v1/health", fx.http)])
         .await
         .unwrap();

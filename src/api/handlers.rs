@@ -70,13 +70,16 @@ fn url_pairs(q: &str) -> impl Iterator<Item = (std::borrow::Cow<'_, str>, std::b
     })
 }
 
-/// The host name users reach webhoster by: config, else the Host header.
 fn public_host(req: &Request<'_>) -> String {
-    if let Some(h) = &req.state.config.public_host {
+    public_host_of(&req.state.config, req.headers)
+}
+
+/// The host name users reach webhoster by: config, else the Host header.
+pub(crate) fn public_host_of(config: &super::ApiConfig, headers: &warp::http::HeaderMap) -> String {
+    if let Some(h) = &config.public_host {
         return h.clone();
     }
-    let host = req
-        .headers
+    let host = headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("localhost");

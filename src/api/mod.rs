@@ -36,7 +36,9 @@ use warp::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use warp::reply::Response;
 
 pub use crate::account::{valid_email, valid_username};
+pub(crate) use dto::{Front, HostData};
 pub use error::ApiError;
+pub(crate) use handlers::public_host_of as public_host;
 pub use metrics::Metrics;
 pub use usage::{UsageData, UsageSample};
 
@@ -66,6 +68,10 @@ pub struct ApiConfig {
     pub state_dir: Option<std::path::PathBuf>,
     /// Rate limits of register and log-in.
     pub auth_limits: ratelimit::AuthLimits,
+    /// The plan of new hostings, shown on the dashboard.
+    pub plan: Option<crate::vmm::plan::Plan>,
+    /// How long a web session lasts (`web::session`).
+    pub session_ttl: std::time::Duration,
 }
 
 impl Default for ApiConfig {
@@ -79,6 +85,8 @@ impl Default for ApiConfig {
             version: env!("CARGO_PKG_VERSION"),
             state_dir: None,
             auth_limits: ratelimit::AuthLimits::default(),
+            plan: None,
+            session_ttl: crate::web::session::DEFAULT_TTL,
         }
     }
 }
@@ -378,7 +386,7 @@ pub(crate) struct Request<'a> {
 
 static REQUEST_SEQ: AtomicU64 = AtomicU64::new(0);
 
-fn request_id() -> String {
+pub(crate) fn request_id() -> String {
     // Unique across restarts (random prefix) and cheap (counter).
     static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     let prefix = PREFIX.get_or_init(|| format!("{:08x}", rand::random::<u32>()));
@@ -484,7 +492,7 @@ where
 /// the front's `X-Real-IP`; otherwise all of the front's visitors would share
 /// one rate-limit bucket. A local process may claim any address this way:
 /// the per-account log-in limit holds whatever it claims.
-fn client_addr(peer: Option<SocketAddr>, headers: &HeaderMap) -> Option<SocketAddr> {
+pub(crate) fn client_addr(peer: Option<SocketAddr>, headers: &HeaderMap) -> Option<SocketAddr> {
     let peer = peer?;
     if !peer.ip().is_loopback() {
         return Some(peer);
@@ -498,7 +506,7 @@ fn client_addr(peer: Option<SocketAddr>, headers: &HeaderMap) -> Option<SocketAd
 
 /// Reads the body with the 1 MiB cap (a larger Content-Length is refused
 /// before reading anything).
-async fn read_body<S, B>(headers: &HeaderMap, body: S) -> Result<Bytes, ApiError>
+pub(crate) async fn read_body<S, B>(headers: &HeaderMap, body: S) -> Result<Bytes, ApiError>
 where
     S: futures::Stream<Item = Result<B, warp::Error>> + Send,
     B: Buf,
@@ -620,7 +628,8 @@ pub async fn serve_listener(
     // The first health snapshot is taken before the first request is read.
     state.health.refresh(&state).await;
     let refresher = system::spawn_refresher(state.clone());
-    warp::serve(routes(state))
+    // The web pages first: they take only their own paths (web::is_web_path).
+    warp::serve(crate::web::with_api(state))
         .incoming(listener)
         .graceful(shutdown)
         .run()

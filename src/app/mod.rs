@@ -372,6 +372,9 @@ pub async fn run_with(paths: Paths, args: ServeArgs, backends: Backends) -> anyh
             https_port: args.https_listen().map(|a| a.port()),
             site_domain: args.site_domain.clone(),
             state_dir: Some(paths.state_dir.clone()),
+            // Loaded (and checked) above for the engine; the pages show it.
+            plan: Plan::load(&args.plan).ok(),
+            session_ttl: Duration::from_secs(args.session_ttl),
             ..ApiConfig::default()
         },
     );
@@ -414,7 +417,7 @@ pub async fn run_with(paths: Paths, args: ServeArgs, backends: Backends) -> anyh
         })
         .unwrap_or_default();
     println!(
-        "webhoster is up\n  API:   http://{addr}/api/v1\n  docs:  http://{addr}/docs\n  sites: http://{site_host}{site_port}/<user_id>/{https}"
+        "webhoster is up\n  web:   http://{site_host}{site_port}/\n  API:   http://{addr}/api/v1\n  docs:  http://{addr}/docs\n  sites: http://{site_host}{site_port}/<user_id>/{https}"
     );
     let mut deadline_rx = stop_rx;
     tokio::select! {

@@ -52,6 +52,7 @@ static CONF: LazyLock<Handlebars<'static>> = LazyLock::new(|| {
         ("route.conf", include_str!("../../templates/nginx/route.conf.hbs")),
         ("proxy", include_str!("../../templates/nginx/proxy.conf.hbs")),
         ("api", include_str!("../../templates/nginx/api.conf.hbs")),
+        ("web", include_str!("../../templates/nginx/web.conf.hbs")),
         ("headers", include_str!("../../templates/nginx/headers.conf.hbs")),
         (
             "isolation",
@@ -403,6 +404,14 @@ mod tests {
         assert!(main.contains("location = /docs {"));
         assert!(main.contains("proxy_pass http://127.0.0.1:8000;"));
         assert!(main.contains("proxy_read_timeout 660s;"));
+        // With the service, `/` and the web pages are its, not the landing page.
+        assert!(main.contains("location ~ ^/(signup|login|logout|dashboard|settings|lang|assets)(/|$) {"));
+        assert!(main.contains("proxy_set_header Host $http_host;"));
+        assert!(main.contains("add_header X-Frame-Options \"DENY\" always;"));
+        assert!(
+            !main.contains("Each site hosted here"),
+            "no landing page with the service"
+        );
         let directives: String = main
             .lines()
             .filter(|l| !l.trim_start().starts_with('#'))
@@ -415,6 +424,8 @@ mod tests {
         let plain = render(&input(&sites, &limits, Some("example.test"))).unwrap();
         assert!(!file(&plain, "nginx.conf").contains("ssl"));
         assert!(!file(&plain, "nginx.conf").contains("/api/"));
+        assert!(!file(&plain, "nginx.conf").contains("dashboard"));
+        assert!(file(&plain, "nginx.conf").contains("Each site hosted here"));
         assert!(!file(&plain, "sites/1.conf").contains("ssl"));
 
         let same_port = Https {

@@ -10,6 +10,7 @@
 
 mod backups;
 mod hostings;
+mod sessions;
 mod users;
 
 use std::path::Path;
@@ -20,6 +21,7 @@ use sqlx::{AnyPool, Executor};
 
 pub use backups::{Backup, BackupKind, BackupStatus, Consistency};
 pub use hostings::{Hosting, NewHosting, StepRecord, StepState, UsedAllocations};
+pub use sessions::{NewSession, SessionRow};
 pub use users::{StoredKey, User, UserWithHash};
 
 /// Which unique constraint a write hit.
