@@ -121,6 +121,8 @@ pub struct ChartLabels {
     pub no_data: String,
 }
 
+/// The page takes its words from the web catalogues; these are the tests'.
+#[cfg(test)]
 impl ChartLabels {
     pub fn english() -> ChartLabels {
         ChartLabels {

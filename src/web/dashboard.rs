@@ -10,6 +10,7 @@ use super::{Ctx, Lang, Page};
 use crate::api::{Front, HostData};
 use crate::hosting::{HostingError, HostingState, Step};
 use crate::store::Hosting;
+use crate::usage::ChartLabels;
 
 type Answer = Result<Page, Page>;
 
@@ -121,16 +122,24 @@ fn view(ctx: &Ctx<'_>, session: &Session, h: &Hosting) -> Value {
     })
 }
 
-/// The usage charts of the last hour, as inline SVG.
-///
-/// LEAD: placeholder until the `usage` branch is merged. Wire it as
-/// `let c = crate::usage::hour_charts(&api.usage.history(vm_id), &labels);
-///  Some(json!({ "cpu_svg": c.cpu_svg, "net_svg": c.net_svg }))`
-/// with `labels` from `lang.t("chart_cpu")` / `lang.t("chart_net")`. The
-/// template shows `charts.cpu_svg` and `charts.net_svg` unescaped (they are
-/// webhoster's own SVG, drawn from numbers), and "no data yet" while `None`.
-fn usage_charts(_ctx: &Ctx<'_>, _vm_id: &str) -> Option<Value> {
-    None
+/// The usage charts of the last hour, as inline SVG (webhoster's own,
+/// drawn from numbers, so the template shows them unescaped); `None` until
+/// the sampler has read the VM.
+fn usage_charts(ctx: &Ctx<'_>, vm_id: &str) -> Option<Value> {
+    let history = ctx.st.api.usage.history(vm_id);
+    if history.is_empty() {
+        return None;
+    }
+    let labels = ChartLabels {
+        cpu: ctx.t("chart_cpu").into(),
+        network: ctx.t("chart_net").into(),
+        inbound: ctx.t("chart_in").into(),
+        outbound: ctx.t("chart_out").into(),
+        now: ctx.t("chart_now").into(),
+        no_data: ctx.t("usage_none").into(),
+    };
+    let c = crate::usage::hour_charts(&history, &labels);
+    Some(json!({ "cpu_svg": c.cpu_svg, "net_svg": c.net_svg }))
 }
 
 /// The hosting of the account, or `None` when it has none.
