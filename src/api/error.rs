@@ -10,6 +10,40 @@ use crate::auth::AuthError;
 use crate::hosting::{HostingError, chain};
 use crate::store::{Conflict, StoreError};
 
+/// Every `error.code` the API answers with. The OpenAPI document lists them
+/// as an enum; a unit test checks that every code in the sources is here,
+/// and debug builds assert it on every error answer.
+pub const ERROR_CODES: &[&str] = &[
+    "bad_request",
+    "validation_failed",
+    "unauthorized",
+    "invalid_credentials",
+    "rate_limited",
+    "not_found",
+    "method_not_allowed",
+    "payload_too_large",
+    "unsupported_media_type",
+    "internal",
+    "email_taken",
+    "username_taken",
+    "hosting_exists",
+    "no_hosting",
+    "hosting_busy",
+    "create_cancelled",
+    "capacity",
+    "no_capacity",
+    "invalid_ssh_key",
+    "create_timeout",
+    "create_failed",
+    "cleanup_failed",
+    "not_ready",
+    "vm_failed",
+    "not_running",
+    "no_backup",
+    "no_room",
+    "unhealthy",
+];
+
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -110,13 +144,22 @@ pub fn envelope<T: Serialize>(
     data: &T,
     code: Option<&'static str>,
 ) -> Response {
+    debug_assert!(
+        code.is_none_or(|c| ERROR_CODES.contains(&c)),
+        "error code {code:?} is missing from ERROR_CODES (and so from the OpenAPI document)"
+    );
     let body = Envelope {
         success,
         message,
         data,
         error: code.map(|code| ErrorBody { code }),
     };
-    let bytes = serde_json::to_vec(&body).unwrap_or_else(|_| {
+    json_response(status, &body)
+}
+
+/// `body` as a JSON response with `status`.
+pub fn json_response<T: Serialize>(status: StatusCode, body: &T) -> Response {
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| {
         br#"{"success":false,"message":"unserializable response","data":null,"error":{"code":"internal"}}"#.to_vec()
     });
     let mut resp = Response::new(bytes.into());
@@ -195,5 +238,40 @@ impl From<HostingError> for ApiError {
             H::NoRoom(_) => ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "no_room", msg),
             ref other @ H::TaskLost => ApiError::internal(other),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every code the API's sources answer with is listed (and so documented).
+    #[test]
+    fn every_error_code_in_the_sources_is_listed() {
+        let sources = [
+            include_str!("error.rs"),
+            include_str!("mod.rs"),
+            include_str!("handlers.rs"),
+            include_str!("backups.rs"),
+            include_str!("system.rs"),
+        ];
+        let re = regex::Regex::new(
+            // `ApiError::new(status, "code", ..)` and `envelope(.., Some("code"))`.
+            r#"ApiError::new\(\s*StatusCode::[A-Z_]+,\s*"([a-z_]+)"|Some\("([a-z_]+)"\),\s*\)"#,
+        )
+        .unwrap();
+        let mut found = 0;
+        for src in sources {
+            for cap in re.captures_iter(src) {
+                let code = cap.get(1).or(cap.get(2)).unwrap().as_str();
+                found += 1;
+                assert!(ERROR_CODES.contains(&code), "{code} is missing from ERROR_CODES");
+            }
+        }
+        assert!(found > 20, "the scan found only {found} codes; is the pattern stale?");
+        let mut sorted = ERROR_CODES.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), ERROR_CODES.len(), "a code is listed twice");
     }
 }
