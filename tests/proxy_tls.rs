@@ -237,6 +237,12 @@ async fn https_serves_the_sites_and_the_api_and_http_keeps_working() {
     let docs = curl(&["--cacert", &ca, &https("/docs")]).await.unwrap();
     assert_eq!(docs.status, 200);
     assert!(docs.body.contains("/api/v1/openapi.json"));
+    // The explorer's files come through the front too.
+    let ui = curl(&["--cacert", &ca, &https("/docs/swagger-initializer.js")])
+        .await
+        .unwrap();
+    assert_eq!(ui.status, 200, "{ui:?}");
+    assert!(ui.body.contains("/api/v1/openapi.json"), "{ui:?}");
     let plain_api = curl(&[&format!("http://127.0.0.1:{}/api/v1/health", fx.http)])
         .await
         .unwrap();

@@ -57,7 +57,11 @@ pub struct CreateHostRequest {
 }
 
 fn grant_type_schema() -> utoipa::openapi::Object {
-    super::openapi::string_enum(["password"], "OAuth2 grant type; only `password`")
+    // Nullable like the other optional fields: serde takes `null` for `None`.
+    super::openapi::nullable(super::openapi::string_enum(
+        ["password"],
+        "OAuth2 grant type; only `password`",
+    ))
 }
 
 pub const MIN_PASSWORD: usize = 8;
