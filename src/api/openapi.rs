@@ -502,9 +502,7 @@ fn swagger_config() -> Arc<utoipa_swagger_ui::Config<'static>> {
     CONFIG
         .get_or_init(|| {
             Arc::new(
-                utoipa_swagger_ui::Config::new([DOCUMENT_URL])
-                    .persist_authorization(true)
-                    .try_it_out_enabled(true),
+                utoipa_swagger_ui::Config::new([DOCUMENT_URL]).persist_authorization(true),
             )
         })
         .clone()

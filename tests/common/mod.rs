@@ -2,6 +2,7 @@
 //! own file. Not every test binary uses every helper.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod control;
 pub mod deploy;
 pub mod fakes;
