@@ -456,7 +456,8 @@ where
 {
     let started = Instant::now();
     let remote = client_addr(remote, &headers);
-    let route = ROUTES.iter().find(|r| r.path == path);
+    // Labelled by the route's pattern: `/docs/{file}`, not each file.
+    let route = ROUTES.iter().find(|r| path_matches(r.path, &path));
     let label = route.map(|r| r.path).unwrap_or("unmatched");
     let mut resp = match read_body(&headers, body).await {
         Err(e) => e.into_response(),
