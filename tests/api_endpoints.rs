@@ -609,9 +609,19 @@ async fn system(db: Db) {
     assert_eq!(resp.status(), 200);
     assert!(resp.text().await.unwrap().contains("/api/v1/openapi.json"));
     // Swagger UI's files come from the binary; a missing one is an enveloped 404.
-    let resp = api.client.get(api.url("/docs/swagger-ui-bundle.js")).send().await.unwrap();
+    let resp = api
+        .client
+        .get(api.url("/docs/swagger-ui-bundle.js"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
-    assert!(resp.headers()["content-type"].to_str().unwrap().contains("javascript"));
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .contains("javascript")
+    );
     assert!(resp.bytes().await.unwrap().len() > 100_000);
     let resp = api.client.get(api.url("/docs/nope.js")).send().await.unwrap();
     assert_error(404, &resp.json().await.unwrap(), 404, "not_found");

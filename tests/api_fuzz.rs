@@ -1325,8 +1325,9 @@ fn check(a: &Answer, head: bool, path: Option<&str>) -> Result<(), TestCaseError
         &[]
     };
     prop_assert!(
-        obj.keys().all(|k| ["success", "message", "data", "error"].contains(&k.as_str())
-            || token_keys.contains(&k.as_str())),
+        obj.keys()
+            .all(|k| ["success", "message", "data", "error"].contains(&k.as_str())
+                || token_keys.contains(&k.as_str())),
         "keys beyond the envelope: {a:?}"
     );
     prop_assert_eq!(obj.get("success"), Some(&Value::Bool(success)), "{:?}", a);

@@ -74,7 +74,12 @@ async fn schemathesis_finds_no_breach_of_the_contract() {
         .await;
     assert_eq!(s, 201, "{b}");
     let (s, b) = api
-        .call(reqwest::Method::POST, "/api/v1/host/my/backups", Some(&token), None)
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/host/my/backups",
+            Some(&token),
+            None,
+        )
         .await;
     assert_eq!(s, 202, "{b}");
     // Reports and hypothesis' example database stay out of the repository.

@@ -59,11 +59,19 @@ async fn swagger_ui_authorizes_with_the_password_flow_and_tries_an_operation() {
         paths
     };
     for r in webhoster::api::ROUTES {
-        assert!(listed.iter().any(|p| p == r.path), "{} not listed: {listed:?}", r.path);
+        assert!(
+            listed.iter().any(|p| p == r.path),
+            "{} not listed: {listed:?}",
+            r.path
+        );
     }
 
     // Authorize: username and password, OAuth2 password flow.
-    find(c, ".auth-wrapper button.authorize").await.click().await.unwrap();
+    find(c, ".auth-wrapper button.authorize")
+        .await
+        .click()
+        .await
+        .unwrap();
     find(c, "#oauth_username")
         .await
         .send_keys("explorer")
@@ -114,17 +122,32 @@ async fn swagger_ui_authorizes_with_the_password_flow_and_tries_an_operation() {
         .click()
         .await
         .unwrap();
-    find(c, &format!("{op} button.execute")).await.click().await.unwrap();
-    let status = find(c, &format!("{op} .live-responses-table .response .response-col_status")).await;
+    find(c, &format!("{op} button.execute"))
+        .await
+        .click()
+        .await
+        .unwrap();
+    let status = find(
+        c,
+        &format!("{op} .live-responses-table .response .response-col_status"),
+    )
+    .await;
     let status = status.text().await.unwrap();
     browser.shot("me").await;
     let c = browser.client();
-    let body = find(c, &format!("{op} .live-responses-table .response-col_description pre"))
-        .await
-        .text()
-        .await
-        .unwrap();
-    assert_eq!(status.trim(), "200", "GET /api/v1/auth/me answered {status}: {body}");
+    let body = find(
+        c,
+        &format!("{op} .live-responses-table .response-col_description pre"),
+    )
+    .await
+    .text()
+    .await
+    .unwrap();
+    assert_eq!(
+        status.trim(),
+        "200",
+        "GET /api/v1/auth/me answered {status}: {body}"
+    );
     assert!(body.contains("\"username\": \"explorer\""), "{body}");
     // The request Swagger UI shows used the token it got from the log-in.
     let curl = find(c, &format!("{op} .curl-command"))

@@ -268,7 +268,10 @@ mod tests {
                 assert!(ERROR_CODES.contains(&code), "{code} is missing from ERROR_CODES");
             }
         }
-        assert!(found > 20, "the scan found only {found} codes; is the pattern stale?");
+        assert!(
+            found > 20,
+            "the scan found only {found} codes; is the pattern stale?"
+        );
         let mut sorted = ERROR_CODES.to_vec();
         sorted.sort_unstable();
         sorted.dedup();

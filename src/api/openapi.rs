@@ -15,21 +15,18 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
-use utoipa::openapi::path::{
-    HttpMethod, OperationBuilder, ParameterBuilder, ParameterIn, PathItemBuilder,
-};
+use utoipa::ToSchema;
+use utoipa::openapi::path::{HttpMethod, OperationBuilder, ParameterBuilder, ParameterIn, PathItemBuilder};
 use utoipa::openapi::request_body::RequestBodyBuilder;
 use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Schema, Type};
 use utoipa::openapi::security::{
-    Flow, HttpAuthScheme, HttpBuilder, OAuth2, Password, Scopes, SecurityRequirement,
-    SecurityScheme,
+    Flow, HttpAuthScheme, HttpBuilder, OAuth2, Password, Scopes, SecurityRequirement, SecurityScheme,
 };
-use utoipa::openapi::{
-    ComponentsBuilder, ContentBuilder, InfoBuilder, Object, OpenApiBuilder, PathsBuilder, Ref,
-    RefOr, Required, ResponseBuilder,
-};
-use utoipa::ToSchema;
 use utoipa::openapi::tag::TagBuilder;
+use utoipa::openapi::{
+    ComponentsBuilder, ContentBuilder, InfoBuilder, Object, OpenApiBuilder, PathsBuilder, Ref, RefOr,
+    Required, ResponseBuilder,
+};
 use warp::http::{HeaderValue, StatusCode, header};
 use warp::reply::Response;
 
@@ -85,10 +82,7 @@ pub fn string_enum<'a>(values: impl IntoIterator<Item = &'a str>, description: &
 /// `schema` or `null`.
 pub fn nullable(schema: Object) -> Object {
     let mut schema = schema;
-    schema.schema_type = utoipa::openapi::schema::SchemaType::from_iter([
-        Type::String,
-        Type::Null,
-    ]);
+    schema.schema_type = utoipa::openapi::schema::SchemaType::from_iter([Type::String, Type::Null]);
     if let Some(values) = schema.enum_values.as_mut() {
         values.push(serde_json::Value::Null);
     }
@@ -330,8 +324,8 @@ fn operation(r: &RouteDef, c: &mut Components) -> utoipa::openapi::path::Operati
             Body::OptionalJson(f) => (f(c), false, false),
             Body::FormOrJson(f) => (f(c), true, true),
         };
-        let mut b = RequestBodyBuilder::new()
-            .required(Some(if required { Required::True } else { Required::False }));
+        let mut b =
+            RequestBodyBuilder::new().required(Some(if required { Required::True } else { Required::False }));
         if form {
             // First: Swagger UI's "Try it out" and OAuth2 clients post forms.
             b = b.content("application/x-www-form-urlencoded", json_content(schema.clone()));
@@ -352,7 +346,9 @@ fn operation(r: &RouteDef, c: &mut Components) -> utoipa::openapi::path::Operati
             Answer::Token if !failure => resp.content("application/json", json_content(token_answer(c))),
             Answer::Raw(types, f) if !failure => {
                 let schema = f(c);
-                types.iter().fold(resp, |resp, t| resp.content(*t, json_content(schema.clone())))
+                types
+                    .iter()
+                    .fold(resp, |resp, t| resp.content(*t, json_content(schema.clone())))
             }
             _ => resp.content(
                 "application/json",
@@ -500,11 +496,7 @@ pub fn docs_page() -> Response {
 fn swagger_config() -> Arc<utoipa_swagger_ui::Config<'static>> {
     static CONFIG: OnceLock<Arc<utoipa_swagger_ui::Config<'static>>> = OnceLock::new();
     CONFIG
-        .get_or_init(|| {
-            Arc::new(
-                utoipa_swagger_ui::Config::new([DOCUMENT_URL]).persist_authorization(true),
-            )
-        })
+        .get_or_init(|| Arc::new(utoipa_swagger_ui::Config::new([DOCUMENT_URL]).persist_authorization(true)))
         .clone()
 }
 
@@ -654,7 +646,12 @@ mod tests {
         let doc = doc();
         let schemas = &doc["components"]["schemas"];
         for (name, route, method, media) in [
-            ("RegisterRequest", "/api/v1/auth/register", "post", "application/json"),
+            (
+                "RegisterRequest",
+                "/api/v1/auth/register",
+                "post",
+                "application/json",
+            ),
             ("LoginRequest", "/api/v1/auth/login", "post", "application/json"),
             (
                 "LoginRequest",
@@ -679,8 +676,20 @@ mod tests {
             assert!(validate(&doc, &register, &bad).is_err(), "{bad} validated");
         }
         let login = body_pointer("/api/v1/auth/login", "post", "application/json");
-        validate(&doc, &login, &json!({"username": "a", "password": "b", "scope": ""})).unwrap();
-        assert!(validate(&doc, &login, &json!({"username": "a", "password": "b", "grant_type": "code"})).is_err());
+        validate(
+            &doc,
+            &login,
+            &json!({"username": "a", "password": "b", "scope": ""}),
+        )
+        .unwrap();
+        assert!(
+            validate(
+                &doc,
+                &login,
+                &json!({"username": "a", "password": "b", "grant_type": "code"})
+            )
+            .is_err()
+        );
     }
 
     /// Answers the handlers build validate against their route's schemas.
@@ -728,7 +737,14 @@ mod tests {
         validate(&doc, &response_pointer("/api/v1/host/my", "delete", 409), &body).unwrap();
         let mut unknown = body.clone();
         unknown["error"]["code"] = json!("no_such_code");
-        assert!(validate(&doc, &response_pointer("/api/v1/host/my", "delete", 409), &unknown).is_err());
+        assert!(
+            validate(
+                &doc,
+                &response_pointer("/api/v1/host/my", "delete", 409),
+                &unknown
+            )
+            .is_err()
+        );
     }
 
     #[test]
