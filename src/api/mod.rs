@@ -158,6 +158,8 @@ pub struct RouteDef {
     pub params: &'static [Param],
     /// What the success statuses carry.
     pub answer: Answer,
+    /// Values of the success answer that other operations take.
+    pub links: &'static [Link],
 }
 
 impl RouteDef {
@@ -178,7 +180,13 @@ impl RouteDef {
             body: None,
             params: &[],
             answer: Answer::Data(openapi::nothing),
+            links: &[],
         }
+    }
+
+    const fn links(mut self, links: &'static [Link]) -> RouteDef {
+        self.links = links;
+        self
     }
 
     const fn body(mut self, body: Body) -> RouteDef {
@@ -210,7 +218,7 @@ macro_rules! route {
 
 use backups::{BackupData, RestoredData};
 use dto::{ConsoleData, CreateHostRequest, HostData, LoginRequest, RegisterRequest, UserData};
-use openapi::{Answer, Body, Param, SchemaFn, list, named};
+use openapi::{Answer, Body, Link, Param, SchemaFn, list, named};
 use system::{DetailedHealthData, HealthData, VersionData};
 
 pub static ROUTES: &[RouteDef] = &[
@@ -308,7 +316,8 @@ pub static ROUTES: &[RouteDef] = &[
         true,
         &[202, 401, 404, 409, 507]
     )
-    .data(named::<BackupData>),
+    .data(named::<BackupData>)
+    .links(openapi::BACKUP_LINKS),
     route!(
         GET,
         "/api/v1/host/my/backups",

@@ -166,6 +166,44 @@ pub const DOCS_FILE: Param = Param {
     schema: || ObjectBuilder::new().schema_type(Type::String).build(),
 };
 
+/// An OpenAPI link: a value of a success answer that fills a parameter of
+/// another operation (clients and schemathesis' stateful phase follow it).
+pub struct Link {
+    pub name: &'static str,
+    pub method: warp::http::Method,
+    pub path: &'static str,
+    pub parameter: &'static str,
+    /// A runtime expression, e.g. `$response.body#/data/id`.
+    pub value: &'static str,
+}
+
+/// The backup a POST made, restored or deleted by its id.
+pub const BACKUP_LINKS: &[Link] = &[
+    Link {
+        name: "restore",
+        method: warp::http::Method::POST,
+        path: "/api/v1/host/my/backups/{id}/restore",
+        parameter: "id",
+        value: "$response.body#/data/id",
+    },
+    Link {
+        name: "delete",
+        method: warp::http::Method::DELETE,
+        path: "/api/v1/host/my/backups/{id}",
+        parameter: "id",
+        value: "$response.body#/data/id",
+    },
+];
+
+/// The operation id of a route: its method and path.
+pub fn operation_id(method: &warp::http::Method, path: &str) -> String {
+    format!(
+        "{}{}",
+        method.as_str().to_ascii_lowercase(),
+        path.replace(['/', '.', '{', '}'], "_")
+    )
+}
+
 /// What a route answers on success.
 #[derive(Clone, Copy)]
 pub enum Answer {
@@ -296,11 +334,7 @@ fn operation(r: &RouteDef, c: &mut Components) -> utoipa::openapi::path::Operati
     let mut op = OperationBuilder::new()
         .summary(Some(r.summary))
         .tag(tag(r.path))
-        .operation_id(Some(format!(
-            "{}{}",
-            r.method.as_str().to_ascii_lowercase(),
-            r.path.replace(['/', '.', '{', '}'], "_")
-        )));
+        .operation_id(Some(operation_id(&r.method, r.path)));
     for p in r.params {
         op = op.parameter(
             ParameterBuilder::new()
@@ -355,6 +389,17 @@ fn operation(r: &RouteDef, c: &mut Components) -> utoipa::openapi::path::Operati
                 json_content(RefOr::Ref(Ref::from_schema_name("Error"))),
             ),
         };
+        if !failure {
+            for l in r.links {
+                resp = resp.link(
+                    l.name,
+                    utoipa::openapi::link::LinkBuilder::new()
+                        .operation_id(operation_id(&l.method, l.path))
+                        .parameter(l.parameter, l.value)
+                        .build(),
+                );
+            }
+        }
         if status == 401 {
             resp = resp.header(
                 "WWW-Authenticate",
@@ -436,17 +481,49 @@ pub fn build(version: &str) -> utoipa::openapi::OpenApi {
         .build()
 }
 
+/// The document as JSON.
+pub fn to_json(version: &str) -> String {
+    let mut doc = match serde_json::to_value(build(version)) {
+        Ok(doc) => doc,
+        Err(e) => {
+            tracing::error!(error = %e, "the OpenAPI document does not serialize");
+            return "{}".into();
+        }
+    };
+    // utoipa 5.5 writes a Link's `operationId` as `operation_id`; OpenAPI
+    // (and every client that follows links) reads only the camel case.
+    if let Some(paths) = doc["paths"].as_object_mut() {
+        for op in paths
+            .values_mut()
+            .filter_map(|i| i.as_object_mut())
+            .flat_map(|i| i.values_mut())
+        {
+            let Some(responses) = op["responses"].as_object_mut() else {
+                continue;
+            };
+            for link in responses
+                .values_mut()
+                .filter_map(|r| r.get_mut("links").and_then(|l| l.as_object_mut()))
+                .flat_map(|l| l.values_mut())
+                .filter_map(|l| l.as_object_mut())
+            {
+                if let Some(id) = link.remove("operation_id") {
+                    link.insert("operationId".into(), id);
+                }
+            }
+        }
+    }
+    doc.to_string()
+}
+
 /// The document as JSON, built once per version (it never changes at run time).
 fn document_json(version: &str) -> Arc<String> {
     static DOC: OnceLock<(String, Arc<String>)> = OnceLock::new();
-    let (v, json) = DOC.get_or_init(|| {
-        let json = build(version).to_json().unwrap_or_else(|_| "{}".into());
-        (version.to_owned(), Arc::new(json))
-    });
+    let (v, json) = DOC.get_or_init(|| (version.to_owned(), Arc::new(to_json(version))));
     if v == version {
         json.clone()
     } else {
-        Arc::new(build(version).to_json().unwrap_or_else(|_| "{}".into()))
+        Arc::new(to_json(version))
     }
 }
 
@@ -544,7 +621,7 @@ mod tests {
     }
 
     fn doc() -> serde_json::Value {
-        serde_json::from_str(&build("test").to_json().unwrap()).unwrap()
+        serde_json::from_str(&to_json("test")).unwrap()
     }
 
     /// JSON pointer escaping of one path segment.
@@ -616,6 +693,25 @@ mod tests {
                 "dangling reference to {}",
                 &cap[1]
             );
+        }
+        let links = &doc["paths"]["/api/v1/host/my/backups"]["post"]["responses"]["202"]["links"];
+        assert_eq!(
+            links["restore"]["operationId"], "post_api_v1_host_my_backups__id__restore",
+            "{links}"
+        );
+        // Every link names an operation of the document.
+        for r in ROUTES {
+            for l in r.links {
+                assert!(
+                    ROUTES.iter().any(|t| t.method == l.method
+                        && t.path == l.path
+                        && t.params.iter().any(|p| p.name == l.parameter)),
+                    "link {} of {} names no operation with {}",
+                    l.name,
+                    r.path,
+                    l.parameter
+                );
+            }
         }
         let codes = &doc["components"]["schemas"]["ErrorBody"]["properties"]["code"]["enum"];
         assert_eq!(codes.as_array().unwrap().len(), ERROR_CODES.len());
