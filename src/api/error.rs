@@ -10,39 +10,48 @@ use crate::auth::AuthError;
 use crate::hosting::{HostingError, chain};
 use crate::store::{Conflict, StoreError};
 
-/// Every `error.code` the API answers with. The OpenAPI document lists them
-/// as an enum; a unit test checks that every code in the sources is here,
-/// and debug builds assert it on every error answer.
-pub const ERROR_CODES: &[&str] = &[
-    "bad_request",
-    "validation_failed",
-    "unauthorized",
-    "invalid_credentials",
-    "rate_limited",
-    "not_found",
-    "method_not_allowed",
-    "payload_too_large",
-    "unsupported_media_type",
-    "internal",
-    "email_taken",
-    "username_taken",
-    "hosting_exists",
-    "no_hosting",
-    "hosting_busy",
-    "create_cancelled",
-    "capacity",
-    "no_capacity",
-    "invalid_ssh_key",
-    "create_timeout",
-    "create_failed",
-    "cleanup_failed",
-    "not_ready",
-    "vm_failed",
-    "not_running",
-    "no_backup",
-    "no_room",
-    "unhealthy",
+/// Every `error.code` the API answers with, and the status it comes with.
+/// The OpenAPI document lists each status's codes; a unit test checks that
+/// every code in the sources is here with its status, and debug builds
+/// assert it on every error answer.
+pub const ERROR_CODES: &[(&str, u16)] = &[
+    ("bad_request", 400),
+    ("validation_failed", 422),
+    ("unauthorized", 401),
+    ("invalid_credentials", 401),
+    ("rate_limited", 429),
+    ("not_found", 404),
+    ("method_not_allowed", 405),
+    ("payload_too_large", 413),
+    ("unsupported_media_type", 415),
+    ("internal", 500),
+    ("email_taken", 409),
+    ("username_taken", 409),
+    ("hosting_exists", 409),
+    ("no_hosting", 404),
+    ("hosting_busy", 409),
+    ("create_cancelled", 409),
+    ("capacity", 503),
+    ("no_capacity", 503),
+    ("invalid_ssh_key", 422),
+    ("create_timeout", 504),
+    ("create_failed", 500),
+    ("cleanup_failed", 500),
+    ("not_ready", 504),
+    ("vm_failed", 500),
+    ("not_running", 409),
+    ("no_backup", 404),
+    ("no_room", 507),
+    ("unhealthy", 503),
 ];
+
+/// The codes that come with `status`.
+pub fn codes_of(status: u16) -> impl Iterator<Item = &'static str> {
+    ERROR_CODES
+        .iter()
+        .filter(move |(_, s)| *s == status)
+        .map(|(c, _)| *c)
+}
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -145,8 +154,8 @@ pub fn envelope<T: Serialize>(
     code: Option<&'static str>,
 ) -> Response {
     debug_assert!(
-        code.is_none_or(|c| ERROR_CODES.contains(&c)),
-        "error code {code:?} is missing from ERROR_CODES (and so from the OpenAPI document)"
+        code.is_none_or(|c| ERROR_CODES.contains(&(c, status.as_u16()))),
+        "error code {code:?} with {status} is missing from ERROR_CODES (and so from the OpenAPI document)"
     );
     let body = Envelope {
         success,
@@ -245,7 +254,8 @@ impl From<HostingError> for ApiError {
 mod tests {
     use super::*;
 
-    /// Every code the API's sources answer with is listed (and so documented).
+    /// Every code the API's sources answer with is listed with its status
+    /// (and so documented).
     #[test]
     fn every_error_code_in_the_sources_is_listed() {
         let sources = [
@@ -255,24 +265,48 @@ mod tests {
             include_str!("backups.rs"),
             include_str!("system.rs"),
         ];
+        // `ApiError::new(<a StatusCode>, <code>, ..)` and `envelope(.., Some(<code>))`.
         let re = regex::Regex::new(
-            // `ApiError::new(status, "code", ..)` and `envelope(.., Some("code"))`.
-            r#"ApiError::new\(\s*StatusCode::[A-Z_]+,\s*"([a-z_]+)"|Some\("([a-z_]+)"\),\s*\)"#,
+            r#"ApiError::new\(\s*StatusCode::([A-Z_]+),\s*"([a-z_]+)"|Some\("([a-z_]+)"\),\s*\)"#,
         )
         .unwrap();
+        // `CONFLICT` -> 409, from the reasons the http crate knows.
+        let status_named = |name: &str| {
+            (100..600)
+                .filter_map(|n| StatusCode::from_u16(n).ok())
+                .find(|s| {
+                    s.canonical_reason()
+                        .is_some_and(|r| r.to_ascii_uppercase().replace([' ', '-'], "_") == name)
+                })
+                .unwrap_or_else(|| panic!("no status named {name}"))
+                .as_u16()
+        };
         let mut found = 0;
         for src in sources {
             for cap in re.captures_iter(src) {
-                let code = cap.get(1).or(cap.get(2)).unwrap().as_str();
                 found += 1;
-                assert!(ERROR_CODES.contains(&code), "{code} is missing from ERROR_CODES");
+                match (cap.get(1), cap.get(2), cap.get(3)) {
+                    (Some(name), Some(code), _) => {
+                        let pair = (code.as_str(), status_named(name.as_str()));
+                        assert!(
+                            ERROR_CODES.contains(&pair),
+                            "{pair:?} is missing from ERROR_CODES"
+                        );
+                    }
+                    (_, _, Some(code)) => assert!(
+                        ERROR_CODES.iter().any(|(c, _)| *c == code.as_str()),
+                        "{} is missing from ERROR_CODES",
+                        code.as_str()
+                    ),
+                    _ => unreachable!(),
+                }
             }
         }
         assert!(
             found > 20,
             "the scan found only {found} codes; is the pattern stale?"
         );
-        let mut sorted = ERROR_CODES.to_vec();
+        let mut sorted: Vec<&str> = ERROR_CODES.iter().map(|(c, _)| *c).collect();
         sorted.sort_unstable();
         sorted.dedup();
         assert_eq!(sorted.len(), ERROR_CODES.len(), "a code is listed twice");

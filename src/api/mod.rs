@@ -254,7 +254,7 @@ pub static ROUTES: &[RouteDef] = &[
         "/api/v1/host",
         "Create the account's hosting (optional JSON ssh_public_key; ?wait=false returns 202)",
         true,
-        &[201, 202, 400, 401, 409, 413, 422, 503, 504]
+        &[201, 202, 400, 401, 409, 413, 422, 500, 503, 504]
     )
     .body(Body::OptionalJson(named::<CreateHostRequest>))
     .params(&[openapi::WAIT])
@@ -272,14 +272,14 @@ pub static ROUTES: &[RouteDef] = &[
         "/api/v1/host/my",
         "Delete the hosting and everything it holds, its backups included",
         true,
-        &[200, 401, 404, 409]
+        &[200, 401, 404, 409, 500]
     ),
     route!(
         POST,
         "/api/v1/host/my/start",
         "Start a stopped VM",
         true,
-        &[200, 401, 404, 409]
+        &[200, 401, 404, 409, 500, 504]
     )
     .data(named::<HostData>),
     route!(
@@ -287,7 +287,7 @@ pub static ROUTES: &[RouteDef] = &[
         "/api/v1/host/my/stop",
         "Stop the VM",
         true,
-        &[200, 401, 404, 409]
+        &[200, 401, 404, 409, 500]
     )
     .data(named::<HostData>),
     route!(
@@ -295,7 +295,7 @@ pub static ROUTES: &[RouteDef] = &[
         "/api/v1/host/my/restart",
         "Restart the VM",
         true,
-        &[200, 401, 404, 409]
+        &[200, 401, 404, 409, 500, 504]
     )
     .data(named::<HostData>),
     route!(
@@ -333,7 +333,7 @@ pub static ROUTES: &[RouteDef] = &[
         "Stop the VM cleanly, put its disk back to that backup and start it (same address, port, \
          host key and site); the next backup is full",
         true,
-        &[200, 401, 404, 409, 504]
+        &[200, 401, 404, 409, 500, 504]
     )
     .params(&[openapi::BACKUP_ID])
     .data(named::<RestoredData>),

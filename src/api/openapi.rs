@@ -4,7 +4,7 @@
 //! parameters and the type of its answer's `data`, and the schemas come from
 //! those types' `ToSchema` derives, so the contract is the code. Every JSON
 //! answer is the envelope `{"success", "message", "data"}`; errors carry
-//! `error.code`, one of [`ERROR_CODES`].
+//! `error.code`, one of [`ERROR_CODES`]: each failure status lists its own.
 //!
 //! `/docs` is Swagger UI, its files vendored into the binary at build time
 //! (`utoipa-swagger-ui`, feature `vendored`): nothing is downloaded at build
@@ -30,7 +30,7 @@ use utoipa::openapi::{
 use warp::http::{HeaderValue, StatusCode, header};
 use warp::reply::Response;
 
-use super::error::{ApiError, ERROR_CODES};
+use super::error::{ApiError, ERROR_CODES, codes_of};
 use super::{ROUTES, Request, RouteDef};
 
 /// Where the token comes from: the OAuth2 password flow's `tokenUrl`.
@@ -267,23 +267,20 @@ fn envelope(data: RefOr<Schema>, with_error: bool) -> Object {
     b.build()
 }
 
-/// `{"code": one of ERROR_CODES}`.
-fn error_body() -> Object {
+/// `{"code": one of codes}`.
+fn error_body<'a>(codes: impl IntoIterator<Item = &'a str>) -> Object {
     ObjectBuilder::new()
         .schema_type(Type::Object)
         .property(
             "code",
-            string_enum(
-                ERROR_CODES.iter().copied(),
-                "Stable, machine-readable; the message is for people",
-            ),
+            string_enum(codes, "Stable, machine-readable; the message is for people"),
         )
         .required("code")
         .build()
 }
 
-/// The answer of every failure.
-fn error_envelope() -> Object {
+/// The answer of a failure whose `error` is `error_body`.
+fn error_envelope(error_body: RefOr<Schema>) -> Object {
     ObjectBuilder::new()
         .schema_type(Type::Object)
         .property(
@@ -294,12 +291,23 @@ fn error_envelope() -> Object {
         )
         .property("message", ObjectBuilder::new().schema_type(Type::String))
         .property("data", ObjectBuilder::new().schema_type(Type::Null))
-        .property("error", RefOr::Ref(Ref::from_schema_name("ErrorBody")))
+        .property("error", error_body)
         .required("success")
         .required("message")
         .required("data")
         .required("error")
         .build()
+}
+
+/// The error envelope of `status`, registered as `Error<status>`, its
+/// codes those that come with `status`.
+fn error_of(status: u16, c: &mut Components) -> RefOr<Schema> {
+    let name = format!("Error{status}");
+    if !c.iter().any(|(n, _)| *n == name) {
+        let body = error_body(codes_of(status));
+        c.push((name.clone(), error_envelope(body.into()).into()));
+    }
+    RefOr::Ref(Ref::from_schema_name(name))
 }
 
 /// Log-in's answer: the token's fields (RFC 6749 §5.1) beside the envelope.
@@ -384,10 +392,7 @@ fn operation(r: &RouteDef, c: &mut Components) -> utoipa::openapi::path::Operati
                     .iter()
                     .fold(resp, |resp, t| resp.content(*t, json_content(schema.clone())))
             }
-            _ => resp.content(
-                "application/json",
-                json_content(RefOr::Ref(Ref::from_schema_name("Error"))),
-            ),
+            _ => resp.content("application/json", json_content(error_of(status, c))),
         };
         if !failure {
             for l in r.links {
@@ -399,6 +404,15 @@ fn operation(r: &RouteDef, c: &mut Components) -> utoipa::openapi::path::Operati
                         .build(),
                 );
             }
+        }
+        if status == 429 {
+            resp = resp.header(
+                "Retry-After",
+                utoipa::openapi::HeaderBuilder::new()
+                    .schema(ObjectBuilder::new().schema_type(Type::Integer))
+                    .description(Some("Seconds to wait before trying again"))
+                    .build(),
+            );
         }
         if status == 401 {
             resp = resp.header(
@@ -433,8 +447,15 @@ pub fn build(version: &str) -> utoipa::openapi::OpenApi {
         paths = paths.path(p, item.build());
     }
     let mut schemas: BTreeMap<String, RefOr<Schema>> = components.into_iter().collect();
-    schemas.insert("ErrorBody".into(), error_body().into());
-    schemas.insert("Error".into(), error_envelope().into());
+    // Every code, for the failures any route may meet (404, 405, 413).
+    schemas.insert(
+        "ErrorBody".into(),
+        error_body(ERROR_CODES.iter().map(|(c, _)| *c)).into(),
+    );
+    schemas.insert(
+        "Error".into(),
+        error_envelope(RefOr::Ref(Ref::from_schema_name("ErrorBody"))).into(),
+    );
     let tags = [
         ("auth", "Accounts and tokens"),
         ("hosting", "The account's hosting (one VM)"),
@@ -715,6 +736,17 @@ mod tests {
         }
         let codes = &doc["components"]["schemas"]["ErrorBody"]["properties"]["code"]["enum"];
         assert_eq!(codes.as_array().unwrap().len(), ERROR_CODES.len());
+        // Each failure status documents its own codes, and has some.
+        for r in ROUTES {
+            for s in r.statuses.iter().filter(|s| **s >= 400) {
+                let name = format!("Error{s}");
+                let codes =
+                    &doc["components"]["schemas"][&name]["properties"]["error"]["properties"]["code"]["enum"];
+                let codes = codes.as_array().unwrap_or_else(|| panic!("{name}: no codes"));
+                assert!(!codes.is_empty(), "{} {}: {s} has no code", r.method, r.path);
+                assert_eq!(codes.len(), codes_of(*s).count());
+            }
+        }
         let flows = &doc["components"]["securitySchemes"]["oauth2"]["flows"]["password"];
         assert_eq!(flows["tokenUrl"], TOKEN_URL);
     }
