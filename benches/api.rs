@@ -158,7 +158,11 @@ fn main() {
             .await
             .unwrap();
         hosting.create(&user, None, true).await.unwrap();
-        (addr, auth.issue(user.id).unwrap().access_token, tx)
+        (
+            addr,
+            auth.issue(user.id, user.token_version).unwrap().access_token,
+            tx,
+        )
     });
     let base = format!("http://{addr}");
     println!(

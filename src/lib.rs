@@ -7,6 +7,7 @@
 //! wires the real parts behind those ports; `api` is the only module that
 //! knows HTTP.
 
+pub mod account;
 pub mod api;
 pub mod app;
 pub mod auth;

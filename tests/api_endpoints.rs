@@ -252,6 +252,7 @@ async fn tokens(db: Db) {
             sub: claims["sub"].as_str().unwrap().into(),
             iat: now - 3600,
             exp: now - 10,
+            ver: 0,
         })
         .unwrap();
     let hs512 = jsonwebtoken::encode(
@@ -415,6 +416,7 @@ async fn host_lifecycle(db: Db) {
         .call(Method::GET, "/api/v1/host/my/console?lines=0", t, None)
         .await;
     assert_error(s, &b, 422, "validation_failed");
+    assert_eq!(b["error"]["fields"][0]["field"], "lines", "{b}");
 
     let (s, b) = api.call(Method::DELETE, "/api/v1/host/my", t, None).await;
     assert_eq!(s, 200, "{b}");
@@ -525,6 +527,7 @@ async fn async_create(db: Db) {
     assert_eq!(steps_seen.last(), Some(&json!("ready")), "{steps_seen:?}");
     let (s, b) = api.call(Method::POST, "/api/v1/host?wait=maybe", t2, None).await;
     assert_error(s, &b, 422, "validation_failed");
+    assert_eq!(b["error"]["fields"][0]["field"], "wait", "{b}");
     let (s, b) = api.call(Method::DELETE, "/api/v1/host/my", t2, None).await;
     assert_eq!(s, 200, "{b}");
     let (s, b) = api.call(Method::GET, "/api/v1/host/my", t2, None).await;

@@ -110,7 +110,7 @@ fn backup_id(path: &str) -> Result<i64, ApiError> {
 }
 
 pub async fn create(req: &Request<'_>) -> Reply {
-    let user_id = bearer(req)?;
+    let user_id = bearer(req).await?;
     let view = req.state.hosting.create_backup(user_id).await?;
     Ok(ok(
         StatusCode::ACCEPTED,
@@ -120,7 +120,7 @@ pub async fn create(req: &Request<'_>) -> Reply {
 }
 
 pub async fn list(req: &Request<'_>) -> Reply {
-    let user_id = bearer(req)?;
+    let user_id = bearer(req).await?;
     let all: Vec<BackupData> = req
         .state
         .hosting
@@ -133,7 +133,7 @@ pub async fn list(req: &Request<'_>) -> Reply {
 }
 
 pub async fn restore(req: &Request<'_>, path: &str) -> Reply {
-    let user_id = bearer(req)?;
+    let user_id = bearer(req).await?;
     let id = backup_id(path)?;
     req.state.hosting.restore_backup(user_id, id).await?;
     Ok(ok(
@@ -144,7 +144,7 @@ pub async fn restore(req: &Request<'_>, path: &str) -> Reply {
 }
 
 pub async fn delete(req: &Request<'_>, path: &str) -> Reply {
-    let user_id = bearer(req)?;
+    let user_id = bearer(req).await?;
     let id = backup_id(path)?;
     req.state.hosting.delete_backup(user_id, id).await?;
     Ok(ok(StatusCode::OK, "backup deleted", &serde_json::Value::Null))

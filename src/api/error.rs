@@ -6,6 +6,7 @@ use serde::Serialize;
 use warp::http::{HeaderValue, StatusCode, header};
 use warp::reply::Response;
 
+use crate::account::{AccountError, FieldError};
 use crate::auth::AuthError;
 use crate::hosting::{HostingError, chain};
 use crate::store::{Conflict, StoreError};
@@ -43,6 +44,9 @@ pub const ERROR_CODES: &[(&str, u16)] = &[
     ("no_backup", 404),
     ("no_room", 507),
     ("unhealthy", 503),
+    ("ssh_key_exists", 409),
+    ("wrong_password", 403),
+    ("no_ssh_key", 404),
 ];
 
 /// The codes that come with `status`.
@@ -60,6 +64,8 @@ pub struct ApiError {
     pub message: String,
     /// Seconds, for `Retry-After` (429, 503).
     pub retry_after: Option<u64>,
+    /// With `validation_failed`: each bad field and what is wrong with it.
+    pub fields: Vec<FieldError>,
 }
 
 impl ApiError {
@@ -69,6 +75,7 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            fields: Vec::new(),
         }
     }
 
@@ -76,8 +83,13 @@ impl ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
 
-    pub fn validation(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", message)
+    /// 422 naming each bad field; the message is theirs, joined.
+    pub fn validation_fields(fields: Vec<FieldError>) -> ApiError {
+        ApiError {
+            message: crate::account::messages(&fields),
+            fields,
+            ..ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", "")
+        }
     }
 
     pub fn unauthorized() -> ApiError {
@@ -112,12 +124,15 @@ impl ApiError {
     }
 
     pub fn into_response(self) -> Response {
-        let mut resp = envelope(
+        let mut resp = envelope_with(
             self.status,
             false,
             &self.message,
             &serde_json::Value::Null,
-            Some(self.code),
+            Some(ErrorBody {
+                code: self.code,
+                fields: self.fields,
+            }),
         );
         if self.status == StatusCode::UNAUTHORIZED {
             resp.headers_mut()
@@ -143,6 +158,9 @@ struct Envelope<'a, T: Serialize> {
 #[derive(Serialize)]
 struct ErrorBody {
     code: &'static str,
+    /// Only on `validation_failed`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    fields: Vec<FieldError>,
 }
 
 /// `{"success", "message", "data"[, "error": {"code"}]}` as a JSON response.
@@ -153,15 +171,32 @@ pub fn envelope<T: Serialize>(
     data: &T,
     code: Option<&'static str>,
 ) -> Response {
+    let error = code.map(|code| ErrorBody {
+        code,
+        fields: Vec::new(),
+    });
+    envelope_with(status, success, message, data, error)
+}
+
+fn envelope_with<T: Serialize>(
+    status: StatusCode,
+    success: bool,
+    message: &str,
+    data: &T,
+    error: Option<ErrorBody>,
+) -> Response {
     debug_assert!(
-        code.is_none_or(|c| ERROR_CODES.contains(&(c, status.as_u16()))),
-        "error code {code:?} with {status} is missing from ERROR_CODES (and so from the OpenAPI document)"
+        error
+            .as_ref()
+            .is_none_or(|e| ERROR_CODES.contains(&(e.code, status.as_u16()))),
+        "error code {:?} with {status} is missing from ERROR_CODES (and so from the OpenAPI document)",
+        error.as_ref().map(|e| e.code)
     );
     let body = Envelope {
         success,
         message,
         data,
-        error: code.map(|code| ErrorBody { code }),
+        error,
     };
     json_response(status, &body)
 }
@@ -193,6 +228,11 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict(Conflict::Username) => {
                 ApiError::new(StatusCode::CONFLICT, "username_taken", "this username is taken")
             }
+            StoreError::Conflict(Conflict::SshKey) => ApiError::new(
+                StatusCode::CONFLICT,
+                "ssh_key_exists",
+                "this account already has this SSH key",
+            ),
             StoreError::Conflict(Conflict::HostingForUser) => ApiError::new(
                 StatusCode::CONFLICT,
                 "hosting_exists",
@@ -250,6 +290,32 @@ impl From<HostingError> for ApiError {
     }
 }
 
+impl From<AccountError> for ApiError {
+    fn from(err: AccountError) -> ApiError {
+        use AccountError as A;
+        match err {
+            A::Invalid(fields) => ApiError::validation_fields(fields),
+            A::Taken("email") => StoreError::Conflict(Conflict::Email).into(),
+            A::Taken("username") => StoreError::Conflict(Conflict::Username).into(),
+            A::Taken(_) => StoreError::Conflict(Conflict::SshKey).into(),
+            A::WrongCredentials => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_credentials",
+                "wrong username or password",
+            ),
+            A::WrongPassword => ApiError::new(
+                StatusCode::FORBIDDEN,
+                "wrong_password",
+                "the password is wrong; nothing was changed",
+            ),
+            A::NotFound => ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such account or key"),
+            A::Hosting(e) => e.into(),
+            A::Store(e) => e.into(),
+            A::Auth(e) => e.into(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,6 +330,7 @@ mod tests {
             include_str!("handlers.rs"),
             include_str!("backups.rs"),
             include_str!("system.rs"),
+            include_str!("account.rs"),
         ];
         // `ApiError::new(<a StatusCode>, <code>, ..)` and `envelope(.., Some(<code>))`.
         let re = regex::Regex::new(

@@ -7,11 +7,12 @@ use warp::reply::Response;
 use super::Request;
 use super::dto::*;
 use super::error::{ApiError, ok};
+use crate::account::FieldError;
 use crate::store::User;
 
 type Reply = Result<Response, ApiError>;
 
-fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub(super) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
         // serde's message names the field or position, never a secret value.
         ApiError::bad_request(format!("invalid JSON body: {e}"))
@@ -30,8 +31,8 @@ fn content_type(req: &Request<'_>) -> String {
         .to_ascii_lowercase()
 }
 
-/// The user id of a valid bearer token.
-pub(super) fn bearer(req: &Request<'_>) -> Result<i64, ApiError> {
+/// The token of the `Authorization: Bearer` header.
+fn bearer_token<'a>(req: &'a Request<'_>) -> Result<&'a str, ApiError> {
     let value = req
         .headers
         .get(header::AUTHORIZATION)
@@ -41,17 +42,20 @@ pub(super) fn bearer(req: &Request<'_>) -> Result<i64, ApiError> {
     if !scheme.eq_ignore_ascii_case("bearer") {
         return Err(ApiError::unauthorized());
     }
-    Ok(req.state.auth.verify(token.trim())?)
+    Ok(token.trim())
 }
 
-/// The account of a valid bearer token (a token of a deleted account is 401).
-async fn current_user(req: &Request<'_>) -> Result<User, ApiError> {
-    let id = bearer(req)?;
-    req.state
-        .store
-        .user_by_id(id)
-        .await?
-        .ok_or_else(ApiError::unauthorized)
+/// The account of a valid bearer token: unexpired, of an account that
+/// still exists, and issued under its current token version (a password
+/// change or "log out everywhere" revokes the older ones). Otherwise 401.
+pub(super) async fn current_user(req: &Request<'_>) -> Result<User, ApiError> {
+    let token = bearer_token(req)?;
+    Ok(req.state.accounts.user_of_token(token).await?)
+}
+
+/// The id of [`current_user`].
+pub(super) async fn bearer(req: &Request<'_>) -> Result<i64, ApiError> {
+    Ok(current_user(req).await?.id)
 }
 
 fn query_param<'a>(req: &'a Request<'_>, name: &str) -> Option<std::borrow::Cow<'a, str>> {
@@ -94,14 +98,11 @@ fn public_host(req: &Request<'_>) -> String {
 pub async fn register(req: &Request<'_>) -> Reply {
     req.state.limits.client(req.remote)?;
     let body: RegisterRequest = parse_json(&req.body)?;
-    let body = body.validate()?;
-    let hash = req.state.auth.hash_password(body.password).await?;
     let user = req
         .state
-        .store
-        .create_user(&body.email, &body.username, &hash)
+        .accounts
+        .register(&body.email, &body.username, &body.password)
         .await?;
-    tracing::info!(user_id = user.id, "account registered");
     Ok(ok(StatusCode::CREATED, "account created", &UserData::from(&user)))
 }
 
@@ -119,27 +120,23 @@ pub async fn login(req: &Request<'_>) -> Reply {
             ));
         }
     };
-    let body = body.validate()?;
-    req.state.limits.account(&body.username)?;
-    let found = req.state.store.user_by_login(&body.username).await?;
-    let (user, hash) = match found {
-        Some(u) => (Some(u.user), Some(u.password_hash)),
-        None => (None, None),
-    };
-    let valid = req.state.auth.verify_password(body.password, hash).await?;
-    let user = match (valid, user) {
-        (true, Some(user)) => user,
-        _ => {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "invalid_credentials",
-                "wrong username or password",
-            ));
-        }
-    };
-    let token = req.state.auth.issue(user.id)?;
-    Ok(token_reply(
-        "logged in",
+    body.check_grant()?;
+    // Bad fields are refused before they count against the account.
+    let login = crate::account::rules::check_login(&body.username, &body.password)
+        .map_err(ApiError::validation_fields)?;
+    req.state.limits.account(&login)?;
+    let accounts = &req.state.accounts;
+    let user = accounts.authenticate(&login, &body.password).await?;
+    token_reply(req, "logged in", &user)
+}
+
+/// A new token for `user`, in log-in's shape: per RFC 6749 §5.1 (the
+/// token's fields at the top level, `Cache-Control: no-store`) with the
+/// envelope beside it.
+pub(super) fn token_reply(req: &Request<'_>, message: &str, user: &User) -> Reply {
+    let token = req.state.accounts.issue_token(user)?;
+    Ok(token_response(
+        message,
         &TokenData {
             access_token: token.access_token,
             token_type: "bearer",
@@ -150,7 +147,7 @@ pub async fn login(req: &Request<'_>) -> Reply {
 
 /// 200 with the token per RFC 6749 §5.1 (top level, `Cache-Control:
 /// no-store`) and the envelope beside it.
-pub(super) fn token_reply(message: &str, token: &TokenData) -> Response {
+fn token_response(message: &str, token: &TokenData) -> Response {
     let body = TokenReply {
         token,
         success: true,
@@ -216,7 +213,12 @@ pub async fn create_host(req: &Request<'_>) -> Reply {
     let wait = match query_param(req, "wait").as_deref() {
         None | Some("true") | Some("1") | Some("") => true,
         Some("false") | Some("0") => false,
-        Some(_) => return Err(ApiError::validation("wait must be true or false")),
+        Some(_) => {
+            return Err(ApiError::validation_fields(vec![FieldError::new(
+                "wait",
+                "wait must be true or false",
+            )]));
+        }
     };
     let created = req.state.hosting.create(&user, ssh_key, wait).await?;
     let (status, message) = if wait {
@@ -239,7 +241,7 @@ pub async fn create_host(req: &Request<'_>) -> Reply {
 }
 
 pub async fn get_host(req: &Request<'_>) -> Reply {
-    let user_id = bearer(req)?;
+    let user_id = bearer(req).await?;
     let h = match req.state.hosting.get(user_id).await {
         Ok(h) => h,
         Err(crate::hosting::HostingError::NotFound) => {
@@ -255,13 +257,13 @@ pub async fn get_host(req: &Request<'_>) -> Reply {
 }
 
 pub async fn delete_host(req: &Request<'_>) -> Reply {
-    let user_id = bearer(req)?;
+    let user_id = bearer(req).await?;
     req.state.hosting.delete(user_id).await?;
     Ok(ok(StatusCode::OK, "hosting deleted", &serde_json::Value::Null))
 }
 
 pub async fn power(req: &Request<'_>, action: &str) -> Reply {
-    let user_id = bearer(req)?;
+    let user_id = bearer(req).await?;
     let hosting = &req.state.hosting;
     let (h, message) = match action {
         "start" => (hosting.start(user_id).await?, "VM started"),
@@ -272,14 +274,19 @@ pub async fn power(req: &Request<'_>, action: &str) -> Reply {
 }
 
 pub async fn console(req: &Request<'_>) -> Reply {
-    let user_id = bearer(req)?;
+    let user_id = bearer(req).await?;
     let lines = match query_param(req, "lines") {
         None => 100,
         Some(v) => v
             .parse::<usize>()
             .ok()
             .filter(|n| (1..=1000).contains(n))
-            .ok_or_else(|| ApiError::validation("lines must be a number from 1 to 1000"))?,
+            .ok_or_else(|| {
+                ApiError::validation_fields(vec![FieldError::new(
+                    "lines",
+                    "lines must be a number from 1 to 1000",
+                )])
+            })?,
     };
     let text = req.state.hosting.console(user_id, lines).await?;
     Ok(ok(

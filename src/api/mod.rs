@@ -4,11 +4,13 @@
 //! read with a 1 MiB cap) and [`dispatch`] routes it by hand from a single
 //! table ([`ROUTES`]), so every outcome, including 404, 405, 413 and bad
 //! bodies, comes out in the envelope `{"success", "message", "data"}` with
-//! `error.code` on failures. Handlers parse, validate, then call `auth`,
-//! `store` or `hosting`. Each request gets an id (`x-request-id`) and one
+//! `error.code` on failures (and `error.fields` on a 422). Handlers parse,
+//! then call `account` (sign-up, log-in, tokens, keys, passwords) or
+//! `hosting`. Each request gets an id (`x-request-id`) and one
 //! access log line; metrics are counted per route.
 //! This module never runs a VM step itself and never writes SQL.
 
+mod account;
 mod backups;
 mod dto;
 mod error;
@@ -32,10 +34,11 @@ use warp::Filter;
 use warp::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use warp::reply::Response;
 
-pub use dto::{valid_email, valid_username};
+pub use crate::account::{valid_email, valid_username};
 pub use error::ApiError;
 pub use metrics::Metrics;
 
+use crate::account::Accounts;
 use crate::auth::Auth;
 use crate::hosting::HostingService;
 use crate::store::Store;
@@ -121,6 +124,8 @@ pub struct ApiState {
     pub store: Store,
     pub auth: Auth,
     pub hosting: Arc<HostingService>,
+    /// Sign-up, log-in, tokens, keys, passwords: shared with the web pages.
+    pub accounts: Accounts,
     pub config: Arc<ApiConfig>,
     pub metrics: Arc<Metrics>,
     pub limits: Arc<AuthLimiters>,
@@ -133,6 +138,7 @@ impl ApiState {
         let mut labels: Vec<&'static str> = ROUTES.iter().map(|r| r.path).collect();
         labels.push("unmatched");
         ApiState {
+            accounts: Accounts::new(store.clone(), auth.clone(), hosting.clone()),
             store,
             auth,
             hosting,
@@ -216,6 +222,7 @@ macro_rules! route {
     };
 }
 
+use crate::account::SshKeyEntry;
 use backups::{BackupData, RestoredData};
 use dto::{ConsoleData, CreateHostRequest, HostData, LoginRequest, RegisterRequest, UserData};
 use openapi::{Answer, Body, Link, Param, SchemaFn, list, named};
@@ -249,6 +256,59 @@ pub static ROUTES: &[RouteDef] = &[
         &[200, 401]
     )
     .data(named::<UserData>),
+    route!(
+        POST,
+        "/api/v1/auth/logout-all",
+        "Log out everywhere: revoke every token and web session of the account (this one too)",
+        true,
+        &[200, 400, 401, 413]
+    )
+    .body(Body::OptionalJson(named::<account::EmptyRequest>)),
+    route!(
+        GET,
+        "/api/v1/account/ssh-keys",
+        "The account's SSH public keys (id, algorithm, SHA256 fingerprint, comment), oldest first",
+        true,
+        &[200, 401]
+    )
+    .data(list::<SshKeyEntry>),
+    route!(
+        POST,
+        "/api/v1/account/ssh-keys",
+        "Add an SSH public key (JSON public_key); the next hosting created without a key gets \
+         the account's keys",
+        true,
+        &[201, 400, 401, 409, 413, 422]
+    )
+    .body(Body::Json(named::<account::AddSshKeyRequest>))
+    .data(named::<SshKeyEntry>)
+    .links(openapi::SSH_KEY_LINKS),
+    route!(
+        DELETE,
+        "/api/v1/account/ssh-keys/{id}",
+        "Remove one of the account's SSH keys",
+        true,
+        &[200, 401, 404]
+    )
+    .params(&[openapi::SSH_KEY_ID]),
+    route!(
+        POST,
+        "/api/v1/account/password",
+        "Change the password (JSON current_password, new_password); every older token and \
+         session is revoked, and the answer carries a new token",
+        true,
+        &[200, 400, 401, 403, 413, 422, 429]
+    )
+    .body(Body::Json(named::<account::ChangePasswordRequest>))
+    .answer(Answer::Token),
+    route!(
+        DELETE,
+        "/api/v1/account",
+        "Delete the account (JSON password), its hosting, backups and SSH keys",
+        true,
+        &[200, 400, 401, 403, 413, 422, 429, 500]
+    )
+    .body(Body::Json(named::<account::DeleteAccountRequest>)),
     route!(
         POST,
         "/api/v1/host",
@@ -587,6 +647,12 @@ async fn dispatch(req: &Request<'_>, path: &str) -> Response {
         ("POST", "/api/v1/auth/register") => handlers::register(req).await,
         ("POST", "/api/v1/auth/login") => handlers::login(req).await,
         ("GET", "/api/v1/auth/me") => handlers::me(req).await,
+        ("POST", "/api/v1/auth/logout-all") => account::logout_all(req).await,
+        ("GET", "/api/v1/account/ssh-keys") => account::list_keys(req).await,
+        ("POST", "/api/v1/account/ssh-keys") => account::add_key(req).await,
+        ("DELETE", "/api/v1/account/ssh-keys/{id}") => account::remove_key(req, path).await,
+        ("POST", "/api/v1/account/password") => account::change_password(req).await,
+        ("DELETE", "/api/v1/account") => account::delete_account(req).await,
         ("POST", "/api/v1/host") => handlers::create_host(req).await,
         ("GET", "/api/v1/host/my") => handlers::get_host(req).await,
         ("DELETE", "/api/v1/host/my") => handlers::delete_host(req).await,

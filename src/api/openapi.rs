@@ -158,6 +158,14 @@ pub const LINES: Param = Param {
     },
 };
 
+/// `{id}` of an SSH key.
+pub const SSH_KEY_ID: Param = Param {
+    name: "id",
+    place: In::Path,
+    description: "The key's id, from GET /api/v1/account/ssh-keys",
+    schema: BACKUP_ID.schema,
+};
+
 /// `{file}` of a `/docs` asset.
 pub const DOCS_FILE: Param = Param {
     name: "file",
@@ -194,6 +202,15 @@ pub const BACKUP_LINKS: &[Link] = &[
         value: "$response.body#/data/id",
     },
 ];
+
+/// A new SSH key, removed by its id.
+pub const SSH_KEY_LINKS: &[Link] = &[Link {
+    name: "remove",
+    method: warp::http::Method::DELETE,
+    path: "/api/v1/account/ssh-keys/{id}",
+    parameter: "id",
+    value: "$response.body#/data/id",
+}];
 
 /// The operation id of a route: its method and path.
 pub fn operation_id(method: &warp::http::Method, path: &str) -> String {
@@ -234,14 +251,14 @@ fn describe(status: u16) -> &'static str {
         201 => "Created",
         202 => "Accepted: the work goes on in the background",
         400 => "Malformed body or unknown field",
-        401 => "Missing, expired or invalid token, or wrong credentials",
-        403 => "Forbidden",
+        401 => "Missing, expired, revoked or invalid token, or wrong credentials",
+        403 => "Wrong password; nothing was changed",
         404 => "Not found",
         405 => "Method not allowed",
         409 => "Conflict (taken, exists, busy)",
         413 => "Body above 1 MiB",
         415 => "Unsupported media type",
-        422 => "Validation failed",
+        422 => "Validation failed (error.fields names each bad field)",
         429 => "Too many attempts; see Retry-After",
         500 => "Internal error",
         503 => "No capacity, or a needed part is down",
@@ -267,13 +284,21 @@ fn envelope(data: RefOr<Schema>, with_error: bool) -> Object {
     b.build()
 }
 
-/// `{"code": one of codes}`.
-fn error_body<'a>(codes: impl IntoIterator<Item = &'a str>) -> Object {
+/// `{"code": one of codes, "fields"?: [each bad field]}`.
+fn error_body<'a>(codes: impl IntoIterator<Item = &'a str>, c: &mut Components) -> Object {
     ObjectBuilder::new()
         .schema_type(Type::Object)
         .property(
             "code",
             string_enum(codes, "Stable, machine-readable; the message is for people"),
+        )
+        .property(
+            "fields",
+            ArrayBuilder::new()
+                .items(named::<crate::account::FieldError>(c))
+                .description(Some(
+                    "With validation_failed: each bad field and what is wrong with it",
+                )),
         )
         .required("code")
         .build()
@@ -304,7 +329,7 @@ fn error_envelope(error_body: RefOr<Schema>) -> Object {
 fn error_of(status: u16, c: &mut Components) -> RefOr<Schema> {
     let name = format!("Error{status}");
     if !c.iter().any(|(n, _)| *n == name) {
-        let body = error_body(codes_of(status));
+        let body = error_body(codes_of(status), c);
         c.push((name.clone(), error_envelope(body.into()).into()));
     }
     RefOr::Ref(Ref::from_schema_name(name))
@@ -446,12 +471,10 @@ pub fn build(version: &str) -> utoipa::openapi::OpenApi {
     for (p, item) in by_path {
         paths = paths.path(p, item.build());
     }
+    let all_codes = error_body(ERROR_CODES.iter().map(|(c, _)| *c), &mut components);
     let mut schemas: BTreeMap<String, RefOr<Schema>> = components.into_iter().collect();
     // Every code, for the failures any route may meet (404, 405, 413).
-    schemas.insert(
-        "ErrorBody".into(),
-        error_body(ERROR_CODES.iter().map(|(c, _)| *c)).into(),
-    );
+    schemas.insert("ErrorBody".into(), all_codes.into());
     schemas.insert(
         "Error".into(),
         error_envelope(RefOr::Ref(Ref::from_schema_name("ErrorBody"))).into(),
@@ -856,10 +879,24 @@ mod tests {
             email: "alice@example.com".into(),
             username: "alice".into(),
             created_at: "2026-01-01T00:00:00Z".into(),
+            token_version: 0,
         };
         let me = json!({"success": true, "message": "your account", "data": UserData::from(&user)});
         validate(&doc, &response_pointer("/api/v1/auth/me", "get", 200), &me).unwrap();
 
+        let invalid = ApiError::validation_fields(vec![crate::account::FieldError::new(
+            "password",
+            "password must be at least 8 characters",
+        )])
+        .into_response();
+        let invalid: serde_json::Value = serde_json::from_slice(&body_of(invalid)).unwrap();
+        assert_eq!(invalid["error"]["fields"][0]["field"], "password", "{invalid}");
+        validate(
+            &doc,
+            &response_pointer("/api/v1/auth/register", "post", 422),
+            &invalid,
+        )
+        .unwrap();
         let err = ApiError::new(StatusCode::CONFLICT, "hosting_busy", "busy").into_response();
         let body: serde_json::Value = serde_json::from_slice(&body_of(err)).unwrap();
         validate(&doc, &response_pointer("/api/v1/host/my", "delete", 409), &body).unwrap();

@@ -34,8 +34,13 @@ async fn service(paths: &Paths, vm_id: &str) -> anyhow::Result<Service> {
     let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| store::default_url(&paths.state_dir));
     let store = Store::connect(&url).await.context("opening the database")?;
     let h = store.hosting_by_vm(vm_id).await?;
+    // The token must carry the account's current version to be accepted.
+    let user = match &h {
+        Some(h) => store.user_by_id(h.user_id).await?,
+        None => None,
+    };
     store.close().await;
-    let Some(h) = h else {
+    let (Some(h), Some(user)) = (h, user) else {
         bail!("no hosting has VM {vm_id}");
     };
     let secret = match std::env::var("WEBHOSTER_JWT_SECRET") {
@@ -51,7 +56,7 @@ async fn service(paths: &Paths, vm_id: &str) -> anyhow::Result<Service> {
         .context("WEBHOSTER_API_ADDR")?;
     Ok(Service {
         api,
-        token: auth.issue(h.user_id)?.access_token,
+        token: auth.issue(h.user_id, user.token_version)?.access_token,
     })
 }
 

@@ -3,8 +3,11 @@
 //! Hashing is deliberately slow, so it runs on tokio's blocking pool behind a
 //! semaphore: a login flood queues here instead of taking every blocking
 //! thread and every core from the other routes. Tokens carry the user id
-//! (`sub`), `iat` and `exp`; only HS256 is accepted, so `alg: none` and any
-//! other algorithm fail. This module knows nothing of HTTP or SQL.
+//! (`sub`), the account's token version (`ver`), `iat` and `exp`; only HS256
+//! is accepted, so `alg: none` and any other algorithm fail. Whether `ver` is
+//! still the account's is for the caller that reads the account to decide
+//! (`account::Accounts::user_of_token`). This module knows nothing of HTTP
+//! or SQL.
 
 pub mod ssh;
 
@@ -46,6 +49,30 @@ pub struct Claims {
     pub sub: String,
     pub iat: u64,
     pub exp: u64,
+    /// The account's token version when issued. A token from before
+    /// versions existed has none and counts as version 0, the version every
+    /// account starts at, so it is revoked by the first bump like any other.
+    #[serde(default)]
+    pub ver: i64,
+}
+
+/// Who a valid token speaks for, and under which token version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subject {
+    pub user_id: i64,
+    pub version: i64,
+}
+
+impl Subject {
+    /// Refuses a token issued under another version than the account's
+    /// `current` one (revoked by a password change or "log out everywhere").
+    pub fn check_version(self, current: i64) -> Result<i64, AuthError> {
+        if self.version == current {
+            Ok(self.user_id)
+        } else {
+            Err(AuthError::InvalidToken)
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -160,13 +187,15 @@ impl Auth {
         Ok(known && ok)
     }
 
-    pub fn issue(&self, user_id: i64) -> Result<Token, AuthError> {
+    /// A token for `user_id` under the account's token `version`.
+    pub fn issue(&self, user_id: i64, version: i64) -> Result<Token, AuthError> {
         let now = jsonwebtoken::get_current_timestamp();
         let ttl = self.inner.ttl.as_secs();
         let claims = Claims {
             sub: user_id.to_string(),
             iat: now,
             exp: now + ttl,
+            ver: version,
         };
         let access_token =
             jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.inner.encoding)
@@ -183,11 +212,16 @@ impl Auth {
             .map_err(AuthError::Sign)
     }
 
-    /// The user id in a valid, unexpired HS256 token signed with our secret.
-    pub fn verify(&self, token: &str) -> Result<i64, AuthError> {
+    /// The subject of a valid, unexpired HS256 token signed with our secret.
+    /// Its version still has to be checked against the account's
+    /// ([`Subject::check_version`]).
+    pub fn verify(&self, token: &str) -> Result<Subject, AuthError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.inner.decoding, &self.inner.validation)
             .map_err(|_| AuthError::InvalidToken)?;
-        data.claims.sub.parse().map_err(|_| AuthError::InvalidToken)
+        Ok(Subject {
+            user_id: data.claims.sub.parse().map_err(|_| AuthError::InvalidToken)?,
+            version: data.claims.ver,
+        })
     }
 }
 
@@ -278,8 +312,18 @@ mod tests {
     #[test]
     fn tokens_round_trip_and_reject_forgeries() {
         let a = auth();
-        let t = a.issue(42).unwrap();
-        assert_eq!(a.verify(&t.access_token).unwrap(), 42);
+        let t = a.issue(42, 3).unwrap();
+        let subject = a.verify(&t.access_token).unwrap();
+        assert_eq!(
+            subject,
+            Subject {
+                user_id: 42,
+                version: 3
+            }
+        );
+        assert_eq!(subject.check_version(3).unwrap(), 42);
+        assert!(subject.check_version(4).is_err(), "a revoked version");
+        assert!(subject.check_version(2).is_err());
 
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let parts: Vec<&str> = t.access_token.split('.').collect();
@@ -292,17 +336,39 @@ mod tests {
         assert!(a.verify(&format!("{}.{forged}.{}", parts[0], parts[2])).is_err());
         // Other secret.
         let other = Auth::new(&[8u8; 32], Duration::from_secs(60), 1).unwrap();
-        assert!(a.verify(&other.issue(42).unwrap().access_token).is_err());
+        assert!(a.verify(&other.issue(42, 0).unwrap().access_token).is_err());
         // Expired.
         let expired = a
             .sign(&Claims {
                 sub: "42".into(),
                 iat: now - 120,
                 exp: now - 60,
+                ver: 0,
             })
             .unwrap();
         assert!(a.verify(&expired).is_err());
         assert!(a.verify("garbage").is_err());
+        // A token from before versions existed counts as version 0.
+        #[derive(Serialize)]
+        struct Unversioned {
+            sub: String,
+            iat: u64,
+            exp: u64,
+        }
+        let old = Unversioned {
+            sub: "5".into(),
+            iat: now,
+            exp: now + 60,
+        };
+        let old = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &old,
+            &EncodingKey::from_secret(&[7u8; 32]),
+        )
+        .unwrap();
+        let legacy = a.verify(&old).unwrap();
+        assert_eq!(legacy.version, 0);
+        assert!(legacy.check_version(1).is_err());
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 use std::fmt;
 
-use ssh_key::{Algorithm, LineEnding, PrivateKey, PublicKey, private::Ed25519Keypair};
+use ssh_key::{Algorithm, HashAlg, LineEnding, PrivateKey, PublicKey, private::Ed25519Keypair};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -21,9 +21,26 @@ pub enum KeyError {
     Generate(#[source] ssh_key::Error),
 }
 
-/// One accepted OpenSSH public key line, trimmed.
+/// One accepted OpenSSH public key line, trimmed, with what the settings
+/// page shows of it (read once, when parsed).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct SshPublicKey(String);
+pub struct SshPublicKey {
+    line: String,
+    algorithm: String,
+    fingerprint: String,
+    comment: String,
+}
+
+impl SshPublicKey {
+    fn from_parsed(line: String, key: &PublicKey) -> SshPublicKey {
+        SshPublicKey {
+            line,
+            algorithm: key.algorithm().as_str().to_owned(),
+            fingerprint: key.fingerprint(HashAlg::Sha256).to_string(),
+            comment: key.comment().as_str_lossy().to_owned(),
+        }
+    }
+}
 
 impl SshPublicKey {
     /// Checks `line` against the policy. A key pasted from a file ends with
@@ -47,7 +64,7 @@ impl SshPublicKey {
             }
             other => return Err(KeyError::Algorithm(other.as_str().to_owned())),
         }
-        Ok(SshPublicKey(trimmed.to_owned()))
+        Ok(SshPublicKey::from_parsed(trimmed.to_owned(), &key))
     }
 
     /// A new ed25519 pair: the public key and the private key in OpenSSH PEM.
@@ -56,19 +73,38 @@ impl SshPublicKey {
         rand::fill(&mut seed);
         let mut private = PrivateKey::from(Ed25519Keypair::from_seed(&seed));
         private.set_comment(comment);
-        let public = private.public_key().to_openssh().map_err(KeyError::Generate)?;
+        let line = private.public_key().to_openssh().map_err(KeyError::Generate)?;
         let pem = private.to_openssh(LineEnding::LF).map_err(KeyError::Generate)?;
-        Ok((SshPublicKey(public), pem.to_string()))
+        Ok((
+            SshPublicKey::from_parsed(line, private.public_key()),
+            pem.to_string(),
+        ))
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.line
+    }
+
+    /// `ssh-ed25519`, `ecdsa-sha2-nistp256`, `ssh-rsa`, ...
+    pub fn algorithm(&self) -> &str {
+        &self.algorithm
+    }
+
+    /// `SHA256:<base64>`, as `ssh-keygen -l` prints it. Two lines of the
+    /// same key with different comments have the same fingerprint.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// The free text after the key (often `user@host`); may be empty.
+    pub fn comment(&self) -> &str {
+        &self.comment
     }
 }
 
 impl fmt::Display for SshPublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.line)
     }
 }
 
@@ -76,12 +112,39 @@ impl fmt::Display for SshPublicKey {
 mod tests {
     use super::*;
 
+    /// What `ssh-keygen -lf` prints for the key below.
+    const FINGERPRINT: &str = "SHA256:+DiY3wvvV6TuJJhbpZisF/zLDA0zPMSvHdkr4UvCOqU";
+
+    /// The fingerprint is the one `ssh-keygen -lf` prints for this key.
+    #[test]
+    fn fingerprint_as_ssh_keygen_prints_it() {
+        let key = SshPublicKey::parse(
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl test@example",
+        )
+        .unwrap();
+        assert_eq!(key.fingerprint(), FINGERPRINT);
+        assert_eq!(key.comment(), "test@example");
+        let bare = SshPublicKey::parse(
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl",
+        )
+        .unwrap();
+        assert_eq!(bare.fingerprint(), FINGERPRINT);
+        assert_eq!(bare.comment(), "");
+    }
+
     #[test]
     fn policy() {
         let (public, private) = SshPublicKey::generate("alice@webhoster").unwrap();
         assert!(public.as_str().starts_with("ssh-ed25519 "));
         assert!(private.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----"));
         assert_eq!(SshPublicKey::parse(&format!("  {public}\n")).unwrap(), public);
+        assert_eq!(public.algorithm(), "ssh-ed25519");
+        assert_eq!(public.comment(), "alice@webhoster");
+        assert!(
+            public.fingerprint().starts_with("SHA256:"),
+            "{}",
+            public.fingerprint()
+        );
         for bad in [
             format!("{public}\n{public}"),
             format!("{public}\nruncmd: [reboot]"),

@@ -20,7 +20,7 @@ use sqlx::{AnyPool, Executor};
 
 pub use backups::{Backup, BackupKind, BackupStatus, Consistency};
 pub use hostings::{Hosting, NewHosting, StepRecord, StepState, UsedAllocations};
-pub use users::{User, UserWithHash};
+pub use users::{StoredKey, User, UserWithHash};
 
 /// Which unique constraint a write hit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +32,8 @@ pub enum Conflict {
     VmIp,
     Mac,
     SshPort,
+    /// The account already has this SSH key.
+    SshKey,
     Other,
 }
 

@@ -1,0 +1,5 @@
+-- The account's token version: every JWT and web session carries the version
+-- it was issued under and is refused once the account's moves on, so a
+-- password change or "log out everywhere" revokes them all at once.
+-- BIGINT: sqlx's Any driver reads it as the i64 of `User::token_version`.
+ALTER TABLE users ADD COLUMN token_version BIGINT NOT NULL DEFAULT 0;
