@@ -35,7 +35,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -64,6 +64,54 @@ fn schemathesis() -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
+/// One schemathesis run on `api` with `token`, its `phases` and `filter`; fails the test
+/// on any finding. Returns how many test cases it generated.
+async fn run(bin: &Path, api: &TestApi, token: &str, phases: &str, filter: &[&str]) -> u64 {
+    // Reports and hypothesis' example database stay out of the repository.
+    let work = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let child = tokio::process::Command::new(bin)
+        .current_dir(work.path())
+        .args(["run", &api.url("/api/v1/openapi.json")])
+        .args(["--header", &format!("Authorization: Bearer {token}")])
+        .args(["--checks", CHECKS])
+        .args(["--max-examples", &MAX_EXAMPLES.to_string()])
+        .args(["--seed", &SEED.to_string()])
+        .args(["--phases", phases])
+        .args(["--workers", "2", "--request-timeout", "60", "--no-color"])
+        .args(["--generation-database", "none"])
+        // `/docs/{file}` is static files; the explorer's own test loads them.
+        .args(["--exclude-path", "/docs/{file}"])
+        .args(filter)
+        .args(["--report", "junit", "--report-dir"])
+        .arg(work.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("schemathesis starts");
+    let out = tokio::time::timeout(RUN_TIMEOUT, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("schemathesis ran over {RUN_TIMEOUT:?}"))
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!(
+        "schemathesis {filter:?} took {:.1?}\n{stdout}\n{stderr}",
+        started.elapsed()
+    );
+    assert!(
+        out.status.success(),
+        "schemathesis {filter:?} found problems (exit {:?}); see its output above",
+        out.status.code()
+    );
+    // "1493 generated, 1493 passed"
+    stdout
+        .lines()
+        .find_map(|l| l.trim().split_once(" generated,")?.0.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no count of test cases in:\n{stdout}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_finds_no_breach_of_the_contract() {
     let bin = schemathesis();
@@ -86,45 +134,32 @@ async fn schemathesis_finds_no_breach_of_the_contract() {
         )
         .await;
     assert_eq!(s, 202, "{b}");
-    // Reports and hypothesis' example database stay out of the repository.
-    let work = tempfile::tempdir().unwrap();
-    let started = Instant::now();
-    let child = tokio::process::Command::new(&bin)
-        .current_dir(work.path())
-        .args(["run", &api.url("/api/v1/openapi.json")])
-        .args(["--header", &format!("Authorization: Bearer {token}")])
-        .args(["--checks", CHECKS])
-        .args(["--max-examples", &MAX_EXAMPLES.to_string()])
-        .args(["--seed", &SEED.to_string()])
-        .args(["--phases", "examples,coverage,fuzzing,stateful"])
-        .args(["--workers", "2", "--request-timeout", "60", "--no-color"])
-        .args(["--generation-database", "none"])
-        // `/docs/{file}` is static files; the explorer's own test loads them.
-        .args(["--exclude-path", "/docs/{file}"])
-        .args(["--report", "junit", "--report-dir"])
-        .arg(work.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("schemathesis starts");
-    let out = tokio::time::timeout(RUN_TIMEOUT, child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("schemathesis ran over {RUN_TIMEOUT:?}"))
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!("schemathesis took {:.1?}\n{stdout}\n{stderr}", started.elapsed());
-    assert!(
-        out.status.success(),
-        "schemathesis found problems (exit {:?}); see its output above",
-        out.status.code()
-    );
-    // It did test the operations, not just load the document.
-    assert!(
-        stdout.contains("/api/v1/auth/login") || stdout.contains("passed"),
-        "no operation was tested:\n{stdout}"
-    );
+    // Everything but log-out-everywhere, which would revoke the token the
+    // rest runs with and leave only 401s to check.
+    let generated = run(
+        &bin,
+        &api,
+        &token,
+        "examples,coverage,fuzzing,stateful",
+        &["--exclude-path", "/api/v1/auth/logout-all"],
+    )
+    .await;
+    assert!(generated > 500, "only {generated} test cases ran");
+    // The token held to the end: the operations were tested signed in.
+    let (s, b) = api
+        .call(reqwest::Method::GET, "/api/v1/auth/me", Some(&token), None)
+        .await;
+    assert_eq!(s, 200, "{b}");
+    // Then log-out-everywhere on its own (it has no links: no stateful phase).
+    let generated = run(
+        &bin,
+        &api,
+        &token,
+        "coverage,fuzzing",
+        &["--include-path", "/api/v1/auth/logout-all"],
+    )
+    .await;
+    assert!(generated > 0, "log-out-everywhere was not tested");
     // Still serving after it all.
     let (s, _) = api.call(reqwest::Method::GET, "/api/v1/health", None, None).await;
     assert_eq!(s, 200);
