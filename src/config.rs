@@ -245,6 +245,13 @@ pub struct ServeArgs {
     #[arg(long, env = "WEBHOSTER_STOP_GUESTS")]
     pub stop_guests: bool,
 
+    /// How often each running VM's usage (CPU, memory, disk and network
+    /// counters) is sampled for `/metrics` and the dashboard's charts,
+    /// seconds. The last hour is kept in memory.
+    #[arg(long, env = "WEBHOSTER_USAGE_EVERY", default_value_t = 15,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub usage_every: u64,
+
     /// Redis URL for scale-out; unset on a single machine.
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,

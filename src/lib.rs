@@ -23,4 +23,5 @@ pub mod proxy;
 pub mod seed;
 pub mod store;
 pub mod sys;
+pub mod usage;
 pub mod vmm;

@@ -291,6 +291,7 @@ async fn tokens(db: Db) {
         (Method::POST, "/api/v1/host/my/stop"),
         (Method::POST, "/api/v1/host/my/restart"),
         (Method::GET, "/api/v1/host/my/console"),
+        (Method::GET, "/api/v1/host/my/usage"),
         (Method::POST, "/api/v1/host/my/backups"),
         (Method::GET, "/api/v1/host/my/backups"),
         (Method::POST, "/api/v1/host/my/backups/1/restore"),
@@ -640,8 +641,47 @@ async fn system(db: Db) {
     assert_error(s, &resp.json().await.unwrap(), 405, "method_not_allowed");
 
     let token = api.user("heidi").await;
-    let (s, _) = api.call(Method::POST, "/api/v1/host", Some(&token), None).await;
+    let t = Some(token.as_str());
+    let (s, b) = api.call(Method::GET, "/api/v1/host/my/usage", t, None).await;
+    assert_error(s, &b, 404, "no_hosting");
+    let (s, b) = api.call(Method::POST, "/api/v1/host", t, None).await;
     assert_eq!(s, 201);
+    let vm_id = b["data"]["hosting"]["vm_id"].as_str().unwrap().to_owned();
+    // No sampler yet: the hosting has no usage, and says so.
+    let (s, b) = api.call(Method::GET, "/api/v1/host/my/usage", t, None).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        b["data"],
+        json!({"vm_id": vm_id, "sample_every_seconds": null, "latest": null, "history": []})
+    );
+    // Two passes of a sampler (the real one is driven in e2e_hosting).
+    for (at, cpu) in [(1000, 1.5), (1015, 3.0)] {
+        api.usage.record(webhoster::usage::Pass {
+            at,
+            samples: vec![(
+                vm_id.clone(),
+                webhoster::usage::Sample {
+                    at,
+                    cpu_seconds: cpu,
+                    rss_bytes: 200 << 20,
+                    disk_read_bytes: 10,
+                    disk_write_bytes: 20,
+                    net_rx_bytes: 30,
+                    net_tx_bytes: 40,
+                },
+            )],
+            known: [vm_id.clone()].into(),
+        });
+    }
+    let (s, b) = api.call(Method::GET, "/api/v1/host/my/usage", t, None).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["data"]["history"].as_array().unwrap().len(), 2, "{b}");
+    assert_eq!(b["data"]["history"][0]["at"], 1000);
+    assert_eq!(
+        b["data"]["latest"],
+        json!({"at": 1015, "cpu_seconds": 3.0, "rss_bytes": 200 << 20, "disk_read_bytes": 10,
+               "disk_write_bytes": 20, "net_rx_bytes": 30, "net_tx_bytes": 40})
+    );
     let text = api.metrics().await;
     for needle in [
         "webhoster_http_requests_total{route=\"/api/v1/auth/register\",status=\"2xx\"} 1",
@@ -649,9 +689,23 @@ async fn system(db: Db) {
         "webhoster_http_request_duration_seconds_bucket{route=\"/api/v1/host\",le=\"+Inf\"} 1",
         "webhoster_hostings{status=\"running\"} 1",
         "webhoster_create_duration_seconds_count 1",
+        "# TYPE webhoster_vm_cpu_seconds_total counter",
+        &format!("webhoster_vm_cpu_seconds_total{{vm_id=\"{vm_id}\"}} 3"),
+        &format!("webhoster_vm_memory_rss_bytes{{vm_id=\"{vm_id}\"}} 209715200"),
+        &format!("webhoster_vm_network_transmit_bytes_total{{vm_id=\"{vm_id}\"}} 40"),
     ] {
         assert!(text.contains(needle), "{needle} missing in\n{text}");
     }
+    // Deleted: its usage goes with it at the next pass, and from /metrics.
+    let (s, _) = api.call(Method::DELETE, "/api/v1/host/my", t, None).await;
+    assert_eq!(s, 200);
+    api.usage.record(webhoster::usage::Pass {
+        at: 1030,
+        ..Default::default()
+    });
+    assert!(!api.metrics().await.contains(&vm_id));
+    let (s, b) = api.call(Method::GET, "/api/v1/host/my/usage", t, None).await;
+    assert_error(s, &b, 404, "no_hosting");
 }
 
 /// `/health/detailed` and `/version` serve the snapshot a background task

@@ -30,6 +30,8 @@ fn ssh_ok(port: u16, user: &User, cmd: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn whole_hosting_flow() {
     let mut dep = Deployment::new();
+    // Usage sampled every 2 s (15 in production), so step 5b sees it move.
+    dep.env.insert("WEBHOSTER_USAGE_EVERY", "2".into());
     dep.start().await;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(900))
@@ -105,6 +107,64 @@ async fn whole_hosting_flow() {
         (status, body.trim()),
         (200, format!("<h1>alice {run} was here</h1>").as_str())
     );
+
+    // 5b. Usage at a glance: the sampler reads alice's real VM. Its CPU
+    //     seconds grow, its QEMU is resident, guest disk I/O shows in
+    //     QMP's block counters and traffic to its site and SSH in its tap's.
+    let before = latest_usage(&client, &api, &alice, None).await;
+    assert!(before["rss_bytes"].as_u64().unwrap() > 64 << 20, "{before}");
+    ssh_ok(
+        port_a,
+        &alice,
+        "dd if=/dev/urandom of=/home/ubuntu/usage.bin bs=1M count=4 oflag=direct status=none \
+         && dd if=/home/ubuntu/usage.bin of=/dev/null bs=1M iflag=direct status=none && rm /home/ubuntu/usage.bin",
+    );
+    for _ in 0..5 {
+        assert_eq!(dep.get_site(alice.id).0, 200);
+    }
+    let after = latest_usage(&client, &api, &alice, Some(&before)).await;
+    eprintln!("usage before the I/O: {before}\nusage after: {after}");
+    let grew = |key: &str, by: f64| {
+        let (a, b) = (before[key].as_f64().unwrap(), after[key].as_f64().unwrap());
+        assert!(
+            b >= a + by,
+            "{key} went from {a} to {b}, not up by {by}: {before} -> {after}"
+        );
+    };
+    grew("cpu_seconds", 0.01);
+    grew("disk_write_bytes", f64::from(4u32 << 20));
+    grew("disk_read_bytes", f64::from(4u32 << 20));
+    // The pages went out (site and SSH replies), the requests came in.
+    grew("net_tx_bytes", 5000.0);
+    grew("net_rx_bytes", 1000.0);
+    assert!(after["rss_bytes"].as_u64().unwrap() > 64 << 20, "{after}");
+    let metrics = client
+        .get(api.replace("/api/v1", "/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for family in [
+        "webhoster_vm_cpu_seconds_total",
+        "webhoster_vm_memory_rss_bytes",
+        "webhoster_vm_disk_read_bytes_total",
+        "webhoster_vm_disk_write_bytes_total",
+        "webhoster_vm_network_receive_bytes_total",
+        "webhoster_vm_network_transmit_bytes_total",
+    ] {
+        for vm in [&vm_a, &vm_b] {
+            let series = format!("{family}{{vm_id=\"{vm}\"}} ");
+            let value: f64 = metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(&series))
+                .unwrap_or_else(|| panic!("no {series} in /metrics:\n{metrics}"))
+                .parse()
+                .unwrap();
+            assert!(value > 0.0, "{series}{value}");
+        }
+    }
 
     // 6. Bob cannot see, stop or delete Alice's hosting: everything he does
     //    lands on his own, and a token he forges for Alice is refused.
@@ -261,6 +321,40 @@ async fn whole_hosting_flow() {
     );
     let left = dep.leftovers();
     assert!(left.is_empty(), "left on the host: {left:#?}");
+}
+
+/// The latest usage sample of `user`'s hosting, once there is one (newer
+/// than `after`, when given) and the history holds at least two.
+async fn latest_usage(client: &reqwest::Client, api: &str, user: &User, after: Option<&Value>) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = call(
+            client,
+            reqwest::Method::GET,
+            &format!("{api}/host/my/usage"),
+            Some(&user.token),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let data = &body["data"];
+        assert_eq!(data["sample_every_seconds"], 2, "{body}");
+        let latest = &data["latest"];
+        let newer = match after {
+            // Two samples later: the second was surely taken after the I/O.
+            Some(prev) => latest["at"].as_i64() >= prev["at"].as_i64().map(|t| t + 4),
+            None => !latest.is_null(),
+        };
+        if newer && data["history"].as_array().is_some_and(|h| h.len() >= 2) {
+            assert_eq!(data["history"].as_array().unwrap().last().unwrap(), latest);
+            return latest.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new usage sample within 60 s: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// Re-signs nothing: swaps the subject of a valid token, which must then fail

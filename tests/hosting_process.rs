@@ -57,6 +57,7 @@ fn zz_child_process_entry() {
                 ports: world.ports(),
                 engine: None,
                 budget: webhoster::hosting::admission::Budget::UNLIMITED,
+                meter: None,
             },
         )
         .await

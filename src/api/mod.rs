@@ -19,6 +19,7 @@ mod metrics;
 mod openapi;
 pub mod ratelimit;
 mod system;
+mod usage;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -37,6 +38,7 @@ use warp::reply::Response;
 pub use crate::account::{valid_email, valid_username};
 pub use error::ApiError;
 pub use metrics::Metrics;
+pub use usage::{UsageData, UsageSample};
 
 use crate::account::Accounts;
 use crate::auth::Auth;
@@ -129,6 +131,8 @@ pub struct ApiState {
     pub config: Arc<ApiConfig>,
     pub metrics: Arc<Metrics>,
     pub limits: Arc<AuthLimiters>,
+    /// Per-VM usage (empty unless a sampler feeds it: see [`ApiState::with_usage`]).
+    pub usage: Arc<crate::usage::Usage>,
     health: Arc<system::HealthCache>,
     started: Instant,
 }
@@ -143,11 +147,18 @@ impl ApiState {
             auth,
             hosting,
             limits: Arc::new(AuthLimiters::new(config.auth_limits)),
+            usage: Arc::default(),
             health: Arc::default(),
             config: Arc::new(config),
             metrics: Arc::new(Metrics::new(&labels)),
             started: Instant::now(),
         }
+    }
+
+    /// The same state over `usage`, the history a sampler fills.
+    pub fn with_usage(mut self, usage: Arc<crate::usage::Usage>) -> ApiState {
+        self.usage = usage;
+        self
     }
 }
 
@@ -367,6 +378,15 @@ pub static ROUTES: &[RouteDef] = &[
     )
     .params(&[openapi::LINES])
     .data(named::<ConsoleData>),
+    route!(
+        GET,
+        "/api/v1/host/my/usage",
+        "The VM's usage: the latest sample and the last hour of cumulative counters (CPU seconds, \
+         resident memory, disk read/write bytes, network bytes received/sent), sampled every \
+         sample_every_seconds",
+        true,
+        &[200, 401, 404]
+    ),
     route!(
         POST,
         "/api/v1/host/my/backups",
@@ -660,6 +680,7 @@ async fn dispatch(req: &Request<'_>, path: &str) -> Response {
         ("POST", "/api/v1/host/my/stop") => handlers::power(req, "stop").await,
         ("POST", "/api/v1/host/my/restart") => handlers::power(req, "restart").await,
         ("GET", "/api/v1/host/my/console") => handlers::console(req).await,
+        ("GET", "/api/v1/host/my/usage") => usage::usage(req).await,
         ("POST", "/api/v1/host/my/backups") => backups::create(req).await,
         ("GET", "/api/v1/host/my/backups") => backups::list(req).await,
         ("POST", "/api/v1/host/my/backups/{id}/restore") => backups::restore(req, path).await,

@@ -258,6 +258,7 @@ pub async fn metrics(req: &Request<'_>) -> Reply {
         "# TYPE webhoster_uptime_seconds gauge\nwebhoster_uptime_seconds {}",
         state.started.elapsed().as_secs()
     );
+    super::metrics::render_vm_usage(&mut out, &state.usage.live());
     let mut resp = Response::new(out.into());
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

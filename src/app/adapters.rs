@@ -400,3 +400,55 @@ impl SiteProxy for ProxyAdapter {
         Ok(self.0.remove_site(user_id).await?)
     }
 }
+
+/// The usage sampler's view of the real parts: the engine's per-VM counters
+/// and the taps' counters of the network as built last.
+pub struct UsageMeter {
+    pub engine: Arc<Engine>,
+    pub network: Arc<NetworkAdapter>,
+}
+
+#[async_trait]
+impl crate::usage::Meter for UsageMeter {
+    async fn read(&self) -> crate::usage::Reading {
+        use crate::usage::{MeterError, Sample};
+        let vms = self.engine.list();
+        let running: Vec<&str> = vms
+            .iter()
+            .filter(|(_, s)| matches!(s.state, VmState::Running | VmState::Paused))
+            .map(|(id, _)| id.as_str())
+            .collect();
+        // One link dump for every tap, and only when a VM runs.
+        let taps = if running.is_empty() {
+            Ok(Default::default())
+        } else {
+            self.network.get().await.tap_traffic().await.map_err(Arc::new)
+        };
+        let mut out = Vec::with_capacity(running.len());
+        for vm_id in running {
+            let result = async {
+                let vm = self.engine.counters(vm_id).await?;
+                let tap = net::tap_name(vm_id);
+                let traffic = match &taps {
+                    Ok(taps) => *taps.get(&tap).ok_or(MeterError::NoTap(tap))?,
+                    Err(e) => return Err(MeterError::Network(e.clone())),
+                };
+                Ok(Sample {
+                    at: 0,
+                    cpu_seconds: vm.cpu_seconds,
+                    rss_bytes: vm.rss_bytes,
+                    disk_read_bytes: vm.disk_read_bytes,
+                    disk_write_bytes: vm.disk_write_bytes,
+                    net_rx_bytes: traffic.guest_received_bytes,
+                    net_tx_bytes: traffic.guest_transmitted_bytes,
+                })
+            }
+            .await;
+            out.push((vm_id.to_owned(), result));
+        }
+        crate::usage::Reading {
+            known: vms.into_iter().map(|(id, _)| id).collect(),
+            vms: out,
+        }
+    }
+}

@@ -37,6 +37,9 @@ pub struct Backends {
     pub engine: Option<Arc<Engine>>,
     /// What the host may give to hostings.
     pub budget: Budget,
+    /// Reads each VM's usage counters for the sampler; `None` runs no
+    /// sampler (fake parts have no counters).
+    pub meter: Option<Arc<dyn crate::usage::Meter>>,
 }
 
 /// The host's memory budget for hostings: RAM minus the larger of 2 GiB and
@@ -111,6 +114,11 @@ pub async fn build_backends(paths: &Paths, args: &ServeArgs) -> anyhow::Result<B
             .await
             .context("starting the nginx front")?,
     );
+    let network = Arc::new(adapters::NetworkAdapter::new(network));
+    let meter = Arc::new(adapters::UsageMeter {
+        engine: engine.clone(),
+        network: network.clone(),
+    });
     let ports = Ports {
         engine: Arc::new(adapters::EngineAdapter {
             engine: engine.clone(),
@@ -118,7 +126,7 @@ pub async fn build_backends(paths: &Paths, args: &ServeArgs) -> anyhow::Result<B
             image,
             vms_dir,
         }),
-        network: Arc::new(adapters::NetworkAdapter::new(network)),
+        network,
         proxy: Arc::new(adapters::ProxyAdapter(proxy.clone())),
         seeder: Arc::new(crate::hosting::seeder::IsoSeeder),
         probe: Arc::new(crate::hosting::probe::TcpProbe {
@@ -136,6 +144,7 @@ pub async fn build_backends(paths: &Paths, args: &ServeArgs) -> anyhow::Result<B
         ports,
         engine: Some(engine),
         budget,
+        meter: Some(meter),
     })
 }
 
@@ -334,7 +343,9 @@ pub async fn run_with(paths: Paths, args: ServeArgs, backends: Backends) -> anyh
         budget: backends.budget,
         backups_keep: args.backups_keep,
     };
-    let Backends { ports, engine, .. } = backends;
+    let Backends {
+        ports, engine, meter, ..
+    } = backends;
     let hosting = HostingService::new(store.clone(), ports, cfg);
     // Before the API accepts work: undo unfinished creates, finish deletes,
     // remove what belongs to no hosting, and make one convergence pass so
@@ -364,6 +375,11 @@ pub async fn run_with(paths: Paths, args: ServeArgs, backends: Backends) -> anyh
             ..ApiConfig::default()
         },
     );
+    // Per-VM usage for /metrics and the dashboard: sampled while serving.
+    let usage = Arc::new(crate::usage::Usage::new());
+    let sampler =
+        meter.map(|meter| crate::usage::spawn(usage.clone(), meter, Duration::from_secs(args.usage_every)));
+    let state = state.with_usage(usage);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;
@@ -415,6 +431,9 @@ pub async fn run_with(paths: Paths, args: ServeArgs, backends: Backends) -> anyh
     // Creates still running are cut where they stand; the journal lets the
     // next start undo them.
     convergence.abort();
+    if let Some(sampler) = sampler {
+        sampler.abort();
+    }
     // Stops the guests get now are ours, not their users' power-offs.
     if let Some(follower) = follower {
         follower.abort();

@@ -36,6 +36,8 @@ pub struct Link {
     pub kind: Option<InfoKind>,
     pub controller: Option<u32>,
     pub mac: Option<[u8; 6]>,
+    /// The kernel's byte counters, `(rx, tx)` as the link sees them.
+    pub bytes: Option<(u64, u64)>,
 }
 
 impl Link {
@@ -46,12 +48,18 @@ impl Link {
             kind: None,
             controller: None,
             mac: None,
+            bytes: None,
         };
         for attr in &msg.attributes {
             match attr {
                 LinkAttribute::IfName(n) => link.name = n.clone(),
                 LinkAttribute::Controller(c) => link.controller = Some(*c),
                 LinkAttribute::Address(a) => link.mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
+                LinkAttribute::Stats64(st) => link.bytes = Some((st.rx_bytes, st.tx_bytes)),
+                // The 32-bit counters only when the 64-bit ones are absent.
+                LinkAttribute::Stats(st) if link.bytes.is_none() => {
+                    link.bytes = Some((u64::from(st.rx_bytes), u64::from(st.tx_bytes)));
+                }
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
                         if let LinkInfo::Kind(k) = info {

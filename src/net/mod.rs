@@ -71,6 +71,13 @@ pub const NS_UPLINK: &str = "up0";
 /// Guests' SSH port.
 pub const GUEST_SSH_PORT: u16 = 22;
 
+/// A tap's byte counters from the guest's side (see [`Network::tap_traffic`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TapTraffic {
+    pub guest_received_bytes: u64,
+    pub guest_transmitted_bytes: u64,
+}
+
 /// What `reclaim` removed.
 #[derive(Debug, Default, Clone)]
 pub struct Reclaimed {
@@ -556,6 +563,30 @@ impl Network {
             .into_iter()
             .map(|l| l.name)
             .filter(|n| n.starts_with(TAP_PREFIX))
+            .collect())
+    }
+
+    /// The byte counters of every tap webhoster made, by tap name, as the
+    /// guest sees them: `received` is what the tap sent towards the guest
+    /// (the tap's tx), `transmitted` what the guest sent (the tap's rx).
+    /// One link dump on the namespace's own netlink socket: no thread
+    /// enters the namespace and no fd is opened for it.
+    pub async fn tap_traffic(&self) -> Result<std::collections::HashMap<String, TapTraffic>, NetError> {
+        let _dump = self.ns_dumps.lock().await;
+        Ok(link::list(&self.ns)
+            .await?
+            .into_iter()
+            .filter(|l| l.name.starts_with(TAP_PREFIX))
+            .filter_map(|l| {
+                let (rx, tx) = l.bytes?;
+                Some((
+                    l.name,
+                    TapTraffic {
+                        guest_received_bytes: tx,
+                        guest_transmitted_bytes: rx,
+                    },
+                ))
+            })
             .collect())
     }
 

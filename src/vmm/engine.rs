@@ -26,6 +26,7 @@ use super::accel::{self, AccelChoice};
 use super::cgroup::{CgroupError, Cgroups};
 use super::dir::{self, VmDir};
 use super::disk;
+use super::meter::{self, VmCounters};
 use super::process::{self, Attached, Launcher, QemuPid};
 use super::qmp;
 use super::registry::{self, Registry, Vm};
@@ -378,6 +379,36 @@ impl Engine {
                 vm_id: vm_id.to_owned(),
                 source,
             })
+    }
+
+    /// What the VM's QEMU has used since it started: CPU and memory from
+    /// /proc, disk bytes over the supervisor's QMP connection (see
+    /// `meter.rs`). Only for a running, supervised VM.
+    pub async fn counters(&self, vm_id: &str) -> Result<VmCounters, VmmError> {
+        let vm = self
+            .registry
+            .get(vm_id)
+            .ok_or_else(|| VmmError::UnknownVm(vm_id.to_owned()))?;
+        let (Some(pid), Some(client)) = (vm.supervised_pid(), vm.qmp()) else {
+            return Err(VmmError::NotRunning(vm_id.to_owned()));
+        };
+        let proc_dir = PathBuf::from(format!("/proc/{}", pid.get()));
+        let (cpu_seconds, rss_bytes) = meter::process_usage(&proc_dir).map_err(|source| VmmError::Io {
+            vm_id: vm_id.to_owned(),
+            what: format!("cannot read {}", proc_dir.display()),
+            source,
+        })?;
+        let blocks = client.query_blockstats().await.map_err(|source| VmmError::Qmp {
+            vm_id: vm_id.to_owned(),
+            source,
+        })?;
+        let (disk_read_bytes, disk_write_bytes) = meter::sum_blockstats(&blocks);
+        Ok(VmCounters {
+            cpu_seconds,
+            rss_bytes,
+            disk_read_bytes,
+            disk_write_bytes,
+        })
     }
 
     /// Stop supervising everything and close every QMP connection, leaving

@@ -217,6 +217,12 @@ impl QmpClient {
             .map_err(|err| QmpError::Protocol(format!("ringbuf-read answered no base64: {err}")))
     }
 
+    /// Bytes read and written per drive since QEMU started
+    /// (`query-blockstats`); see [`super::meter`].
+    pub(super) async fn query_blockstats(&self) -> Result<Vec<super::meter::BlockStats>, QmpError> {
+        self.execute("query-blockstats", QueryBlockstats {}).await
+    }
+
     /// QEMU exits right after (or even before) answering, so a connection
     /// that ends here counts as success.
     pub async fn quit(&self) -> Result<(), QmpError> {
@@ -226,6 +232,21 @@ impl QmpClient {
         }
     }
 }
+
+/// `query-blockstats` with a reply type of our own (only the byte counts):
+/// qapi's generated one requires fields that differ between QEMU versions.
+/// A reply that does not decode fails this command alone; the connection
+/// and its event stream go on.
+#[derive(serde::Serialize)]
+struct QueryBlockstats {}
+
+impl qapi::Command for QueryBlockstats {
+    type Ok = Vec<super::meter::BlockStats>;
+    const NAME: &'static str = "query-blockstats";
+    const ALLOW_OOB: bool = false;
+}
+
+impl qmp::QmpCommand for QueryBlockstats {}
 
 fn map_event(event: qmp::Event) -> QmpEvent {
     match event {

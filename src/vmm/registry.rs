@@ -279,6 +279,11 @@ impl Vm {
         rt.qmp = Some(qmp);
     }
 
+    /// The supervisor's QMP client, while a QEMU runs.
+    pub fn qmp(&self) -> Option<Arc<QmpClient>> {
+        self.rt.lock().unwrap().qmp.clone()
+    }
+
     pub fn set_qmp(&self, qmp: Option<Arc<QmpClient>>) {
         self.rt.lock().unwrap().qmp = qmp;
     }

@@ -115,6 +115,8 @@ pub struct TestApi {
     pub hosting: Arc<HostingService>,
     pub store: Store,
     pub auth: Auth,
+    /// The usage history the API serves; tests record passes into it.
+    pub usage: Arc<webhoster::usage::Usage>,
     pub client: reqwest::Client,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
@@ -158,6 +160,8 @@ impl TestApi {
                 ..config
             },
         );
+        let usage = Arc::new(webhoster::usage::Usage::new());
+        let state = state.with_usage(usage.clone());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let (addr, server) = api::serve("127.0.0.1:0".parse().unwrap(), state, async {
             let _ = rx.await;
@@ -172,6 +176,7 @@ impl TestApi {
             hosting,
             store,
             auth,
+            usage,
             client: reqwest::Client::new(),
             shutdown: Some(tx),
             server: Some(server),
