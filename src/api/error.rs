@@ -331,6 +331,7 @@ mod tests {
             include_str!("backups.rs"),
             include_str!("system.rs"),
             include_str!("account.rs"),
+            include_str!("usage.rs"),
         ];
         // `ApiError::new(<a StatusCode>, <code>, ..)` and `envelope(.., Some(<code>))`.
         let re = regex::Regex::new(

@@ -386,7 +386,8 @@ pub static ROUTES: &[RouteDef] = &[
          sample_every_seconds",
         true,
         &[200, 401, 404]
-    ),
+    )
+    .data(named::<UsageData>),
     route!(
         POST,
         "/api/v1/host/my/backups",
