@@ -14,7 +14,7 @@ export WEBHOSTER_TEST_DATABASE_URL ?= postgres://webhoster:webhoster@127.0.0.1:5
 # Debian packages, by what needs them.
 RUN_PKGS := qemu-system-x86 qemu-utils nginx-light mmdebstrap e2fsprogs busybox-static cpio zstd \
 	genisoimage nftables iproute2 openssh-client socat ca-certificates openssl
-TEST_PKGS := postgresql wrk sshpass jq openssh-server systemd chromium chromium-driver curl
+TEST_PKGS := postgresql wrk sshpass jq openssh-server systemd chromium chromium-driver curl python3-venv
 
 # `make install`: the binary goes to $(PREFIX)/bin; DESTDIR stages everything
 # under another root (the unit still names the paths as seen from /).
@@ -50,3 +50,4 @@ deps:
 
 test-deps:
 	@.ci/host-packages $(TEST_PKGS)
+	@.ci/schemathesis > /dev/null

@@ -72,9 +72,15 @@ async fn accounts(db: Db) {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["cache-control"], "no-store");
     let b: Value = resp.json().await.unwrap();
     assert_eq!(b["data"]["token_type"], "bearer");
     assert_eq!(b["data"]["expires_in"], 600);
+    // RFC 6749 §5.1: the token at the top level too, never cached.
+    assert_eq!(b["access_token"], b["data"]["access_token"]);
+    assert_eq!(b["token_type"], "bearer");
+    assert_eq!(b["expires_in"], 600);
+    assert_eq!(b["success"], true);
     let (s, b) = api
         .call(
             Method::POST,
@@ -606,6 +612,23 @@ async fn system(db: Db) {
     let resp = api.client.get(api.url("/docs")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert!(resp.text().await.unwrap().contains("/api/v1/openapi.json"));
+    // Swagger UI's files come from the binary; a missing one is an enveloped 404.
+    let resp = api
+        .client
+        .get(api.url("/docs/swagger-ui-bundle.js"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .contains("javascript")
+    );
+    assert!(resp.bytes().await.unwrap().len() > 100_000);
+    let resp = api.client.get(api.url("/docs/nope.js")).send().await.unwrap();
+    assert_error(404, &resp.json().await.unwrap(), 404, "not_found");
 
     // Routing errors come in the envelope, with a request id.
     let resp = api.client.get(api.url("/nope")).send().await.unwrap();

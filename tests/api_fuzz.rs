@@ -7,7 +7,8 @@
 //! - Well-formed HTTP: the router answers every request, below 500, with a
 //!   request id, a Content-Length that matches, and the JSON envelope
 //!   (`application/json`; `success` iff 2xx, `error.code` iff not). The 2xx of
-//!   `/docs`, `/metrics` and the OpenAPI document carry their own type.
+//!   `/docs`, `/metrics` and the OpenAPI document carry their own type; a
+//!   log-in's token is also at the top level (RFC 6749 §5.1).
 //! - Malformed HTTP (bad bytes in the head, conflicting framing, oversized
 //!   heads, a request cut short): hyper may refuse it itself with a bare 400,
 //!   414 or 431, or close; whatever the router answers obeys the rules above.
@@ -1387,9 +1388,20 @@ fn check(a: &Answer, head: bool, path: Option<&str>) -> Result<(), TestCaseError
         // The OpenAPI document, asked for by a target hyper read its own way.
         return Ok(());
     }
+    // A log-in's token is at the top level too (RFC 6749 §5.1).
+    let token_keys: &[&str] = if success && path == Some("/api/v1/auth/login") {
+        prop_assert!(
+            v["access_token"].is_string() && v["token_type"] == "bearer" && v["expires_in"].is_u64(),
+            "a log-in answer without the token at the top level: {a:?}"
+        );
+        &["access_token", "token_type", "expires_in"]
+    } else {
+        &[]
+    };
     prop_assert!(
         obj.keys()
-            .all(|k| ["success", "message", "data", "error"].contains(&k.as_str())),
+            .all(|k| ["success", "message", "data", "error"].contains(&k.as_str())
+                || token_keys.contains(&k.as_str())),
         "keys beyond the envelope: {a:?}"
     );
     prop_assert_eq!(obj.get("success"), Some(&Value::Bool(success)), "{:?}", a);

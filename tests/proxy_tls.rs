@@ -259,6 +259,12 @@ async fn https_serves_the_sites_and_the_api_and_http_keeps_working() {
         "{}",
         plain_page.head
     );
+    // The explorer's files come through the front too.
+    let ui = curl(&["--cacert", &ca, &https("/docs/swagger-initializer.js")])
+        .await
+        .unwrap();
+    assert_eq!(ui.status, 200, "{ui:?}");
+    assert!(ui.body.contains("/api/v1/openapi.json"), "{ui:?}");
     let plain_api = curl(&[&format!("http://127.0.0.1:{}/api/v1/health", fx.http)])
         .await
         .unwrap();

@@ -18,7 +18,9 @@ type Reply = Result<Response, ApiError>;
 pub struct AddSshKeyRequest {
     /// One OpenSSH public key line: ed25519, ecdsa, or rsa of at least 2048 bits.
     #[schema(
-        example = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl me@laptop"
+        example = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl me@laptop",
+        pattern = "^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+=*( [^\\n]*)?$",
+        max_length = 16384
     )]
     pub public_key: String,
 }
@@ -27,8 +29,10 @@ pub struct AddSshKeyRequest {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChangePasswordRequest {
+    #[schema(min_length = 1, max_length = 4096)]
     pub current_password: String,
     /// 8 to 1024 characters.
+    #[schema(min_length = 8, max_length = 1024)]
     pub new_password: String,
 }
 
@@ -37,6 +41,7 @@ pub struct ChangePasswordRequest {
 #[serde(deny_unknown_fields)]
 pub struct DeleteAccountRequest {
     /// The account's password, to confirm.
+    #[schema(min_length = 1, max_length = 4096)]
     pub password: String,
 }
 

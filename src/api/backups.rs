@@ -3,6 +3,7 @@
 //! id is a 404 like one that never existed.
 
 use serde::Serialize;
+use utoipa::ToSchema;
 use warp::http::StatusCode;
 use warp::reply::Response;
 
@@ -14,19 +15,23 @@ use crate::hosting::backups::BackupView;
 type Reply = Result<Response, ApiError>;
 
 /// One backup, as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Backup)]
 pub struct BackupData {
     pub id: i64,
     /// `running` while QEMU copies, then `complete`.
+    #[schema(schema_with = backup_status_schema)]
     pub status: &'static str,
     /// `full` or `incremental`. While running, what was asked (incremental
     /// on the last backup); QEMU's bitmap decides, and the complete row says
     /// what it was.
+    #[schema(schema_with = backup_kind_schema)]
     pub kind: &'static str,
     /// The backup it is incremental on.
     pub parent_id: Option<i64>,
     /// `crash` (as after a power cut) or `frozen` (the guest agent froze
     /// the file systems as the copy began).
+    #[schema(schema_with = consistency_schema)]
     pub consistency: &'static str,
     pub size_bytes: u64,
     pub created_at: String,
@@ -35,11 +40,34 @@ pub struct BackupData {
     pub progress: Option<Progress>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = BackupProgress)]
 pub struct Progress {
     pub done_bytes: u64,
     pub total_bytes: u64,
     pub percent: f64,
+}
+
+// The names the store's enums print, so the document cannot drift from them.
+fn backup_status_schema() -> utoipa::openapi::Object {
+    use crate::store::BackupStatus as S;
+    super::openapi::string_enum([S::Running, S::Complete].map(S::as_str), "Backup status")
+}
+
+fn backup_kind_schema() -> utoipa::openapi::Object {
+    use crate::store::BackupKind as K;
+    super::openapi::string_enum([K::Full, K::Incremental].map(K::as_str), "Backup kind")
+}
+
+fn consistency_schema() -> utoipa::openapi::Object {
+    use crate::store::Consistency as C;
+    super::openapi::string_enum([C::Crash, C::Frozen].map(C::as_str), "Backup consistency")
+}
+
+/// The backup a restore put back.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RestoredData {
+    pub id: i64,
 }
 
 impl From<BackupView> for BackupData {
@@ -111,7 +139,7 @@ pub async fn restore(req: &Request<'_>, path: &str) -> Reply {
     Ok(ok(
         StatusCode::OK,
         "backup restored; the VM runs on it",
-        &serde_json::json!({ "id": id }),
+        &RestoredData { id },
     ))
 }
 

@@ -2,26 +2,36 @@
 //! as a separate step. Response data shapes.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::error::ApiError;
 use crate::store::{Hosting, User};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"email": "alice@example.com", "username": "alice", "password": "correct horse"}))]
 pub struct RegisterRequest {
+    #[schema(format = Email, max_length = 254)]
     pub email: String,
+    #[schema(pattern = "^[a-z0-9_-]{3,32}$")]
     pub username: String,
+    #[schema(min_length = 8, max_length = 1024)]
     pub password: String,
 }
 
 /// OAuth2 password-grant style: the optional OAuth2 fields are accepted and ignored.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"grant_type": "password", "username": "alice", "password": "correct horse"}))]
 pub struct LoginRequest {
     /// Email or username.
+    #[schema(min_length = 1, max_length = 254)]
     pub username: String,
+    #[schema(min_length = 1, max_length = 4096)]
     pub password: String,
+    /// Only `password` (RFC 6749 §4.3).
     #[serde(default)]
+    #[schema(schema_with = grant_type_schema)]
     pub grant_type: Option<String>,
     // Accepted so OAuth2 clients work; webhoster has no scopes or clients.
     #[serde(default)]
@@ -35,11 +45,23 @@ pub struct LoginRequest {
     pub client_secret: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"ssh_public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl alice@laptop"}))]
 pub struct CreateHostRequest {
+    /// An OpenSSH public key (ed25519, ECDSA or RSA of 2048 bits or more).
+    /// Absent or empty: webhoster generates a key pair and returns its
+    /// private half once, in this response.
     #[serde(default)]
     pub ssh_public_key: Option<String>,
+}
+
+fn grant_type_schema() -> utoipa::openapi::Object {
+    // Nullable like the other optional fields: serde takes `null` for `None`.
+    super::openapi::nullable(super::openapi::string_enum(
+        ["password"],
+        "OAuth2 grant type; only `password`",
+    ))
 }
 
 impl LoginRequest {
@@ -72,11 +94,14 @@ impl CreateHostRequest {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = User)]
 pub struct UserData<'a> {
     pub id: i64,
+    #[schema(format = Email)]
     pub email: &'a str,
     pub username: &'a str,
+    /// RFC 3339.
     pub created_at: &'a str,
 }
 
@@ -91,14 +116,37 @@ impl<'a> From<&'a User> for UserData<'a> {
     }
 }
 
-#[derive(Debug, Serialize)]
+/// An access token, as RFC 6749 §5.1 names its fields.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(as = Token)]
 pub struct TokenData {
+    /// A JWT; send it as `Authorization: Bearer <access_token>`.
     pub access_token: String,
+    /// Always `bearer`.
+    #[schema(schema_with = token_type_schema)]
     pub token_type: &'static str,
+    /// Seconds until the token expires.
     pub expires_in: u64,
 }
 
+fn token_type_schema() -> utoipa::openapi::Object {
+    super::openapi::string_enum(["bearer"], "Always `bearer` (RFC 6750)")
+}
+
+/// The log-in answer: the token's fields at the top level, as OAuth2
+/// clients read them (RFC 6749 §5.1), and the envelope beside them, whose
+/// `data` holds the same token for the clients written before.
 #[derive(Debug, Serialize)]
+pub struct TokenReply<'a> {
+    #[serde(flatten)]
+    pub token: &'a TokenData,
+    pub success: bool,
+    pub message: &'a str,
+    pub data: &'a TokenData,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Hosting)]
 pub struct HostingData<'a> {
     pub id: i64,
     pub vm_id: &'a str,
@@ -107,10 +155,13 @@ pub struct HostingData<'a> {
     /// What the hosting is doing: creating, starting, running, stopping,
     /// stopped, restarting, paused, failed or deleting. `running` means the
     /// site answers through nginx and SSH accepts.
+    #[schema(schema_with = hosting_state_schema)]
     pub status: &'static str,
     /// What the user asked for: running or stopped.
+    #[schema(schema_with = desired_schema)]
     pub desired: &'static str,
     /// The create step under way, if any (progress of `?wait=false`).
+    #[schema(schema_with = step_schema)]
     pub step: Option<&'static str>,
     /// Why the last attempt to reach `desired` went wrong, if it did.
     pub last_error: Option<&'a str>,
@@ -122,9 +173,34 @@ pub struct HostingData<'a> {
     pub created_at: &'a str,
 }
 
+// The names the enums themselves print, so the document cannot drift from them.
+fn hosting_state_schema() -> utoipa::openapi::Object {
+    use crate::hosting::HostingState;
+    super::openapi::string_enum(
+        HostingState::ALL.map(HostingState::as_str),
+        "What the hosting is doing",
+    )
+}
+
+fn desired_schema() -> utoipa::openapi::Object {
+    use crate::hosting::state::Desired;
+    super::openapi::string_enum(
+        [Desired::Running, Desired::Stopped].map(Desired::as_str),
+        "What the user asked for",
+    )
+}
+
+fn step_schema() -> utoipa::openapi::Object {
+    use crate::hosting::state::Step;
+    super::openapi::nullable(super::openapi::string_enum(
+        Step::ALL.map(Step::name),
+        "The create step under way, if any",
+    ))
+}
+
 /// How the site at `web_url` is kept apart from the other sites in a
 /// visitor's browser (README "Security model").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum WebIsolation {
     /// `http://<host>/<user_id>/`: every site shares the host's origin, so
@@ -208,7 +284,8 @@ impl Front<'_> {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Host)]
 pub struct HostData<'a> {
     pub hosting: HostingData<'a>,
     /// The site over HTTP, always served (`http://<host>/<user_id>/` keeps
@@ -224,6 +301,12 @@ pub struct HostData<'a> {
     /// Only in the create response, only when webhoster generated the key.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub private_key: Option<&'a str>,
+}
+
+/// The last lines of the serial console, oldest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ConsoleData<'a> {
+    pub lines: Vec<&'a str>,
 }
 
 impl<'a> HostData<'a> {

@@ -11,6 +11,52 @@ use crate::auth::AuthError;
 use crate::hosting::{HostingError, chain};
 use crate::store::{Conflict, StoreError};
 
+/// Every `error.code` the API answers with, and the status it comes with.
+/// The OpenAPI document lists each status's codes; a unit test checks that
+/// every code in the sources is here with its status, and debug builds
+/// assert it on every error answer.
+pub const ERROR_CODES: &[(&str, u16)] = &[
+    ("bad_request", 400),
+    ("validation_failed", 422),
+    ("unauthorized", 401),
+    ("invalid_credentials", 401),
+    ("rate_limited", 429),
+    ("not_found", 404),
+    ("method_not_allowed", 405),
+    ("payload_too_large", 413),
+    ("unsupported_media_type", 415),
+    ("internal", 500),
+    ("email_taken", 409),
+    ("username_taken", 409),
+    ("hosting_exists", 409),
+    ("no_hosting", 404),
+    ("hosting_busy", 409),
+    ("create_cancelled", 409),
+    ("capacity", 503),
+    ("no_capacity", 503),
+    ("invalid_ssh_key", 422),
+    ("create_timeout", 504),
+    ("create_failed", 500),
+    ("cleanup_failed", 500),
+    ("not_ready", 504),
+    ("vm_failed", 500),
+    ("not_running", 409),
+    ("no_backup", 404),
+    ("no_room", 507),
+    ("unhealthy", 503),
+    ("ssh_key_exists", 409),
+    ("wrong_password", 403),
+    ("no_ssh_key", 404),
+];
+
+/// The codes that come with `status`.
+pub fn codes_of(status: u16) -> impl Iterator<Item = &'static str> {
+    ERROR_CODES
+        .iter()
+        .filter(move |(_, s)| *s == status)
+        .map(|(c, _)| *c)
+}
+
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -139,13 +185,25 @@ fn envelope_with<T: Serialize>(
     data: &T,
     error: Option<ErrorBody>,
 ) -> Response {
+    debug_assert!(
+        error
+            .as_ref()
+            .is_none_or(|e| ERROR_CODES.contains(&(e.code, status.as_u16()))),
+        "error code {:?} with {status} is missing from ERROR_CODES (and so from the OpenAPI document)",
+        error.as_ref().map(|e| e.code)
+    );
     let body = Envelope {
         success,
         message,
         data,
         error,
     };
-    let bytes = serde_json::to_vec(&body).unwrap_or_else(|_| {
+    json_response(status, &body)
+}
+
+/// `body` as a JSON response with `status`.
+pub fn json_response<T: Serialize>(status: StatusCode, body: &T) -> Response {
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| {
         br#"{"success":false,"message":"unserializable response","data":null,"error":{"code":"internal"}}"#.to_vec()
     });
     let mut resp = Response::new(bytes.into());
@@ -255,5 +313,70 @@ impl From<AccountError> for ApiError {
             A::Store(e) => e.into(),
             A::Auth(e) => e.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every code the API's sources answer with is listed with its status
+    /// (and so documented).
+    #[test]
+    fn every_error_code_in_the_sources_is_listed() {
+        let sources = [
+            include_str!("error.rs"),
+            include_str!("mod.rs"),
+            include_str!("handlers.rs"),
+            include_str!("backups.rs"),
+            include_str!("system.rs"),
+            include_str!("account.rs"),
+            include_str!("usage.rs"),
+        ];
+        // `ApiError::new(<a StatusCode>, <code>, ..)` and `envelope(.., Some(<code>))`.
+        let re = regex::Regex::new(
+            r#"ApiError::new\(\s*StatusCode::([A-Z_]+),\s*"([a-z_]+)"|Some\("([a-z_]+)"\),\s*\)"#,
+        )
+        .unwrap();
+        // `CONFLICT` -> 409, from the reasons the http crate knows.
+        let status_named = |name: &str| {
+            (100..600)
+                .filter_map(|n| StatusCode::from_u16(n).ok())
+                .find(|s| {
+                    s.canonical_reason()
+                        .is_some_and(|r| r.to_ascii_uppercase().replace([' ', '-'], "_") == name)
+                })
+                .unwrap_or_else(|| panic!("no status named {name}"))
+                .as_u16()
+        };
+        let mut found = 0;
+        for src in sources {
+            for cap in re.captures_iter(src) {
+                found += 1;
+                match (cap.get(1), cap.get(2), cap.get(3)) {
+                    (Some(name), Some(code), _) => {
+                        let pair = (code.as_str(), status_named(name.as_str()));
+                        assert!(
+                            ERROR_CODES.contains(&pair),
+                            "{pair:?} is missing from ERROR_CODES"
+                        );
+                    }
+                    (_, _, Some(code)) => assert!(
+                        ERROR_CODES.iter().any(|(c, _)| *c == code.as_str()),
+                        "{} is missing from ERROR_CODES",
+                        code.as_str()
+                    ),
+                    _ => unreachable!(),
+                }
+            }
+        }
+        assert!(
+            found > 20,
+            "the scan found only {found} codes; is the pattern stale?"
+        );
+        let mut sorted: Vec<&str> = ERROR_CODES.iter().map(|(c, _)| *c).collect();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), ERROR_CODES.len(), "a code is listed twice");
     }
 }

@@ -1,7 +1,7 @@
 //! Account and hosting handlers: parse, validate, call the service, answer.
 
 use serde::de::DeserializeOwned;
-use warp::http::{StatusCode, header};
+use warp::http::{HeaderValue, StatusCode, header};
 use warp::reply::Response;
 
 use super::Request;
@@ -133,11 +133,12 @@ pub async fn login(req: &Request<'_>) -> Reply {
     token_reply(req, "logged in", &user)
 }
 
-/// A new token for `user`, in log-in's shape.
+/// A new token for `user`, in log-in's shape: per RFC 6749 §5.1 (the
+/// token's fields at the top level, `Cache-Control: no-store`) with the
+/// envelope beside it.
 pub(super) fn token_reply(req: &Request<'_>, message: &str, user: &User) -> Reply {
     let token = req.state.accounts.issue_token(user)?;
-    Ok(ok(
-        StatusCode::OK,
+    Ok(token_response(
         message,
         &TokenData {
             access_token: token.access_token,
@@ -145,6 +146,24 @@ pub(super) fn token_reply(req: &Request<'_>, message: &str, user: &User) -> Repl
             expires_in: token.expires_in,
         },
     ))
+}
+
+/// 200 with the token per RFC 6749 §5.1 (top level, `Cache-Control:
+/// no-store`) and the envelope beside it.
+fn token_response(message: &str, token: &TokenData) -> Response {
+    let body = TokenReply {
+        token,
+        success: true,
+        message,
+        data: token,
+    };
+    let mut resp = super::error::json_response(StatusCode::OK, &body);
+    // RFC 6749 §5.1: a response with a token must not be cached.
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp.headers_mut()
+        .insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    resp
 }
 
 pub async fn me(req: &Request<'_>) -> Reply {
@@ -276,6 +295,8 @@ pub async fn console(req: &Request<'_>) -> Reply {
     Ok(ok(
         StatusCode::OK,
         "serial console",
-        &serde_json::json!({ "lines": text.lines().collect::<Vec<_>>() }),
+        &ConsoleData {
+            lines: text.lines().collect(),
+        },
     ))
 }

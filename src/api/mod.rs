@@ -170,7 +170,8 @@ impl ApiState {
     }
 }
 
-/// One route: the table drives dispatch, 405s, metrics labels and OpenAPI.
+/// One route: the table drives dispatch, 405s, metrics labels and the
+/// OpenAPI document (its body, parameters and answer types are the schemas).
 pub struct RouteDef {
     pub method: Method,
     pub path: &'static str,
@@ -178,19 +179,73 @@ pub struct RouteDef {
     pub auth: bool,
     /// Success status and the error statuses documented for it.
     pub statuses: &'static [u16],
+    pub body: Option<Body>,
+    pub params: &'static [Param],
+    /// What the success statuses carry.
+    pub answer: Answer,
+    /// Values of the success answer that other operations take.
+    pub links: &'static [Link],
+}
+
+impl RouteDef {
+    /// A route without body or parameters, answering `data: null`.
+    const fn new(
+        method: Method,
+        path: &'static str,
+        summary: &'static str,
+        auth: bool,
+        statuses: &'static [u16],
+    ) -> RouteDef {
+        RouteDef {
+            method,
+            path,
+            summary,
+            auth,
+            statuses,
+            body: None,
+            params: &[],
+            answer: Answer::Data(openapi::nothing),
+            links: &[],
+        }
+    }
+
+    const fn links(mut self, links: &'static [Link]) -> RouteDef {
+        self.links = links;
+        self
+    }
+
+    const fn body(mut self, body: Body) -> RouteDef {
+        self.body = Some(body);
+        self
+    }
+
+    const fn params(mut self, params: &'static [Param]) -> RouteDef {
+        self.params = params;
+        self
+    }
+
+    const fn data(mut self, data: SchemaFn) -> RouteDef {
+        self.answer = Answer::Data(data);
+        self
+    }
+
+    const fn answer(mut self, answer: Answer) -> RouteDef {
+        self.answer = answer;
+        self
+    }
 }
 
 macro_rules! route {
     ($m:ident, $p:expr, $s:expr, $a:expr, $st:expr) => {
-        RouteDef {
-            method: Method::$m,
-            path: $p,
-            summary: $s,
-            auth: $a,
-            statuses: $st,
-        }
+        RouteDef::new(Method::$m, $p, $s, $a, $st)
     };
 }
+
+use crate::account::SshKeyEntry;
+use backups::{BackupData, RestoredData};
+use dto::{ConsoleData, CreateHostRequest, LoginRequest, RegisterRequest, UserData};
+use openapi::{Answer, Body, Link, Param, SchemaFn, list, named};
+use system::{DetailedHealthData, HealthData, VersionData};
 
 pub static ROUTES: &[RouteDef] = &[
     route!(
@@ -199,35 +254,43 @@ pub static ROUTES: &[RouteDef] = &[
         "Create an account (JSON email, username, password)",
         false,
         &[201, 400, 409, 413, 422, 429]
-    ),
+    )
+    .body(Body::Json(named::<RegisterRequest>))
+    .data(named::<UserData>),
     route!(
         POST,
         "/api/v1/auth/login",
-        "Log in (form-encoded or JSON username + password); returns a bearer token",
+        "Log in (form-encoded or JSON username + password; OAuth2 password grant); returns a \
+         bearer token per RFC 6749 §5.1, with the envelope beside it",
         false,
-        &[200, 400, 401, 422, 429]
-    ),
+        &[200, 400, 401, 413, 415, 422, 429]
+    )
+    .body(Body::FormOrJson(named::<LoginRequest>))
+    .answer(Answer::Token),
     route!(
         GET,
         "/api/v1/auth/me",
         "The account of the token",
         true,
         &[200, 401]
-    ),
+    )
+    .data(named::<UserData>),
     route!(
         POST,
         "/api/v1/auth/logout-all",
         "Log out everywhere: revoke every token and web session of the account (this one too)",
         true,
-        &[200, 400, 401]
-    ),
+        &[200, 400, 401, 413]
+    )
+    .body(Body::OptionalJson(named::<account::EmptyRequest>)),
     route!(
         GET,
         "/api/v1/account/ssh-keys",
         "The account's SSH public keys (id, algorithm, SHA256 fingerprint, comment), oldest first",
         true,
         &[200, 401]
-    ),
+    )
+    .data(list::<SshKeyEntry>),
     route!(
         POST,
         "/api/v1/account/ssh-keys",
@@ -235,78 +298,94 @@ pub static ROUTES: &[RouteDef] = &[
          the account's keys",
         true,
         &[201, 400, 401, 409, 413, 422]
-    ),
+    )
+    .body(Body::Json(named::<account::AddSshKeyRequest>))
+    .data(named::<SshKeyEntry>)
+    .links(openapi::SSH_KEY_LINKS),
     route!(
         DELETE,
         "/api/v1/account/ssh-keys/{id}",
         "Remove one of the account's SSH keys",
         true,
         &[200, 401, 404]
-    ),
+    )
+    .params(&[openapi::SSH_KEY_ID]),
     route!(
         POST,
         "/api/v1/account/password",
         "Change the password (JSON current_password, new_password); every older token and \
          session is revoked, and the answer carries a new token",
         true,
-        &[200, 400, 401, 403, 422, 429]
-    ),
+        &[200, 400, 401, 403, 413, 422, 429]
+    )
+    .body(Body::Json(named::<account::ChangePasswordRequest>))
+    .answer(Answer::Token),
     route!(
         DELETE,
         "/api/v1/account",
         "Delete the account (JSON password), its hosting, backups and SSH keys",
         true,
-        &[200, 400, 401, 403, 422, 429]
-    ),
+        &[200, 400, 401, 403, 413, 422, 429, 500]
+    )
+    .body(Body::Json(named::<account::DeleteAccountRequest>)),
     route!(
         POST,
         "/api/v1/host",
         "Create the account's hosting (optional JSON ssh_public_key; ?wait=false returns 202)",
         true,
-        &[201, 202, 400, 401, 409, 422, 503, 504]
-    ),
+        &[201, 202, 400, 401, 409, 413, 422, 500, 503, 504]
+    )
+    .body(Body::OptionalJson(named::<CreateHostRequest>))
+    .params(&[openapi::WAIT])
+    .data(named::<HostData>),
     route!(
         GET,
         "/api/v1/host/my",
         "The account's hosting, with progress while it is created",
         true,
         &[200, 401, 404]
-    ),
+    )
+    .data(named::<HostData>),
     route!(
         DELETE,
         "/api/v1/host/my",
         "Delete the hosting and everything it holds, its backups included",
         true,
-        &[200, 401, 404, 409]
+        &[200, 401, 404, 409, 500]
     ),
     route!(
         POST,
         "/api/v1/host/my/start",
         "Start a stopped VM",
         true,
-        &[200, 401, 404, 409]
-    ),
+        &[200, 401, 404, 409, 500, 504]
+    )
+    .data(named::<HostData>),
     route!(
         POST,
         "/api/v1/host/my/stop",
         "Stop the VM",
         true,
-        &[200, 401, 404, 409]
-    ),
+        &[200, 401, 404, 409, 500]
+    )
+    .data(named::<HostData>),
     route!(
         POST,
         "/api/v1/host/my/restart",
         "Restart the VM",
         true,
-        &[200, 401, 404, 409]
-    ),
+        &[200, 401, 404, 409, 500, 504]
+    )
+    .data(named::<HostData>),
     route!(
         GET,
         "/api/v1/host/my/console",
         "Last lines of the VM's serial console (?lines=N, at most 1000)",
         true,
-        &[200, 401, 404]
-    ),
+        &[200, 401, 404, 422]
+    )
+    .params(&[openapi::LINES])
+    .data(named::<ConsoleData>),
     route!(
         GET,
         "/api/v1/host/my/usage",
@@ -315,7 +394,8 @@ pub static ROUTES: &[RouteDef] = &[
          sample_every_seconds",
         true,
         &[200, 401, 404]
-    ),
+    )
+    .data(named::<UsageData>),
     route!(
         POST,
         "/api/v1/host/my/backups",
@@ -324,7 +404,9 @@ pub static ROUTES: &[RouteDef] = &[
          could not hold it",
         true,
         &[202, 401, 404, 409, 507]
-    ),
+    )
+    .data(named::<BackupData>)
+    .links(openapi::BACKUP_LINKS),
     route!(
         GET,
         "/api/v1/host/my/backups",
@@ -332,46 +414,64 @@ pub static ROUTES: &[RouteDef] = &[
          (crash, or frozen by the guest agent), progress while running",
         true,
         &[200, 401, 404]
-    ),
+    )
+    .data(list::<BackupData>),
     route!(
         POST,
         "/api/v1/host/my/backups/{id}/restore",
         "Stop the VM cleanly, put its disk back to that backup and start it (same address, port, \
          host key and site); the next backup is full",
         true,
-        &[200, 401, 404, 409, 504]
-    ),
+        &[200, 401, 404, 409, 500, 504]
+    )
+    .params(&[openapi::BACKUP_ID])
+    .data(named::<RestoredData>),
     route!(
         DELETE,
         "/api/v1/host/my/backups/{id}",
         "Delete a backup; the others stay restorable (the next in its chain takes over its content)",
         true,
         &[200, 401, 404, 409]
-    ),
-    route!(GET, "/api/v1/health", "Liveness", false, &[200]),
+    )
+    .params(&[openapi::BACKUP_ID]),
+    route!(GET, "/api/v1/health", "Liveness", false, &[200]).data(named::<HealthData>),
     route!(
         GET,
         "/api/v1/health/detailed",
         "Database, QEMU, accel, image, namespace, nginx, disk, VMs by state",
         false,
         &[200, 503]
-    ),
+    )
+    .answer(Answer::DataOnEveryStatus(named::<DetailedHealthData>)),
     route!(
         GET,
         "/api/v1/version",
         "Version, git commit, QEMU version",
         false,
         &[200]
-    ),
+    )
+    .data(named::<VersionData>),
     route!(
         GET,
         "/api/v1/openapi.json",
         "This OpenAPI document",
         false,
         &[200]
-    ),
-    route!(GET, "/docs", "API documentation page", false, &[200]),
-    route!(GET, "/metrics", "Prometheus metrics", false, &[200]),
+    )
+    .answer(Answer::Raw(&["application/json"], openapi::any_object)),
+    route!(GET, "/docs", "The API explorer (Swagger UI)", false, &[200])
+        .answer(Answer::Raw(&["text/html"], openapi::text)),
+    route!(
+        GET,
+        "/docs/{file}",
+        "The API explorer's files (vendored Swagger UI)",
+        false,
+        &[200, 404]
+    )
+    .params(&[openapi::DOCS_FILE])
+    .answer(Answer::Raw(openapi::DOCS_TYPES, openapi::text)),
+    route!(GET, "/metrics", "Prometheus metrics", false, &[200])
+        .answer(Answer::Raw(&["text/plain"], openapi::text)),
 ];
 
 /// One parsed request, as handlers see it.
@@ -454,7 +554,8 @@ where
 {
     let started = Instant::now();
     let remote = client_addr(remote, &headers);
-    let route = ROUTES.iter().find(|r| r.path == path);
+    // Labelled by the route's pattern: `/docs/{file}`, not each file.
+    let route = ROUTES.iter().find(|r| path_matches(r.path, &path));
     let label = route.map(|r| r.path).unwrap_or("unmatched");
     let mut resp = match read_body(&headers, body).await {
         Err(e) => e.into_response(),
@@ -598,6 +699,7 @@ async fn dispatch(req: &Request<'_>, path: &str) -> Response {
         ("GET", "/api/v1/version") => system::version(req).await,
         ("GET", "/api/v1/openapi.json") => Ok(openapi::document(req)),
         ("GET", "/docs") => Ok(openapi::docs_page()),
+        ("GET", "/docs/{file}") => openapi::docs_file(path),
         ("GET", "/metrics") => system::metrics(req).await,
         _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")),
     };

@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Arc;
 
+use serde::Serialize;
+use utoipa::ToSchema;
 use warp::http::{HeaderValue, StatusCode, header};
 use warp::reply::Response;
 
@@ -16,14 +18,62 @@ type Reply = Result<Response, ApiError>;
 /// Free space below this on the state dir's filesystem makes health fail.
 const MIN_FREE_DISK: u64 = 512 * 1024 * 1024;
 
+/// Liveness.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HealthData {
+    /// Always `ok`: the process answers.
+    #[schema(schema_with = ok_schema)]
+    pub status: &'static str,
+    pub uptime_seconds: u64,
+}
+
+fn ok_schema() -> utoipa::openapi::Object {
+    super::openapi::string_enum(["ok"], "Always `ok`")
+}
+
+fn health_status_schema() -> utoipa::openapi::Object {
+    super::openapi::string_enum(["ok", "unavailable"], "`ok` when every required part is up")
+}
+
+/// One part of the service and whether it is up.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Check<'a> {
+    pub name: &'a str,
+    pub ok: bool,
+    /// When false, a failure does not make the service unhealthy.
+    pub required: bool,
+    pub detail: &'a str,
+}
+
+/// The parts of the service, from the last snapshot.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DetailedHealthData<'a> {
+    #[schema(schema_with = health_status_schema)]
+    pub status: &'static str,
+    pub checks: Vec<Check<'a>>,
+    /// Hostings by status; statuses without hostings are left out.
+    pub vms_by_status: &'a BTreeMap<String, i64>,
+    pub creates_in_flight: usize,
+    pub checked_seconds_ago: f64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VersionData<'a> {
+    pub version: &'a str,
+    /// `unknown` when the build did not know it.
+    pub git_commit: &'a str,
+    /// The QEMU that runs the guests, when it answered.
+    pub qemu_version: Option<String>,
+}
+
 pub async fn health(req: &Request<'_>) -> Reply {
     Ok(ok(
         StatusCode::OK,
         "alive",
-        &serde_json::json!({
-            "status": "ok",
-            "uptime_seconds": req.state.started.elapsed().as_secs(),
-        }),
+        &HealthData {
+            status: "ok",
+            uptime_seconds: req.state.started.elapsed().as_secs(),
+        },
     ))
 }
 
@@ -142,13 +192,21 @@ pub async fn health_detailed(req: &Request<'_>) -> Reply {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let data = serde_json::json!({
-        "status": if healthy { "ok" } else { "unavailable" },
-        "checks": checks,
-        "vms_by_status": snapshot.vms_by_status,
-        "creates_in_flight": state.hosting.creates_in_flight(),
-        "checked_seconds_ago": age_seconds(&snapshot),
-    });
+    let data = DetailedHealthData {
+        status: if healthy { "ok" } else { "unavailable" },
+        checks: checks
+            .iter()
+            .map(|c| Check {
+                name: &c.name,
+                ok: c.ok,
+                required: c.required,
+                detail: &c.detail,
+            })
+            .collect(),
+        vms_by_status: &snapshot.vms_by_status,
+        creates_in_flight: state.hosting.creates_in_flight(),
+        checked_seconds_ago: age_seconds(&snapshot),
+    };
     if healthy {
         Ok(ok(status, "all required parts are up", &data))
     } else {
@@ -172,11 +230,11 @@ pub async fn version(req: &Request<'_>) -> Reply {
     Ok(ok(
         StatusCode::OK,
         "version",
-        &serde_json::json!({
-            "version": req.state.config.version,
-            "git_commit": option_env!("WEBHOSTER_GIT_COMMIT").unwrap_or("unknown"),
-            "qemu_version": qemu,
-        }),
+        &VersionData {
+            version: req.state.config.version,
+            git_commit: option_env!("WEBHOSTER_GIT_COMMIT").unwrap_or("unknown"),
+            qemu_version: qemu,
+        },
     ))
 }
 

@@ -402,6 +402,7 @@ mod tests {
         assert!(main.contains("ssl_session_cache shared:webhoster_tls:10m;"));
         assert!(main.contains("location ^~ /api/ {"));
         assert!(main.contains("location = /docs {"));
+        assert!(main.contains("location ^~ /docs/ {"));
         assert!(main.contains("proxy_pass http://127.0.0.1:8000;"));
         assert!(main.contains("proxy_read_timeout 660s;"));
         // With the service, `/` and the web pages are its, not the landing page.
