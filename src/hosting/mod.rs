@@ -459,6 +459,17 @@ impl HostingService {
             }
         };
         let undo: &[Step] = if failure.is_ok() { &touched } else { &Step::ALL };
+        // The reason is known before the rollback deletes the row: a GET in
+        // between finds it instead of a bare 404. The final error replaces it.
+        let reason = match &failure {
+            Ok(source) => format!(
+                "creating the hosting failed at step {}: {}",
+                step.name(),
+                chain(source)
+            ),
+            Err(e) => e.to_string(),
+        };
+        locked(&self.last_failure).insert(job.user_id, reason);
         let rolled = self.rollback(&job, undo).await;
         match (failure, rolled) {
             (Ok(source), Ok(())) => Err(HostingError::StepFailed {
