@@ -161,6 +161,27 @@ async fn a_new_user_lives_the_whole_product_in_the_browser() {
         "the progress bar showed one step only: {seen:?}"
     );
     b.shot("dashboard-running").await;
+    // The page weight, as served: the dashboard (with its charts once the
+    // sampler has read the VM), its CSS and its JS.
+    let cookie = b.client().get_named_cookie("webhoster_session").await.unwrap();
+    let http = reqwest::Client::new();
+    let mut weight = Vec::new();
+    for path in ["/dashboard", "/assets/site.css", "/assets/site.js"] {
+        let body = http
+            .get(format!("{front}{path}"))
+            .header("cookie", format!("webhoster_session={}", cookie.value()))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        weight.push((path, body.len()));
+    }
+    eprintln!(
+        "dashboard page weight: {weight:?}, {} bytes in all",
+        weight.iter().map(|(_, n)| n).sum::<usize>()
+    );
     let ssh = text_of(&b, "#ssh-command").await.unwrap_or_default();
     let port = text_of(&b, "#port").await.unwrap_or_default();
     assert_eq!(ssh, format!("ssh -p {port} ubuntu@127.0.0.1"));
