@@ -55,7 +55,7 @@ pub struct UsageData {
 }
 
 pub async fn usage(req: &Request<'_>) -> Result<Response, ApiError> {
-    let user_id = bearer(req)?;
+    let user_id = bearer(req).await?;
     let h = match req.state.hosting.get(user_id).await {
         Ok(h) => h,
         Err(crate::hosting::HostingError::NotFound) => {
