@@ -1,0 +1,30 @@
+//! The agent's own sources, hashed. The image build puts the agent binary
+//! into the guest image, so its sources are part of the image's cache key
+//! (`src/image/recipe.rs` includes this file); the binary reports the hash
+//! it was built from (`--source-hash`), and the image build refuses a binary
+//! whose hash differs (a stale build).
+
+/// Every file of `src/bin/webhoster-seed-agent/` (a unit test of the image
+/// recipe checks none is missing).
+pub const FILES: &[(&str, &str)] = &[
+    ("apply.rs", include_str!("apply.rs")),
+    ("main.rs", include_str!("main.rs")),
+    ("network.rs", include_str!("network.rs")),
+    ("seed.rs", include_str!("seed.rs")),
+    ("sources.rs", include_str!("sources.rs")),
+    ("testdata/webhoster-network-config.yaml", include_str!("testdata/webhoster-network-config.yaml")),
+    ("testdata/webhoster-user-data.yaml", include_str!("testdata/webhoster-user-data.yaml")),
+];
+
+/// sha256 over the file names and contents, hex, first 16 bytes.
+pub fn hash() -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"webhoster-seed-agent-v1\0");
+    for (path, content) in FILES {
+        h.update(path.as_bytes());
+        h.update((content.len() as u64).to_le_bytes());
+        h.update(content.as_bytes());
+    }
+    hex::encode(&h.finalize()[..16])
+}
