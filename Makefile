@@ -30,6 +30,8 @@ run: deps
 
 test: deps test-deps
 	cargo fmt --check
+	# Both binaries: the image build puts webhoster-seed-agent into the guest.
+	cargo build --quiet --bins
 	cargo run --quiet -- image build > /dev/null
 	cargo clippy --all-targets -- -D warnings
 	.ci/postgres-up
