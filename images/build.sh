@@ -63,7 +63,7 @@ sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$WH_RECIPE/masked-units.txt" | while re
 done
 chroot "$rootfs" systemctl enable systemd-networkd.service >/dev/null
 chroot "$rootfs" systemctl enable nginx.service ssh.service >/dev/null
-chroot "$rootfs" systemctl enable webhoster-seed.service webhoster-seed-runcmd.service >/dev/null 2>&1
+chroot "$rootfs" systemctl enable webhoster-seed.service webhoster-seed-runcmd.service webhoster-growfs.service >/dev/null 2>&1
 # A build leaves no state that would make every VM look alike or stale.
 rm -rf "$rootfs"/var/lib/cloud/* "$rootfs"/var/log/cloud-init* \
     "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin \
@@ -116,7 +116,9 @@ add_module() {
     echo "$base" >> "$initrd/modules.list"
 }
 # virtio_rng early: the kernel's entropy pool is ready before systemd starts.
-for m in virtio_pci virtio_blk virtio_rng crc32c_generic ext4; do add_module "$m"; done
+# isofs: the seed agent mounts the cidata ISO before udev runs, without a
+# modprobe process.
+for m in virtio_pci virtio_blk virtio_rng crc32c_generic ext4 isofs; do add_module "$m"; done
 (cd "$initrd" && find . -print0 | sort -z | cpio --null -o -H newc --quiet) | gzip -9n > "$WH_WORK/initrd.img"
 rm -rf "$initrd"
 

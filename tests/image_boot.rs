@@ -396,6 +396,9 @@ runcmd:
     });
 
     assert_eq!(ssh("hostname; hostname -f"), "foreign\nforeign.example.test");
+    // The root filesystem grew to the 4 GiB disk (webhoster-growfs.service).
+    let root_bytes: u64 = ssh("df -B1 --output=size / | tail -n 1").parse().unwrap();
+    assert!(root_bytes > 3 << 30, "root fs {root_bytes} B did not grow to the disk");
     assert_eq!(ssh("id -un; id -nG"), "webadmin\nwebadmin adm www-data");
     assert_eq!(ssh("getent passwd webadmin | cut -d: -f5-7"), "Web Admin:/home/webadmin:/bin/bash");
     assert_eq!(

@@ -82,6 +82,11 @@ pub const FILES: &[(&str, &str, bool)] = &[
         false,
     ),
     (
+        "overlay/etc/systemd/system/webhoster-growfs.service",
+        include_str!("../../images/overlay/etc/systemd/system/webhoster-growfs.service"),
+        false,
+    ),
+    (
         "overlay/etc/systemd/system/webhoster-seed-runcmd.service",
         include_str!("../../images/overlay/etc/systemd/system/webhoster-seed-runcmd.service"),
         false,

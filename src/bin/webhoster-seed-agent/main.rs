@@ -33,6 +33,29 @@ const RUN_DIR: &str = "/run/webhoster-seed";
 /// The per-instance runcmd script, run by webhoster-seed-runcmd.service.
 const RUNCMD: &str = "/var/lib/webhoster-seed/runcmd";
 
+/// Milliseconds per step, for the journal line (the agent is on the boot's
+/// critical path: every step should show up if it grows).
+#[derive(Default)]
+struct Steps {
+    last: Option<Instant>,
+    done: Vec<(&'static str, f64)>,
+}
+
+impl Steps {
+    fn step(&mut self, name: &'static str) {
+        let now = Instant::now();
+        if let Some(last) = self.last {
+            self.done.push((name, (now - last).as_secs_f64() * 1000.0));
+        }
+        self.last = Some(now);
+    }
+
+    fn summary(&self) -> String {
+        let parts: Vec<String> = self.done.iter().map(|(n, ms)| format!("{n} {ms:.0}")).collect();
+        parts.join(", ")
+    }
+}
+
 fn log(msg: impl AsRef<str>) {
     // stdout goes to the journal; one line per event.
     println!("{}", msg.as_ref());
@@ -78,8 +101,11 @@ fn main() {
             _ => usage(),
         }
     }
-    let outcome = run(&opts);
+    let mut steps = Steps::default();
+    steps.step("start");
+    let outcome = run(&opts, &mut steps);
     let ms = started.elapsed().as_secs_f64() * 1000.0;
+    log(format!("steps (ms): {}", steps.summary()));
     match outcome {
         Ok(Outcome::Applied(errors)) if errors.is_empty() => log(format!("applied the seed in {ms:.0} ms")),
         Ok(Outcome::Applied(errors)) => {
@@ -104,21 +130,28 @@ fn usage() -> ! {
     std::process::exit(2);
 }
 
-fn run(opts: &Options) -> Result<Outcome, String> {
+fn run(opts: &Options, steps: &mut Steps) -> Result<Outcome, String> {
     let root = &opts.root;
     let run_dir = apply::at(root, RUN_DIR);
     fs::create_dir_all(&run_dir).map_err(|e| format!("creating {}: {e}", run_dir.display()))?;
     let files = match &opts.seed_dir {
         Some(dir) => read_seed_dir(dir)?,
-        None => match find_seed_device()? {
-            Some(dev) => mount_and_read(&dev, &run_dir.join("mnt"))?,
-            None => return Ok(Outcome::HandedOver("no cidata ISO found".into())),
-        },
+        None => {
+            let dev = find_seed_device()?;
+            steps.step("find");
+            match dev {
+                Some(dev) => mount_and_read(&dev, &run_dir.join("mnt"))?,
+                None => return Ok(Outcome::HandedOver("no cidata ISO found".into())),
+            }
+        }
     };
+    steps.step("read");
     let state = apply::at(root, STATE);
     let previous = fs::read_to_string(&state).unwrap_or_default();
     let previous = previous.trim_end().split_once('\t');
-    let plan = match seed::plan(&files) {
+    let plan = seed::plan(&files);
+    steps.step("parse");
+    let plan = match plan {
         Ok(plan) => plan,
         Err(Handover(why)) => {
             let id = instance_id(&files.meta_data);
@@ -135,27 +168,29 @@ fn run(opts: &Options) -> Result<Outcome, String> {
         }
         return Ok(Outcome::AlreadyApplied);
     }
-    let errors = first_boot(opts, &plan)?;
+    let errors = first_boot(opts, &plan, steps)?;
     write_state(root, &plan.instance_id, "agent")?;
     mark(&applied_flag)?;
     Ok(Outcome::Applied(errors))
 }
 
-fn first_boot(opts: &Options, plan: &Plan) -> Result<Vec<String>, String> {
+fn first_boot(opts: &Options, plan: &Plan, steps: &mut Steps) -> Result<Vec<String>, String> {
     let root = &opts.root;
     let run_dir = apply::at(root, RUN_DIR);
     bootcmd(opts, plan)?;
+    steps.step("bootcmd");
     let mut errors = apply::files(root, plan)?;
-    if opts.live {
-        if let Some((short, _)) = &plan.hostname
-            && let Err(e) = nix::unistd::sethostname(short)
-        {
-            errors.push(format!("setting the host name: {e}"));
-        }
-        if let Err(e) = host_keys(root) {
-            errors.push(e);
-        }
+    steps.step("apply");
+    if opts.live
+        && let Some((short, _)) = &plan.hostname
+        && let Err(e) = nix::unistd::sethostname(short)
+    {
+        errors.push(format!("setting the host name: {e}"));
     }
+    if let Err(e) = host_keys(root, plan) {
+        errors.push(e);
+    }
+    steps.step("hostkey");
     if let Err(e) = machine_id(root) {
         errors.push(e);
     }
@@ -209,7 +244,9 @@ fn bootcmd(opts: &Options, plan: &Plan) -> Result<(), String> {
 
 /// A fresh ed25519 host key per instance (the image has none; an earlier
 /// instance's keys are replaced, as cloud-init's ssh_deletekeys does).
-fn host_keys(root: &Path) -> Result<(), String> {
+/// Made here rather than by ssh-keygen: one process start less under TCG.
+fn host_keys(root: &Path, plan: &Plan) -> Result<(), String> {
+    use ssh_key::{LineEnding, PrivateKey, private::Ed25519Keypair};
     let dir = apply::at(root, "/etc/ssh");
     if let Ok(entries) = fs::read_dir(&dir) {
         for e in entries.flatten() {
@@ -219,16 +256,18 @@ fn host_keys(root: &Path) -> Result<(), String> {
             }
         }
     }
-    let key = dir.join("ssh_host_ed25519_key");
-    let out = Process::new("/usr/bin/ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&key)
-        .output()
-        .map_err(|e| format!("running ssh-keygen: {e}"))?;
-    if !out.status.success() {
-        return Err(format!("ssh-keygen: {}", String::from_utf8_lossy(&out.stderr)));
-    }
-    Ok(())
+    let mut seed = [0u8; 32];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut seed))
+        .map_err(|e| format!("reading /dev/urandom: {e}"))?;
+    let mut key = PrivateKey::from(Ed25519Keypair::from_seed(&seed));
+    let host = plan.hostname.as_ref().map_or("localhost", |(short, _)| short.as_str());
+    key.set_comment(format!("root@{host}"));
+    let private = key.to_openssh(LineEnding::LF).map_err(|e| format!("encoding the host key: {e}"))?;
+    let public = key.public_key().to_openssh().map_err(|e| format!("encoding the host key: {e}"))?;
+    let path = dir.join("ssh_host_ed25519_key");
+    apply::write_atomic(&path, private.as_bytes(), 0o600)?;
+    apply::write_atomic(&path.with_extension("pub"), format!("{public}\n").as_bytes(), 0o644)
 }
 
 /// /etc/machine-id when empty or missing (systemd normally made it already).
@@ -290,10 +329,18 @@ fn is_cidata_iso(dev: &Path) -> bool {
 fn mount_and_read(dev: &Path, mnt: &Path) -> Result<SeedFiles, String> {
     use nix::mount::{MntFlags, MsFlags, mount, umount2};
     fs::create_dir_all(mnt).map_err(|e| format!("creating {}: {e}", mnt.display()))?;
-    // iso9660 is a module in Debian's cloud kernel.
-    let _ = Process::new("/sbin/modprobe").args(["-q", "iso9660"]).status();
-    mount(Some(dev), mnt, Some("iso9660"), MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV, None::<&str>)
-        .map_err(|e| format!("mounting {}: {e}", dev.display()))?;
+    let flags = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    let try_mount = || mount(Some(dev), mnt, Some("iso9660"), flags, None::<&str>);
+    // iso9660 is a module in Debian's cloud kernel; the image's initrd loads
+    // it, so modprobe (a process start) is only the fallback.
+    let mounted = match try_mount() {
+        Err(nix::errno::Errno::ENODEV) => {
+            let _ = Process::new("/sbin/modprobe").args(["-q", "isofs"]).status();
+            try_mount()
+        }
+        other => other,
+    };
+    mounted.map_err(|e| format!("mounting {}: {e}", dev.display()))?;
     let files = read_seed_dir(mnt);
     let _ = umount2(mnt, MntFlags::MNT_DETACH);
     let _ = fs::remove_dir(mnt);
@@ -338,33 +385,39 @@ mod tests {
         let (d, seed) = root_and_seed(ud, "iid-a");
         let r = d.path();
         let o = opts(r, &seed);
-        assert_eq!(run(&o).unwrap(), Outcome::Applied(vec![]));
+        assert_eq!(run(&o, &mut Steps::default()).unwrap(), Outcome::Applied(vec![]));
         assert_eq!(fs::read_to_string(r.join("var/lib/webhoster-seed/instance")).unwrap(), "iid-a\tagent\n");
         assert!(r.join("run/webhoster-seed/applied").exists());
         assert!(r.join("run/webhoster-seed/runcmd").exists());
         assert!(!r.join("run/webhoster-seed/static-network").exists());
         assert!(fs::read_to_string(r.join("var/lib/webhoster-seed/runcmd")).unwrap().ends_with("\ntouch /x\n"));
         assert_eq!(fs::read_to_string(r.join("etc/machine-id")).unwrap().trim().len(), 32);
+        let host_key = fs::read_to_string(r.join("etc/ssh/ssh_host_ed25519_key.pub")).unwrap();
+        assert!(host_key.starts_with("ssh-ed25519 "), "{host_key}");
+        let private = fs::metadata(r.join("etc/ssh/ssh_host_ed25519_key")).unwrap();
+        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&private.permissions()) & 0o777, 0o600);
 
         // A reboot: the user's own change to the file stays.
         fs::remove_dir_all(r.join("run")).unwrap();
         fs::write(r.join("srv/page"), "edited").unwrap();
-        assert_eq!(run(&o).unwrap(), Outcome::AlreadyApplied);
+        assert_eq!(run(&o, &mut Steps::default()).unwrap(), Outcome::AlreadyApplied);
         assert_eq!(fs::read_to_string(r.join("srv/page")).unwrap(), "edited");
+        assert_eq!(fs::read_to_string(r.join("etc/ssh/ssh_host_ed25519_key.pub")).unwrap(), host_key);
         assert!(r.join("run/webhoster-seed/applied").exists());
         assert!(!r.join("run/webhoster-seed/runcmd").exists(), "runcmd is per instance");
 
         // A new instance-id: applied again.
         fs::write(seed.join("meta-data"), "instance-id: iid-b\n").unwrap();
-        assert_eq!(run(&o).unwrap(), Outcome::Applied(vec![]));
+        assert_eq!(run(&o, &mut Steps::default()).unwrap(), Outcome::Applied(vec![]));
         assert_eq!(fs::read_to_string(r.join("srv/page")).unwrap(), "first");
+        assert_ne!(fs::read_to_string(r.join("etc/ssh/ssh_host_ed25519_key.pub")).unwrap(), host_key);
     }
 
     #[test]
     fn other_seeds_are_handed_over_and_cloud_init_is_not_told_to_stand_down() {
         let (d, seed) = root_and_seed("#cloud-config\nusers: [bob]\npackages: []\n", "iid-h");
         let r = d.path();
-        let out = run(&opts(r, &seed)).unwrap();
+        let out = run(&opts(r, &seed), &mut Steps::default()).unwrap();
         assert!(matches!(out, Outcome::HandedOver(ref why) if why.contains("packages")), "{out:?}");
         assert!(!r.join("run/webhoster-seed/applied").exists());
         assert_eq!(fs::read_to_string(r.join("var/lib/webhoster-seed/instance")).unwrap(), "iid-h\tcloud-init\n");
@@ -380,7 +433,7 @@ mod tests {
         )
         .unwrap();
         let r = d.path();
-        assert_eq!(run(&opts(r, &seed)).unwrap(), Outcome::Applied(vec![]));
+        assert_eq!(run(&opts(r, &seed), &mut Steps::default()).unwrap(), Outcome::Applied(vec![]));
         assert!(r.join("run/webhoster-seed/static-network").exists());
         assert!(r.join("etc/systemd/network/10-webhoster-eth0.link").exists());
     }
