@@ -6,9 +6,9 @@ use sha2::{Digest, Sha256};
 
 use super::error::ImageError;
 
-/// The guest's seed agent (`src/bin/webhoster-seed-agent/`): its sources are
-/// part of the recipe, its binary goes into the image.
-#[path = "../bin/webhoster-seed-agent/sources.rs"]
+/// The guest's seed agent (`agent/`): its sources are part of the recipe,
+/// its binary goes into the image.
+#[path = "../../agent/src/sources.rs"]
 pub(crate) mod agent_sources;
 
 /// Every file of `images/` but its README (path relative to it, content,
@@ -110,7 +110,8 @@ pub const FILES: &[(&str, &str, bool)] = &[
     ),
 ];
 
-/// Cache key: the recipe files, the seed agent's sources and the Debian
+/// Cache key: the recipe files, the seed agent's sources (and its
+/// Cargo.toml) and the Debian
 /// suite they are built for. The agent's binary is not hashed (builds are
 /// not byte-for-byte reproducible); the build checks that it was built from
 /// these sources.
@@ -175,13 +176,13 @@ mod tests {
 
     #[test]
     fn every_agent_source_is_hashed() {
-        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/bin/webhoster-seed-agent");
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("agent");
         let mut on_disk = Vec::new();
         walk(&base, &base, &mut on_disk);
         on_disk.sort();
         let mut hashed: Vec<String> = agent_sources::FILES.iter().map(|(p, _)| p.to_string()).collect();
         hashed.sort();
-        assert_eq!(on_disk, hashed, "src/bin/webhoster-seed-agent/ and its sources.rs FILES differ");
+        assert_eq!(on_disk, hashed, "agent/ and agent/src/sources.rs FILES differ");
     }
 
     #[test]

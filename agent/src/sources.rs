@@ -4,16 +4,17 @@
 //! it was built from (`--source-hash`), and the image build refuses a binary
 //! whose hash differs (a stale build).
 
-/// Every file of `src/bin/webhoster-seed-agent/` (a unit test of the image
-/// recipe checks none is missing).
+/// Every file of `agent/` (a unit test of the image recipe checks none is
+/// missing). Paths relative to `agent/`.
 pub const FILES: &[(&str, &str)] = &[
-    ("apply.rs", include_str!("apply.rs")),
-    ("main.rs", include_str!("main.rs")),
-    ("network.rs", include_str!("network.rs")),
-    ("seed.rs", include_str!("seed.rs")),
-    ("sources.rs", include_str!("sources.rs")),
-    ("testdata/webhoster-network-config.yaml", include_str!("testdata/webhoster-network-config.yaml")),
-    ("testdata/webhoster-user-data.yaml", include_str!("testdata/webhoster-user-data.yaml")),
+    ("Cargo.toml", include_str!("../Cargo.toml")),
+    ("src/apply.rs", include_str!("apply.rs")),
+    ("src/main.rs", include_str!("main.rs")),
+    ("src/network.rs", include_str!("network.rs")),
+    ("src/seed.rs", include_str!("seed.rs")),
+    ("src/sources.rs", include_str!("sources.rs")),
+    ("src/testdata/webhoster-network-config.yaml", include_str!("testdata/webhoster-network-config.yaml")),
+    ("src/testdata/webhoster-user-data.yaml", include_str!("testdata/webhoster-user-data.yaml")),
 ];
 
 /// sha256 over the file names and contents, hex, first 16 bytes.
