@@ -425,9 +425,12 @@ runcmd:
     let agent_log = ssh("journalctl -b -o cat --no-pager -u webhoster-seed.service");
     let line = agent_log
         .lines()
-        .find(|l| l.starts_with("applied the seed in "))
+        .find(|l| l.contains("applied the seed in "))
         .unwrap_or_else(|| panic!("agent log: {agent_log}"));
-    eprintln!("in the guest: webhoster-seed-agent {line}");
+    eprintln!("in the guest: {line}");
+    if let Some(steps) = agent_log.lines().find(|l| l.contains("steps (ms): ")) {
+        eprintln!("in the guest: {steps}");
+    }
     eprintln!(
         "in the guest: {}",
         ssh("systemd-analyze time | head -n 1; systemd-analyze blame --no-pager | head -n 8")

@@ -57,8 +57,9 @@ impl Steps {
 }
 
 fn log(msg: impl AsRef<str>) {
-    // stdout goes to the journal; one line per event.
-    println!("{}", msg.as_ref());
+    // stdout goes to the journal and the console (the unit says so: the
+    // console is what `GET /host/my/console` shows); one line per event.
+    println!("webhoster-seed-agent: {}", msg.as_ref());
 }
 
 /// What this boot did, for the caller and the tests.
