@@ -107,7 +107,8 @@ write_files:
         "iid-seedtest\tcloud-init"
     );
     assert!(
-        ssh("journalctl -b -o cat --no-pager -u webhoster-seed.service").contains("handing the seed over to cloud-init"),
+        ssh("journalctl -b -o cat --no-pager -u webhoster-seed.service")
+            .contains("handing the seed over to cloud-init"),
     );
 
     // The root filesystem grew past the base image's to the 4 GiB disk.
@@ -241,7 +242,11 @@ fn boots_webhosters_own_seed() {
         &key,
         "cat /var/lib/webhoster-seed/instance; test -e /var/lib/cloud/instance && echo cloud-init-ran; true",
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "vm-imagetest\tagent\n", "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "vm-imagetest\tagent\n",
+        "{out:?}"
+    );
 }
 
 /// webhoster's seed with a static address matched by MAC (as on the bridge):
@@ -360,7 +365,11 @@ runcmd:
     let seed_dir = dir.path().join("cidata");
     std::fs::create_dir(&seed_dir).unwrap();
     std::fs::write(seed_dir.join("user-data"), user_data).unwrap();
-    std::fs::write(seed_dir.join("meta-data"), format!("instance-id: {iid}\nlocal-hostname: not-this-one\n")).unwrap();
+    std::fs::write(
+        seed_dir.join("meta-data"),
+        format!("instance-id: {iid}\nlocal-hostname: not-this-one\n"),
+    )
+    .unwrap();
     std::fs::write(seed_dir.join("network-config"), network).unwrap();
     let seed = dir.path().join("seed.iso");
     let out = std::process::Command::new("genisoimage")
@@ -398,11 +407,19 @@ runcmd:
     assert_eq!(ssh("hostname; hostname -f"), "foreign\nforeign.example.test");
     // The root filesystem grew to the 4 GiB disk (webhoster-growfs.service).
     let root_bytes: u64 = ssh("df -B1 --output=size / | tail -n 1").parse().unwrap();
-    assert!(root_bytes > 3 << 30, "root fs {root_bytes} B did not grow to the disk");
+    assert!(
+        root_bytes > 3 << 30,
+        "root fs {root_bytes} B did not grow to the disk"
+    );
     assert_eq!(ssh("id -un; id -nG"), "webadmin\nwebadmin adm www-data");
-    assert_eq!(ssh("getent passwd webadmin | cut -d: -f5-7"), "Web Admin:/home/webadmin:/bin/bash");
     assert_eq!(
-        ssh("stat -c '%n %U:%G %a' /var/www/html/index.html /etc/foreign/secret.conf /etc/foreign/zipped.txt /home/webadmin/.ssh/authorized_keys"),
+        ssh("getent passwd webadmin | cut -d: -f5-7"),
+        "Web Admin:/home/webadmin:/bin/bash"
+    );
+    assert_eq!(
+        ssh(
+            "stat -c '%n %U:%G %a' /var/www/html/index.html /etc/foreign/secret.conf /etc/foreign/zipped.txt /home/webadmin/.ssh/authorized_keys"
+        ),
         "/var/www/html/index.html root:www-data 640\n\
          /etc/foreign/secret.conf webadmin:webadmin 600\n\
          /etc/foreign/zipped.txt root:root 644\n\
@@ -416,8 +433,14 @@ runcmd:
     assert!(ssh("networkctl list --no-legend").contains("configured"));
     assert!(ssh("ls /etc/systemd/network").contains("10-webhoster-nic.network"));
     // The agent applied it; cloud-init stood down.
-    assert_eq!(ssh("cat /var/lib/webhoster-seed/instance"), format!("{iid}\tagent"));
-    assert_eq!(ssh("test -e /var/lib/cloud/instance && echo ran || echo stood-down"), "stood-down");
+    assert_eq!(
+        ssh("cat /var/lib/webhoster-seed/instance"),
+        format!("{iid}\tagent")
+    );
+    assert_eq!(
+        ssh("test -e /var/lib/cloud/instance && echo ran || echo stood-down"),
+        "stood-down"
+    );
     assert_eq!(
         ssh("find /etc/ssh -maxdepth 1 -name 'ssh_host_*_key'"),
         "/etc/ssh/ssh_host_ed25519_key"

@@ -32,7 +32,11 @@ pub fn write_atomic(path: &Path, content: &[u8], mode: u32) -> Result<()> {
         let mut f = ctx(fs::File::create(&tmp), "creating", &tmp)?;
         ctx(f.write_all(content), "writing", &tmp)?;
     }
-    ctx(fs::set_permissions(&tmp, fs::Permissions::from_mode(mode)), "setting the mode of", &tmp)?;
+    ctx(
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(mode)),
+        "setting the mode of",
+        &tmp,
+    )?;
     ctx(fs::rename(&tmp, path), "renaming into", path)
 }
 
@@ -52,14 +56,23 @@ impl Accounts {
         for line in ctx(fs::read_to_string(&passwd), "reading", &passwd)?.lines() {
             let f: Vec<&str> = line.split(':').collect();
             if f.len() >= 7 {
-                a.users.push((f[0].into(), f[2].parse().unwrap_or(0), f[3].parse().unwrap_or(0), f[5].into()));
+                a.users.push((
+                    f[0].into(),
+                    f[2].parse().unwrap_or(0),
+                    f[3].parse().unwrap_or(0),
+                    f[5].into(),
+                ));
             }
         }
         let group = at(root, "/etc/group");
         for line in ctx(fs::read_to_string(&group), "reading", &group)?.lines() {
             let f: Vec<&str> = line.split(':').collect();
             if f.len() >= 4 {
-                let members = f[3].split(',').filter(|m| !m.is_empty()).map(str::to_owned).collect();
+                let members = f[3]
+                    .split(',')
+                    .filter(|m| !m.is_empty())
+                    .map(str::to_owned)
+                    .collect();
                 a.groups.push((f[0].into(), f[2].parse().unwrap_or(0), members));
             }
         }
@@ -67,11 +80,19 @@ impl Accounts {
     }
 
     pub fn uid(&self, name: &str) -> Option<u32> {
-        self.users.iter().find(|u| u.0 == name).map(|u| u.1).or_else(|| name.parse().ok())
+        self.users
+            .iter()
+            .find(|u| u.0 == name)
+            .map(|u| u.1)
+            .or_else(|| name.parse().ok())
     }
 
     pub fn gid(&self, name: &str) -> Option<u32> {
-        self.groups.iter().find(|g| g.0 == name).map(|g| g.1).or_else(|| name.parse().ok())
+        self.groups
+            .iter()
+            .find(|g| g.0 == name)
+            .map(|g| g.1)
+            .or_else(|| name.parse().ok())
     }
 
     /// `user`, `user:group` or `user.group` as (uid, gid); the user's
@@ -136,11 +157,15 @@ fn add_member(path: &Path, names: &[String], field: usize, member: &str, mode: u
 }
 
 fn mode_of(path: &Path, default: u32) -> u32 {
-    fs::metadata(path).map(|m| m.permissions().mode() & 0o7777).unwrap_or(default)
+    fs::metadata(path)
+        .map(|m| m.permissions().mode() & 0o7777)
+        .unwrap_or(default)
 }
 
 fn copy_skel(skel: &Path, home: &Path, uid: u32, gid: u32) -> Result<()> {
-    let Ok(entries) = fs::read_dir(skel) else { return Ok(()) };
+    let Ok(entries) = fs::read_dir(skel) else {
+        return Ok(());
+    };
     for e in entries.flatten() {
         let dest = home.join(e.file_name());
         let ft = e.file_type().map_err(|e| e.to_string())?;
@@ -185,7 +210,11 @@ pub fn user(root: &Path, u: &User) -> Result<()> {
                 Some(g) => g,
                 None => {
                     let free = !acc.groups.iter().any(|g| g.1 == uid);
-                    let gid = if free { uid } else { Accounts::next_id(acc.groups.iter().map(|g| g.1)) };
+                    let gid = if free {
+                        uid
+                    } else {
+                        Accounts::next_id(acc.groups.iter().map(|g| g.1))
+                    };
                     append_line(&group, &format!("{}:x:{gid}:", u.name), mode_of(&group, 0o644))?;
                     append_line(&gshadow, &format!("{}:!::", u.name), mode_of(&gshadow, 0o640))?;
                     acc.groups.push((u.name.clone(), gid, Vec::new()));
@@ -194,15 +223,27 @@ pub fn user(root: &Path, u: &User) -> Result<()> {
             };
             let shell = u.shell.clone().unwrap_or_else(|| "/bin/sh".into());
             let gecos = u.gecos.clone().unwrap_or_default();
-            append_line(&passwd, &format!("{}:x:{uid}:{gid}:{gecos}:{home}:{shell}", u.name), mode_of(&passwd, 0o644))?;
+            append_line(
+                &passwd,
+                &format!("{}:x:{uid}:{gid}:{gecos}:{home}:{shell}", u.name),
+                mode_of(&passwd, 0o644),
+            )?;
             // `!`: no password can log in (keys can); `*` when the seed asks
             // for an unlocked account without giving it a password.
             let pw = if u.lock_passwd { "!" } else { "*" };
-            append_line(&shadow, &format!("{}:{pw}:{}:0:99999:7:::", u.name, days_since_epoch()), mode_of(&shadow, 0o640))?;
+            append_line(
+                &shadow,
+                &format!("{}:{pw}:{}:0:99999:7:::", u.name, days_since_epoch()),
+                mode_of(&shadow, 0o640),
+            )?;
             let h = at(root, &home);
             if !h.exists() {
                 ctx(fs::create_dir_all(&h), "creating", &h)?;
-                ctx(fs::set_permissions(&h, fs::Permissions::from_mode(0o750)), "chmod", &h)?;
+                ctx(
+                    fs::set_permissions(&h, fs::Permissions::from_mode(0o750)),
+                    "chmod",
+                    &h,
+                )?;
                 copy_skel(&at(root, "/etc/skel"), &h, uid, gid)?;
                 ctx(chown(&h, Some(uid), Some(gid)), "chown", &h)?;
             }
@@ -217,7 +258,11 @@ pub fn user(root: &Path, u: &User) -> Result<()> {
         let ssh = at(root, &home).join(".ssh");
         if !ssh.exists() {
             ctx(fs::create_dir_all(&ssh), "creating", &ssh)?;
-            ctx(fs::set_permissions(&ssh, fs::Permissions::from_mode(0o700)), "chmod", &ssh)?;
+            ctx(
+                fs::set_permissions(&ssh, fs::Permissions::from_mode(0o700)),
+                "chmod",
+                &ssh,
+            )?;
             ctx(chown(&ssh, Some(uid), Some(gid)), "chown", &ssh)?;
         }
         let keys = ssh.join("authorized_keys");
@@ -254,7 +299,9 @@ pub fn user(root: &Path, u: &User) -> Result<()> {
 /// One `write_files` entry (owner resolved in the root's own databases).
 pub fn write_file(root: &Path, f: &WriteFile) -> Result<()> {
     let acc = Accounts::load(root)?;
-    let (uid, gid) = acc.owner(&f.owner).map_err(|e| format!("{}: owner {}: {e}", f.path, f.owner))?;
+    let (uid, gid) = acc
+        .owner(&f.owner)
+        .map_err(|e| format!("{}: owner {}: {e}", f.path, f.owner))?;
     let path = at(root, &f.path);
     if let Some(dir) = path.parent()
         && !dir.exists()
@@ -262,21 +309,33 @@ pub fn write_file(root: &Path, f: &WriteFile) -> Result<()> {
         ctx(fs::create_dir_all(dir), "creating", dir)?;
     }
     if f.append {
-        let mut file = ctx(fs::OpenOptions::new().create(true).append(true).open(&path), "opening", &path)?;
+        let mut file = ctx(
+            fs::OpenOptions::new().create(true).append(true).open(&path),
+            "opening",
+            &path,
+        )?;
         ctx(file.write_all(&f.content), "appending to", &path)?;
     } else {
         write_atomic(&path, &f.content, f.permissions)?;
     }
     ctx(chown(&path, Some(uid), Some(gid)), "chown", &path)?;
     // After chown: chown clears setuid/setgid bits.
-    ctx(fs::set_permissions(&path, fs::Permissions::from_mode(f.permissions)), "chmod", &path)
+    ctx(
+        fs::set_permissions(&path, fs::Permissions::from_mode(f.permissions)),
+        "chmod",
+        &path,
+    )
 }
 
 /// /etc/hostname and (with manage_etc_hosts) /etc/hosts.
 pub fn hostname(root: &Path, short: &str, fqdn: &str, manage_hosts: bool) -> Result<()> {
     write_atomic(&at(root, "/etc/hostname"), format!("{short}\n").as_bytes(), 0o644)?;
     if manage_hosts {
-        let names = if fqdn == short { short.to_owned() } else { format!("{fqdn} {short}") };
+        let names = if fqdn == short {
+            short.to_owned()
+        } else {
+            format!("{fqdn} {short}")
+        };
         let hosts = format!(
             "# Written by webhoster-seed-agent (cloud-init's manage_etc_hosts).\n\
              127.0.1.1 {names}\n127.0.0.1 localhost\n\n\
@@ -290,7 +349,11 @@ pub fn hostname(root: &Path, short: &str, fqdn: &str, manage_hosts: bool) -> Res
 /// The same drop-in cloud-init's set-passwords writes.
 pub fn ssh_pwauth(root: &Path, on: bool) -> Result<()> {
     let text = format!("PasswordAuthentication {}\n", if on { "yes" } else { "no" });
-    write_atomic(&at(root, "/etc/ssh/sshd_config.d/50-cloud-init.conf"), text.as_bytes(), 0o600)
+    write_atomic(
+        &at(root, "/etc/ssh/sshd_config.d/50-cloud-init.conf"),
+        text.as_bytes(),
+        0o600,
+    )
 }
 
 /// systemd-networkd files for the seed's network; stale ones of an earlier
@@ -363,8 +426,14 @@ mod tests {
             fs::create_dir_all(path.parent().unwrap()).unwrap();
             fs::write(path, s).unwrap();
         };
-        w("/etc/passwd", "root:x:0:0:root:/root:/bin/bash\nwww-data:x:33:33:www-data:/var/www:/usr/sbin/nologin\n");
-        w("/etc/shadow", "root:*:19000:0:99999:7:::\nwww-data:*:19000:0:99999:7:::\n");
+        w(
+            "/etc/passwd",
+            "root:x:0:0:root:/root:/bin/bash\nwww-data:x:33:33:www-data:/var/www:/usr/sbin/nologin\n",
+        );
+        w(
+            "/etc/shadow",
+            "root:*:19000:0:99999:7:::\nwww-data:*:19000:0:99999:7:::\n",
+        );
         w("/etc/group", "root:x:0:\nsudo:x:27:\nwww-data:x:33:\n");
         w("/etc/gshadow", "root:*::\nsudo:*::\nwww-data:*::\n");
         w("/etc/skel/.bashrc", "# skel\n");
@@ -398,10 +467,16 @@ mod tests {
         assert!(read("/etc/passwd").contains("ubuntu:x:1000:1000:ubuntu:/home/ubuntu:/bin/bash\n"));
         assert!(read("/etc/shadow").contains("\nubuntu:!:"));
         let group = read("/etc/group");
-        assert!(group.contains("sudo:x:27:ubuntu\n") && group.contains("www-data:x:33:ubuntu\n"), "{group}");
+        assert!(
+            group.contains("sudo:x:27:ubuntu\n") && group.contains("www-data:x:33:ubuntu\n"),
+            "{group}"
+        );
         assert!(group.contains("ubuntu:x:1000:\n"), "{group}");
         assert!(read("/etc/gshadow").contains("www-data:*::ubuntu\n"));
-        assert_eq!(read("/etc/sudoers.d/90-cloud-init-users").lines().last(), Some("ubuntu ALL=(ALL) NOPASSWD:ALL"));
+        assert_eq!(
+            read("/etc/sudoers.d/90-cloud-init-users").lines().last(),
+            Some("ubuntu ALL=(ALL) NOPASSWD:ALL")
+        );
         let keys = at(r, "/home/ubuntu/.ssh/authorized_keys");
         let meta = fs::metadata(&keys).unwrap();
         assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o777), (1000, 1000, 0o600));
@@ -409,14 +484,28 @@ mod tests {
         assert_eq!(read("/home/ubuntu/.bashrc"), "# skel\n");
         let page = fs::metadata(at(r, "/var/www/html/index.html")).unwrap();
         assert_eq!((page.uid(), page.gid(), page.mode() & 0o7777), (0, 33, 0o664));
-        assert_eq!(read("/etc/ssh/sshd_config.d/50-cloud-init.conf"), "PasswordAuthentication no\n");
+        assert_eq!(
+            read("/etc/ssh/sshd_config.d/50-cloud-init.conf"),
+            "PasswordAuthentication no\n"
+        );
         assert!(read("/etc/systemd/network/10-webhoster-eth0.network").contains("Address=10.0.0.5/24"));
 
         // Applying again (same instance re-applied by hand) adds nothing twice.
         assert!(files(r, &p).unwrap().is_empty());
-        assert_eq!(read("/etc/passwd").lines().filter(|l| l.starts_with("ubuntu:")).count(), 1);
+        assert_eq!(
+            read("/etc/passwd")
+                .lines()
+                .filter(|l| l.starts_with("ubuntu:"))
+                .count(),
+            1
+        );
         assert_eq!(fs::read_to_string(&keys).unwrap().lines().count(), 1);
-        assert_eq!(read("/etc/sudoers.d/90-cloud-init-users").matches("ubuntu ").count(), 1);
+        assert_eq!(
+            read("/etc/sudoers.d/90-cloud-init-users")
+                .matches("ubuntu ")
+                .count(),
+            1
+        );
     }
 
     #[test]
@@ -437,10 +526,21 @@ mod tests {
         let m = fs::metadata(at(r, "/home/bob/app/run.sh")).unwrap();
         assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (1000, deploy, 0o750));
         assert_eq!(fs::read_to_string(at(r, "/etc/motd")).unwrap(), "old\nnew\n");
-        assert!(fs::read_to_string(at(r, "/etc/shadow")).unwrap().contains("\nbob:*:"));
-        assert!(fs::read_to_string(at(r, "/etc/systemd/network/10-webhoster-fallback.network")).unwrap().contains("DHCP=yes"));
+        assert!(
+            fs::read_to_string(at(r, "/etc/shadow"))
+                .unwrap()
+                .contains("\nbob:*:")
+        );
+        assert!(
+            fs::read_to_string(at(r, "/etc/systemd/network/10-webhoster-fallback.network"))
+                .unwrap()
+                .contains("DHCP=yes")
+        );
         // A file for an owner that does not exist is reported, the rest applied.
-        let p = seed("#cloud-config\nusers: [dave]\nwrite_files:\n- {path: /a, owner: nobody-here}\n- {path: /b}\n", None);
+        let p = seed(
+            "#cloud-config\nusers: [dave]\nwrite_files:\n- {path: /a, owner: nobody-here}\n- {path: /b}\n",
+            None,
+        );
         let errors = files(r, &p).unwrap();
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(at(r, "/b").exists());

@@ -113,11 +113,16 @@ fn main() {
             for e in &errors {
                 log(format!("error: {e}"));
             }
-            log(format!("applied the seed with {} errors in {ms:.0} ms", errors.len()));
+            log(format!(
+                "applied the seed with {} errors in {ms:.0} ms",
+                errors.len()
+            ));
             std::process::exit(1);
         }
         Ok(Outcome::AlreadyApplied) => log(format!("instance already applied; boot work done in {ms:.0} ms")),
-        Ok(Outcome::HandedOver(why)) => log(format!("handing the seed over to cloud-init ({why}) after {ms:.0} ms")),
+        Ok(Outcome::HandedOver(why)) => log(format!(
+            "handing the seed over to cloud-init ({why}) after {ms:.0} ms"
+        )),
         Err(e) => {
             // Nothing was marked applied: cloud-init runs as it always did.
             log(format!("error: {e}; cloud-init applies the seed"));
@@ -262,13 +267,25 @@ fn host_keys(root: &Path, plan: &Plan) -> Result<(), String> {
         .and_then(|mut f| f.read_exact(&mut seed))
         .map_err(|e| format!("reading /dev/urandom: {e}"))?;
     let mut key = PrivateKey::from(Ed25519Keypair::from_seed(&seed));
-    let host = plan.hostname.as_ref().map_or("localhost", |(short, _)| short.as_str());
+    let host = plan
+        .hostname
+        .as_ref()
+        .map_or("localhost", |(short, _)| short.as_str());
     key.set_comment(format!("root@{host}"));
-    let private = key.to_openssh(LineEnding::LF).map_err(|e| format!("encoding the host key: {e}"))?;
-    let public = key.public_key().to_openssh().map_err(|e| format!("encoding the host key: {e}"))?;
+    let private = key
+        .to_openssh(LineEnding::LF)
+        .map_err(|e| format!("encoding the host key: {e}"))?;
+    let public = key
+        .public_key()
+        .to_openssh()
+        .map_err(|e| format!("encoding the host key: {e}"))?;
     let path = dir.join("ssh_host_ed25519_key");
     apply::write_atomic(&path, private.as_bytes(), 0o600)?;
-    apply::write_atomic(&path.with_extension("pub"), format!("{public}\n").as_bytes(), 0o644)
+    apply::write_atomic(
+        &path.with_extension("pub"),
+        format!("{public}\n").as_bytes(),
+        0o644,
+    )
 }
 
 /// /etc/machine-id when empty or missing (systemd normally made it already).
@@ -324,7 +341,9 @@ fn is_cidata_iso(dev: &Path) -> bool {
     });
     read.is_ok()
         && &pvd[..6] == b"\x01CD001"
-        && String::from_utf8_lossy(&pvd[40..72]).trim().eq_ignore_ascii_case("cidata")
+        && String::from_utf8_lossy(&pvd[40..72])
+            .trim()
+            .eq_ignore_ascii_case("cidata")
 }
 
 fn mount_and_read(dev: &Path, mnt: &Path) -> Result<SeedFiles, String> {
@@ -387,31 +406,53 @@ mod tests {
         let r = d.path();
         let o = opts(r, &seed);
         assert_eq!(run(&o, &mut Steps::default()).unwrap(), Outcome::Applied(vec![]));
-        assert_eq!(fs::read_to_string(r.join("var/lib/webhoster-seed/instance")).unwrap(), "iid-a\tagent\n");
+        assert_eq!(
+            fs::read_to_string(r.join("var/lib/webhoster-seed/instance")).unwrap(),
+            "iid-a\tagent\n"
+        );
         assert!(r.join("run/webhoster-seed/applied").exists());
         assert!(r.join("run/webhoster-seed/runcmd").exists());
         assert!(!r.join("run/webhoster-seed/static-network").exists());
-        assert!(fs::read_to_string(r.join("var/lib/webhoster-seed/runcmd")).unwrap().ends_with("\ntouch /x\n"));
-        assert_eq!(fs::read_to_string(r.join("etc/machine-id")).unwrap().trim().len(), 32);
+        assert!(
+            fs::read_to_string(r.join("var/lib/webhoster-seed/runcmd"))
+                .unwrap()
+                .ends_with("\ntouch /x\n")
+        );
+        assert_eq!(
+            fs::read_to_string(r.join("etc/machine-id")).unwrap().trim().len(),
+            32
+        );
         let host_key = fs::read_to_string(r.join("etc/ssh/ssh_host_ed25519_key.pub")).unwrap();
         assert!(host_key.starts_with("ssh-ed25519 "), "{host_key}");
         let private = fs::metadata(r.join("etc/ssh/ssh_host_ed25519_key")).unwrap();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&private.permissions()) & 0o777, 0o600);
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&private.permissions()) & 0o777,
+            0o600
+        );
 
         // A reboot: the user's own change to the file stays.
         fs::remove_dir_all(r.join("run")).unwrap();
         fs::write(r.join("srv/page"), "edited").unwrap();
         assert_eq!(run(&o, &mut Steps::default()).unwrap(), Outcome::AlreadyApplied);
         assert_eq!(fs::read_to_string(r.join("srv/page")).unwrap(), "edited");
-        assert_eq!(fs::read_to_string(r.join("etc/ssh/ssh_host_ed25519_key.pub")).unwrap(), host_key);
+        assert_eq!(
+            fs::read_to_string(r.join("etc/ssh/ssh_host_ed25519_key.pub")).unwrap(),
+            host_key
+        );
         assert!(r.join("run/webhoster-seed/applied").exists());
-        assert!(!r.join("run/webhoster-seed/runcmd").exists(), "runcmd is per instance");
+        assert!(
+            !r.join("run/webhoster-seed/runcmd").exists(),
+            "runcmd is per instance"
+        );
 
         // A new instance-id: applied again.
         fs::write(seed.join("meta-data"), "instance-id: iid-b\n").unwrap();
         assert_eq!(run(&o, &mut Steps::default()).unwrap(), Outcome::Applied(vec![]));
         assert_eq!(fs::read_to_string(r.join("srv/page")).unwrap(), "first");
-        assert_ne!(fs::read_to_string(r.join("etc/ssh/ssh_host_ed25519_key.pub")).unwrap(), host_key);
+        assert_ne!(
+            fs::read_to_string(r.join("etc/ssh/ssh_host_ed25519_key.pub")).unwrap(),
+            host_key
+        );
     }
 
     #[test]
@@ -419,9 +460,15 @@ mod tests {
         let (d, seed) = root_and_seed("#cloud-config\nusers: [bob]\npackages: []\n", "iid-h");
         let r = d.path();
         let out = run(&opts(r, &seed), &mut Steps::default()).unwrap();
-        assert!(matches!(out, Outcome::HandedOver(ref why) if why.contains("packages")), "{out:?}");
+        assert!(
+            matches!(out, Outcome::HandedOver(ref why) if why.contains("packages")),
+            "{out:?}"
+        );
         assert!(!r.join("run/webhoster-seed/applied").exists());
-        assert_eq!(fs::read_to_string(r.join("var/lib/webhoster-seed/instance")).unwrap(), "iid-h\tcloud-init\n");
+        assert_eq!(
+            fs::read_to_string(r.join("var/lib/webhoster-seed/instance")).unwrap(),
+            "iid-h\tcloud-init\n"
+        );
         assert!(!fs::read_to_string(r.join("etc/passwd")).unwrap().contains("bob"));
     }
 
@@ -434,7 +481,10 @@ mod tests {
         )
         .unwrap();
         let r = d.path();
-        assert_eq!(run(&opts(r, &seed), &mut Steps::default()).unwrap(), Outcome::Applied(vec![]));
+        assert_eq!(
+            run(&opts(r, &seed), &mut Steps::default()).unwrap(),
+            Outcome::Applied(vec![])
+        );
         assert!(r.join("run/webhoster-seed/static-network").exists());
         assert!(r.join("etc/systemd/network/10-webhoster-eth0.link").exists());
     }

@@ -44,7 +44,10 @@ impl Network {
     pub fn is_static(&self) -> bool {
         match self {
             Network::Links(links) => {
-                !links.is_empty() && links.iter().all(|l| !l.dhcp4 && !l.dhcp6 && !l.addresses.is_empty())
+                !links.is_empty()
+                    && links
+                        .iter()
+                        .all(|l| !l.dhcp4 && !l.dhcp6 && !l.addresses.is_empty())
             }
             _ => false,
         }
@@ -113,7 +116,15 @@ fn render_link(l: &Link) -> Vec<(String, String)> {
 }
 
 fn file_safe(id: &str) -> String {
-    id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+    id.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 fn handover<T>(why: impl Into<String>) -> Result<T, Handover> {
@@ -137,7 +148,11 @@ fn texts(v: Option<&Value>, what: &str) -> Result<Vec<String>, Handover> {
     match v {
         None | Some(Value::Null) => Ok(Vec::new()),
         Some(Value::Sequence(items)) => items.iter().map(|i| text(i, what)).collect(),
-        Some(Value::String(s)) => s.split([',', ' ']).filter(|p| !p.is_empty()).map(|p| text(&Value::String(p.into()), what)).collect(),
+        Some(Value::String(s)) => s
+            .split([',', ' '])
+            .filter(|p| !p.is_empty())
+            .map(|p| text(&Value::String(p.into()), what))
+            .collect(),
         Some(_) => handover(format!("network-config: {what} is not a list")),
     }
 }
@@ -151,7 +166,8 @@ fn flag(v: Option<&Value>) -> bool {
 }
 
 fn ip(s: &str, what: &str) -> Result<IpAddr, Handover> {
-    s.parse().or_else(|_| handover(format!("network-config: {what} {s:?} is not an IP address")))
+    s.parse()
+        .or_else(|_| handover(format!("network-config: {what} {s:?} is not an IP address")))
 }
 
 /// `addr/len`, or `addr` plus a netmask (v1), as CIDR.
@@ -187,7 +203,10 @@ fn route_to(to: &str) -> Result<String, Handover> {
 
 fn default_route(via: &str) -> Result<(String, String), Handover> {
     let gw = ip(via, "gateway")?;
-    Ok((if gw.is_ipv4() { "0.0.0.0/0" } else { "::/0" }.into(), via.to_owned()))
+    Ok((
+        if gw.is_ipv4() { "0.0.0.0/0" } else { "::/0" }.into(),
+        via.to_owned(),
+    ))
 }
 
 fn only(m: &Mapping, keys: &[&str], what: &str) -> Result<(), Handover> {
@@ -218,19 +237,36 @@ pub fn parse(doc: &Value) -> Result<Network, Handover> {
 }
 
 fn v2(doc: &Value) -> Result<Network, Handover> {
-    let m = doc.as_mapping().ok_or_else(|| Handover("network-config is not a mapping".into()))?;
+    let m = doc
+        .as_mapping()
+        .ok_or_else(|| Handover("network-config is not a mapping".into()))?;
     only(m, &["version", "ethernets", "renderer"], "v2")?;
     let mut links = Vec::new();
     let Some(eths) = m.get("ethernets") else {
         return Ok(Network::Links(links));
     };
-    let eths = eths.as_mapping().ok_or_else(|| Handover("ethernets is not a mapping".into()))?;
+    let eths = eths
+        .as_mapping()
+        .ok_or_else(|| Handover("ethernets is not a mapping".into()))?;
     for (id, cfg) in eths {
         let id = text(id, "an ethernet id")?;
-        let c = cfg.as_mapping().ok_or_else(|| Handover(format!("ethernet {id} is not a mapping")))?;
+        let c = cfg
+            .as_mapping()
+            .ok_or_else(|| Handover(format!("ethernet {id} is not a mapping")))?;
         only(
             c,
-            &["match", "set-name", "dhcp4", "dhcp6", "addresses", "gateway4", "gateway6", "routes", "nameservers", "mtu"],
+            &[
+                "match",
+                "set-name",
+                "dhcp4",
+                "dhcp6",
+                "addresses",
+                "gateway4",
+                "gateway6",
+                "routes",
+                "nameservers",
+                "mtu",
+            ],
             "an ethernet",
         )?;
         let mut l = Link {
@@ -244,9 +280,15 @@ fn v2(doc: &Value) -> Result<Network, Handover> {
         match c.get("match") {
             None => l.name = Some(id.clone()),
             Some(mv) => {
-                let mm = mv.as_mapping().ok_or_else(|| Handover("match is not a mapping".into()))?;
+                let mm = mv
+                    .as_mapping()
+                    .ok_or_else(|| Handover("match is not a mapping".into()))?;
                 only(mm, &["macaddress", "name"], "match")?;
-                l.mac = mm.get("macaddress").map(|v| text(v, "macaddress")).transpose()?.map(|s| s.to_lowercase());
+                l.mac = mm
+                    .get("macaddress")
+                    .map(|v| text(v, "macaddress"))
+                    .transpose()?
+                    .map(|s| s.to_lowercase());
                 l.name = mm.get("name").map(|v| text(v, "name")).transpose()?;
             }
         }
@@ -260,16 +302,28 @@ fn v2(doc: &Value) -> Result<Network, Handover> {
         }
         if let Some(Value::Sequence(routes)) = c.get("routes") {
             for r in routes {
-                let rm = r.as_mapping().ok_or_else(|| Handover("a route is not a mapping".into()))?;
+                let rm = r
+                    .as_mapping()
+                    .ok_or_else(|| Handover("a route is not a mapping".into()))?;
                 only(rm, &["to", "via"], "a route")?;
-                let to = rm.get("to").map(|v| text(v, "to")).transpose()?.unwrap_or_else(|| "default".into());
-                let via = rm.get("via").map(|v| text(v, "via")).transpose()?.ok_or_else(|| Handover("a route has no via".into()))?;
+                let to = rm
+                    .get("to")
+                    .map(|v| text(v, "to"))
+                    .transpose()?
+                    .unwrap_or_else(|| "default".into());
+                let via = rm
+                    .get("via")
+                    .map(|v| text(v, "via"))
+                    .transpose()?
+                    .ok_or_else(|| Handover("a route has no via".into()))?;
                 ip(&via, "via")?;
                 l.routes.push((route_to(&to)?, via));
             }
         }
         if let Some(ns) = c.get("nameservers") {
-            let nm = ns.as_mapping().ok_or_else(|| Handover("nameservers is not a mapping".into()))?;
+            let nm = ns
+                .as_mapping()
+                .ok_or_else(|| Handover("nameservers is not a mapping".into()))?;
             only(nm, &["addresses", "search"], "nameservers")?;
             for a in texts(nm.get("addresses"), "nameserver")? {
                 ip(&a, "nameserver")?;
@@ -283,7 +337,9 @@ fn v2(doc: &Value) -> Result<Network, Handover> {
 }
 
 fn v1(doc: &Value) -> Result<Network, Handover> {
-    let m = doc.as_mapping().ok_or_else(|| Handover("network-config is not a mapping".into()))?;
+    let m = doc
+        .as_mapping()
+        .ok_or_else(|| Handover("network-config is not a mapping".into()))?;
     only(m, &["version", "config"], "v1")?;
     let Some(Value::Sequence(items)) = m.get("config") else {
         return handover("network-config v1 has no config list");
@@ -291,7 +347,9 @@ fn v1(doc: &Value) -> Result<Network, Handover> {
     let mut links = Vec::new();
     let (mut dns, mut search) = (Vec::new(), Vec::new());
     for item in items {
-        let im = item.as_mapping().ok_or_else(|| Handover("a v1 config entry is not a mapping".into()))?;
+        let im = item
+            .as_mapping()
+            .ok_or_else(|| Handover("a v1 config entry is not a mapping".into()))?;
         match im.get("type").and_then(Value::as_str) {
             Some("nameserver") => {
                 only(im, &["type", "address", "search"], "a nameserver")?;
@@ -299,9 +357,21 @@ fn v1(doc: &Value) -> Result<Network, Handover> {
                 search.extend(texts(im.get("search"), "search")?);
             }
             Some("physical") => {
-                only(im, &["type", "name", "mac_address", "mtu", "subnets"], "a physical entry")?;
-                let name = im.get("name").map(|v| text(v, "name")).transpose()?.ok_or_else(|| Handover("a physical entry has no name".into()))?;
-                let mac = im.get("mac_address").map(|v| text(v, "mac_address")).transpose()?.map(|s| s.to_lowercase());
+                only(
+                    im,
+                    &["type", "name", "mac_address", "mtu", "subnets"],
+                    "a physical entry",
+                )?;
+                let name = im
+                    .get("name")
+                    .map(|v| text(v, "name"))
+                    .transpose()?
+                    .ok_or_else(|| Handover("a physical entry has no name".into()))?;
+                let mac = im
+                    .get("mac_address")
+                    .map(|v| text(v, "mac_address"))
+                    .transpose()?
+                    .map(|s| s.to_lowercase());
                 let mut l = Link {
                     id: name.clone(),
                     set_name: mac.as_ref().map(|_| name.clone()),
@@ -312,17 +382,32 @@ fn v1(doc: &Value) -> Result<Network, Handover> {
                 };
                 if let Some(Value::Sequence(subnets)) = im.get("subnets") {
                     for s in subnets {
-                        let sm = s.as_mapping().ok_or_else(|| Handover("a subnet is not a mapping".into()))?;
+                        let sm = s
+                            .as_mapping()
+                            .ok_or_else(|| Handover("a subnet is not a mapping".into()))?;
                         only(
                             sm,
-                            &["type", "address", "netmask", "gateway", "dns_nameservers", "dns_search", "routes", "control"],
+                            &[
+                                "type",
+                                "address",
+                                "netmask",
+                                "gateway",
+                                "dns_nameservers",
+                                "dns_search",
+                                "routes",
+                                "control",
+                            ],
                             "a subnet",
                         )?;
                         match sm.get("type").and_then(Value::as_str) {
                             Some("dhcp" | "dhcp4") => l.dhcp4 = true,
                             Some("dhcp6") => l.dhcp6 = true,
                             Some("static" | "static4" | "static6") => {
-                                let addr = sm.get("address").map(|v| text(v, "address")).transpose()?.ok_or_else(|| Handover("a static subnet has no address".into()))?;
+                                let addr = sm
+                                    .get("address")
+                                    .map(|v| text(v, "address"))
+                                    .transpose()?
+                                    .ok_or_else(|| Handover("a static subnet has no address".into()))?;
                                 let mask = sm.get("netmask").map(|v| text(v, "netmask")).transpose()?;
                                 l.addresses.push(cidr(&addr, mask.as_deref())?);
                                 if let Some(gw) = sm.get("gateway") {
@@ -330,14 +415,24 @@ fn v1(doc: &Value) -> Result<Network, Handover> {
                                 }
                                 if let Some(Value::Sequence(routes)) = sm.get("routes") {
                                     for r in routes {
-                                        let rm = r.as_mapping().ok_or_else(|| Handover("a route is not a mapping".into()))?;
+                                        let rm = r
+                                            .as_mapping()
+                                            .ok_or_else(|| Handover("a route is not a mapping".into()))?;
                                         only(rm, &["network", "netmask", "prefix", "gateway"], "a route")?;
-                                        let net = rm.get("network").map(|v| text(v, "network")).transpose()?.unwrap_or_else(|| "0.0.0.0".into());
+                                        let net = rm
+                                            .get("network")
+                                            .map(|v| text(v, "network"))
+                                            .transpose()?
+                                            .unwrap_or_else(|| "0.0.0.0".into());
                                         let mask = match (rm.get("netmask"), rm.get("prefix")) {
                                             (Some(v), _) | (None, Some(v)) => Some(text(v, "netmask")?),
                                             _ => None,
                                         };
-                                        let gw = rm.get("gateway").map(|v| text(v, "gateway")).transpose()?.ok_or_else(|| Handover("a route has no gateway".into()))?;
+                                        let gw = rm
+                                            .get("gateway")
+                                            .map(|v| text(v, "gateway"))
+                                            .transpose()?
+                                            .ok_or_else(|| Handover("a route has no gateway".into()))?;
                                         ip(&gw, "gateway")?;
                                         l.routes.push((cidr(&net, mask.as_deref())?, gw));
                                     }
@@ -382,11 +477,23 @@ mod tests {
         let files = n.render();
         assert_eq!(files.len(), 2);
         assert_eq!(files[0].0, "10-webhoster-eth0.link");
-        assert!(files[0].1.contains("MACAddress=52:54:00:aa:bb:cc\n\n[Link]\nName=eth0\n"), "{}", files[0].1);
+        assert!(
+            files[0]
+                .1
+                .contains("MACAddress=52:54:00:aa:bb:cc\n\n[Link]\nName=eth0\n"),
+            "{}",
+            files[0].1
+        );
         let net = &files[1].1;
         assert!(net.contains("MACAddress=52:54:00:aa:bb:cc\n"), "{net}");
-        assert!(net.contains("DHCP=no\nIPv6AcceptRA=no\nAddress=10.0.0.5/24\n"), "{net}");
-        assert!(net.contains("[Route]\nDestination=0.0.0.0/0\nGateway=10.0.0.1\n"), "{net}");
+        assert!(
+            net.contains("DHCP=no\nIPv6AcceptRA=no\nAddress=10.0.0.5/24\n"),
+            "{net}"
+        );
+        assert!(
+            net.contains("[Route]\nDestination=0.0.0.0/0\nGateway=10.0.0.1\n"),
+            "{net}"
+        );
     }
 
     #[test]
@@ -394,7 +501,11 @@ mod tests {
         let n = parse_str("version: 2\nethernets:\n  ens3:\n    dhcp4: true\n").unwrap();
         assert!(!n.is_static());
         let f = n.render();
-        assert!(f[0].1.contains("Name=ens3\n") && f[0].1.contains("DHCP=ipv4\n"), "{}", f[0].1);
+        assert!(
+            f[0].1.contains("Name=ens3\n") && f[0].1.contains("DHCP=ipv4\n"),
+            "{}",
+            f[0].1
+        );
 
         let n = parse_str(
             "network:\n  version: 1\n  config:\n  - type: physical\n    name: eth0\n    mac_address: '52:54:00:12:34:56'\n    subnets:\n    - type: static\n      address: 192.168.1.10\n      netmask: 255.255.255.0\n      gateway: 192.168.1.1\n      dns_nameservers: [192.168.1.1]\n  - type: nameserver\n    address: [9.9.9.9]\n    search: [example.org]\n",
@@ -405,10 +516,14 @@ mod tests {
         assert!(f[0].1.contains("Name=eth0"), "{}", f[0].1);
         let net = &f[1].1;
         assert!(net.contains("Address=192.168.1.10/24\n"), "{net}");
-        assert!(net.contains("DNS=192.168.1.1\nDNS=9.9.9.9\nDomains=example.org\n"), "{net}");
+        assert!(
+            net.contains("DNS=192.168.1.1\nDNS=9.9.9.9\nDomains=example.org\n"),
+            "{net}"
+        );
         assert!(net.contains("Gateway=192.168.1.1\n"), "{net}");
 
-        let n = parse_str("version: 1\nconfig:\n- type: physical\n  name: eth1\n  subnets: [{type: dhcp}]\n").unwrap();
+        let n = parse_str("version: 1\nconfig:\n- type: physical\n  name: eth1\n  subnets: [{type: dhcp}]\n")
+            .unwrap();
         assert!(!n.is_static());
         assert!(n.render()[0].1.contains("Name=eth1\n"));
     }
@@ -420,6 +535,9 @@ mod tests {
         assert!(parse_str("version: 2\nethernets: {e: {addresses: ['10.0.0.1/99']}}\n").is_err());
         assert!(parse_str("version: 2\nethernets: {e: {addresses: [\"10.0.0.1/24\\nDNS=x\"]}}\n").is_err());
         assert!(parse_str("version: 3\n").is_err());
-        assert_eq!(parse_str("network: {config: disabled}\n").unwrap(), Network::Disabled);
+        assert_eq!(
+            parse_str("network: {config: disabled}\n").unwrap(),
+            Network::Disabled
+        );
     }
 }

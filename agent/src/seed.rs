@@ -125,7 +125,8 @@ const USER_KEYS: &[&str] = &[
 const META_DATA_KEYS: &[&str] = &["instance-id", "local-hostname", "hostname", "dsmode"];
 
 fn yaml(text: &str, what: &str) -> Result<Value, Handover> {
-    serde_yaml::from_str::<Value>(text).or_else(|e| handover(format!("{what} is not YAML the agent reads: {e}")))
+    serde_yaml::from_str::<Value>(text)
+        .or_else(|e| handover(format!("{what} is not YAML the agent reads: {e}")))
 }
 
 fn string(v: &Value, what: &str) -> Result<String, Handover> {
@@ -154,13 +155,18 @@ fn string_list(v: &Value, what: &str) -> Result<Vec<String>, Handover> {
     match v {
         Value::Null => Ok(Vec::new()),
         Value::Sequence(items) => items.iter().map(|i| string(i, what)).collect(),
-        Value::String(s) => Ok(s.split(',').map(|p| p.trim().to_owned()).filter(|p| !p.is_empty()).collect()),
+        Value::String(s) => Ok(s
+            .split(',')
+            .map(|p| p.trim().to_owned())
+            .filter(|p| !p.is_empty())
+            .collect()),
         _ => handover(format!("{what} is not a list")),
     }
 }
 
 fn mapping<'a>(v: &'a Value, what: &str) -> Result<&'a Mapping, Handover> {
-    v.as_mapping().ok_or_else(|| Handover(format!("{what} is not a mapping")))
+    v.as_mapping()
+        .ok_or_else(|| Handover(format!("{what} is not a mapping")))
 }
 
 /// Only `keys` may appear in `map`.
@@ -192,7 +198,11 @@ pub fn plan(files: &SeedFiles) -> Result<Plan, Handover> {
     {
         return handover("meta-data has a dsmode the agent does not know");
     }
-    if files.vendor_data.as_ref().is_some_and(|v| !v.iter().all(u8::is_ascii_whitespace)) {
+    if files
+        .vendor_data
+        .as_ref()
+        .is_some_and(|v| !v.iter().all(u8::is_ascii_whitespace))
+    {
         return handover("the seed has vendor-data");
     }
     let mut plan = Plan {
@@ -305,9 +315,16 @@ fn check_hostname(name: &str) -> Result<(), Handover> {
     let ok = !name.is_empty()
         && name.len() <= 253
         && name.split('.').all(|l| {
-            !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         });
-    if ok { Ok(()) } else { handover(format!("hostname {name:?} is not one the agent sets")) }
+    if ok {
+        Ok(())
+    } else {
+        handover(format!("hostname {name:?} is not one the agent sets"))
+    }
 }
 
 /// A user or group name as `useradd` would accept it.
@@ -315,8 +332,14 @@ fn check_name(name: &str, what: &str) -> Result<(), Handover> {
     let ok = !name.is_empty()
         && name.len() <= 32
         && !name.starts_with('-')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-    if ok { Ok(()) } else { handover(format!("{what} {name:?} is not a name the agent makes")) }
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        handover(format!("{what} {name:?} is not a name the agent makes"))
+    }
 }
 
 fn users(v: &Value) -> Result<Vec<User>, Handover> {
@@ -355,14 +378,22 @@ fn users(v: &Value) -> Result<Vec<User>, Handover> {
                     gecos: opt("gecos")?,
                     shell: opt("shell")?,
                     homedir: opt("homedir")?,
-                    groups: m.get("groups").map(|v| string_list(v, "groups")).transpose()?.unwrap_or_default(),
+                    groups: m
+                        .get("groups")
+                        .map(|v| string_list(v, "groups"))
+                        .transpose()?
+                        .unwrap_or_default(),
                     sudo,
                     ssh_authorized_keys: m
                         .get("ssh_authorized_keys")
-                        .map(|v| string_list_keys(v))
+                        .map(string_list_keys)
                         .transpose()?
                         .unwrap_or_default(),
-                    lock_passwd: m.get("lock_passwd").map(|v| boolean(v, "lock_passwd")).transpose()?.unwrap_or(true),
+                    lock_passwd: m
+                        .get("lock_passwd")
+                        .map(|v| boolean(v, "lock_passwd"))
+                        .transpose()?
+                        .unwrap_or(true),
                     name,
                 }
             }
@@ -428,7 +459,11 @@ fn decode(content: &[u8], encoding: &str) -> Result<Vec<u8>, Handover> {
     use base64::Engine;
     use std::io::Read;
     let b64 = |data: &[u8]| {
-        let clean: Vec<u8> = data.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect();
+        let clean: Vec<u8> = data
+            .iter()
+            .copied()
+            .filter(|b| !b.is_ascii_whitespace())
+            .collect();
         base64::engine::general_purpose::STANDARD
             .decode(clean)
             .or_else(|e| handover(format!("write_files content is not base64: {e}")))
@@ -458,7 +493,15 @@ fn write_files(v: &Value) -> Result<Vec<WriteFile>, Handover> {
         let m = mapping(item, "a write_files entry")?;
         only_keys(
             m,
-            &["path", "content", "encoding", "owner", "permissions", "append", "defer"],
+            &[
+                "path",
+                "content",
+                "encoding",
+                "owner",
+                "permissions",
+                "append",
+                "defer",
+            ],
             "a write_files entry",
         )?;
         let path = match m.get("path") {
@@ -468,19 +511,39 @@ fn write_files(v: &Value) -> Result<Vec<WriteFile>, Handover> {
         if !path.starts_with('/') || path.split('/').any(|c| c == "..") {
             return handover(format!("write_files path {path:?} is not absolute and plain"));
         }
-        let encoding = m.get("encoding").map(|v| string(v, "encoding")).transpose()?.unwrap_or_default();
+        let encoding = m
+            .get("encoding")
+            .map(|v| string(v, "encoding"))
+            .transpose()?
+            .unwrap_or_default();
         let content = match m.get("content") {
             None | Some(Value::Null) => Vec::new(),
             Some(v) => string(v, "content")?.into_bytes(),
         };
-        let owner = m.get("owner").map(|v| string(v, "owner")).transpose()?.unwrap_or_else(|| "root:root".into());
+        let owner = m
+            .get("owner")
+            .map(|v| string(v, "owner"))
+            .transpose()?
+            .unwrap_or_else(|| "root:root".into());
         out.push(WriteFile {
             path,
             content: decode(&content, &encoding)?,
             owner,
-            permissions: m.get("permissions").map(permissions).transpose()?.unwrap_or(0o644),
-            append: m.get("append").map(|v| boolean(v, "append")).transpose()?.unwrap_or(false),
-            defer: m.get("defer").map(|v| boolean(v, "defer")).transpose()?.unwrap_or(false),
+            permissions: m
+                .get("permissions")
+                .map(permissions)
+                .transpose()?
+                .unwrap_or(0o644),
+            append: m
+                .get("append")
+                .map(|v| boolean(v, "append"))
+                .transpose()?
+                .unwrap_or(false),
+            defer: m
+                .get("defer")
+                .map(|v| boolean(v, "defer"))
+                .transpose()?
+                .unwrap_or(false),
         });
     }
     Ok(out)
@@ -526,8 +589,14 @@ mod tests {
             ("#cloud-config\nwrite_files: []\n", "users"),
             ("#!/bin/sh\necho hi\n", "#cloud-config"),
             ("#cloud-config\nusers: [{name: bob, passwd: x}]\n", "passwd"),
-            ("#cloud-config\nusers: [bob]\nchpasswd: {expire: false}\n", "chpasswd"),
-            ("#cloud-config\nusers: [bob]\nwrite_files: [{path: /a, encoding: zstd, content: x}]\n", "zstd"),
+            (
+                "#cloud-config\nusers: [bob]\nchpasswd: {expire: false}\n",
+                "chpasswd",
+            ),
+            (
+                "#cloud-config\nusers: [bob]\nwrite_files: [{path: /a, encoding: zstd, content: x}]\n",
+                "zstd",
+            ),
         ] {
             let err = plan(&seed(ud)).unwrap_err();
             assert!(err.0.contains(why), "{ud}: {err}");
@@ -564,12 +633,18 @@ mod tests {
     fn hostname_order_and_commands() {
         let p = plan(&seed("#cloud-config\nusers: [bob]\n")).unwrap();
         assert_eq!(p.hostname, Some(("meta-host".into(), "meta-host".into())));
-        let p = plan(&seed("#cloud-config\nusers: [bob]\nhostname: web\nfqdn: web.example.org\n")).unwrap();
+        let p = plan(&seed(
+            "#cloud-config\nusers: [bob]\nhostname: web\nfqdn: web.example.org\n",
+        ))
+        .unwrap();
         assert_eq!(p.hostname, Some(("web".into(), "web.example.org".into())));
         let p = plan(&seed("#cloud-config\nusers: [bob]\npreserve_hostname: true\n")).unwrap();
         assert_eq!(p.hostname, None);
         assert!(plan(&seed("#cloud-config\nusers: [bob]\nhostname: 'a b'\n")).is_err());
-        let p = plan(&seed("#cloud-config\nusers: [bob]\nruncmd: [\"echo hi > /x\", [touch, \"it's\"]]\n")).unwrap();
+        let p = plan(&seed(
+            "#cloud-config\nusers: [bob]\nruncmd: [\"echo hi > /x\", [touch, \"it's\"]]\n",
+        ))
+        .unwrap();
         assert_eq!(p.runcmd[0].script_line(), "echo hi > /x");
         assert_eq!(p.runcmd[1].script_line(), r"'touch' 'it'\''s'");
     }

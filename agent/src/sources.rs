@@ -13,8 +13,14 @@ pub const FILES: &[(&str, &str)] = &[
     ("src/network.rs", include_str!("network.rs")),
     ("src/seed.rs", include_str!("seed.rs")),
     ("src/sources.rs", include_str!("sources.rs")),
-    ("src/testdata/webhoster-network-config.yaml", include_str!("testdata/webhoster-network-config.yaml")),
-    ("src/testdata/webhoster-user-data.yaml", include_str!("testdata/webhoster-user-data.yaml")),
+    (
+        "src/testdata/webhoster-network-config.yaml",
+        include_str!("testdata/webhoster-network-config.yaml"),
+    ),
+    (
+        "src/testdata/webhoster-user-data.yaml",
+        include_str!("testdata/webhoster-user-data.yaml"),
+    ),
 ];
 
 /// sha256 over the file names and contents, hex, first 16 bytes.

@@ -63,7 +63,9 @@ pub const FILES: &[(&str, &str, bool)] = &[
     ),
     (
         "overlay/etc/systemd/system/cloud-init-local.service.d/10-webhoster-seed.conf",
-        include_str!("../../images/overlay/etc/systemd/system/cloud-init-local.service.d/10-webhoster-seed.conf"),
+        include_str!(
+            "../../images/overlay/etc/systemd/system/cloud-init-local.service.d/10-webhoster-seed.conf"
+        ),
         false,
     ),
     (
