@@ -30,7 +30,10 @@ run: deps
 
 test: deps test-deps
 	cargo fmt --check
-	cargo run --quiet -- image build > /dev/null
+	# Both packages (webhoster and agent/): the image build puts
+	# webhoster-seed-agent into the guest.
+	cargo build --quiet
+	cargo run --quiet --bin webhoster -- image build > /dev/null
 	cargo clippy --all-targets -- -D warnings
 	.ci/postgres-up
 	cargo test --no-fail-fast

@@ -164,6 +164,10 @@ async fn create_figures() {
     let results = futures::future::join_all(users.iter().map(|u| u.create(&client, &dep.api))).await;
     let concurrent_secs = started.elapsed().as_secs_f64();
     let failures = results.iter().filter(|(status, _)| *status != 201).count();
+    // Say why: a count alone cannot tell a capacity answer from a boot timeout.
+    for (status, body) in results.iter().filter(|(status, _)| *status != 201) {
+        println!("concurrent create failed: {status} {body}");
+    }
     for (user, (status, _)) in users.iter().zip(&results) {
         if *status == 201 {
             user.delete_host(&client, &dep.api).await;

@@ -8,11 +8,13 @@
 #   WH_SOURCES  file of one-line `deb URI SUITE COMPONENTS` sources, read
 #               from the host's apt configuration
 #   WH_APTOPTS  file of extra apt options, one per line (may be empty)
+#   WH_AGENT    the seed agent binary (webhoster-seed-agent, built from this
+#               repository for the same Debian release as the guest)
 # Outputs in WH_WORK: vmlinuz, initrd.img, disk.qcow2, packages.tsv,
 # kernel-version. Lines `@@stage NAME` on stdout mark progress.
 set -euo pipefail
 umask 022
-: "${WH_RECIPE:?}" "${WH_WORK:?}" "${WH_SUITE:?}" "${WH_SOURCES:?}" "${WH_APTOPTS:?}"
+: "${WH_RECIPE:?}" "${WH_WORK:?}" "${WH_SUITE:?}" "${WH_SOURCES:?}" "${WH_APTOPTS:?}" "${WH_AGENT:?}"
 export LC_ALL=C.UTF-8 DEBIAN_FRONTEND=noninteractive
 rootfs="$WH_WORK/rootfs"
 
@@ -34,6 +36,13 @@ mmdebstrap --mode=root --variant=minbase --format=directory \
 
 stage configure
 cp -a "$WH_RECIPE/overlay/." "$rootfs/"
+# The seed agent applies the NoCloud seed at first boot (webhoster-seed.service);
+# debug info stripped (a debug build carries megabytes of it).
+install -m 0755 "$WH_AGENT" "$rootfs/usr/local/sbin/webhoster-seed-agent"
+if command -v objcopy >/dev/null; then
+    objcopy --strip-debug "$rootfs/usr/local/sbin/webhoster-seed-agent"
+fi
+chroot "$rootfs" /usr/local/sbin/webhoster-seed-agent --source-hash >/dev/null
 # Unique per VM, made at first boot: machine-id (systemd), host keys (cloud-init).
 : > "$rootfs/etc/machine-id"
 rm -f "$rootfs/var/lib/dbus/machine-id" "$rootfs"/etc/ssh/ssh_host_*
@@ -54,6 +63,7 @@ sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$WH_RECIPE/masked-units.txt" | while re
 done
 chroot "$rootfs" systemctl enable systemd-networkd.service >/dev/null
 chroot "$rootfs" systemctl enable nginx.service ssh.service >/dev/null
+chroot "$rootfs" systemctl enable webhoster-seed.service webhoster-seed-runcmd.service webhoster-growfs.service >/dev/null 2>&1
 # A build leaves no state that would make every VM look alike or stale.
 rm -rf "$rootfs"/var/lib/cloud/* "$rootfs"/var/log/cloud-init* \
     "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin \
@@ -106,7 +116,9 @@ add_module() {
     echo "$base" >> "$initrd/modules.list"
 }
 # virtio_rng early: the kernel's entropy pool is ready before systemd starts.
-for m in virtio_pci virtio_blk virtio_rng crc32c_generic ext4; do add_module "$m"; done
+# isofs: the seed agent mounts the cidata ISO before udev runs, without a
+# modprobe process.
+for m in virtio_pci virtio_blk virtio_rng crc32c_generic ext4 isofs; do add_module "$m"; done
 (cd "$initrd" && find . -print0 | sort -z | cpio --null -o -H newc --quiet) | gzip -9n > "$WH_WORK/initrd.img"
 rm -rf "$initrd"
 

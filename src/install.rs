@@ -50,6 +50,21 @@ pub fn run(args: InstallArgs) -> anyhow::Result<ExitCode> {
     write_atomic(&bin_dest, &content, 0o755)?;
     println!("installed {}", bin_dest.display());
 
+    // The guest image's seed agent, built beside webhoster (`cargo build
+    // --release` builds both): `image build` looks for it beside webhoster.
+    let agent = exe.with_file_name("webhoster-seed-agent");
+    if agent.is_file() {
+        let agent_dest = bin_dest.with_file_name("webhoster-seed-agent");
+        let content = std::fs::read(&agent).with_context(|| format!("cannot read {}", agent.display()))?;
+        write_atomic(&agent_dest, &content, 0o755)?;
+        println!("installed {}", agent_dest.display());
+    } else {
+        println!(
+            "note: {} is missing; `webhoster image build` needs it (cargo build --release builds it)",
+            agent.display()
+        );
+    }
+
     let unit_dest = under(&args.root, Path::new(UNIT_PATH));
     write_atomic(&unit_dest, render_unit(&bin)?.as_bytes(), 0o644)?;
     println!("installed {}", unit_dest.display());

@@ -212,6 +212,15 @@ async fn agent_ready_state_writeback_bound_and_clean_powerdown() {
         "root is not mounted with commit=1: {facts:?}"
     );
 
+    // webhoster's seed was applied by the seed agent (cloud-init stood down);
+    // its host key must survive the restart below (per-instance work is
+    // not redone on a later boot of the same instance).
+    let host_key = ssh_ok(&key, ssh_port, "ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub");
+    assert_eq!(
+        ssh_ok(&key, ssh_port, "cut -f2 /var/lib/webhoster-seed/instance"),
+        "agent"
+    );
+
     // Acknowledged writes, never synced, then kill -9 3 s later.
     let token = format!("tok-{}-{}", std::process::id(), started.elapsed().as_millis());
     ssh_ok(&key, ssh_port, "echo old > /var/www/html/over.txt && sync");
@@ -270,6 +279,20 @@ async fn agent_ready_state_writeback_bound_and_clean_powerdown() {
         after,
         format!("new-{token}\nover-{token}\n{sha}  -\n"),
         "writes acknowledged {KILL_AFTER:?} before kill -9 were lost"
+    );
+    let second_boot = guest_sh(
+        &engine,
+        &vm_id,
+        "ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub; journalctl -b -o cat --no-pager -u webhoster-seed.service",
+    )
+    .await;
+    assert!(
+        second_boot.starts_with(&format!("{host_key}\n")),
+        "the host key changed across the restart: {host_key} -> {second_boot}"
+    );
+    assert!(
+        second_boot.contains("instance already applied"),
+        "the agent redid first-boot work:\n{second_boot}"
     );
 
     // A clean power-down on the ACPI button.

@@ -57,6 +57,9 @@ fn boots_any_nocloud_seed() {
         r#"#cloud-config
 hostname: seedtest
 ssh_pwauth: true
+# Modules the seed agent does not apply (chpasswd, packages): the whole seed
+# goes to cloud-init, as before the agent.
+packages: []
 chpasswd:
   expire: false
   users:
@@ -98,6 +101,15 @@ write_files:
 
     assert_eq!(ssh("hostname"), "seedtest");
     assert_eq!(ssh("id -un"), "alice");
+    // The agent handed this seed over, and cloud-init applied it.
+    assert_eq!(
+        ssh("cat /var/lib/webhoster-seed/instance"),
+        "iid-seedtest\tcloud-init"
+    );
+    assert!(
+        ssh("journalctl -b -o cat --no-pager -u webhoster-seed.service")
+            .contains("handing the seed over to cloud-init"),
+    );
 
     // The root filesystem grew past the base image's to the 4 GiB disk.
     let root_bytes: u64 = ssh("df -B1 --output=size / | tail -n 1").parse().unwrap();
@@ -222,6 +234,19 @@ fn boots_webhosters_own_seed() {
     assert_eq!(lines[2], "root:www-data 2775");
     assert_eq!(lines[3], "sudo-ok");
     assert_eq!(&lines[4..], ["active", "active", "active"], "{text}");
+    // webhoster's own seed is applied by the seed agent: cloud-init stood down.
+    let out = guest::ssh(
+        "127.0.0.1",
+        vm.ssh_port,
+        "ubuntu",
+        &key,
+        "cat /var/lib/webhoster-seed/instance; test -e /var/lib/cloud/instance && echo cloud-init-ran; true",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "vm-imagetest\tagent\n",
+        "{out:?}"
+    );
 }
 
 /// webhoster's seed with a static address matched by MAC (as on the bridge):
@@ -275,6 +300,170 @@ fn boots_a_static_network_matched_by_mac() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("10.0.2.15/24"), "{text}");
     assert!(text.contains("default via 10.0.2.2 dev eth0"), "{text}");
+}
+
+/// The foreign-seed case: a NoCloud seed written here with genisoimage (not
+/// by webhoster's seed module) and booted by bare `qemu-system`. The seed
+/// agent applies it (users, keys, write_files with encodings, owners and
+/// modes, hostname and FQDN, network-config v2 DHCP, bootcmd, runcmd) and
+/// cloud-init stands down. Prints the times to HTTP and SSH and the agent's
+/// own run time.
+#[test]
+fn a_foreign_seed_is_applied_by_the_agent_under_bare_qemu() {
+    use base64::Engine;
+    use std::io::Write;
+    let image = guest::test_image();
+    let key = TestKey::new();
+    let dir = tempfile::tempdir().unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(b"gzipped line\n").unwrap();
+    let gz = b64.encode(gz.finish().unwrap());
+    let iid = format!("iid-foreign-{}", rand::random::<u32>());
+    let user_data = format!(
+        r#"#cloud-config
+hostname: foreign
+fqdn: foreign.example.test
+manage_etc_hosts: true
+ssh_pwauth: false
+users:
+  - name: webadmin
+    gecos: Web Admin
+    shell: /bin/bash
+    groups: [www-data, adm]
+    sudo: ["ALL=(ALL) NOPASSWD:ALL"]
+    lock_passwd: true
+    ssh_authorized_keys:
+      - {key}
+write_files:
+  - path: /var/www/html/index.html
+    owner: root:www-data
+    permissions: '0640'
+    content: |
+      <h1>foreign seed page</h1>
+  - path: /etc/foreign/secret.conf
+    owner: webadmin:webadmin
+    permissions: '0600'
+    encoding: b64
+    content: {secret}
+    defer: true
+  - path: /etc/foreign/zipped.txt
+    encoding: gzip+base64
+    content: {gz}
+  - path: /etc/foreign/zipped.txt
+    append: true
+    content: "appended line\n"
+bootcmd:
+  - echo "boot $INSTANCE_ID" >> /var/tmp/bootcmd.log
+runcmd:
+  - [sh, -c, "id -un > /var/tmp/runcmd.out"]
+"#,
+        key = key.public_line(),
+        secret = b64.encode("secret=42\n"),
+    );
+    let network = "version: 2\nethernets:\n  nic:\n    match:\n      name: \"en*\"\n    dhcp4: true\n";
+    let seed_dir = dir.path().join("cidata");
+    std::fs::create_dir(&seed_dir).unwrap();
+    std::fs::write(seed_dir.join("user-data"), user_data).unwrap();
+    std::fs::write(
+        seed_dir.join("meta-data"),
+        format!("instance-id: {iid}\nlocal-hostname: not-this-one\n"),
+    )
+    .unwrap();
+    std::fs::write(seed_dir.join("network-config"), network).unwrap();
+    let seed = dir.path().join("seed.iso");
+    let out = std::process::Command::new("genisoimage")
+        .args(["-quiet", "-V", "cidata", "-J", "-R", "-o"])
+        .arg(&seed)
+        .arg(&seed_dir)
+        .output()
+        .expect("genisoimage (Debian package genisoimage)");
+    assert!(out.status.success(), "genisoimage: {out:?}");
+
+    let mut vm = Guest::boot(&image, &seed, &GuestOptions::default());
+    wait_for_page(&mut vm, "foreign seed page");
+    let http_at = vm.started.elapsed();
+    wait_for_ssh(&mut vm, "webadmin", &key);
+    let ssh_at = vm.started.elapsed();
+    eprintln!(
+        "foreign seed under bare qemu: HTTP {:.1}s, SSH login {:.1}s after QEMU start",
+        http_at.as_secs_f64(),
+        ssh_at.as_secs_f64()
+    );
+    let port = vm.ssh_port;
+    let ssh = |cmd: &str| {
+        let out = guest::ssh("127.0.0.1", port, "webadmin", &key, cmd);
+        assert!(out.status.success(), "{cmd}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    guest::wait_for("the end of the boot", BOOT_TIMEOUT, || {
+        vm.assert_alive();
+        let out = guest::ssh("127.0.0.1", port, "webadmin", &key, "systemctl is-system-running");
+        let state = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert!(state != "degraded", "the guest booted degraded");
+        state == "running"
+    });
+
+    assert_eq!(ssh("hostname; hostname -f"), "foreign\nforeign.example.test");
+    // The root filesystem grew to the 4 GiB disk (webhoster-growfs.service).
+    let root_bytes: u64 = ssh("df -B1 --output=size / | tail -n 1").parse().unwrap();
+    assert!(
+        root_bytes > 3 << 30,
+        "root fs {root_bytes} B did not grow to the disk"
+    );
+    assert_eq!(ssh("id -un; id -nG"), "webadmin\nwebadmin adm www-data");
+    assert_eq!(
+        ssh("getent passwd webadmin | cut -d: -f5-7"),
+        "Web Admin:/home/webadmin:/bin/bash"
+    );
+    assert_eq!(
+        ssh(
+            "stat -c '%n %U:%G %a' /var/www/html/index.html /etc/foreign/secret.conf /etc/foreign/zipped.txt /home/webadmin/.ssh/authorized_keys"
+        ),
+        "/var/www/html/index.html root:www-data 640\n\
+         /etc/foreign/secret.conf webadmin:webadmin 600\n\
+         /etc/foreign/zipped.txt root:root 644\n\
+         /home/webadmin/.ssh/authorized_keys webadmin:webadmin 600"
+    );
+    assert_eq!(ssh("cat /etc/foreign/secret.conf"), "secret=42");
+    assert_eq!(ssh("cat /etc/foreign/zipped.txt"), "gzipped line\nappended line");
+    assert_eq!(ssh("sudo -n cat /var/tmp/bootcmd.log"), format!("boot {iid}"));
+    assert_eq!(ssh("cat /var/tmp/runcmd.out"), "root");
+    // The network came from the seed's v2 DHCP config, via networkd.
+    assert!(ssh("networkctl list --no-legend").contains("configured"));
+    assert!(ssh("ls /etc/systemd/network").contains("10-webhoster-nic.network"));
+    // The agent applied it; cloud-init stood down.
+    assert_eq!(
+        ssh("cat /var/lib/webhoster-seed/instance"),
+        format!("{iid}\tagent")
+    );
+    assert_eq!(
+        ssh("test -e /var/lib/cloud/instance && echo ran || echo stood-down"),
+        "stood-down"
+    );
+    assert_eq!(
+        ssh("find /etc/ssh -maxdepth 1 -name 'ssh_host_*_key'"),
+        "/etc/ssh/ssh_host_ed25519_key"
+    );
+    let agent_log = ssh("journalctl -b -o cat --no-pager -u webhoster-seed.service");
+    let line = agent_log
+        .lines()
+        .find(|l| l.contains("applied the seed in "))
+        .unwrap_or_else(|| panic!("agent log: {agent_log}"));
+    eprintln!("in the guest: {line}");
+    if let Some(steps) = agent_log.lines().find(|l| l.contains("steps (ms): ")) {
+        eprintln!("in the guest: {steps}");
+    }
+    eprintln!(
+        "in the guest: {}",
+        ssh("systemd-analyze time | head -n 1; systemd-analyze blame --no-pager | head -n 8")
+    );
+    let journal = ssh("sudo -n journalctl -b -o cat --no-pager -u ssh.service -u nginx.service");
+    assert_eq!(
+        journal.lines().filter(|l| l.starts_with("Started ")).count(),
+        2,
+        "sshd and nginx each start once:\n{journal}"
+    );
 }
 
 fn qcow2_virtual_size(path: &std::path::Path) -> u64 {

@@ -184,7 +184,12 @@ async fn debian_guest_serves_survives_kill_9_and_reattach() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     assert!(console.contains(&format!("console-{token}")), "{console}");
-    assert!(console.contains("Cloud-init"), "boot output: {console}");
+    // The boot's own output: the seed agent reports there (cloud-init did,
+    // before the agent took the seed over).
+    assert!(
+        console.contains("webhoster-seed-agent: applied the seed in"),
+        "boot output: {console}"
+    );
     // That QEMU never held root.
     let pid = engine.status(&vm_id).unwrap().pid.unwrap();
     assert_unprivileged(pid, &engine);

@@ -105,6 +105,7 @@ pub(crate) fn run(
     suite: &str,
     srcs: &[sources::Source],
     apt_options: &[String],
+    agent: &Path,
 ) -> Result<PathBuf, ImageError> {
     let mut progress = Progress::new();
     let work = WorkDir(cache_dir.join(format!(".build-{key}-{}", std::process::id())));
@@ -118,6 +119,9 @@ pub(crate) fn run(
     let aptopts_file = work.0.join("apt-options");
     let opts: Vec<String> = apt_options.iter().map(|o| format!("{o}\n")).collect();
     std::fs::write(&aptopts_file, opts.concat()).map_err(ImageError::io("writing", &aptopts_file))?;
+    // A copy: the build reads a file that a `cargo build` cannot change under it.
+    let agent_copy = work.0.join(super::agent::BINARY);
+    std::fs::copy(agent, &agent_copy).map_err(ImageError::io("copying the seed agent from", agent))?;
     let log_path = work.0.join("build.log");
     let mut log = std::fs::File::create(&log_path).map_err(ImageError::io("creating", &log_path))?;
     let stderr_log = log.try_clone().map_err(ImageError::io("opening", &log_path))?;
@@ -129,6 +133,7 @@ pub(crate) fn run(
         .env("WH_SUITE", suite)
         .env("WH_SOURCES", &sources_file)
         .env("WH_APTOPTS", &aptopts_file)
+        .env("WH_AGENT", &agent_copy)
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

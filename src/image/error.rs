@@ -36,6 +36,20 @@ pub enum ImageError {
         log: PathBuf,
         tail: String,
     },
+    #[error(
+        "the guest seed agent binary webhoster-seed-agent was not found next to {} (or in WEBHOSTER_SEED_AGENT): build it with `cargo build` in the repository (it builds agent/ too; make run and make test do)",
+        exe.display()
+    )]
+    AgentMissing { exe: PathBuf },
+    #[error(
+        "the seed agent {} was built from other sources (hash {found}, this webhoster wants {want}): rebuild it with `cargo build` (or `cargo build --release`)",
+        path.display()
+    )]
+    AgentStale {
+        path: PathBuf,
+        found: String,
+        want: String,
+    },
     #[error("the cached image in {} is damaged: {reason}; delete that directory and build again", dir.display())]
     Corrupt { dir: PathBuf, reason: String },
     #[error("{what} {}", path.display())]

@@ -6,6 +6,7 @@
 //! directories of running builds). It never starts a VM, never writes outside
 //! the cache, and never names a package mirror: the mirror is the host's.
 
+mod agent;
 mod build;
 pub mod cli;
 mod error;
@@ -23,7 +24,12 @@ pub use manifest::{FileInfo, Manifest};
 /// standard `console=ttyS0 root=/dev/vda rw`:
 /// - `quiet`: under TCG every byte on the emulated UART costs; the kernel's
 ///   boot messages alone cost about a second.
-pub const KERNEL_CMDLINE: &str = "console=ttyS0 root=/dev/vda rw quiet";
+/// - `no_timer_check`: skips the IO-APIC timer check, which waits for timer
+///   ticks that an emulated CPU delivers slowly.
+/// - `rcupdate.rcu_expedited=1`: RCU grace periods (module loads, mounts,
+///   network setup during boot) end without waiting out the scheduler.
+pub const KERNEL_CMDLINE: &str =
+    "console=ttyS0 root=/dev/vda rw quiet no_timer_check rcupdate.rcu_expedited=1";
 
 /// A built image; all paths are absolute.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,6 +78,7 @@ pub fn ensure(cache_dir: &Path) -> Result<Image, ImageError> {
     }
     preflight::check_root()?;
     preflight::check_tools()?;
+    let agent = agent::locate()?;
     let cache_dir = absolute(cache_dir)?;
     std::fs::create_dir_all(&cache_dir).map_err(ImageError::io("creating the image cache", &cache_dir))?;
     let lock_path = cache_dir.join(".lock");
@@ -100,6 +107,6 @@ pub fn ensure(cache_dir: &Path) -> Result<Image, ImageError> {
     preflight::check_mirrors(&srcs, &apt_options)?;
     let key = recipe::key(&suite);
     tracing::info!(%key, %suite, cache = %cache_dir.display(), "building the guest image");
-    let dir = build::run(&cache_dir, &key, &suite, &srcs, &apt_options)?;
+    let dir = build::run(&cache_dir, &key, &suite, &srcs, &apt_options, &agent)?;
     Manifest::load(&dir).map(Image::from_manifest)
 }

@@ -6,6 +6,11 @@ use sha2::{Digest, Sha256};
 
 use super::error::ImageError;
 
+/// The guest's seed agent (`agent/`): its sources are part of the recipe,
+/// its binary goes into the image.
+#[path = "../../agent/src/sources.rs"]
+pub(crate) mod agent_sources;
+
 /// Every file of `images/` but its README (path relative to it, content,
 /// executable). A unit test checks that no file of the directory is missing
 /// here, so the hash covers the whole recipe; editing the README (docs only)
@@ -57,6 +62,38 @@ pub const FILES: &[(&str, &str, bool)] = &[
         false,
     ),
     (
+        "overlay/etc/systemd/system/cloud-init-local.service.d/10-webhoster-seed.conf",
+        include_str!(
+            "../../images/overlay/etc/systemd/system/cloud-init-local.service.d/10-webhoster-seed.conf"
+        ),
+        false,
+    ),
+    (
+        "overlay/etc/systemd/system/cloud-init.service.d/10-webhoster-seed.conf",
+        include_str!("../../images/overlay/etc/systemd/system/cloud-init.service.d/10-webhoster-seed.conf"),
+        false,
+    ),
+    (
+        "overlay/etc/systemd/system/cloud-final.service.d/10-webhoster-seed.conf",
+        include_str!("../../images/overlay/etc/systemd/system/cloud-final.service.d/10-webhoster-seed.conf"),
+        false,
+    ),
+    (
+        "overlay/etc/systemd/system/webhoster-seed.service",
+        include_str!("../../images/overlay/etc/systemd/system/webhoster-seed.service"),
+        false,
+    ),
+    (
+        "overlay/etc/systemd/system/webhoster-growfs.service",
+        include_str!("../../images/overlay/etc/systemd/system/webhoster-growfs.service"),
+        false,
+    ),
+    (
+        "overlay/etc/systemd/system/webhoster-seed-runcmd.service",
+        include_str!("../../images/overlay/etc/systemd/system/webhoster-seed-runcmd.service"),
+        false,
+    ),
+    (
         "overlay/etc/systemd/system/ssh-hostkey-fallback.service",
         include_str!("../../images/overlay/etc/systemd/system/ssh-hostkey-fallback.service"),
         false,
@@ -75,11 +112,17 @@ pub const FILES: &[(&str, &str, bool)] = &[
     ),
 ];
 
-/// Cache key: the recipe files and the Debian suite they are built for.
+/// Cache key: the recipe files, the seed agent's sources (and its
+/// Cargo.toml) and the Debian
+/// suite they are built for. The agent's binary is not hashed (builds are
+/// not byte-for-byte reproducible); the build checks that it was built from
+/// these sources.
 pub fn key(suite: &str) -> String {
     let mut hash = Sha256::new();
     hash.update(b"webhoster-image-v1\0");
     hash.update(suite.as_bytes());
+    hash.update(b"\0");
+    hash.update(agent_sources::hash().as_bytes());
     hash.update(b"\0");
     for (path, content, exec) in FILES {
         hash.update(path.as_bytes());
@@ -131,6 +174,17 @@ mod tests {
         let mut embedded: Vec<String> = FILES.iter().map(|(p, _, _)| p.to_string()).collect();
         embedded.sort();
         assert_eq!(on_disk, embedded, "images/ and recipe::FILES differ");
+    }
+
+    #[test]
+    fn every_agent_source_is_hashed() {
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("agent");
+        let mut on_disk = Vec::new();
+        walk(&base, &base, &mut on_disk);
+        on_disk.sort();
+        let mut hashed: Vec<String> = agent_sources::FILES.iter().map(|(p, _)| p.to_string()).collect();
+        hashed.sort();
+        assert_eq!(on_disk, hashed, "agent/ and agent/src/sources.rs FILES differ");
     }
 
     #[test]
