@@ -30,7 +30,7 @@ run: deps
 
 test: deps test-deps
 	cargo fmt --check
-	# Both packages (webhoster and agent/): the image build puts
+	# Both packages (webhoster and images/agent/): the image build puts
 	# webhoster-seed-agent into the guest.
 	cargo build --quiet
 	cargo run --quiet --bin webhoster -- image build > /dev/null

@@ -37,7 +37,7 @@ pub enum ImageError {
         tail: String,
     },
     #[error(
-        "the guest seed agent binary webhoster-seed-agent was not found next to {} (or in WEBHOSTER_SEED_AGENT): build it with `cargo build` in the repository (it builds agent/ too; make run and make test do)",
+        "the guest seed agent binary webhoster-seed-agent was not found next to {} (or in WEBHOSTER_SEED_AGENT): build it with `cargo build` in the repository (it builds images/agent/ too; make run and make test do)",
         exe.display()
     )]
     AgentMissing { exe: PathBuf },

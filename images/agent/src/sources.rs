@@ -4,8 +4,8 @@
 //! it was built from (`--source-hash`), and the image build refuses a binary
 //! whose hash differs (a stale build).
 
-/// Every file of `agent/` (a unit test of the image recipe checks none is
-/// missing). Paths relative to `agent/`.
+/// Every file of `images/agent/` (a unit test of the image recipe checks none is
+/// missing). Paths relative to `images/agent/`.
 pub const FILES: &[(&str, &str)] = &[
     ("Cargo.toml", include_str!("../Cargo.toml")),
     ("src/apply.rs", include_str!("apply.rs")),
