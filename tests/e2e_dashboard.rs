@@ -46,8 +46,8 @@ async fn fill(b: &Browser, css: &str, value: &str) {
     el.send_keys(value).await.unwrap();
 }
 
-/// The hosting's state as the dashboard's data attribute says (stable across
-/// languages), reloading the page until `want` or the deadline.
+/// Waits until the dashboard's data attribute (stable across languages)
+/// says the hosting is `want`.
 async fn wait_state(b: &Browser, want: &str) {
     let started = Instant::now();
     loop {
@@ -67,11 +67,10 @@ async fn wait_state(b: &Browser, want: &str) {
             started.elapsed() < SETTLE,
             "the dashboard never showed {want}; it shows {state:?}"
         );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        // Without JavaScript's polling the page shows what it had; reload.
-        if state.is_none() || started.elapsed().as_secs() % 5 == 0 {
-            let _ = b.client().refresh().await;
-        }
+        // The page's script reloads it when the state moves; a refresh
+        // here does not depend on that.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let _ = b.client().refresh().await;
     }
 }
 
