@@ -74,6 +74,23 @@ async fn wait_state(b: &Browser, want: &str) {
     }
 }
 
+/// Waits until the browser is on `path` (a form post answers after the
+/// password hash, under load in seconds); says what the page shows if not.
+async fn wait_path(b: &Browser, path: &str) {
+    let started = Instant::now();
+    loop {
+        let url = b.client().current_url().await.unwrap();
+        if url.path() == path {
+            return;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let errors = text_of(b, "main").await.unwrap_or_default();
+            panic!("still at {url}, not {path}; the page says: {errors}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_new_user_lives_the_whole_product_in_the_browser() {
     let mut dep = Deployment::new();
@@ -93,14 +110,12 @@ async fn a_new_user_lives_the_whole_product_in_the_browser() {
     click(&b, "#submit").await;
 
     // 2. Log in (sign-up leads to the log-in page, the name filled in).
-    let url = b.client().current_url().await.unwrap();
-    assert!(url.path() == "/login", "after sign-up: {url}");
+    wait_path(&b, "/login").await;
     b.shot("login").await;
     fill(&b, "#username", &username).await;
     fill(&b, "#password", password).await;
     click(&b, "#submit").await;
-    let url = b.client().current_url().await.unwrap();
-    assert_eq!(url.path(), "/dashboard", "after log-in");
+    wait_path(&b, "/dashboard").await;
 
     // 3. Create, and watch the progress bar move through its steps.
     click(&b, "#create").await;
@@ -221,6 +236,7 @@ async fn a_new_user_lives_the_whole_product_in_the_browser() {
 
     // 6. Delete, after confirming.
     click(&b, "#action-delete").await;
+    wait_path(&b, "/dashboard/delete").await;
     b.shot("confirm-delete").await;
     click(&b, "#confirm").await;
     click(&b, "#confirm-delete").await;
@@ -240,8 +256,7 @@ async fn a_new_user_lives_the_whole_product_in_the_browser() {
 
     // 7. Log out; the back button shows no dashboard.
     click(&b, "#logout").await;
-    let url = b.client().current_url().await.unwrap();
-    assert_ne!(url.path(), "/dashboard");
+    wait_path(&b, "/").await;
     b.client().back().await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let url = b.client().current_url().await.unwrap();
