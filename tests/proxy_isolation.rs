@@ -18,16 +18,19 @@
 //! Every process a test starts (nginx, chromedriver and its chromium) is
 //! stopped in a Drop guard, even when the test panics.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use fantoccini::{Client, ClientBuilder, Locator};
-use serde_json::{Value, json};
+use common::browser::Browser;
+use fantoccini::{Client, Locator};
+use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use webhoster::proxy::{Proxy, ProxyOptions, Site};
 
@@ -657,7 +660,7 @@ struct Seen {
 /// Visit site 2 (`<base>/2/`), then site 1 (`<base>/1/`), in a fresh
 /// browser profile, and read what both pages wrote.
 async fn visit_both(base: &str) -> Seen {
-    let browser = Browser::start().await;
+    let browser = Browser::start("proxy_isolation", None).await;
     let c = browser.client();
     c.goto(&format!("{base}/2/")).await.unwrap();
     let site2 = read_json(c, "site2").await;
@@ -857,97 +860,4 @@ fn wait_for_port(port: u16, what: &str) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-// ---------------------------------------------------------------------------
-// The browser
-
-/// chromedriver on a free loopback port in a process group of its own (the
-/// chromium it starts joins it), with a profile in a temp dir. Drop kills
-/// the whole group, so no browser outlives a failed test.
-struct Browser {
-    driver: Child,
-    client: Option<Client>,
-    _profile: tempfile::TempDir,
-}
-
-/// Flags that work for Debian's chromium headless on these machines.
-const CHROMIUM_ARGS: [&str; 7] = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-    "--no-first-run",
-    "--no-default-browser-check",
-];
-
-impl Browser {
-    async fn start() -> Browser {
-        use std::os::unix::process::CommandExt;
-        let chromium = which("chromium");
-        let chromedriver = which("chromedriver");
-        let port = free_port();
-        let profile = tempfile::Builder::new().prefix("whchrome-").tempdir().unwrap();
-        let driver = Command::new(chromedriver)
-            .arg(format!("--port={port}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .expect("chromedriver starts");
-        let mut browser = Browser {
-            driver,
-            client: None,
-            _profile: profile,
-        };
-        wait_for_port(port, "chromedriver");
-        let mut args: Vec<String> = CHROMIUM_ARGS.iter().map(|a| a.to_string()).collect();
-        args.push(format!("--user-data-dir={}", browser._profile.path().display()));
-        let caps = json!({
-            "browserName": "chrome",
-            "goog:chromeOptions": { "binary": chromium, "args": args },
-        });
-        let Value::Object(caps) = caps else { unreachable!() };
-        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
-        let client = ClientBuilder::new(connector)
-            .capabilities(caps)
-            .connect(&format!("http://127.0.0.1:{port}"))
-            .await
-            .expect("a WebDriver session in chromium");
-        browser.client = Some(client);
-        browser
-    }
-
-    fn client(&self) -> &Client {
-        self.client.as_ref().expect("a session")
-    }
-
-    /// End the session cleanly (chromium exits); Drop does the rest.
-    async fn close(mut self) {
-        if let Some(client) = self.client.take() {
-            let _ = client.close().await;
-        }
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        // The group id is chromedriver's pid (process_group(0) above).
-        let group = nix::unistd::Pid::from_raw(-(self.driver.id() as i32));
-        let _ = nix::sys::signal::kill(group, nix::sys::signal::SIGKILL);
-        let _ = self.driver.wait();
-    }
-}
-
-/// The path of a program from the Debian packages the Makefile installs.
-fn which(program: &str) -> PathBuf {
-    std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|dir| dir.join(program))
-        .find(|p| Path::new(p).is_file())
-        .unwrap_or_else(|| {
-            panic!("{program} is not installed (make test-deps installs chromium and chromium-driver)")
-        })
 }
