@@ -40,7 +40,7 @@ pub(crate) use dto::{Front, HostData};
 pub use error::ApiError;
 pub(crate) use handlers::public_host_of as public_host;
 pub use metrics::Metrics;
-pub use usage::{UsageData, UsageSample};
+pub use usage::UsageData;
 
 use crate::account::Accounts;
 use crate::auth::Auth;

@@ -28,12 +28,15 @@ const MAX_SAMPLES: usize = 3600;
 /// One VM's cumulative counters at one moment. CPU and disk count from its
 /// QEMU's start (a new QEMU starts again at zero); network from its tap's
 /// creation. Consumers take differences and treat a drop as a restart.
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, utoipa::ToSchema)]
 pub struct Sample {
-    /// Unix time, seconds.
+    /// When it was taken, unix seconds.
     pub at: i64,
+    /// CPU time used by the VM's QEMU since it started.
     pub cpu_seconds: f64,
+    /// Resident memory of the VM's QEMU.
     pub rss_bytes: u64,
+    /// Bytes the guest read from and wrote to its drives since its QEMU started.
     pub disk_read_bytes: u64,
     pub disk_write_bytes: u64,
     /// Bytes the guest received and sent on its network interface.
