@@ -28,7 +28,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::browser::Browser;
+use common::browser::{Browser, wait_for_port};
+use common::host::free_port;
 use fantoccini::{Client, Locator};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -109,14 +110,6 @@ fn world_readable_tempdir(prefix: &str) -> tempfile::TempDir {
         .expect("a temp dir");
     std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     tmp
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn site(user_id: i64, username: &str, upstream: SocketAddrV4) -> Site {
@@ -848,16 +841,5 @@ impl Drop for PlainNginx {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGTERM);
         let _ = self.child.wait();
-    }
-}
-
-fn wait_for_port(port: u16, what: &str) {
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "{what} did not listen on {port} within 20 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use fantoccini::{Client, ClientBuilder};
 use serde_json::{Value, json};
 
+use super::host::free_port;
+
 /// Flags that work for Debian's chromium headless on these machines
 /// (../shared/notes/host-and-guest-facts.md).
 const CHROMIUM_ARGS: [&str; 8] = [
@@ -44,15 +46,8 @@ pub fn artifacts_dir(test: &str) -> PathBuf {
     target.join("test-artifacts").join(test)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind(("127.0.0.1", 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_for_port(port: u16, what: &str) {
+/// Waits (20 s at most) until something listens on loopback `port`.
+pub fn wait_for_port(port: u16, what: &str) {
     let started = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(
