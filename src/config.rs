@@ -243,6 +243,14 @@ pub struct ServeArgs {
     #[arg(long, env = "WEBHOSTER_CONCURRENT_CREATES", default_value_t = 4)]
     pub concurrent_creates: usize,
 
+    /// Warm clones kept ready for creates: guests restored and paused from
+    /// a template (booted and saved once per image, plan and QEMU), which a
+    /// create personalises in seconds instead of booting a new guest.
+    /// Refilled in the background while no create runs. 0: every create
+    /// boots cold.
+    #[arg(long, env = "WEBHOSTER_WARM_POOL", default_value_t = 2)]
+    pub warm_pool: usize,
+
     /// On SIGTERM/SIGINT, also stop every guest cleanly (ACPI power-down, a
     /// bounded wait, then quit), as a host shutdown wants. Without it guests
     /// keep running and the next `serve` reattaches to them.

@@ -575,6 +575,13 @@ async fn system(db: Db) {
     for n in ["database", "qemu", "accel", "image", "namespace", "nginx", "disk"] {
         assert!(names.contains(&n), "{n} missing in {names:?}");
     }
+    let pool = &b["data"]["pool"];
+    assert_eq!(
+        (pool["ready"].as_u64(), pool["target"].as_u64()),
+        (Some(0), Some(0)),
+        "{b}"
+    );
+    assert_eq!(pool["template"]["state"], "absent", "{b}");
     // Health is a snapshot taken every few seconds: a part going down shows
     // within one period.
     api.world.set_unhealthy("nginx", true);
@@ -688,7 +695,12 @@ async fn system(db: Db) {
         "webhoster_http_requests_total{route=\"unmatched\",status=\"4xx\"} 1",
         "webhoster_http_request_duration_seconds_bucket{route=\"/api/v1/host\",le=\"+Inf\"} 1",
         "webhoster_hostings{status=\"running\"} 1",
-        "webhoster_create_duration_seconds_count 1",
+        "webhoster_create_duration_seconds_count{path=\"cold\"} 1",
+        "webhoster_create_duration_seconds_count{path=\"warm\"} 0",
+        "webhoster_create_step_duration_seconds_count{path=\"cold\",step=\"spawn\"} 1",
+        "webhoster_create_fallbacks_total 0",
+        "webhoster_pool_ready 0",
+        "webhoster_pool_target 0",
         "# TYPE webhoster_vm_cpu_seconds_total counter",
         &format!("webhoster_vm_cpu_seconds_total{{vm_id=\"{vm_id}\"}} 3"),
         &format!("webhoster_vm_memory_rss_bytes{{vm_id=\"{vm_id}\"}} 209715200"),

@@ -16,8 +16,11 @@ use reqwest::Method;
 
 use common::control::{Db, TestApi, TestDb, fast_hosting_config};
 use common::fakes::{FakeWorld, step_method};
+use webhoster::hosting::pool::TemplateState;
 use webhoster::hosting::ports::{GuestBoot, VmNetwork, VmRunState};
-use webhoster::hosting::{Desired, HostingError, HostingService, HostingState, Step};
+use webhoster::hosting::{
+    CreatePath, Desired, HostingConfig, HostingError, HostingService, HostingState, Step,
+};
 use webhoster::store::{StepState, Store, User};
 
 const KEY: &str =
@@ -63,10 +66,21 @@ impl Rig {
     }
 }
 
+/// The steps of a create without a warm clone.
+const COLD: [Step; Step::PER_CREATE] = [
+    Step::Seed,
+    Step::Disk,
+    Step::Tap,
+    Step::Spawn,
+    Step::Forward,
+    Step::Ready,
+    Step::Proxy,
+    Step::Publish,
+];
+
 /// The "do" method of each step that ran, from the call log, in order.
 fn done_steps(calls: &[String]) -> Vec<Step> {
-    Step::ALL
-        .into_iter()
+    COLD.into_iter()
         .filter(|s| calls.iter().any(|c| c.starts_with(step_method(*s))))
         .collect()
 }
@@ -95,7 +109,7 @@ fn undoable(steps: &[Step]) -> Vec<Step> {
 
 async fn rollback_at_every_step(db: Db) {
     let rig = Rig::new(db).await;
-    for (i, step) in Step::ALL.into_iter().enumerate() {
+    for (i, step) in COLD.into_iter().enumerate() {
         let user = rig.user(&format!("user{i}")).await;
         rig.world.clear_faults();
         rig.world.fail_on(step_method(step));
@@ -109,7 +123,7 @@ async fn rollback_at_every_step(db: Db) {
         let calls = rig.world.calls()[before..].to_vec();
         // Every step up to the failed one ran, in order; none after it.
         let ran = done_steps(&calls);
-        assert_eq!(ran, Step::ALL[..=i].to_vec(), "step {step:?}: {calls:?}");
+        assert_eq!(ran, COLD[..=i].to_vec(), "step {step:?}: {calls:?}");
         // The touched steps (the failed one included: it may have half-run)
         // are undone in exact reverse order, then the VM leftovers destroyed.
         let mut want = undoable(&ran);
@@ -135,7 +149,7 @@ async fn rollback_at_every_step(db: Db) {
     let created = rig.svc.create(&user, key(), true).await.unwrap();
     assert_eq!(created.hosting.state, HostingState::Running);
     let journal = rig.store.steps(created.hosting.id).await.unwrap();
-    assert_eq!(journal.len(), Step::ALL.len());
+    assert_eq!(journal.len(), Step::PER_CREATE);
     assert!(journal.iter().all(|r| r.state == StepState::Done), "{journal:?}");
     drop(rig.db);
 }
@@ -172,7 +186,7 @@ async fn failed_undo_keeps_the_row_until_delete(db: Db) {
 
 async fn crash_at_every_step_is_undone_on_restart(db: Db) {
     let mut rig = Rig::new(db).await;
-    for (i, step) in Step::ALL.into_iter().enumerate() {
+    for (i, step) in COLD.into_iter().enumerate() {
         let user = rig.user(&format!("crash{i}")).await;
         rig.world.clear_faults();
         rig.world.hang_on(step_method(step));
@@ -651,7 +665,176 @@ async fn creates_queue_in_order(db: Db) {
     drop(rig.db);
 }
 
+/// A service whose pool keeps `n` warm clones, on fakes that make them.
+fn with_pool(rig: &mut Rig, n: usize) {
+    rig.world.enable_templates();
+    rig.svc = HostingService::new(
+        rig.store.clone(),
+        rig.world.ports(),
+        HostingConfig {
+            warm_pool: n,
+            ..fast_hosting_config()
+        },
+    );
+}
+
+async fn wait_pool_ready(svc: &HostingService, n: usize) {
+    for _ in 0..500 {
+        if svc.pool().status().ready >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the pool never had {n} ready: {:?}", svc.pool().status());
+}
+
+async fn a_create_takes_a_warm_clone_and_the_pool_refills(db: Db) {
+    let mut rig = Rig::new(db).await;
+    with_pool(&mut rig, 2);
+    let task = rig.svc.spawn_pool().expect("a pool task");
+    wait_pool_ready(&rig.svc, 2).await;
+    let ready_before: Vec<String> = rig.world.held().clones.into_iter().collect();
+    let user = rig.user("wendy").await;
+    let before = rig.world.calls().len();
+    let h = rig.svc.create(&user, key(), true).await.unwrap().hosting;
+    assert_eq!(h.state, HostingState::Running);
+    assert!(ready_before.contains(&h.vm_id), "the row took a clone's vm_id");
+    let calls = rig.world.calls()[before..].to_vec();
+    assert!(
+        calls.iter().any(|c| c.starts_with("engine.resume_clone")),
+        "{calls:?}"
+    );
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.starts_with("engine.spawn ") || c.starts_with("engine.create_disk")),
+        "no boot, no new disk: {calls:?}"
+    );
+    // The clone's tap got the hosting's guard.
+    let tap = rig.world.tap_name(&h.vm_id);
+    assert_eq!(rig.world.held().guards.get(&tap).unwrap().1.to_string(), h.vm_ip);
+    let journal = rig.store.steps(h.id).await.unwrap();
+    let names: Vec<&str> = journal.iter().map(|r| r.step.as_str()).collect();
+    assert_eq!(names.len(), Step::PER_CREATE);
+    for step in CreatePath::Warm.steps() {
+        assert!(names.contains(&step.name()), "{names:?}");
+    }
+    assert_eq!(rig.svc.create_metrics().count(CreatePath::Warm), 1);
+    // The reaper leaves the pool's clones and the hosting alone.
+    let reaped = rig.svc.reap().await.unwrap();
+    assert!(reaped.is_empty(), "{reaped:?}");
+    wait_pool_ready(&rig.svc, 2).await;
+    assert_eq!(rig.svc.pool().status().claimed_total, 1);
+    // Delete leaves nothing of the hosting; the clones are the pool's.
+    rig.svc.delete(user.id).await.unwrap();
+    task.abort();
+    let held = rig.world.held();
+    assert_eq!(held.clones.len(), 2, "{held:?}");
+    assert!(
+        !held.disks.contains(&h.vm_id) && !held.taps.contains(&tap),
+        "{held:?}"
+    );
+    // A restarted service does not know the old clones: the reaper takes them.
+    rig.restart();
+    let reaped = rig.svc.reap().await.unwrap();
+    assert_eq!(reaped.vms.len(), 2, "{reaped:?}");
+    assert!(rig.world.held().is_empty(), "{:?}", rig.world.held());
+    drop(rig.db);
+}
+
+async fn a_clone_that_fails_to_personalise_falls_back_to_cold(db: Db) {
+    let mut rig = Rig::new(db).await;
+    with_pool(&mut rig, 1);
+    let task = rig.svc.spawn_pool().unwrap();
+    wait_pool_ready(&rig.svc, 1).await;
+    task.abort();
+    rig.world.fail_on("engine.resume_clone");
+    let user = rig.user("fallback").await;
+    let before = rig.world.calls().len();
+    let h = rig.svc.create(&user, key(), true).await.unwrap().hosting;
+    assert_eq!(
+        h.state,
+        HostingState::Running,
+        "a pool problem never fails a create"
+    );
+    let calls = rig.world.calls()[before..].to_vec();
+    let at = |m: &str| {
+        calls
+            .iter()
+            .position(|c| c.starts_with(m))
+            .unwrap_or_else(|| panic!("{m}: {calls:?}"))
+    };
+    assert!(at("engine.resume_clone") < at("engine.destroy"), "{calls:?}");
+    assert!(
+        at("engine.destroy") < at("engine.spawn "),
+        "the same row boots cold: {calls:?}"
+    );
+    let held = rig.world.held();
+    assert!(
+        held.clones.is_empty() && held.vms.get(&h.vm_id) == Some(&true),
+        "{held:?}"
+    );
+    assert_eq!(rig.svc.create_metrics().count(CreatePath::Cold), 1);
+    assert_eq!(rig.svc.pool().status().discarded_total, 1);
+    rig.world.clear_faults();
+    rig.svc.delete(user.id).await.unwrap();
+    assert!(rig.world.held().is_empty(), "{:?}", rig.world.held());
+    drop(rig.db);
+}
+
+async fn a_dead_clone_is_replaced_and_no_pool_means_cold(db: Db) {
+    let mut rig = Rig::new(db).await;
+    with_pool(&mut rig, 1);
+    let task = rig.svc.spawn_pool().unwrap();
+    wait_pool_ready(&rig.svc, 1).await;
+    let first: String = rig.world.held().clones.into_iter().next().unwrap();
+    rig.world.crash_clone(&first);
+    for _ in 0..500 {
+        let clones = rig.world.held().clones;
+        if clones.len() == 1 && !clones.contains(&first) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let held = rig.world.held();
+    assert!(
+        held.clones.len() == 1 && !held.clones.contains(&first),
+        "{held:?}"
+    );
+    assert!(
+        !held.disks.contains(&first),
+        "the dead clone's parts are gone: {held:?}"
+    );
+    task.abort();
+    // Parts that make no templates: the pool says so and creates boot cold.
+    let mut plain = Rig::new(db).await;
+    plain.svc = HostingService::new(
+        plain.store.clone(),
+        plain.world.ports(),
+        HostingConfig {
+            warm_pool: 2,
+            ..fast_hosting_config()
+        },
+    );
+    let task = plain.svc.spawn_pool().unwrap();
+    for _ in 0..500 {
+        if task.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(plain.svc.pool().status().template, TemplateState::Unsupported);
+    let user = plain.user("coldonly").await;
+    plain.svc.create(&user, key(), true).await.unwrap();
+    assert_eq!(plain.svc.create_metrics().count(CreatePath::Cold), 1);
+    drop(plain.db);
+    drop(rig.db);
+}
+
 both_backends!(
+    a_create_takes_a_warm_clone_and_the_pool_refills,
+    a_clone_that_fails_to_personalise_falls_back_to_cold,
+    a_dead_clone_is_replaced_and_no_pool_means_cold,
     rollback_at_every_step,
     failed_undo_keeps_the_row_until_delete,
     crash_at_every_step_is_undone_on_restart,

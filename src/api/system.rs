@@ -54,6 +54,8 @@ pub struct DetailedHealthData<'a> {
     /// Hostings by status; statuses without hostings are left out.
     pub vms_by_status: &'a BTreeMap<String, i64>,
     pub creates_in_flight: usize,
+    /// The warm pool (clones ready for a create).
+    pub pool: crate::hosting::pool::PoolStatus,
     pub checked_seconds_ago: f64,
 }
 
@@ -205,6 +207,7 @@ pub async fn health_detailed(req: &Request<'_>) -> Reply {
             .collect(),
         vms_by_status: &snapshot.vms_by_status,
         creates_in_flight: state.hosting.creates_in_flight(),
+        pool: state.hosting.pool().status(),
         checked_seconds_ago: age_seconds(&snapshot),
     };
     if healthy {
@@ -223,6 +226,28 @@ pub async fn health_detailed(req: &Request<'_>) -> Reply {
             Some("unhealthy"),
         ))
     }
+}
+
+/// The warm pool's gauges and counters.
+fn render_pool(out: &mut String, pool: &crate::hosting::pool::PoolStatus) {
+    use crate::hosting::pool::TemplateState;
+    let template_ready = u8::from(matches!(pool.template, TemplateState::Ready { .. }));
+    let _ = write!(
+        out,
+        "# HELP webhoster_pool_ready Warm clones restored and paused, ready for a create.\n\
+         # TYPE webhoster_pool_ready gauge\nwebhoster_pool_ready {}\n\
+         # HELP webhoster_pool_target Warm clones the pool keeps ready (--warm-pool).\n\
+         # TYPE webhoster_pool_target gauge\nwebhoster_pool_target {}\n\
+         # HELP webhoster_pool_filling Warm clones being made.\n\
+         # TYPE webhoster_pool_filling gauge\nwebhoster_pool_filling {}\n\
+         # HELP webhoster_pool_template_ready 1 when the template clones come from is loaded.\n\
+         # TYPE webhoster_pool_template_ready gauge\nwebhoster_pool_template_ready {template_ready}\n\
+         # HELP webhoster_pool_claimed_total Warm clones taken by creates.\n\
+         # TYPE webhoster_pool_claimed_total counter\nwebhoster_pool_claimed_total {}\n\
+         # HELP webhoster_pool_discarded_total Warm clones thrown away (crashed, failed to restore or personalise).\n\
+         # TYPE webhoster_pool_discarded_total counter\nwebhoster_pool_discarded_total {}\n",
+        pool.ready, pool.target, pool.filling, pool.claimed_total, pool.discarded_total
+    );
 }
 
 pub async fn version(req: &Request<'_>) -> Reply {
@@ -248,11 +273,8 @@ pub async fn metrics(req: &Request<'_>) -> Reply {
         let n = counts.get(s.as_str()).copied().unwrap_or(0);
         let _ = writeln!(out, "webhoster_hostings{{status=\"{}\"}} {n}", s.as_str());
     }
-    out.push_str("# HELP webhoster_create_duration_seconds Time from create request to a published site.\n# TYPE webhoster_create_duration_seconds histogram\n");
-    state
-        .hosting
-        .create_durations()
-        .render(&mut out, "webhoster_create_duration_seconds", "");
+    state.hosting.create_metrics().render(&mut out);
+    render_pool(&mut out, &state.hosting.pool().status());
     let _ = writeln!(
         out,
         "# TYPE webhoster_uptime_seconds gauge\nwebhoster_uptime_seconds {}",

@@ -352,6 +352,10 @@ impl VmNetwork for NetworkAdapter {
         Ok(self.get().await.create_tap(vm_id, mac, guest_ip).await?)
     }
 
+    async fn create_mute_tap(&self, vm_id: &str) -> Result<String, PortError> {
+        Ok(self.get().await.create_mute_tap(vm_id).await?)
+    }
+
     async fn delete_tap(&self, vm_id: &str) -> Result<(), PortError> {
         Ok(self.get().await.delete_tap(vm_id).await?)
     }

@@ -342,6 +342,7 @@ pub async fn run_with(paths: Paths, args: ServeArgs, backends: Backends) -> anyh
         converge_every: crate::hosting::converge::INTERVAL,
         budget: backends.budget,
         backups_keep: args.backups_keep,
+        warm_pool: args.warm_pool,
     };
     let Backends {
         ports, engine, meter, ..
@@ -362,6 +363,8 @@ pub async fn run_with(paths: Paths, args: ServeArgs, backends: Backends) -> anyh
     tracing::info!(seconds = started.elapsed().as_secs_f64(), repaired = ?pass.repaired, "first convergence pass done");
     let follower = hosting.follow_engine();
     let convergence = hosting.spawn_convergence();
+    // After the reaper: clones of an earlier run were its to remove.
+    let pool = hosting.spawn_pool();
     let state = ApiState::new(
         store.clone(),
         auth,
@@ -434,6 +437,9 @@ pub async fn run_with(paths: Paths, args: ServeArgs, backends: Backends) -> anyh
     // Creates still running are cut where they stand; the journal lets the
     // next start undo them.
     convergence.abort();
+    if let Some(pool) = pool {
+        pool.abort();
+    }
     if let Some(sampler) = sampler {
         sampler.abort();
     }

@@ -24,6 +24,7 @@ pub mod admission;
 pub mod alloc;
 pub mod backups;
 pub mod converge;
+pub mod pool;
 pub mod ports;
 pub mod probe;
 pub mod reaper;
@@ -47,8 +48,8 @@ use crate::store::{Conflict, Hosting, NewHosting, StepState, Store, StoreError, 
 
 pub use ports::{PortError, Ports};
 pub use state::{Desired, HostingState, InvalidTransition};
-pub use stats::Histogram;
-pub use steps::{Job, NotReady, Readiness, Step};
+pub use stats::{CreateMetrics, Histogram};
+pub use steps::{CreatePath, Job, NotReady, Readiness, Step};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostingError {
@@ -131,6 +132,8 @@ pub struct HostingConfig {
     pub budget: admission::Budget,
     /// Complete backups kept per hosting; older ones are deleted.
     pub backups_keep: usize,
+    /// Warm clones kept ready (`--warm-pool`); 0: every create boots cold.
+    pub warm_pool: usize,
 }
 
 impl Default for HostingConfig {
@@ -145,6 +148,7 @@ impl Default for HostingConfig {
             converge_every: converge::INTERVAL,
             budget: admission::Budget::UNLIMITED,
             backups_keep: backups::DEFAULT_KEEP,
+            warm_pool: 0,
         }
     }
 }
@@ -172,6 +176,11 @@ pub struct Recovery {
 
 const ALLOC_ATTEMPTS: usize = 64;
 
+/// How long a warm clone may take to answer once personalised before the
+/// create gives up on it and boots cold: seconds when all is well, so a
+/// minute means something is wrong with the clone, not the host.
+const WARM_READY: Duration = Duration::from_secs(60);
+
 pub struct HostingService {
     store: Store,
     ports: Ports,
@@ -181,8 +190,9 @@ pub struct HostingService {
     locks: Mutex<HashMap<i64, Arc<tokio::sync::Mutex<()>>>>,
     /// Creates in flight, by hosting id: a DELETE aborts them.
     creates: Mutex<HashMap<i64, AbortHandle>>,
-    create_durations: Histogram,
+    create_metrics: CreateMetrics,
     queue: admission::Queue,
+    pool: pool::Pool,
     /// Why the last create of a user failed (the row is gone, so a
     /// `?wait=false` caller learns it from here).
     last_failure: Mutex<HashMap<i64, String>>,
@@ -203,12 +213,13 @@ impl HostingService {
     pub fn new(store: Store, ports: Ports, cfg: HostingConfig) -> Arc<HostingService> {
         Arc::new(HostingService {
             queue: admission::Queue::new(&cfg.budget),
+            pool: pool::Pool::new(cfg.warm_pool),
             store,
             ports,
             cfg,
             locks: Mutex::new(HashMap::new()),
             creates: Mutex::new(HashMap::new()),
-            create_durations: Histogram::new(stats::CREATE_BUCKETS),
+            create_metrics: CreateMetrics::default(),
             last_failure: Mutex::new(HashMap::new()),
             backups_running: Mutex::new(HashMap::new()),
         })
@@ -222,8 +233,8 @@ impl HostingService {
         &self.ports
     }
 
-    pub fn create_durations(&self) -> &Histogram {
-        &self.create_durations
+    pub fn create_metrics(&self) -> &CreateMetrics {
+        &self.create_metrics
     }
 
     fn lock_of(&self, id: i64) -> Arc<tokio::sync::Mutex<()>> {
@@ -290,7 +301,7 @@ impl HostingService {
     }
 
     /// The steps' view of a hosting row.
-    fn job(&self, h: &Hosting, username: &str, keys: Vec<SshPublicKey>) -> Job {
+    fn job(&self, h: &Hosting, username: &str, keys: Vec<SshPublicKey>, path: CreatePath) -> Job {
         let subnet = self.ports.network.subnet();
         let guest_ip = h.vm_ip.parse().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
         Job {
@@ -315,6 +326,7 @@ impl HostingService {
             },
             prefix_len: subnet.prefix_len(),
             gateway: self.ports.network.gateway(),
+            path,
         }
     }
 
@@ -327,20 +339,27 @@ impl HostingService {
             .await?
             .map(|u| u.username)
             .unwrap_or_default();
-        Ok(self.job(h, &username, Vec::new()))
+        Ok(self.job(h, &username, Vec::new(), CreatePath::Cold))
     }
 
-    /// Inserts the row with fresh allocations; a candidate another create
-    /// took first is replaced by the next one.
-    async fn allocate(&self, user_id: i64) -> Result<Hosting, HostingError> {
+    /// Inserts the row with fresh allocations (the vm_id and MAC of a warm
+    /// clone when one was taken); a candidate another create took first is
+    /// replaced by the next one.
+    async fn allocate(&self, user_id: i64, clone: Option<&pool::WarmClone>) -> Result<Hosting, HostingError> {
         let net = &self.ports.network;
         for _ in 0..ALLOC_ATTEMPTS {
             let used = self.store.used_allocations().await?;
             let ip = alloc::pick_ip(net.subnet(), &used.ips).ok_or(HostingError::SubnetFull)?;
             let port = alloc::pick_port(&self.cfg.ssh_ports, &used.ports, |p| net.port_is_free(p))
                 .ok_or(HostingError::PortsFull)?;
-            let vm_id = alloc::new_vm_id();
-            let mac = alloc::mac_for(&vm_id);
+            let (vm_id, mac) = match clone {
+                Some(c) => (c.vm_id.clone(), c.mac.clone()),
+                None => {
+                    let vm_id = alloc::new_vm_id();
+                    let mac = alloc::mac_for(&vm_id);
+                    (vm_id, mac)
+                }
+            };
             let new = NewHosting {
                 user_id,
                 vm_id: &vm_id,
@@ -403,10 +422,26 @@ impl HostingService {
                 }
             }
         };
-        let hosting = self.allocate(user.id).await?;
+        let clone = self.pool.take();
+        let hosting = match self.allocate(user.id, clone.as_ref()).await {
+            Ok(h) => h,
+            Err(e) => {
+                if let Some(c) = clone {
+                    self.pool.put_back(c);
+                }
+                return Err(e);
+            }
+        };
+        let path = match clone {
+            Some(c) => {
+                self.pool.handed_over(&c.vm_id);
+                CreatePath::Warm
+            }
+            None => CreatePath::Cold,
+        };
         let span = vm_span(&hosting.vm_id);
-        info!(parent: &span, user_id = user.id, ip = %hosting.vm_ip, ssh_port = hosting.ssh_port, "create: allocated");
-        let job = self.job(&hosting, &user.username, keys);
+        info!(parent: &span, user_id = user.id, ip = %hosting.vm_ip, ssh_port = hosting.ssh_port, %path, "create: allocated");
+        let job = self.job(&hosting, &user.username, keys, path);
         locked(&self.last_failure).remove(&user.id);
         // Taken before the task exists, so a DELETE that comes right after
         // the 202 waits for (and cancels) this create rather than racing it.
@@ -518,18 +553,26 @@ impl HostingService {
             .await
             .map_err(|e| CreateFailure::After(e.into()))?
             .ok_or(CreateFailure::After(HostingError::NotFound))?;
-        for step in Step::ALL {
-            touched.push(step);
-            let at = Instant::now();
-            if let Err(source) = self.run_step(&mut h, step, job).await {
-                warn!(step = step.name(), error = %chain(&source), "create failed; undoing");
-                return Err(CreateFailure::Step(step, source));
+        let mut path = job.path;
+        let mut timings: Vec<(Step, f64)> = Vec::with_capacity(Step::PER_CREATE);
+        loop {
+            match self.run_path(&mut h, path, job, touched, &mut timings).await {
+                Ok(()) => break,
+                Err((step, source)) if path == CreatePath::Warm => {
+                    // A pool problem never fails a create: the clone goes, and
+                    // the same row boots cold.
+                    warn!(step = step.name(), error = %chain(&source), "create: the warm clone failed; discarding it and booting cold");
+                    self.create_metrics.fell_back();
+                    self.pool.count_discard();
+                    self.discard_warm(job, touched).await;
+                    timings.clear();
+                    path = CreatePath::Cold;
+                }
+                Err((step, source)) => {
+                    warn!(step = step.name(), error = %chain(&source), "create failed; undoing");
+                    return Err(CreateFailure::Step(step, source));
+                }
             }
-            tracing::debug!(
-                step = step.name(),
-                ms = at.elapsed().as_millis() as u64,
-                "create: step done"
-            );
         }
         let finish = async {
             for key in &job.keys {
@@ -539,13 +582,78 @@ impl HostingService {
         };
         finish.await.map_err(CreateFailure::After)?;
         let took = started.elapsed();
-        self.create_durations.observe(took.as_secs_f64());
-        info!(seconds = took.as_secs_f64(), "create: running");
+        self.create_metrics.observe_create(path, took.as_secs_f64());
+        for (step, seconds) in &timings {
+            self.create_metrics.observe_step(path, *step, *seconds);
+        }
+        let steps: Vec<String> = timings
+            .iter()
+            .map(|(step, s)| format!("{} {:.2}", step.name(), s))
+            .collect();
+        info!(%path, seconds = took.as_secs_f64(), steps = %steps.join(", "), "create: running");
         Ok(h)
     }
 
+    /// Runs the steps of `path`, recording each one's time. The error names
+    /// the step that failed.
+    async fn run_path(
+        &self,
+        h: &mut Hosting,
+        path: CreatePath,
+        job: &Job,
+        touched: &mut Vec<Step>,
+        timings: &mut Vec<(Step, f64)>,
+    ) -> Result<(), (Step, PortError)> {
+        let ready = match path {
+            CreatePath::Cold => self.cfg.ready,
+            CreatePath::Warm => Readiness {
+                timeout: self.cfg.ready.timeout.min(WARM_READY),
+                ..self.cfg.ready
+            },
+        };
+        for step in path.steps() {
+            touched.push(step);
+            let at = Instant::now();
+            self.run_step(h, step, job, ready).await.map_err(|e| (step, e))?;
+            timings.push((step, at.elapsed().as_secs_f64()));
+        }
+        Ok(())
+    }
+
+    /// Undoes what the warm steps did and removes the clone's VM, leaving
+    /// the row for the cold path. What could not be undone stays in
+    /// `touched`, for the final rollback if the cold path fails too.
+    async fn discard_warm(&self, job: &Job, touched: &mut Vec<Step>) {
+        let mut left = Vec::new();
+        for step in touched.iter().rev() {
+            match steps::undo(*step, job, &self.ports).await {
+                Ok(()) => {
+                    let _ = self
+                        .store
+                        .record_step(job.hosting_id, step.seq(), step.name(), StepState::Undone)
+                        .await;
+                }
+                Err(e) => {
+                    warn!(step = step.name(), error = %chain(&e), "discarding the warm clone: undo failed");
+                    left.push(*step);
+                }
+            }
+        }
+        if let Err(e) = self.ports.engine.destroy(&job.launch.vm_id).await {
+            warn!(error = %chain(&e), "discarding the warm clone: removing its VM");
+        }
+        left.reverse();
+        *touched = left;
+    }
+
     /// Journals and runs one step. A journal write that fails fails the step.
-    async fn run_step(&self, h: &mut Hosting, step: Step, job: &Job) -> Result<(), PortError> {
+    async fn run_step(
+        &self,
+        h: &mut Hosting,
+        step: Step,
+        job: &Job,
+        ready: Readiness,
+    ) -> Result<(), PortError> {
         let id = job.hosting_id;
         self.set_state(h, HostingState::Creating, Some(step), None)
             .await
@@ -556,7 +664,7 @@ impl HostingService {
         self.store
             .record_step(id, step.seq(), step.name(), StepState::Pending)
             .await?;
-        steps::run(step, job, &self.ports, self.cfg.ready).await?;
+        steps::run(step, job, &self.ports, ready).await?;
         self.store
             .record_step(id, step.seq(), step.name(), StepState::Done)
             .await?;
@@ -673,7 +781,7 @@ impl HostingService {
 
     /// Undoes every step (all undos are idempotent) and deletes the row.
     async fn teardown(&self, h: &Hosting) -> Result<(), (String, PortError)> {
-        let job = self.job(h, "", Vec::new());
+        let job = self.job(h, "", Vec::new(), CreatePath::Cold);
         self.rollback(&job, &Step::ALL).await.map_err(|left| {
             warn!(%left, "teardown: not everything could be removed yet");
             (left.clone(), PortError::Probe(left))
@@ -686,7 +794,7 @@ impl HostingService {
         let mut report = Recovery::default();
         for h in self.store.all_hostings().await? {
             let span = vm_span(&h.vm_id);
-            let job = self.job(&h, "", Vec::new());
+            let job = self.job(&h, "", Vec::new(), CreatePath::Cold);
             let (list, result) = match h.state {
                 HostingState::Creating => {
                     let journal = self.store.steps(h.id).await?;

@@ -41,6 +41,9 @@ pub enum PortError {
     Probe(String),
     #[error(transparent)]
     NotReady(#[from] super::steps::NotReady),
+    /// These parts cannot do it (fakes, a host without templates).
+    #[error("not supported here: {0}")]
+    Unsupported(&'static str),
 }
 
 /// Everything the engine needs to know about one hosting's VM; the adapter
@@ -154,6 +157,23 @@ pub trait VmEngine: Send + Sync {
     /// Puts the stopped VM's disk back to a backup (old disk kept until the
     /// new one is whole).
     async fn restore_disk(&self, vm_id: &str, id: i64) -> Result<(), PortError>;
+    /// Loads the template warm clones come from (the current image, plan
+    /// and QEMU), or boots and saves it when there is none: slow, once per
+    /// key. Returns its key.
+    async fn prepare_template(&self) -> Result<String, PortError> {
+        Err(PortError::Unsupported("templates"))
+    }
+    /// A warm clone of the template: its disk (on the template's), a seed
+    /// placeholder and a QEMU restored and paused on its tap.
+    async fn spawn_clone(&self, _vm: &VmLaunch) -> Result<(), PortError> {
+        Err(PortError::Unsupported("templates"))
+    }
+    /// Runs a paused clone again and has its agent apply the seed now in its
+    /// seed file (identity, users, address); from then on the VM is a plain
+    /// one that boots from its own disk.
+    async fn resume_clone(&self, _vm_id: &str) -> Result<(), PortError> {
+        Err(PortError::Unsupported("templates"))
+    }
     /// State changes the engine saw.
     fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<VmStateEvent>> {
         None
@@ -192,6 +212,12 @@ pub trait VmNetwork: Send + Sync {
     /// `guest_ip`; the host side never learns another mapping for them) and
     /// returns its name. On an existing tap it puts back a missing guard.
     async fn create_tap(&self, vm_id: &str, mac: &str, guest_ip: Ipv4Addr) -> Result<String, PortError>;
+    /// Creates the VM's tap with no guard and off the bridge: it can carry
+    /// nothing until `create_tap` puts its guard in (a warm clone waiting
+    /// for its address).
+    async fn create_mute_tap(&self, _vm_id: &str) -> Result<String, PortError> {
+        Err(PortError::Unsupported("mute taps"))
+    }
     /// Deletes the VM's tap and its guard.
     async fn delete_tap(&self, vm_id: &str) -> Result<(), PortError>;
     async fn add_forward(&self, vm_id: &str, host_port: u16, guest_ip: Ipv4Addr) -> Result<(), PortError>;

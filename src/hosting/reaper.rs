@@ -6,6 +6,8 @@
 //! Order matters: what exists is listed *before* the hostings are read, so a
 //! create that inserts its row and then makes its tap between the two reads
 //! is never mistaken for an orphan (its row is seen by the second read).
+//! The warm pool's clones are no hosting's but are not orphans either:
+//! `Pool::owned` names them.
 
 use std::collections::HashSet;
 
@@ -43,9 +45,11 @@ impl HostingService {
             Vec::new()
         });
         let inventory = ports.network.inventory().await;
-        // Read after the listings: see the module docs.
+        // Read after the listings: see the module docs. The pool's set before
+        // the hostings: a claimed clone leaves the set only once its row exists.
+        let pooled = self.pool().owned();
         let hostings = self.store.all_hostings().await?;
-        let known: HashSet<String> = hostings.iter().map(|h| h.vm_id.clone()).collect();
+        let known: HashSet<String> = hostings.iter().map(|h| h.vm_id.clone()).chain(pooled).collect();
         let users: HashSet<i64> = hostings.iter().map(|h| h.user_id).collect();
 
         let mut reaped = Reaped::default();

@@ -161,17 +161,22 @@ impl fmt::Display for Desired {
     }
 }
 
-/// The steps of a create, in order (their work and undo are in `steps`).
+/// The steps of a create (their work and undo are in `steps`). Each create
+/// runs the steps of its [`CreatePath`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Step {
     /// Render cloud-init and write the seed ISO.
     Seed,
     /// qcow2 overlay on the base image.
     Disk,
+    /// A warm clone, taken from the pool, is still there and paused.
+    Claim,
     /// Tap in the namespace, on the bridge.
     Tap,
     /// QEMU running.
     Spawn,
+    /// The warm clone runs again and its agent applied the user's seed.
+    Resume,
     /// Host SSH port to guest :22.
     Forward,
     /// Guest answers HTTP :80 and SSH :22.
@@ -182,24 +187,68 @@ pub enum Step {
     Publish,
 }
 
+/// How a create gets its VM: a cold boot of a new disk, or a clone restored
+/// from the template (the warm pool).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CreatePath {
+    Cold,
+    Warm,
+}
+
+impl CreatePath {
+    pub const ALL: [CreatePath; 2] = [CreatePath::Cold, CreatePath::Warm];
+
+    /// The steps, in order. Both paths have as many, and the same step at
+    /// each place except the VM's own (disk/claim, spawn/resume), so a
+    /// progress bar reads the same.
+    pub fn steps(self) -> [Step; Step::PER_CREATE] {
+        use Step::*;
+        match self {
+            CreatePath::Cold => [Seed, Disk, Tap, Spawn, Forward, Ready, Proxy, Publish],
+            CreatePath::Warm => [Seed, Claim, Tap, Resume, Forward, Ready, Proxy, Publish],
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CreatePath::Cold => "cold",
+            CreatePath::Warm => "warm",
+        }
+    }
+}
+
+impl fmt::Display for CreatePath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl Step {
-    pub const ALL: [Step; 8] = [
+    /// Every step of both paths, in journal order (undo runs in reverse).
+    pub const ALL: [Step; 10] = [
         Step::Seed,
         Step::Disk,
+        Step::Claim,
         Step::Tap,
         Step::Spawn,
+        Step::Resume,
         Step::Forward,
         Step::Ready,
         Step::Proxy,
         Step::Publish,
     ];
 
+    /// Steps one create runs.
+    pub const PER_CREATE: usize = 8;
+
     pub fn name(self) -> &'static str {
         match self {
             Step::Seed => "seed",
             Step::Disk => "disk",
+            Step::Claim => "claim",
             Step::Tap => "tap",
             Step::Spawn => "spawn",
+            Step::Resume => "resume",
             Step::Forward => "forward",
             Step::Ready => "ready",
             Step::Proxy => "proxy",
@@ -214,6 +263,15 @@ impl Step {
     /// Position in the journal.
     pub fn seq(self) -> i64 {
         Step::ALL.iter().position(|s| *s == self).unwrap_or(0) as i64 + 1
+    }
+
+    /// 1-based place in its create (for progress): the same on both paths.
+    pub fn place(self) -> usize {
+        CreatePath::ALL
+            .iter()
+            .find_map(|p| p.steps().iter().position(|s| *s == self))
+            .unwrap_or(0)
+            + 1
     }
 }
 

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use crate::seed::{SeedSpec, StaticNetwork};
 
-use super::ports::{GuestBoot, PortError, Ports, Site, VmLaunch};
-pub use super::state::Step;
+use super::ports::{GuestBoot, PortError, Ports, Site, VmLaunch, VmRunState};
+pub use super::state::{CreatePath, Step};
 
 /// What the steps of one hosting work on (all derived from its row).
 #[derive(Debug, Clone)]
@@ -21,6 +21,9 @@ pub struct Job {
     pub launch: VmLaunch,
     pub prefix_len: u8,
     pub gateway: Ipv4Addr,
+    /// Warm when a pool clone was taken for this create (its vm_id and MAC
+    /// are the row's).
+    pub path: CreatePath,
 }
 
 impl Job {
@@ -104,11 +107,18 @@ pub async fn run(step: Step, job: &Job, ports: &Ports, ready: Readiness) -> Resu
             ports.seeder.write(&spec, &job.seed_path()).await
         }
         Step::Disk => ports.engine.create_disk(&job.launch).await,
+        Step::Claim => match ports.engine.run_state(vm_id) {
+            Some(VmRunState::Paused) => Ok(()),
+            other => Err(PortError::Probe(format!(
+                "the warm clone is {other:?}, not paused and waiting"
+            ))),
+        },
         Step::Tap => {
             let (mac, ip) = (&job.launch.mac, job.launch.guest_ip);
             ports.network.create_tap(vm_id, mac, ip).await.map(|_| ())
         }
         Step::Spawn => ports.engine.spawn(&job.launch).await.map(|_| ()),
+        Step::Resume => ports.engine.resume_clone(vm_id).await,
         Step::Forward => {
             ports
                 .network
@@ -148,9 +158,9 @@ pub async fn undo(step: Step, job: &Job, ports: &Ports) -> Result<(), PortError>
         Step::Seed => ports.seeder.remove(&job.seed_path()).await,
         Step::Disk => ports.engine.remove_disk(vm_id).await,
         Step::Tap => ports.network.delete_tap(vm_id).await,
-        Step::Spawn => ports.engine.kill(vm_id).await,
+        Step::Spawn | Step::Claim => ports.engine.kill(vm_id).await,
         Step::Forward => ports.network.remove_forward(vm_id).await,
-        Step::Ready | Step::Publish => Ok(()),
+        Step::Ready | Step::Publish | Step::Resume => Ok(()),
         Step::Proxy => ports.proxy.remove_site(job.user_id).await,
     }
 }

@@ -441,6 +441,17 @@ impl Network {
         Ok(name)
     }
 
+    /// Create the VM's tap with no guard and off the bridge: whatever its
+    /// QEMU sends goes nowhere until `create_tap` puts the guard in and
+    /// plugs it (a warm clone before a create gives it an address).
+    pub async fn create_mute_tap(&self, vm_id: &str) -> Result<String, NetError> {
+        let name = tap_name(vm_id);
+        let (path, n) = (self.opts.netns_path(), name.clone());
+        blocking(move || tap::create(&path, &n).map_err(NetError::io(format!("create tap {n:?}")))).await?;
+        debug!(vm_id, tap = %name, "mute tap ready");
+        Ok(name)
+    }
+
     /// Plug an existing interface of the namespace into the bridge as an
     /// isolated port behind a guard for `mac` and `ip` (what `create_tap`
     /// does to taps; tests plug veths).

@@ -235,9 +235,17 @@ pub fn render(spec: &SeedSpec) -> Result<SeedDocs, SeedError> {
     })
 }
 
+/// The size of every seed ISO webhoster writes (zeros after the ISO, sparse
+/// on disk). A warm clone's seed drive is its template's device, whose size
+/// the guest read when the template booted, so all seeds are one size.
+pub const SEED_BYTES: u64 = 4 << 20;
+
 /// Writes `files` as a NoCloud ISO (volume `cidata`, Joliet and Rock Ridge) at
-/// `path`, through a temporary file renamed into place, so a reader never sees
-/// half an ISO. Any seed works, not only the ones [`render`] makes.
+/// `path`, padded to [`SEED_BYTES`]. A new file is renamed into place, so a
+/// reader never sees half an ISO; an existing one is overwritten in place
+/// (same inode), because a warm clone's QEMU holds it open and reads the new
+/// seed through that descriptor. Any seed works, not only the ones
+/// [`render`] makes.
 pub async fn write_iso(files: &[(&str, &[u8])], path: &Path) -> Result<(), SeedError> {
     let io_err = |source| SeedError::Io {
         path: path.to_owned(),
@@ -278,7 +286,41 @@ pub async fn write_iso(files: &[(&str, &[u8])], path: &Path) -> Result<(), SeedE
             stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
         });
     }
-    tokio::fs::rename(&tmp_iso, path).await.map_err(io_err)
+    let iso = tokio::fs::read(&tmp_iso).await.map_err(io_err)?;
+    if iso.len() as u64 > SEED_BYTES {
+        return Err(invalid(
+            "seed",
+            format!("{} bytes, more than the {SEED_BYTES} a seed may take", iso.len()),
+        ));
+    }
+    let (path, staged) = (path.to_owned(), tmp_iso.clone());
+    tokio::task::spawn_blocking(move || place_iso(&iso, &staged, &path))
+        .await
+        .map_err(|e| io_err(std::io::Error::other(e)))?
+        .map_err(io_err)
+}
+
+/// Puts `iso` at `path`, padded to [`SEED_BYTES`]: in place when the file
+/// exists (its readers keep their descriptor), else by renaming `staged`.
+fn place_iso(iso: &[u8], staged: &Path, path: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    match std::fs::OpenOptions::new().write(true).open(path) {
+        Ok(mut file) => {
+            file.write_all(iso)?;
+            // Cut what an older, longer seed left after this one, then pad
+            // with zeros again (a hole: nothing written).
+            file.set_len(iso.len() as u64)?;
+            file.set_len(SEED_BYTES)?;
+            file.sync_all()
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let file = std::fs::OpenOptions::new().write(true).open(staged)?;
+            file.set_len(SEED_BYTES)?;
+            file.sync_all()?;
+            std::fs::rename(staged, path)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Renders `spec` and writes its ISO at `path`.
@@ -394,5 +436,33 @@ mod tests {
             1,
             "no staging left behind"
         );
+        assert_eq!(bytes.len() as u64, SEED_BYTES);
+    }
+
+    #[tokio::test]
+    async fn an_existing_seed_is_rewritten_in_place() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seed.iso");
+        let mut first = spec();
+        first.hostname = "oldseedhost".into();
+        write(&first, &path).await.unwrap();
+        // A reader that opened the first seed (a clone's QEMU) reads the second.
+        let held = std::fs::File::open(&path).unwrap();
+        let inode = held.metadata().unwrap().ino();
+        let mut second = spec();
+        second.hostname = "second-host".into();
+        write(&second, &path).await.unwrap();
+        let after = std::fs::metadata(&path).unwrap();
+        assert_eq!(after.ino(), inode, "same file");
+        assert_eq!(after.len(), SEED_BYTES);
+        let mut seen = Vec::new();
+        std::io::Read::read_to_end(&mut &held, &mut seen).unwrap();
+        let text = String::from_utf8_lossy(&seen);
+        assert!(
+            text.contains("second-host"),
+            "the held descriptor reads the new seed"
+        );
+        assert!(!text.contains("oldseedhost"), "nothing of the old seed is left");
     }
 }

@@ -31,10 +31,10 @@ fn is_live(state: HostingState) -> bool {
 
 /// Steps finished, and the label of the one under way.
 fn progress(lang: Lang, h: &Hosting, queue_position: Option<usize>) -> (usize, String) {
-    let total = Step::ALL.len().to_string();
+    let total = Step::PER_CREATE.to_string();
     match h.step {
         Some(step) => {
-            let n = step.seq() as usize;
+            let n = step.place();
             let name = lang.t(&format!("step_{}", step.name()));
             (
                 n - 1,
@@ -47,7 +47,7 @@ fn progress(lang: Lang, h: &Hosting, queue_position: Option<usize>) -> (usize, S
         None if queue_position.is_some() || h.state == HostingState::Creating => {
             (0, lang.t("step_queued").to_owned())
         }
-        None => (Step::ALL.len(), String::new()),
+        None => (Step::PER_CREATE, String::new()),
     }
 }
 
@@ -103,8 +103,8 @@ fn view(ctx: &Ctx<'_>, session: &Session, h: &Hosting) -> Value {
         "step": h.step.map(|s| s.name()),
         "step_label": step_label,
         "step_done": done,
-        "steps_total": Step::ALL.len(),
-        "percent": done * 100 / Step::ALL.len(),
+        "steps_total": Step::PER_CREATE,
+        "percent": done * 100 / Step::PER_CREATE,
         "queue_position": queue_position,
         "queue_label": queue_position.map(|n| lang.format("queue_label", &[("n", &n.to_string())])),
         "last_error": h.last_error,

@@ -49,6 +49,9 @@ impl Deployment {
         );
         env.insert("WEBHOSTER_ACCEL", "tcg".into());
         env.insert("WEBHOSTER_PLAN", "small".into());
+        // No template build in the background of tests that do not want it
+        // (it boots a guest); the warm tests set their pool.
+        env.insert("WEBHOSTER_WARM_POOL", "0".into());
         env.insert("RUST_LOG", "webhoster=debug,info".into());
         Deployment {
             state,

@@ -28,6 +28,8 @@ pub struct Held {
     pub guards: BTreeMap<String, (String, Ipv4Addr)>,
     /// vm_id -> running
     pub vms: BTreeMap<String, bool>,
+    /// Warm clones restored and paused (not yet resumed).
+    pub clones: BTreeSet<String>,
     pub forwards: BTreeMap<String, (u16, Ipv4Addr)>,
     pub sites: BTreeMap<i64, Site>,
 }
@@ -53,6 +55,8 @@ struct World {
     guest_boot: Option<GuestBoot>,
     /// Calls of the SystemInfo methods (the real ones run programs).
     system_probes: usize,
+    /// The engine makes templates and warm clones.
+    templates: bool,
 }
 
 pub struct FakeWorld {
@@ -69,6 +73,9 @@ pub fn step_method(step: Step) -> &'static str {
         Step::Disk => "engine.create_disk",
         Step::Tap => "net.create_tap",
         Step::Spawn => "engine.spawn",
+        // Only looks at the clone's state: fails when the clone is gone.
+        Step::Claim => "engine.run_state",
+        Step::Resume => "engine.resume_clone",
         Step::Forward => "net.add_forward",
         Step::Ready => "probe.guest_ready",
         Step::Proxy => "proxy.add_site",
@@ -242,6 +249,16 @@ impl FakeWorld {
         self.w().system_probes
     }
 
+    /// The engine makes templates and warm clones from now on.
+    pub fn enable_templates(&self) {
+        self.w().templates = true;
+    }
+
+    /// A warm clone's QEMU dies while it waits in the pool.
+    pub fn crash_clone(&self, vm_id: &str) {
+        self.with(|h| h.clones.remove(vm_id));
+    }
+
     /// Sets what the guest says about its boot.
     pub fn set_guest_boot(&self, boot: GuestBoot) {
         self.w().guest_boot = Some(boot);
@@ -338,7 +355,10 @@ impl VmEngine for FakeWorld {
     }
     async fn kill(&self, vm_id: &str) -> Result<(), PortError> {
         self.enter("engine.kill", vm_id).await?;
-        self.with(|h| h.vms.remove(vm_id));
+        self.with(|h| {
+            h.vms.remove(vm_id);
+            h.clones.remove(vm_id);
+        });
         Ok(())
     }
     async fn stop(&self, vm_id: &str) -> Result<(), PortError> {
@@ -353,13 +373,19 @@ impl VmEngine for FakeWorld {
     }
     async fn destroy(&self, vm_id: &str) -> Result<(), PortError> {
         self.enter("engine.destroy", vm_id).await?;
+        let seed = self.vm_dir(vm_id).join("seed.iso");
         self.with(|h| {
             h.vms.remove(vm_id);
+            h.clones.remove(vm_id);
             h.disks.remove(vm_id);
+            h.seeds.remove(&seed);
         });
         Ok(())
     }
     fn run_state(&self, vm_id: &str) -> Option<VmRunState> {
+        if self.with(|h| h.clones.contains(vm_id)) {
+            return Some(VmRunState::Paused);
+        }
         self.with(|h| h.vms.get(vm_id).copied()).map(|running| {
             if running {
                 VmRunState::Running
@@ -378,6 +404,7 @@ impl VmEngine for FakeWorld {
             h.disks
                 .iter()
                 .chain(h.vms.keys())
+                .chain(h.clones.iter())
                 .cloned()
                 .collect::<BTreeSet<_>>()
                 .into_iter()
@@ -389,6 +416,36 @@ impl VmEngine for FakeWorld {
     }
     fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<VmStateEvent>> {
         Some(self.events.subscribe())
+    }
+    async fn prepare_template(&self) -> Result<String, PortError> {
+        self.enter("engine.prepare_template", "").await?;
+        if self.w().templates {
+            Ok("fake-template".into())
+        } else {
+            Err(PortError::Unsupported("templates (fake)"))
+        }
+    }
+    async fn spawn_clone(&self, vm: &VmLaunch) -> Result<(), PortError> {
+        self.enter("engine.spawn_clone", &vm.vm_id).await?;
+        self.with(|h| {
+            if !h.taps.contains(&vm.tap_name) {
+                return Err(refused("engine: a clone without its tap"));
+            }
+            h.disks.insert(vm.vm_id.clone());
+            h.seeds.insert(vm.seed_iso.clone());
+            h.clones.insert(vm.vm_id.clone());
+            Ok(())
+        })
+    }
+    async fn resume_clone(&self, vm_id: &str) -> Result<(), PortError> {
+        self.enter("engine.resume_clone", vm_id).await?;
+        self.with(|h| {
+            if !h.clones.remove(vm_id) {
+                return Err(refused("engine: resume of no paused clone"));
+            }
+            h.vms.insert(vm_id.to_owned(), true);
+            Ok(())
+        })
     }
 }
 
@@ -439,6 +496,12 @@ impl VmNetwork for FakeWorld {
             h.taps.insert(name.clone());
             h.guards.insert(name.clone(), (mac.to_owned(), guest_ip));
         });
+        Ok(name)
+    }
+    async fn create_mute_tap(&self, vm_id: &str) -> Result<String, PortError> {
+        self.enter("net.create_mute_tap", vm_id).await?;
+        let name = self.tap_name(vm_id);
+        self.with(|h| h.taps.insert(name.clone()));
         Ok(name)
     }
     async fn delete_tap(&self, vm_id: &str) -> Result<(), PortError> {
