@@ -49,8 +49,10 @@ static TCG_WARNING: Once = Once::new();
 /// The VM engine. Dropping it stops supervision but leaves every QEMU
 /// running (a new engine reattaches).
 pub struct Engine {
-    registry: Arc<Registry>,
-    launcher: Arc<Launcher>,
+    pub(super) registry: Arc<Registry>,
+    pub(super) launcher: Arc<Launcher>,
+    /// Restore times of clones not yet resumed (`vmm::clone`).
+    pub(super) restores: super::clone::Restores,
     accel_reason: String,
     restart: RestartPolicy,
     cancel: CancellationToken,
@@ -90,6 +92,7 @@ impl Engine {
                 qemu_ids: opts.qemu_ids,
                 log_cap: opts.log_cap,
             }),
+            restores: Default::default(),
             accel_reason,
             restart: opts.restart,
             cancel: CancellationToken::new(),
@@ -433,7 +436,7 @@ impl Engine {
 
     /// Hand `attached` to a new supervisor task (replacing any old one). The
     /// task gets its own root span: it outlives the operation that started it.
-    fn supervise(&self, vm: &Arc<Vm>, attached: Attached) {
+    pub(super) fn supervise(&self, vm: &Arc<Vm>, attached: Attached) {
         let sup = Supervision {
             registry: self.registry.clone(),
             launcher: self.launcher.clone(),
