@@ -23,7 +23,9 @@
 //!
 //! The template QEMU runs as the template id ([`QemuIds::template_id`]),
 //! which no VM's QEMU ever gets, at nice 19, in its own cgroup, sandboxed
-//! like any VM; its runtime files live in `<key>/tpl-<key>/` while it runs.
+//! like any VM; its runtime files live in `<templates>/.run/tpl-<key 12>/`
+//! while it runs (not under `<key>/`: a 64-hex directory name makes socket
+//! paths longer than a unix socket address takes).
 //!
 //! [`QemuIds::template_id`]: super::sandbox::QemuIds::template_id
 
@@ -233,6 +235,13 @@ impl Engine {
         }
         dir::create_dir_with_mode(tdir, TEMPLATE_DIR_MODE)
             .map_err(io(format!("cannot create {}", tdir.display())))?;
+        let runs = run_dir(tdir, vm_id)
+            .root()
+            .parent()
+            .map(Path::to_owned)
+            .unwrap_or_default();
+        dir::create_dir_with_mode(&runs, TEMPLATE_DIR_MODE)
+            .map_err(io(format!("cannot create {}", runs.display())))?;
         // A template is built once: leftovers of an earlier attempt go.
         let _ = std::fs::remove_file(meta_file(tdir));
         remove_partial(tdir, vm_id);
@@ -242,7 +251,7 @@ impl Engine {
         spec.net = VmNet::User { hostfwd: Vec::new() };
         spec.restore = None;
         spec.validate()?;
-        let run = VmDir::new(tdir, vm_id);
+        let run = run_dir(tdir, vm_id);
         run.create()
             .map_err(io("cannot create the run directory".into()))?;
         disk::create_overlay(&run, &spec).await?;
@@ -259,9 +268,14 @@ impl Engine {
         let ram_bytes = u64::from(spec.plan.memory_mib) << 20;
         let ram = ram::create(ram_bytes).map_err(io("cannot create the RAM memfd".into()))?;
         let argv_sha256 = hex(&Sha256::digest(
-            process::snapshot_argv_for(self.launcher.accel, tdir, &spec, Snapshot::Template)
-                .join("\0")
-                .as_bytes(),
+            process::snapshot_argv_for(
+                self.launcher.accel,
+                run.root().parent().unwrap_or(tdir),
+                &spec,
+                Snapshot::Template,
+            )
+            .join("\0")
+            .as_bytes(),
         ));
         let spawned = Instant::now();
         let launch = Launch {
@@ -413,12 +427,19 @@ fn write_meta(dir: &Path, meta: &TemplateMeta) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Where the template VM's runtime files live during its build:
+/// `<templates>/.run/<vm_id>/`.
+fn run_dir(tdir: &Path, vm_id: &str) -> VmDir {
+    let templates = tdir.parent().unwrap_or(Path::new("/"));
+    VmDir::new(&templates.join(".run"), vm_id)
+}
+
 /// Remove what a build makes, never the caller's seed.
 fn remove_partial(dir: &Path, vm_id: &str) {
     for file in ["disk.qcow2", "ram", ".ram.tmp", "state", ".template.json.tmp"] {
         let _ = std::fs::remove_file(dir.join(file));
     }
-    let _ = std::fs::remove_dir_all(dir.join(vm_id));
+    let _ = std::fs::remove_dir_all(run_dir(dir, vm_id).root());
 }
 
 fn ms(d: Duration) -> u64 {
