@@ -178,6 +178,32 @@ pub fn spawn_detached_with(
     tokio::process::Command::from(cmd).spawn()
 }
 
+#[cfg(test)]
+mod spawn_tests {
+    /// The nice value reaches the child before exec (a template QEMU boots
+    /// at 19, behind every running guest).
+    #[tokio::test]
+    async fn the_child_gets_its_nice_value() {
+        let mut cmd = std::process::Command::new("sleep");
+        cmd.arg("30");
+        let mut child = super::spawn_detached_with(
+            cmd,
+            super::Detach {
+                nice: Some(19),
+                ..super::Detach::default()
+            },
+        )
+        .unwrap();
+        let pid = child.id().unwrap();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        // Field 19 is the nice value; fields after the `)` of the name.
+        let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+        assert_eq!(fields[16], "19", "{stat}");
+    }
+}
+
 // ---------------------------------------------------------------------------
 // net: tun/tap ioctls and running code inside a network namespace.
 // (Owned by the net module; keep other areas' helpers in their own block.)

@@ -294,10 +294,11 @@ async fn templates_build_clones_restore_resume_and_survive() {
     for (report, clone) in reports.into_iter().zip(&clones) {
         let report = report.unwrap();
         println!(
-            "clone {}: restore {} ms, cont {} ms, set-time {} ms, agent {} ms ({})",
+            "clone {}: restore {} ms, cont {} ms, agent connect {} ms, set-time {} ms, agent {} ms ({})",
             clone.vm_id,
             report.restore.as_millis(),
             report.cont.as_millis(),
+            report.connect.as_millis(),
             report.set_time.as_millis(),
             report.agent.as_millis(),
             report.agent_says
@@ -307,6 +308,29 @@ async fn templates_build_clones_restore_resume_and_survive() {
         assert_eq!(spec.restore, None, "vm.json says cold boot from now on");
     }
     for clone in &clones {
+        // The guest's clock and its RTC are the host's (the template woke
+        // behind by its age), within a second and a half.
+        for what in ["clock", "rtc"] {
+            let host = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs_f64();
+            let guest: f64 = if what == "clock" {
+                let mut agent = engine.guest_agent(&clone.vm_id).await.unwrap();
+                let out = agent.exec("/bin/date", &["+%s.%N"]).await.unwrap();
+                String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+            } else {
+                guest_cat(&engine, &clone.vm_id, "/sys/class/rtc/rtc0/since_epoch")
+                    .await
+                    .parse()
+                    .unwrap()
+            };
+            assert!(
+                (guest - host).abs() < 1.5,
+                "{what} of {}: guest {guest}, host {host}",
+                clone.vm_id
+            );
+        }
         assert_eq!(
             guest_cat(&engine, &clone.vm_id, "/etc/hostname").await,
             clone.vm_id
@@ -381,13 +405,33 @@ async fn templates_build_clones_restore_resume_and_survive() {
         booted.elapsed().as_secs_f64()
     );
 
-    // 5. A restarted webhoster: a new engine loads the template from disk.
+    // 5. A restarted webhoster: a paused clone is found paused again (its
+    // vm.json says it is a clone, whatever spec the caller kept) and resumes;
+    // a new engine loads the template from disk.
     for c in &clones {
         engine.destroy(&c.vm_id).await.unwrap();
     }
+    let (spare_spec, spare) = clone_spec(&engine, &image, &template, &key, "spare").await;
+    reaper.track(&spare.vm_id);
+    engine.start_clone(&spare_spec, &template).await.unwrap();
     drop(template);
     drop(engine);
     let engine = Engine::new(engine_opts()).unwrap();
+    let outcome = engine.reattach(std::slice::from_ref(&spare_spec)).await;
+    assert!(
+        matches!(
+            outcome[0].1,
+            Ok(webhoster::vmm::ReattachOutcome::Reattached { .. })
+        ),
+        "{outcome:?}"
+    );
+    assert_eq!(engine.status(&spare.vm_id).unwrap().state, VmState::Paused);
+    engine.resume_clone(&spare.vm_id).await.unwrap();
+    assert_eq!(
+        guest_cat(&engine, &spare.vm_id, "/etc/hostname").await,
+        spare.vm_id
+    );
+    engine.destroy(&spare.vm_id).await.unwrap();
     let loaded_started = Instant::now();
     let template = engine
         .load_template(&tdir)
@@ -401,8 +445,11 @@ async fn templates_build_clones_restore_resume_and_survive() {
     engine.start_clone(&spec, &template).await.unwrap();
     let report = engine.resume_clone(&clone.vm_id).await.unwrap();
     println!(
-        "clone of the loaded template: restore {} ms, agent {} ms",
+        "clone of the loaded template: restore {} ms, cont {} ms, agent connect {} ms, set-time {} ms, agent {} ms",
         report.restore.as_millis(),
+        report.cont.as_millis(),
+        report.connect.as_millis(),
+        report.set_time.as_millis(),
         report.agent.as_millis()
     );
     assert_eq!(

@@ -311,7 +311,18 @@ impl Engine {
                 Some(pid) => {
                     let attached = process::attach(vm.id(), vm.dir(), pid).await?;
                     self.check_cgroup(vm.id(), pid);
-                    vm.assume_state(VmState::Running);
+                    // A clone restored but never resumed stays one (its
+                    // vm.json says so, whatever spec the caller kept): paused,
+                    // and not restarted should it die.
+                    match vm.dir().read_spec().ok().and_then(|s| s.restore) {
+                        Some(restore) => {
+                            let mut spec = vm.spec();
+                            spec.restore = Some(restore);
+                            vm.set_spec(&spec);
+                            vm.assume_state(VmState::Paused);
+                        }
+                        None => vm.assume_state(VmState::Running),
+                    }
                     self.supervise(&vm, attached);
                     Ok(ReattachOutcome::Reattached { pid: pid.get() })
                 }
