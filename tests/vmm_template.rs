@@ -309,12 +309,16 @@ async fn templates_build_clones_restore_resume_and_survive() {
     }
     for clone in &clones {
         // The guest's clock and its RTC are the host's (the template woke
-        // behind by its age), within a second and a half.
-        for what in ["clock", "rtc"] {
-            let host = std::time::SystemTime::now()
+        // behind by its age): the clock within a second of the host's
+        // around the read.
+        let host_now = || {
+            std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
-                .as_secs_f64();
+                .as_secs_f64()
+        };
+        for what in ["clock", "rtc"] {
+            let before = host_now();
             let guest: f64 = if what == "clock" {
                 let mut agent = engine.guest_agent(&clone.vm_id).await.unwrap();
                 let out = agent.exec("/bin/date", &["+%s.%N"]).await.unwrap();
@@ -325,9 +329,14 @@ async fn templates_build_clones_restore_resume_and_survive() {
                     .parse()
                     .unwrap()
             };
+            let after = host_now();
+            // The RTC is only read at a boot (and a cold boot's QEMU starts
+            // it at the host's time); it trails by about the seconds the
+            // clone sat paused, never by the template's age.
+            let slack = if what == "rtc" { 5.0 } else { 1.0 };
             assert!(
-                (guest - host).abs() < 1.5,
-                "{what} of {}: guest {guest}, host {host}",
+                guest > before.floor() - slack && guest < after + 1.0,
+                "{what} of {}: guest {guest}, host {before}..{after}",
                 clone.vm_id
             );
         }

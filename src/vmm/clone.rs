@@ -341,8 +341,10 @@ async fn connect_agent(dir: &super::VmDir) -> Result<QgaClient, super::QgaError>
 /// The guest's clock to the host's. Not `guest-set-time`: qemu-ga follows
 /// it with `hwclock -w`, which waits for the emulated RTC's next second
 /// (about 1.2 s here under TCG), and the RTC needs no write: QEMU's RTC
-/// follows the host clock across the restore (the test checks it), only the
-/// guest's system clock woke at the template's time. `date -s` sets just
+/// follows the host clock across the restore (it trails by about the time
+/// the clone sat paused, not by the template's age; the test checks it),
+/// and only a boot reads it. The guest's system clock woke at the
+/// template's time. `date -s` sets just
 /// that, in one short exec; the instant is taken as late as possible.
 async fn set_clock(vm_id: &str, agent: &mut QgaClient) -> Result<(), VmmError> {
     let now = SystemTime::now()
