@@ -75,6 +75,7 @@ impl EngineAdapter {
                 mac: vm.mac.clone(),
             },
             labels: vm.labels.iter().cloned().collect(),
+            restore: None,
         }
     }
 }

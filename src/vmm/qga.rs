@@ -74,6 +74,8 @@ const EXEC_POLL_MAX: Duration = Duration::from_millis(500);
 /// The longest reply line accepted (so an exec's stdout plus stderr is at
 /// most about 3/4 of this after base64). A longer one ends the call.
 pub const MAX_REPLY_BYTES: usize = 1 << 20;
+/// The most stdin bytes `exec_with_input` sends: a clone's entropy is 64.
+pub const MAX_INPUT_BYTES: usize = 64 * 1024;
 /// Guest-supplied text in an error message is cut to this many characters.
 const MAX_GUEST_TEXT: usize = 200;
 /// Marks the reply to `guest-sync-delimited`; never part of UTF-8 JSON.
@@ -250,13 +252,33 @@ impl QgaClient {
         args: &[&str],
         limit: Duration,
     ) -> Result<ExecOutput, QgaError> {
+        self.exec_with_input(path, args, None, limit).await
+    }
+
+    /// [`exec_with_timeout`](Self::exec_with_timeout) with `input` on the
+    /// process's stdin (`input-data`, at most [`MAX_INPUT_BYTES`]: the
+    /// request is one line the agent reads whole).
+    pub async fn exec_with_input(
+        &mut self,
+        path: &str,
+        args: &[&str],
+        input: Option<&[u8]>,
+        limit: Duration,
+    ) -> Result<ExecOutput, QgaError> {
+        use base64::Engine as _;
         let deadline = Instant::now() + limit;
+        let mut request = json!({"path": path, "arg": args, "capture-output": true});
+        if let Some(input) = input {
+            if input.len() > MAX_INPUT_BYTES {
+                return Err(QgaError::TooLarge {
+                    what: "guest-exec input-data".into(),
+                    max: MAX_INPUT_BYTES,
+                });
+            }
+            request["input-data"] = json!(base64::engine::general_purpose::STANDARD.encode(input));
+        }
         let started: ExecStarted = self
-            .call(
-                "guest-exec",
-                Some(json!({"path": path, "arg": args, "capture-output": true})),
-                COMMAND_TIMEOUT.min(limit),
-            )
+            .call("guest-exec", Some(request), COMMAND_TIMEOUT.min(limit))
             .await?;
         let mut pause = EXEC_POLL_FIRST;
         loop {
@@ -677,6 +699,28 @@ mod tests {
         );
         assert_eq!(requests.len(), 4, "{requests:?}");
         assert!(requests[1..].iter().all(|r| r["arguments"]["pid"] == 42));
+    }
+
+    #[tokio::test]
+    async fn exec_with_input_sends_stdin_in_base64_and_refuses_too_much() {
+        let agent = FakeAgent::start(b"", |request| match request["execute"].as_str().unwrap() {
+            "guest-exec" => line(json!({"return": {"pid": 7}})),
+            _ => line(json!({"return": {"exited": true, "exitcode": 0}})),
+        });
+        let mut client = agent.connect().await.unwrap();
+        let out = client
+            .exec_with_input("/bin/agent", &["--clone"], Some(&[0, 1, 2, 255]), EXEC_TIMEOUT)
+            .await
+            .unwrap();
+        assert!(out.success());
+        let requests = agent.requests.lock().unwrap().clone();
+        assert_eq!(requests[0]["arguments"]["input-data"], "AAEC/w==");
+        let big = vec![0u8; MAX_INPUT_BYTES + 1];
+        let err = client
+            .exec_with_input("/bin/agent", &[], Some(&big), EXEC_TIMEOUT)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, QgaError::TooLarge { .. }), "{err}");
     }
 
     #[tokio::test]
