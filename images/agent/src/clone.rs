@@ -137,11 +137,12 @@ pub fn personalise(opts: &Options, entropy: &[u8], steps: &mut Steps) -> Result<
     steps.step("state");
     if opts.live {
         let sshd = live::reload_sshd()?;
-        let how = live::apply_network(&plan.network)?;
-        steps.step(match how {
-            "networkd" => "network",
-            _ => "network_fallback",
-        });
+        // WEBHOSTER_SEED_NET=networkd: let networkd do it (for comparing).
+        let how = match std::env::var("WEBHOSTER_SEED_NET").as_deref() {
+            Ok("networkd") => live::NetApply::Networkd,
+            _ => live::NetApply::Direct,
+        };
+        live::apply_network(&plan.network, how, steps)?;
         if let Some(old) = sshd {
             live::wait_sshd(&old)?;
         }

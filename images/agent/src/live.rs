@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use nix::libc;
 
+use crate::Steps;
 use crate::network::{Link, Network};
 
 /// `_IOW('R', 0x03, int[2])`: add bytes to the input pool, with credit.
@@ -193,12 +194,13 @@ fn default_gateways() -> Vec<(String, Ipv4Addr)> {
 }
 
 /// What the live interfaces should hold: (interface, IPv4 addresses, default gateway).
-type Wanted = Vec<(String, Vec<Ipv4Addr>, Option<Ipv4Addr>)>;
+/// And the inode of networkd's state file for it before the change.
+type Wanted = Vec<(String, Vec<Ipv4Addr>, Option<Ipv4Addr>, Option<u64>)>;
 
 fn in_place(wanted: &Wanted) -> bool {
     let addrs = ipv4_addresses();
     let gws = default_gateways();
-    wanted.iter().all(|(ifname, ips, gw)| {
+    wanted.iter().all(|(ifname, ips, gw, _)| {
         let have: Vec<Ipv4Addr> = addrs
             .iter()
             .filter(|(n, _)| n == ifname)
@@ -211,20 +213,31 @@ fn in_place(wanted: &Wanted) -> bool {
     })
 }
 
+/// How the seed's addresses get onto the live NIC.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum NetApply {
+    /// Set here (one `ip -batch` process), then networkd reloads the files
+    /// and finds its configuration already in place.
+    Direct,
+    /// networkd reloads the files and reconfigures the link; the agent
+    /// waits for the result.
+    Networkd,
+}
+
 /// Puts the seed's network on the live NICs: the MAC first (the device kept
-/// the template's), then networkd reloads the rewritten files and
-/// reconfigures the link (the template's address and route go, the seed's
-/// come). For a static network, waits until the addresses and the default
-/// route are in place; if networkd has not done it in time, sets them
-/// directly. Returns how it was done, for the log line.
-pub fn apply_network(network: &Network) -> Result<&'static str, String> {
+/// the template's), the template's addresses and routes out, the seed's in,
+/// and networkd told to reload the rewritten files. For a static network,
+/// returns once the addresses and the default route are in place.
+pub fn apply_network(network: &Network, how: NetApply, steps: &mut Steps) -> Result<(), String> {
     let Network::Links(links) = network else {
         // Fallback (DHCP) or disabled: networkd's business, nothing to wait for.
         let _ = run(&["networkctl", "reload"]);
-        return Ok("networkd (dhcp)");
+        steps.step("network_dhcp");
+        return Ok(());
     };
     let nics = ethernet_interfaces();
     let mut wanted: Wanted = Vec::new();
+    let mut batch = String::new();
     for link in links {
         let Some(ifname) = interface_for(link, &nics) else {
             return Err(format!("no interface for the seed's link {}", link.id));
@@ -243,38 +256,96 @@ pub fn apply_network(network: &Network) -> Result<&'static str, String> {
             let gw = link
                 .routes
                 .iter()
-                .find(|(to, _)| to == "0.0.0.0/0" || to == "default")
+                .find(|(to, _)| to == "0.0.0.0/0")
                 .and_then(|(_, via)| via.parse().ok());
-            wanted.push((ifname, ips, gw));
+            batch += &format!("addr flush dev {ifname}\n");
+            for a in link.addresses.iter().filter(|a| !a.contains(':')) {
+                batch += &format!("addr replace {a} dev {ifname}\n");
+            }
+            for (to, via) in link.routes.iter().filter(|(to, _)| !to.contains(':')) {
+                batch += &format!("route replace {to} via {via} dev {ifname}\n");
+            }
+            wanted.push((ifname, ips, gw, None));
         }
     }
-    run(&["networkctl", "reload"])?;
-    if wanted.is_empty() {
-        return Ok("networkd");
+    if how == NetApply::Direct && !batch.is_empty() {
+        ip_batch(&batch)?;
+        steps.step("network_ip");
     }
+    // networkd rewrites (renames) its state file of a link when it has
+    // reconfigured it: the inodes before the reload, to see that happen.
+    for w in wanted.iter_mut() {
+        w.3 = networkd_state(&w.0).map(|(inode, _)| inode);
+    }
+    run(&["networkctl", "reload"])?;
+    steps.step("networkctl");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if in_place(&wanted) {
-            return Ok("networkd");
+    while !in_place(&wanted) {
+        if Instant::now() > deadline {
+            return Err("the seed's addresses and routes are not in place after 10 s".into());
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    // networkd did not get there: the addresses and route set here (the
-    // files are right, so the next boot agrees).
-    for (link, (ifname, _, _)) in links.iter().filter(|l| !l.dhcp4).zip(&wanted) {
-        run(&["ip", "-4", "addr", "flush", "dev", ifname])?;
-        for a in &link.addresses {
-            run(&["ip", "addr", "replace", a, "dev", ifname])?;
-        }
-        for (to, via) in &link.routes {
-            run(&["ip", "route", "replace", to, "via", via, "dev", ifname])?;
+    steps.step("network_in_place");
+    // Returned only once networkd has finished with the link too: nothing
+    // of its reconfiguring may happen while the host checks the site.
+    for (ifname, _, _, before) in &wanted {
+        while !networkd_configured(ifname, *before) {
+            if Instant::now() > deadline {
+                return Err(format!("networkd did not configure {ifname} within 10 s"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
-    if in_place(&wanted) {
-        Ok("ip (networkd too slow)")
-    } else {
-        Err("the seed's addresses and routes are not in place".into())
+    if !in_place(&wanted) {
+        return Err("networkd left other addresses or routes than the seed's".into());
     }
+    steps.step("networkd_configured");
+    Ok(())
+}
+
+/// networkd's state file of a link: its inode and content.
+fn networkd_state(ifname: &str) -> Option<(u64, String)> {
+    use std::os::unix::fs::MetadataExt;
+    let index = fs::read_to_string(format!("/sys/class/net/{ifname}/ifindex")).ok()?;
+    let path = format!("/run/systemd/netif/links/{}", index.trim());
+    let inode = fs::metadata(&path).ok()?.ino();
+    Some((inode, fs::read_to_string(&path).ok()?))
+}
+
+/// networkd has written the link's state since `before` and calls it configured.
+fn networkd_configured(ifname: &str, before: Option<u64>) -> bool {
+    let Some((inode, state)) = networkd_state(ifname) else {
+        return false;
+    };
+    Some(inode) != before && state.lines().any(|l| l == "ADMIN_STATE=configured")
+}
+
+/// `ip -4 -batch -`: one process for every address and route.
+fn ip_batch(batch: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut child = Process::new("ip")
+        .args(["-4", "-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("running ip: {e}"))?;
+    child
+        .stdin
+        .take()
+        .ok_or("ip's stdin")?
+        .write_all(batch.as_bytes())
+        .map_err(|e| format!("writing to ip: {e}"))?;
+    let out = child.wait_with_output().map_err(|e| format!("running ip: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ip -batch failed ({}): {}; input:\n{batch}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
 }
 
 /// Inodes of the sockets listening on TCP port `port` (v4 and v6).
