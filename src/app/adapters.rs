@@ -136,7 +136,7 @@ impl EngineAdapter {
         let spec = VmSpec {
             vm_id: "template".into(),
             seed_iso: seed.clone(),
-            net: VmNet::User { hostfwd: Vec::new() },
+            net: VmNet::Detached,
             labels: Default::default(),
             restore: None,
             ..self.spec(&VmLaunch {

@@ -35,7 +35,7 @@ pub const RAM_FD: i32 = 7;
 /// template cannot follow (device list, machine, memory backend): it is part
 /// of every template key (`vmm::template::template_key`), so old templates
 /// are rebuilt instead of restored into a different machine.
-pub const TEMPLATE_FORMAT: u32 = 1;
+pub const TEMPLATE_FORMAT: u32 = 2;
 
 /// The machine type of templates and clones, pinned: the `q35` alias may move
 /// to a newer machine with a QEMU upgrade, and a saved state only restores
@@ -300,6 +300,10 @@ pub enum Nic {
     Tap {
         mac: String,
     },
+    /// The NIC with no backend (link down to nothing): a template boots so,
+    /// because a backend with state of its own (slirp) would be in the
+    /// saved state, and a clone on a tap could not load it.
+    Detached,
 }
 
 /// The netdev + device pair (Kata's `add_nic`): they always come together.
@@ -323,6 +327,10 @@ impl Switch for NetPair<'_> {
             // vhost needs /dev/vhost-net and the tap's namespace; off keeps the
             // fd self-contained.
             Nic::Tap { mac } => (format!("tap,id=net0,fd={TAP_FD},vhost=off"), mac.as_str()),
+            Nic::Detached => {
+                argv.extend(["-device".into(), format!("virtio-net-pci,mac={USER_NET_MAC}")]);
+                return;
+            }
         };
         argv.extend([
             "-netdev".into(),

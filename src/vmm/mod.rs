@@ -97,6 +97,9 @@ pub enum VmNet {
     User {
         hostfwd: Vec<(SocketAddr, u16)>,
     },
+    /// The NIC with no backend: what a template boots with (see
+    /// `cmdline::Nic::Detached`).
+    Detached,
     /// A persistent tap opened through the engine's [`TapOpener`].
     Tap {
         tap_name: String,

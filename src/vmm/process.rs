@@ -568,6 +568,7 @@ fn cmdline_config(accel: AccelChoice, dir: &VmDir, spec: &VmSpec) -> CmdlineConf
                 hostfwd: hostfwd.clone(),
             },
             VmNet::Tap { mac, .. } => Nic::Tap { mac: mac.clone() },
+            VmNet::Detached => Nic::Detached,
         },
         pidfile: dir.pidfile(),
         snapshot: None,

@@ -248,7 +248,7 @@ impl Engine {
 
         let mut spec = req.spec.clone();
         spec.vm_id = vm_id.to_owned();
-        spec.net = VmNet::User { hostfwd: Vec::new() };
+        spec.net = VmNet::Detached;
         spec.restore = None;
         spec.validate()?;
         let run = run_dir(tdir, vm_id);
