@@ -344,6 +344,13 @@ impl QgaClient {
             .map(drop)
     }
 
+    /// `guest-get-time`: the guest's clock, in nanoseconds since 1970.
+    /// Answered by qemu-ga itself (no process started), so it is read within
+    /// the round trip of this call.
+    pub async fn get_time_ns(&mut self) -> Result<i64, QgaError> {
+        self.call("guest-get-time", None, COMMAND_TIMEOUT).await
+    }
+
     /// One request, one reply line, within `limit`.
     async fn call<T: DeserializeOwned>(
         &mut self,
@@ -721,6 +728,13 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, QgaError::TooLarge { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn get_time_reads_nanoseconds() {
+        let agent = FakeAgent::start(b"", |_| line(json!({"return": 1_700_000_000_123_456_789i64})));
+        let mut client = agent.connect().await.unwrap();
+        assert_eq!(client.get_time_ns().await.unwrap(), 1_700_000_000_123_456_789);
     }
 
     #[tokio::test]
