@@ -377,7 +377,7 @@ async fn set_clock(vm_id: &str, agent: &mut QgaClient) -> Result<(), VmmError> {
     let abs = offset_ns.unsigned_abs();
     let shift = format!("{sign}{}.{:09} seconds", abs / 1_000_000_000, abs % 1_000_000_000);
     let out = agent
-        .exec_with_timeout("/bin/date", &["-u", "-s", &shift], SET_CLOCK_TIMEOUT)
+        .exec_with_input("/bin/date", &["-u", "-s", &shift], None, SET_CLOCK_TIMEOUT)
         .await
         .map_err(agent_err)?;
     if out.success() {
