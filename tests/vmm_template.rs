@@ -366,6 +366,40 @@ async fn templates_build_clones_restore_resume_and_survive() {
         "the template disk is unchanged"
     );
 
+    // A clone that dies before its resume is not restarted: it has no
+    // guest of its own yet.
+    let (doomed_spec, doomed) = clone_spec(&engine, &image, &template, &key, "doomed").await;
+    reaper.track(&doomed.vm_id);
+    let mut events = engine.subscribe();
+    let status = engine.start_clone(&doomed_spec, &template).await.unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(status.pid.unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let mut seen = Vec::new();
+    while seen.last() != Some(&VmState::Failed) {
+        let ev = tokio::time::timeout(Duration::from_secs(30), events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if ev.vm_id == doomed.vm_id {
+            seen.push(ev.to);
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![
+            VmState::Starting,
+            VmState::Paused,
+            VmState::Crashed,
+            VmState::Failed
+        ]
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(QemuReaper::pids_of(&doomed.vm_id).is_empty(), "not restarted");
+    engine.destroy(&doomed.vm_id).await.unwrap();
+
     // 4. A resumed clone's QEMU killed: the supervisor brings it back as a
     // cold boot of its own disk.
     let crashed = &clones[0];

@@ -37,8 +37,10 @@ pub const CLONE_AGENT: &str = template::SEED_AGENT;
 const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the guest agent may take to answer after `cont`.
 const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long setting the guest's clock may take.
+/// How long shifting the guest's clock may take.
 const SET_CLOCK_TIMEOUT: Duration = Duration::from_secs(10);
+/// A guest clock this close to the host's is left alone.
+const CLOCK_GOOD_ENOUGH_NS: i128 = 50_000_000;
 /// Bytes of host entropy each clone's kernel gets.
 const ENTROPY_BYTES: usize = 64;
 
@@ -338,42 +340,61 @@ async fn connect_agent(dir: &super::VmDir) -> Result<QgaClient, super::QgaError>
     }
 }
 
-/// The guest's clock to the host's. Not `guest-set-time`: qemu-ga follows
-/// it with `hwclock -w`, which waits for the emulated RTC's next second
-/// (about 1.2 s here under TCG), and the RTC needs no write: QEMU's RTC
-/// follows the host clock across the restore (it trails by about the time
-/// the clone sat paused, not by the template's age; the test checks it),
-/// and only a boot reads it. The guest's system clock woke at the
-/// template's time. `date -s` sets just
-/// that, in one short exec; the instant is taken as late as possible.
+/// The guest's clock to the host's. The guest woke at its template's time,
+/// so its clock is off by a constant: read it (`guest-get-time`, answered
+/// within the round trip) and shift it by the difference with a relative
+/// `date -s`, which lands right however late its exec runs.
+///
+/// Not `guest-set-time`: qemu-ga follows it with `hwclock -w`, which waits
+/// for the emulated RTC's next second (0.5-1 s more under TCG); the RTC
+/// needs no write, QEMU's follows the host clock across the restore and
+/// only a boot reads it. Not an absolute `date -s @now` either: it lands as
+/// late as its fork and exec, seconds under TCG with clones resuming at once.
 async fn set_clock(vm_id: &str, agent: &mut QgaClient) -> Result<(), VmmError> {
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
-    let at = format!("@{}.{:09}", now.as_secs(), now.subsec_nanos());
-    let out = agent
-        .exec_with_timeout("/bin/date", &["-u", "-s", &at], SET_CLOCK_TIMEOUT)
-        .await
-        .map_err(|source| VmmError::GuestAgent {
-            vm_id: vm_id.to_owned(),
-            source,
-        })?;
-    if out.success() {
-        Ok(())
-    } else {
-        Err(VmmError::Personalise {
-            vm_id: vm_id.to_owned(),
-            why: format!(
-                "date -s {at} exited {:?}: {}",
-                out.exit_code,
-                String::from_utf8_lossy(&out.stderr)
-                    .chars()
-                    .take(200)
-                    .collect::<String>()
-                    .escape_debug()
-            ),
-        })
+    let agent_err = |source| VmmError::GuestAgent {
+        vm_id: vm_id.to_owned(),
+        source,
+    };
+    let host_ns = || {
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i128)
+            .unwrap_or_default()
+    };
+    let before = host_ns();
+    let guest = i128::from(agent.get_time_ns().await.map_err(agent_err)?);
+    let after = host_ns();
+    let offset_ns = (before + after) / 2 - guest;
+    tracing::debug!(
+        offset_ms = offset_ns / 1_000_000,
+        round_trip_ms = (after - before) / 1_000_000,
+        "guest clock offset"
+    );
+    if offset_ns.abs() < CLOCK_GOOD_ENOUGH_NS {
+        return Ok(());
     }
+    let sign = if offset_ns < 0 { "-" } else { "+" };
+    let abs = offset_ns.unsigned_abs();
+    let shift = format!("{sign}{}.{:09} seconds", abs / 1_000_000_000, abs % 1_000_000_000);
+    let out = agent
+        .exec_with_input("/bin/date", &["-u", "-s", &shift], None, SET_CLOCK_TIMEOUT)
+        .await
+        .map_err(agent_err)?;
+    if out.success() {
+        return Ok(());
+    }
+    Err(VmmError::Personalise {
+        vm_id: vm_id.to_owned(),
+        why: format!(
+            "date -s {shift:?} exited {:?}: {}",
+            out.exit_code,
+            String::from_utf8_lossy(&out.stderr)
+                .chars()
+                .take(200)
+                .collect::<String>()
+                .escape_debug()
+        ),
+    })
 }
 
 /// Bytes from the host kernel's CSPRNG.

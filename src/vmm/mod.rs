@@ -4,6 +4,10 @@
 //! supervision (crash restarts with backoff). Never touches netlink, nginx or SQL: a tap
 //! arrives as an open fd from a [`TapOpener`], and state changes leave as
 //! [`VmEvent`]s for the orchestrator to persist.
+//!
+//! Snapshot templates (`template.rs`: build, save, load; the RAM in a sealed
+//! memfd) and their clones (`clone.rs`: restored paused, resumed and
+//! personalised) run through the same launcher, registry and supervisor.
 
 pub mod accel;
 mod backup;

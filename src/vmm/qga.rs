@@ -71,6 +71,10 @@ pub const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
 /// intervals up to [`EXEC_POLL_MAX`].
 const EXEC_POLL_FIRST: Duration = Duration::from_millis(50);
 const EXEC_POLL_MAX: Duration = Duration::from_millis(500);
+/// The polling cap of [`QgaClient::exec_with_input`]: a step someone waits
+/// on (a clone's personalisation inside a create) sees its exit within
+/// this, for a few more cheap status calls.
+const EXEC_POLL_MAX_WAITED: Duration = Duration::from_millis(100);
 /// The longest reply line accepted (so an exec's stdout plus stderr is at
 /// most about 3/4 of this after base64). A longer one ends the call.
 pub const MAX_REPLY_BYTES: usize = 1 << 20;
@@ -252,18 +256,31 @@ impl QgaClient {
         args: &[&str],
         limit: Duration,
     ) -> Result<ExecOutput, QgaError> {
-        self.exec_with_input(path, args, None, limit).await
+        self.exec_polled(path, args, None, limit, EXEC_POLL_MAX).await
     }
 
     /// [`exec_with_timeout`](Self::exec_with_timeout) with `input` on the
     /// process's stdin (`input-data`, at most [`MAX_INPUT_BYTES`]: the
     /// request is one line the agent reads whole).
+    /// Its exit is polled for at least every [`EXEC_POLL_MAX_WAITED`].
     pub async fn exec_with_input(
         &mut self,
         path: &str,
         args: &[&str],
         input: Option<&[u8]>,
         limit: Duration,
+    ) -> Result<ExecOutput, QgaError> {
+        self.exec_polled(path, args, input, limit, EXEC_POLL_MAX_WAITED)
+            .await
+    }
+
+    async fn exec_polled(
+        &mut self,
+        path: &str,
+        args: &[&str],
+        input: Option<&[u8]>,
+        limit: Duration,
+        poll_max: Duration,
     ) -> Result<ExecOutput, QgaError> {
         use base64::Engine as _;
         let deadline = Instant::now() + limit;
@@ -311,7 +328,7 @@ impl QgaClient {
                 });
             }
             tokio::time::sleep(pause.min(remaining)).await;
-            pause = (pause * 2).min(EXEC_POLL_MAX);
+            pause = (pause * 2).min(poll_max);
         }
     }
 
@@ -342,6 +359,13 @@ impl QgaClient {
         self.call::<Value>("guest-set-time", Some(json!({"time": nanos})), COMMAND_TIMEOUT)
             .await
             .map(drop)
+    }
+
+    /// `guest-get-time`: the guest's clock, in nanoseconds since 1970.
+    /// Answered by qemu-ga itself (no process started), so it is read within
+    /// the round trip of this call.
+    pub async fn get_time_ns(&mut self) -> Result<i64, QgaError> {
+        self.call("guest-get-time", None, COMMAND_TIMEOUT).await
     }
 
     /// One request, one reply line, within `limit`.
@@ -721,6 +745,13 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, QgaError::TooLarge { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn get_time_reads_nanoseconds() {
+        let agent = FakeAgent::start(b"", |_| line(json!({"return": 1_700_000_000_123_456_789i64})));
+        let mut client = agent.connect().await.unwrap();
+        assert_eq!(client.get_time_ns().await.unwrap(), 1_700_000_000_123_456_789);
     }
 
     #[tokio::test]

@@ -489,9 +489,8 @@ async fn wait_ready(vm_id: &str, run: &VmDir, timeout: Duration) -> Result<(), V
     }
 }
 
-/// `webhoster-seed-agent --template-prep` in the guest. An agent without
-/// that mode (an image built before it) gets a warning, a `sync`, and the
-/// build goes on.
+/// `webhoster-seed-agent --template-prep` in the guest: exit 0 or the build
+/// fails with the agent's output tail.
 async fn prep(vm_id: &str, run: &VmDir) -> Result<(), VmmError> {
     let agent_err = |source| VmmError::GuestAgent {
         vm_id: vm_id.to_owned(),
@@ -512,23 +511,12 @@ async fn prep(vm_id: &str, run: &VmDir) -> Result<(), VmmError> {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let tail: String = text
-        .chars()
-        .rev()
-        .take(300)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect();
-    if text.contains("unknown argument") || text.contains("unexpected argument") {
-        tracing::warn!(output = %tail.escape_debug(), "the image's seed agent has no --template-prep; only syncing");
-        let _ = agent.exec_with_timeout("/bin/sync", &[], PREP_TIMEOUT).await;
-        return Ok(());
-    }
+    let chars: Vec<char> = text.trim().chars().collect();
+    let tail: String = chars[chars.len().saturating_sub(300)..].iter().collect();
     Err(VmmError::Template {
         dir: run.root().to_owned(),
         why: format!(
-            "--template-prep failed ({:?}): {}",
+            "{SEED_AGENT} --template-prep exited {:?}: {}",
             out.exit_code,
             tail.escape_debug()
         ),
