@@ -220,7 +220,7 @@ pub enum NetApply {
     /// and finds its configuration already in place.
     Direct,
     /// networkd reloads the files and reconfigures the link; the agent
-    /// waits for the result.
+    /// waits for the result (the default: faster).
     Networkd,
 }
 
