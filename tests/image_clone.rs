@@ -359,29 +359,26 @@ fn qemu_line(
         );
     }
     let share = if share { "on" } else { "off" };
-    args.extend(
-        [
-            "-object".into(),
-            format!(
-                "memory-backend-file,id=mem0,size={MEMORY_MIB}M,mem-path={},share={share}",
-                ram.display()
-            ),
-            "-device".into(),
-            "vmgenid,guid=auto".into(),
-            "-qmp".into(),
-            format!("unix:{},server=on,wait=off", dir.join("qmp.sock").display()),
-            "-chardev".into(),
-            format!(
-                "socket,id=qga0,path={},server=on,wait=off",
-                dir.join("qga.sock").display()
-            ),
-            "-device".into(),
-            "virtio-serial-pci,id=vser0".into(),
-            "-device".into(),
-            "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0".into(),
-        ]
-        .into_iter(),
-    );
+    args.extend([
+        "-object".into(),
+        format!(
+            "memory-backend-file,id=mem0,size={MEMORY_MIB}M,mem-path={},share={share}",
+            ram.display()
+        ),
+        "-device".into(),
+        "vmgenid,guid=auto".into(),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", dir.join("qmp.sock").display()),
+        "-chardev".into(),
+        format!(
+            "socket,id=qga0,path={},server=on,wait=off",
+            dir.join("qga.sock").display()
+        ),
+        "-device".into(),
+        "virtio-serial-pci,id=vser0".into(),
+        "-device".into(),
+        "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0".into(),
+    ]);
     args
 }
 
