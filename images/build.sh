@@ -58,6 +58,31 @@ grep -q '^PasswordAuthentication no' "$rootfs/etc/ssh/sshd_config"
 # The seed adds the login user to www-data so SFTP uploads land as pages.
 chown root:www-data "$rootfs/var/www/html"
 chmod 2775 "$rootfs/var/www/html"
+# Drivers for hardware a webhoster VM does not use. Debian's generic kernel
+# (linux-image-amd64, chosen for its vmgenid driver) has them as modules, and
+# udev's coldplug loaded each at every boot: seconds under TCG. The cloud
+# kernel never had them. `blacklist` stops only the automatic loading (by
+# device alias); `modprobe NAME` still loads one by hand.
+# the host's CPU virtualisation (no nested KVM), the q35 chipset's SATA,
+# watchdog, SMBus and LPC, PC speaker, PS/2 mouse and input event devices,
+# wireless.
+mkdir -p "$rootfs/etc/modprobe.d"
+cat > "$rootfs/etc/modprobe.d/webhoster-vm.conf" <<'EOF'
+# Written by webhoster's image build: drivers a VM does not use (see build.sh).
+blacklist kvm_amd
+blacklist kvm_intel
+blacklist ccp
+blacklist ahci
+blacklist iTCO_wdt
+blacklist intel_pmc_bxt
+blacklist i2c_i801
+blacklist lpc_ich
+blacklist pcspkr
+blacklist psmouse
+blacklist serio_raw
+blacklist evdev
+blacklist cfg80211
+EOF
 sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$WH_RECIPE/masked-units.txt" | while read -r unit; do
     ln -sfn /dev/null "$rootfs/etc/systemd/system/$unit"
 done

@@ -220,7 +220,7 @@ pub enum NetApply {
     /// and finds its configuration already in place.
     Direct,
     /// networkd reloads the files and reconfigures the link; the agent
-    /// waits for the result.
+    /// waits for the result (the default: faster).
     Networkd,
 }
 
@@ -231,7 +231,7 @@ pub enum NetApply {
 pub fn apply_network(network: &Network, how: NetApply, steps: &mut Steps) -> Result<(), String> {
     let Network::Links(links) = network else {
         // Fallback (DHCP) or disabled: networkd's business, nothing to wait for.
-        let _ = run(&["networkctl", "reload"]);
+        let _ = networkd_reload();
         steps.step("network_dhcp");
         return Ok(());
     };
@@ -277,8 +277,8 @@ pub fn apply_network(network: &Network, how: NetApply, steps: &mut Steps) -> Res
     for w in wanted.iter_mut() {
         w.3 = networkd_state(&w.0).map(|(inode, _)| inode);
     }
-    run(&["networkctl", "reload"])?;
-    steps.step("networkctl");
+    networkd_reload()?;
+    steps.step("networkd_reload");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !in_place(&wanted) {
         if Instant::now() > deadline {
@@ -319,6 +319,21 @@ fn networkd_configured(ifname: &str, before: Option<u64>) -> bool {
         return false;
     };
     Some(inode) != before && state.lines().any(|l| l == "ADMIN_STATE=configured")
+}
+
+/// networkd reads its files again and reconfigures the links they changed:
+/// over D-Bus directly, `networkctl` if that fails.
+fn networkd_reload() -> Result<(), String> {
+    crate::dbus::call(
+        "org.freedesktop.network1",
+        "/org/freedesktop/network1",
+        "org.freedesktop.network1.Manager",
+        "Reload",
+    )
+    .or_else(|e| {
+        crate::log(format!("{e}; networkctl reload instead"));
+        run(&["networkctl", "reload"])
+    })
 }
 
 /// `ip -4 -batch -`: one process for every address and route.

@@ -17,6 +17,7 @@
 
 mod apply;
 mod clone;
+mod dbus;
 mod live;
 mod network;
 mod seed;
