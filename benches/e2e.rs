@@ -845,12 +845,14 @@ async fn density_figures() {
         let vm_id = t.vm_id().to_owned();
         users.push((user, vm_id));
     }
+    let pool = pool_status(&client, &api).await;
     println!(
         "density: {} small VMs created in {:.0} s (stopped by {stopped_by}; {failures} failures); \
-         creates {}; the pool's 5 paused clones run besides",
+         creates {}; besides them the pool holds {} paused clones",
         users.len(),
         started.elapsed().as_secs_f64(),
-        summary_in(&secs, 2, "s")
+        summary_in(&secs, 2, "s"),
+        pool["ready"]
     );
     tokio::time::sleep(IDLE_AFTER_CREATE).await;
     density_snapshot("without KSM", &dep, &users).await;
