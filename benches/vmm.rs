@@ -49,6 +49,7 @@ async fn main() {
         seed_iso: seed.clone(),
         net: VmNet::None,
         labels: Default::default(),
+        restore: None,
     };
     println!("vmm bench: accel {} ({})", engine.accel().0, engine.accel().1);
 
@@ -169,6 +170,7 @@ async fn main() {
                 hostfwd: vec![(([127, 0, 0, 1], port).into(), 80)],
             },
             labels: Default::default(),
+            restore: None,
         };
         engine.create_disk(&s).await.unwrap();
         engine.start(&s).await.unwrap();

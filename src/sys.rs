@@ -35,6 +35,9 @@ pub struct Detach<'a> {
     /// Who the child becomes after joining its cgroups (which needs root)
     /// and before exec; `None` keeps our ids.
     pub credentials: Option<Credentials>,
+    /// The child's nice value (a template boot runs at 19, so running
+    /// guests keep the CPU).
+    pub nice: Option<i32>,
 }
 
 /// An unprivileged identity for a child: real, effective and saved uid and
@@ -80,6 +83,7 @@ pub fn spawn_detached_with(
         cgroup_procs,
         umask,
         credentials,
+        nice,
     } = detach;
     if credentials.as_ref().is_some_and(|c| c.uid == 0 || c.gid == 0) {
         return Err(std::io::Error::new(
@@ -108,7 +112,7 @@ pub fn spawn_detached_with(
     let mut cmd = cmd;
     // SAFETY: the closure runs in the forked child before exec, where only
     // async-signal-safe calls are allowed: it calls umask, open, write,
-    // close, setsid, fcntl, dup2, setgroups, setresgid, setresuid and prctl
+    // close, setsid, setpriority, fcntl, dup2, setgroups, setresgid, setresuid and prctl
     // on plain integers and on the pointers of C strings and a group list
     // built before the fork (owned by the closure, only read), and touches
     // no allocator or lock (`pairs` is a fixed array copied into the
@@ -133,6 +137,11 @@ pub fn spawn_detached_with(
                 }
             }
             if libc::setsid() == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(nice) = nice
+                && libc::setpriority(libc::PRIO_PROCESS, 0, nice) == -1
+            {
                 return Err(std::io::Error::last_os_error());
             }
             // First move every source above every target, so placing one
@@ -167,6 +176,32 @@ pub fn spawn_detached_with(
         });
     }
     tokio::process::Command::from(cmd).spawn()
+}
+
+#[cfg(test)]
+mod spawn_tests {
+    /// The nice value reaches the child before exec (a template QEMU boots
+    /// at 19, behind every running guest).
+    #[tokio::test]
+    async fn the_child_gets_its_nice_value() {
+        let mut cmd = std::process::Command::new("sleep");
+        cmd.arg("30");
+        let mut child = super::spawn_detached_with(
+            cmd,
+            super::Detach {
+                nice: Some(19),
+                ..super::Detach::default()
+            },
+        )
+        .unwrap();
+        let pid = child.id().unwrap();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        // Field 19 is the nice value; fields after the `)` of the name.
+        let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+        assert_eq!(fields[16], "19", "{stat}");
+    }
 }
 
 // ---------------------------------------------------------------------------

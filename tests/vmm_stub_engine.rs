@@ -71,6 +71,7 @@ impl Fixture {
             seed_iso: seed,
             net: VmNet::None,
             labels: Default::default(),
+            restore: None,
         }
     }
 }

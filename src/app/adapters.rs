@@ -43,7 +43,22 @@ pub struct EngineAdapter {
     pub image: Image,
     /// `<state>/vms`, absolute (QEMU command lines are matched against it).
     pub vms_dir: PathBuf,
+    /// Where templates live: beside the image they come from, shared by
+    /// every state dir of the host (a template holds no user's data).
+    pub templates_dir: PathBuf,
+    /// The login user every guest has (the template's seed makes it).
+    pub login_user: String,
+    /// The template warm clones come from, once loaded or built.
+    pub template: tokio::sync::Mutex<Option<vmm::Template>>,
 }
+
+/// How long the template's guest may take to boot (under TCG, niced).
+const TEMPLATE_BOOT: Duration = Duration::from_secs(600);
+/// The template's seed: a static address on QEMU's user network (the
+/// template's only network), matched by that network's MAC. Every clone's
+/// agent replaces all of it.
+const TEMPLATE_ADDRESS: &str = "10.0.2.15/24";
+const TEMPLATE_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 
 impl EngineAdapter {
     pub fn spec(&self, vm: &VmLaunch) -> VmSpec {
@@ -60,11 +75,93 @@ impl EngineAdapter {
                 mac: vm.mac.clone(),
             },
             labels: vm.labels.iter().cloned().collect(),
+            restore: None,
         }
     }
 }
 
 impl EngineAdapter {
+    /// A warm clone's spec: its disk is an overlay on the template's.
+    fn clone_spec(&self, vm: &VmLaunch, template: &vmm::Template) -> VmSpec {
+        VmSpec {
+            base_disk: template.disk(),
+            restore: Some(vmm::Restore {
+                template_key: template.key().to_owned(),
+                template_dir: template.dir().to_owned(),
+            }),
+            ..self.spec(vm)
+        }
+    }
+
+    /// The template's own seed: the login user with a key nobody holds.
+    fn template_seed(&self, key: &str) -> Result<crate::seed::SeedSpec, PortError> {
+        let (placeholder, _) = crate::auth::SshPublicKey::generate("template@webhoster")
+            .map_err(|e| PortError::Probe(format!("a key for the template's seed: {e}")))?;
+        Ok(crate::seed::SeedSpec {
+            instance_id: format!("template-{}", key.get(..12).unwrap_or(key)),
+            hostname: "webhoster-template".into(),
+            user: self.login_user.clone(),
+            ssh_keys: vec![placeholder],
+            owner: "template".into(),
+            network: Some(crate::seed::StaticNetwork {
+                mac: vmm::cmdline::USER_NET_MAC.into(),
+                address: TEMPLATE_ADDRESS.parse().expect("a valid address"),
+                gateway: TEMPLATE_GATEWAY,
+            }),
+        })
+    }
+
+    /// Loads the template of `key`, or builds it. Several services on one
+    /// host share the directory: one builds, the others wait and load.
+    async fn load_or_build(&self, key: &str) -> Result<vmm::Template, PortError> {
+        std::fs::create_dir_all(&self.templates_dir)?;
+        let lock = self.templates_dir.join(format!("{key}.lock"));
+        let _held = tokio::task::spawn_blocking(move || {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock)?;
+            nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+                .map_err(|(_, errno)| std::io::Error::from(errno))
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        let dir = self.templates_dir.join(key);
+        if let Some(template) = self.engine.load_template(&dir).await? {
+            return Ok(template);
+        }
+        let seed = self.templates_dir.join(format!("{key}.seed.iso"));
+        crate::seed::write(&self.template_seed(key)?, &seed).await?;
+        let spec = VmSpec {
+            vm_id: "template".into(),
+            seed_iso: seed.clone(),
+            net: VmNet::Detached,
+            labels: Default::default(),
+            restore: None,
+            ..self.spec(&VmLaunch {
+                vm_id: "template".into(),
+                tap_name: String::new(),
+                mac: vmm::cmdline::USER_NET_MAC.into(),
+                guest_ip: Ipv4Addr::UNSPECIFIED,
+                ssh_port: 0,
+                seed_iso: seed.clone(),
+                labels: Vec::new(),
+            })
+        };
+        let built = self
+            .engine
+            .build_template(&vmm::TemplateRequest {
+                key: key.to_owned(),
+                dir,
+                spec,
+                ready_timeout: TEMPLATE_BOOT,
+            })
+            .await;
+        let _ = std::fs::remove_file(&seed);
+        Ok(built?)
+    }
+
     /// Makes sure the engine manages `vm_id` if its QEMU runs: after a restart
     /// of the service, an undo may reach a VM that was never reattached (a
     /// create cut short by a crash), and its QEMU must not be left behind.
@@ -229,6 +326,48 @@ impl VmEngine for EngineAdapter {
 
     fn serial_log(&self, vm_id: &str) -> PathBuf {
         self.engine.vm_dir(vm_id).serial_log()
+    }
+
+    async fn prepare_template(&self) -> Result<String, PortError> {
+        let mut slot = self.template.lock().await;
+        if let Some(template) = slot.as_ref() {
+            return Ok(template.key().to_owned());
+        }
+        let qemu = self.engine.qemu_version().await?;
+        let key = vmm::template_key(&self.image.manifest.key, &self.plan, &qemu, self.engine.accel().0);
+        let template = self.load_or_build(&key).await?;
+        *slot = Some(template);
+        Ok(key)
+    }
+
+    async fn spawn_clone(&self, vm: &VmLaunch) -> Result<(), PortError> {
+        let Some(template) = self.template.lock().await.clone() else {
+            return Err(PortError::Probe("no template is loaded yet".into()));
+        };
+        let spec = self.clone_spec(vm, &template);
+        self.engine.create_disk(&spec).await?;
+        // The clone's seed drive is its template's device, whose size the
+        // guest knows: a placeholder of that size until a create writes the
+        // user's seed in place.
+        let placeholder = std::fs::File::create(&vm.seed_iso)?;
+        placeholder.set_len(crate::seed::SEED_BYTES)?;
+        drop(placeholder);
+        self.engine.start_clone(&spec, &template).await?;
+        Ok(())
+    }
+
+    async fn resume_clone(&self, vm_id: &str) -> Result<(), PortError> {
+        let report = self.engine.resume_clone(vm_id).await?;
+        tracing::info!(
+            %vm_id,
+            restore_ms = report.restore.as_millis() as u64,
+            cont_ms = report.cont.as_millis() as u64,
+            set_time_ms = report.set_time.as_millis() as u64,
+            agent_ms = report.agent.as_millis() as u64,
+            agent = %report.agent_says,
+            "warm clone personalised"
+        );
+        Ok(())
     }
 
     fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<VmStateEvent>> {

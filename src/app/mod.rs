@@ -125,6 +125,9 @@ pub async fn build_backends(paths: &Paths, args: &ServeArgs) -> anyhow::Result<B
             plan,
             image,
             vms_dir,
+            templates_dir: absolute(paths.image_cache.join("templates")),
+            login_user: LOGIN_USER.into(),
+            template: tokio::sync::Mutex::new(None),
         }),
         network,
         proxy: Arc::new(adapters::ProxyAdapter(proxy.clone())),
@@ -207,6 +210,9 @@ fn reachable_host(addr: std::net::SocketAddr) -> String {
 
 /// How long requests in flight may finish after SIGTERM.
 const GRACE: Duration = Duration::from_secs(30);
+
+/// The login user in every guest.
+const LOGIN_USER: &str = "ubuntu";
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
@@ -333,7 +339,7 @@ pub async fn run_with(paths: Paths, args: ServeArgs, backends: Backends) -> anyh
         cores.saturating_sub(1).max(1),
     )?;
     let cfg = HostingConfig {
-        login_user: "ubuntu".into(),
+        login_user: LOGIN_USER.into(),
         ssh_ports: args.net.ssh_ports.clone(),
         ready: Readiness {
             timeout: Duration::from_secs(args.ready_timeout),

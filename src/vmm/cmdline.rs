@@ -26,6 +26,35 @@ pub const QMP_FD: i32 = 4;
 pub const OPERATOR_FD: i32 = 5;
 /// The guest agent's socket, listening.
 pub const QGA_FD: i32 = 6;
+/// A template's or clone's guest RAM: a memfd (`vmm::template`), named to
+/// QEMU as `/proc/self/fd/7`, so QEMU never opens a RAM file by a path
+/// another QEMU could reach.
+pub const RAM_FD: i32 = 7;
+
+/// Bumped whenever the template/clone command line changes in a way a saved
+/// template cannot follow (device list, machine, memory backend): it is part
+/// of every template key (`vmm::template::template_key`), so old templates
+/// are rebuilt instead of restored into a different machine.
+pub const TEMPLATE_FORMAT: u32 = 2;
+
+/// The machine type of templates and clones, pinned: the `q35` alias may move
+/// to a newer machine with a QEMU upgrade, and a saved state only restores
+/// into the exact machine it was saved from.
+pub const SNAPSHOT_MACHINE: &str = "pc-q35-7.2";
+
+/// The memory backend's id on the command line.
+const RAM_BACKEND_ID: &str = "mem0";
+
+/// Which snapshot role a QEMU plays (none: a cold boot, the default line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Snapshot {
+    /// Boots to be saved: its RAM is the memfd, shared (`share=on`), so the
+    /// guest's pages land in it and the migration stream leaves them out.
+    Template,
+    /// Restored from a template: the same memfd, private (`share=off`,
+    /// copy-on-write), waiting for `migrate-incoming` and staying paused.
+    Clone,
+}
 
 /// QEMU's default MAC, used when the spec has no tap (user networking).
 pub const USER_NET_MAC: &str = "52:54:00:12:34:56";
@@ -43,6 +72,9 @@ pub struct CmdlineConfig {
     pub seed_iso: PathBuf,
     pub nic: Nic,
     pub pidfile: PathBuf,
+    /// `None` for every cold boot: the line stays byte-identical to the one
+    /// before templates existed (golden tests pin it).
+    pub snapshot: Option<Snapshot>,
 }
 
 /// One switch group.
@@ -108,13 +140,20 @@ impl Switch for Sandbox {
     }
 }
 
-/// Machine type and accelerator.
+/// Machine type and accelerator. A snapshot's machine is pinned and takes
+/// its RAM from the memory backend.
 pub struct Machine {
     pub accel: AccelChoice,
+    pub snapshot: bool,
 }
 impl Switch for Machine {
     fn push_args(&self, argv: &mut Vec<String>) {
-        argv.extend(["-machine".into(), "q35".into(), "-accel".into()]);
+        let machine = if self.snapshot {
+            format!("{SNAPSHOT_MACHINE},memory-backend={RAM_BACKEND_ID}")
+        } else {
+            "q35".into()
+        };
+        argv.extend(["-machine".into(), machine, "-accel".into()]);
         argv.push(match self.accel {
             AccelChoice::Kvm => "kvm".into(),
             // Bound the translation cache: QEMU's default reserves up to 1 GiB
@@ -145,6 +184,48 @@ impl Switch for Cpu<'_> {
             "-m".into(),
             format!("{}M", self.plan.memory_mib),
         ]);
+    }
+}
+
+/// The guest RAM of a template or clone: the memfd at [`RAM_FD`]. The
+/// template shares it (its writes land in the memfd, and `x-ignore-shared`
+/// leaves them out of the stream); a clone maps it privately, so its writes
+/// stay its own and the pages it never writes are shared by every clone.
+pub struct RamBackend<'a> {
+    pub plan: &'a Plan,
+    pub snapshot: Snapshot,
+}
+impl Switch for RamBackend<'_> {
+    fn push_args(&self, argv: &mut Vec<String>) {
+        let share = match self.snapshot {
+            Snapshot::Template => "on",
+            Snapshot::Clone => "off",
+        };
+        argv.extend([
+            "-object".into(),
+            format!(
+                "memory-backend-file,id={RAM_BACKEND_ID},size={}M,mem-path=/proc/self/fd/{RAM_FD},share={share}",
+                self.plan.memory_mib
+            ),
+        ]);
+    }
+}
+
+/// A VM generation id with a new GUID per QEMU: a guest kernel with the
+/// vmgenid driver reseeds its RNG when a restored clone sees a new one.
+pub struct VmGenId;
+impl Switch for VmGenId {
+    fn push_args(&self, argv: &mut Vec<String>) {
+        argv.extend(["-device".into(), "vmgenid,guid=auto".into()]);
+    }
+}
+
+/// A clone waits for its state (`migrate-incoming` over QMP, from a
+/// descriptor: the sandbox forbids `exec:`) and stays paused after it.
+pub struct Incoming;
+impl Switch for Incoming {
+    fn push_args(&self, argv: &mut Vec<String>) {
+        argv.extend(["-incoming", "defer", "-S"].map(String::from));
     }
 }
 
@@ -219,6 +300,10 @@ pub enum Nic {
     Tap {
         mac: String,
     },
+    /// The NIC with no backend (link down to nothing): a template boots so,
+    /// because a backend with state of its own (slirp) would be in the
+    /// saved state, and a clone on a tap could not load it.
+    Detached,
 }
 
 /// The netdev + device pair (Kata's `add_nic`): they always come together.
@@ -242,6 +327,10 @@ impl Switch for NetPair<'_> {
             // vhost needs /dev/vhost-net and the tap's namespace; off keeps the
             // fd self-contained.
             Nic::Tap { mac } => (format!("tap,id=net0,fd={TAP_FD},vhost=off"), mac.as_str()),
+            Nic::Detached => {
+                argv.extend(["-device".into(), format!("virtio-net-pci,mac={USER_NET_MAC}")]);
+                return;
+            }
         };
         argv.extend([
             "-netdev".into(),
@@ -354,7 +443,10 @@ pub fn build(cfg: &CmdlineConfig) -> Vec<String> {
         Box::new(Name(&cfg.vm_id)),
         Box::new(Baseline),
         Box::new(Sandbox),
-        Box::new(Machine { accel: cfg.accel }),
+        Box::new(Machine {
+            accel: cfg.accel,
+            snapshot: cfg.snapshot.is_some(),
+        }),
         Box::new(Cpu {
             accel: cfg.accel,
             plan: &cfg.plan,
@@ -398,6 +490,20 @@ pub fn build(cfg: &CmdlineConfig) -> Vec<String> {
     for switch in &switches {
         switch.push_args(&mut argv);
     }
+    if let Some(snapshot) = cfg.snapshot {
+        // Appended after the cold line, so a cold boot's argv never changes;
+        // only the order among QEMU's devices matters for a restore, and
+        // vmgenid is no PCI device.
+        RamBackend {
+            plan: &cfg.plan,
+            snapshot,
+        }
+        .push_args(&mut argv);
+        VmGenId.push_args(&mut argv);
+        if snapshot == Snapshot::Clone {
+            Incoming.push_args(&mut argv);
+        }
+    }
     argv
 }
 
@@ -432,6 +538,38 @@ mod tests {
                 "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
             ]
         );
+    }
+
+    #[test]
+    fn a_clone_maps_the_ram_fd_privately_and_waits_for_its_state() {
+        let plan = Plan::load("small").unwrap();
+        let mut argv = Vec::new();
+        RamBackend {
+            plan: &plan,
+            snapshot: Snapshot::Clone,
+        }
+        .push_args(&mut argv);
+        assert_eq!(argv[0], "-object");
+        assert!(
+            argv[1].contains(&format!("mem-path=/proc/self/fd/{RAM_FD},share=off")),
+            "{}",
+            argv[1]
+        );
+        assert!(argv[1].contains(&format!("size={}M", plan.memory_mib)));
+        let mut argv = Vec::new();
+        RamBackend {
+            plan: &plan,
+            snapshot: Snapshot::Template,
+        }
+        .push_args(&mut argv);
+        assert!(argv[1].ends_with("share=on"), "{}", argv[1]);
+        let mut argv = Vec::new();
+        Machine {
+            accel: AccelChoice::Tcg,
+            snapshot: true,
+        }
+        .push_args(&mut argv);
+        assert_eq!(argv[1], "pc-q35-7.2,memory-backend=mem0");
     }
 
     #[test]

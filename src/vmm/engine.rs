@@ -49,8 +49,10 @@ static TCG_WARNING: Once = Once::new();
 /// The VM engine. Dropping it stops supervision but leaves every QEMU
 /// running (a new engine reattaches).
 pub struct Engine {
-    registry: Arc<Registry>,
-    launcher: Arc<Launcher>,
+    pub(super) registry: Arc<Registry>,
+    pub(super) launcher: Arc<Launcher>,
+    /// Restore times of clones not yet resumed (`vmm::clone`).
+    pub(super) restores: super::clone::Restores,
     accel_reason: String,
     restart: RestartPolicy,
     cancel: CancellationToken,
@@ -90,6 +92,7 @@ impl Engine {
                 qemu_ids: opts.qemu_ids,
                 log_cap: opts.log_cap,
             }),
+            restores: Default::default(),
             accel_reason,
             restart: opts.restart,
             cancel: CancellationToken::new(),
@@ -308,7 +311,18 @@ impl Engine {
                 Some(pid) => {
                     let attached = process::attach(vm.id(), vm.dir(), pid).await?;
                     self.check_cgroup(vm.id(), pid);
-                    vm.assume_state(VmState::Running);
+                    // A clone restored but never resumed stays one (its
+                    // vm.json says so, whatever spec the caller kept): paused,
+                    // and not restarted should it die.
+                    match vm.dir().read_spec().ok().and_then(|s| s.restore) {
+                        Some(restore) => {
+                            let mut spec = vm.spec();
+                            spec.restore = Some(restore);
+                            vm.set_spec(&spec);
+                            vm.assume_state(VmState::Paused);
+                        }
+                        None => vm.assume_state(VmState::Running),
+                    }
                     self.supervise(&vm, attached);
                     Ok(ReattachOutcome::Reattached { pid: pid.get() })
                 }
@@ -433,7 +447,7 @@ impl Engine {
 
     /// Hand `attached` to a new supervisor task (replacing any old one). The
     /// task gets its own root span: it outlives the operation that started it.
-    fn supervise(&self, vm: &Arc<Vm>, attached: Attached) {
+    pub(super) fn supervise(&self, vm: &Arc<Vm>, attached: Attached) {
         let sup = Supervision {
             registry: self.registry.clone(),
             launcher: self.launcher.clone(),

@@ -4,11 +4,16 @@
 //! supervision (crash restarts with backoff). Never touches netlink, nginx or SQL: a tap
 //! arrives as an open fd from a [`TapOpener`], and state changes leave as
 //! [`VmEvent`]s for the orchestrator to persist.
+//!
+//! Snapshot templates (`template.rs`: build, save, load; the RAM in a sealed
+//! memfd) and their clones (`clone.rs`: restored paused, resumed and
+//! personalised) run through the same launcher, registry and supervisor.
 
 pub mod accel;
 mod backup;
 pub mod cgroup;
 pub mod cli;
+mod clone;
 pub mod cmdline;
 pub mod dir;
 mod disk;
@@ -25,6 +30,7 @@ pub mod sandbox;
 pub mod scan;
 pub mod state;
 mod supervisor;
+mod template;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -40,16 +46,20 @@ use crate::logfile::LogCap;
 pub use accel::AccelChoice;
 pub use backup::{BackupOutcome, BackupProgress, BackupRequest};
 pub use cgroup::{CgroupLimits, CgroupMode, CgroupOptions, Cgroups};
+pub use clone::{CLONE_AGENT, CloneReport};
+pub use cmdline::Snapshot;
 pub use dir::VmDir;
 pub use engine::{DEFAULT_STOP_TIMEOUT, Engine};
 pub use guest::GuestSystemState;
 pub use meter::VmCounters;
 pub use plan::{Plan, PlanError};
+pub use process::snapshot_argv_for;
 pub use process::{START_TIMEOUT, argv_for};
 pub use qga::{QgaClient, QgaError};
 pub use qmp::QmpError;
 pub use sandbox::QemuIds;
 pub use state::{InvalidTransition, VmState};
+pub use template::{Template, TemplateMeta, TemplateRequest, TemplateTimings, template_key};
 
 /// Everything needed to run one VM. Persisted as `<vms_dir>/<vm_id>/vm.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -67,6 +77,19 @@ pub struct VmSpec {
     /// Shown by `webhoster vm list`: `owner`, `ip`, `ssh_port`, ...
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Set while the VM is a clone restored from a template and not yet
+    /// resumed ([`Engine::start_clone`]); cleared (and persisted) before the
+    /// resume, so every later start is a plain cold boot of its own disk.
+    /// A clone that dies while this is set is not restarted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<Restore>,
+}
+
+/// Which template a paused clone was restored from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restore {
+    pub template_key: String,
+    pub template_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +101,9 @@ pub enum VmNet {
     User {
         hostfwd: Vec<(SocketAddr, u16)>,
     },
+    /// The NIC with no backend: what a template boots with (see
+    /// `cmdline::Nic::Detached`).
+    Detached,
     /// A persistent tap opened through the engine's [`TapOpener`].
     Tap {
         tap_name: String,
@@ -309,6 +335,16 @@ pub enum VmmError {
     CgroupsRequired(#[source] cgroup::CgroupError),
     #[error("the cgroup setup")]
     CgroupSetup(#[source] cgroup::CgroupError),
+    #[error("VM {vm_id}: migration {what}: {why}")]
+    Migration {
+        vm_id: String,
+        what: String,
+        why: String,
+    },
+    #[error("template {dir}: {why}")]
+    Template { dir: PathBuf, why: String },
+    #[error("VM {vm_id}: the clone's personalisation failed: {why}")]
+    Personalise { vm_id: String, why: String },
     #[error("QEMU id range {range:?}: {reason}")]
     QemuIds { range: String, reason: String },
 }
@@ -353,6 +389,7 @@ mod tests {
                 hostfwd: vec![("127.0.0.1:2222".parse().unwrap(), 22)],
             },
             labels: [("owner".to_owned(), "alice".to_owned())].into(),
+            restore: None,
         };
         let json = serde_json::to_string(&spec).unwrap();
         assert_eq!(serde_json::from_str::<VmSpec>(&json).unwrap(), spec);

@@ -89,6 +89,24 @@ pub(super) struct Attached {
     pub exit: Option<watch::Receiver<Option<ExitStatus>>>,
 }
 
+/// How a spawn differs from a cold boot: the snapshot role and its RAM
+/// memfd, a fixed id to run as, a lower CPU priority.
+#[derive(Clone, Copy, Default)]
+pub(super) struct Launch<'a> {
+    /// The role and the RAM memfd, passed as [`cmdline::RAM_FD`].
+    pub snapshot: Option<(cmdline::Snapshot, std::os::fd::BorrowedFd<'a>)>,
+    /// Run as this id instead of the VM directory's ([`QemuIds::assign`]).
+    pub id: Option<u32>,
+    /// `nice` value set in the child before exec.
+    pub nice: Option<i32>,
+}
+
+impl Launch<'_> {
+    fn is_clone(&self) -> bool {
+        matches!(self.snapshot, Some((cmdline::Snapshot::Clone, _)))
+    }
+}
+
 /// How [`stop`] ended the process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum StopMethod {
@@ -149,7 +167,12 @@ impl Launcher {
     /// Who this VM's QEMU runs as: its own id ([`QemuIds::assign`]; an id a
     /// live QEMU of ours holds is never given to another VM), as uid and
     /// gid. Under KVM also the group of `/dev/kvm`, which QEMU opens by path.
-    fn credentials(&self, vm_id: &str, dir: &VmDir) -> Result<crate::sys::Credentials, VmmError> {
+    fn credentials(
+        &self,
+        vm_id: &str,
+        dir: &VmDir,
+        fixed: Option<u32>,
+    ) -> Result<crate::sys::Credentials, VmmError> {
         let vms_dir = dir.root().parent().unwrap_or(Path::new("/"));
         let live = || {
             super::scan::qemu_processes(vms_dir)
@@ -157,7 +180,17 @@ impl Launcher {
                 .filter_map(|(pid, _)| dir::uid_of(pid))
                 .collect()
         };
-        let id = self.qemu_ids.assign(vms_dir, dir, live)?;
+        let id = match fixed {
+            Some(id) => {
+                std::os::unix::fs::chown(dir.root(), Some(0), Some(id)).map_err(|source| VmmError::Io {
+                    vm_id: vm_id.to_owned(),
+                    what: "cannot give the VM directory its group".into(),
+                    source,
+                })?;
+                id
+            }
+            None => self.qemu_ids.assign(vms_dir, dir, live)?,
+        };
         let groups = match self.accel {
             AccelChoice::Kvm => {
                 use std::os::unix::fs::MetadataExt;
@@ -212,6 +245,18 @@ impl Launcher {
     /// the VM's op lock and the start lock, and has made sure no QEMU of
     /// this VM runs.
     pub async fn spawn(&self, vm_id: &str, dir: &VmDir, spec: &VmSpec) -> Result<Attached, VmmError> {
+        self.spawn_with(vm_id, dir, spec, Launch::default()).await
+    }
+
+    /// [`Self::spawn`] as `launch` says. A clone is not `running` but waits
+    /// for its state (`inmigrate`): that is what it is expected to report.
+    pub async fn spawn_with(
+        &self,
+        vm_id: &str,
+        dir: &VmDir,
+        spec: &VmSpec,
+        launch: Launch<'_>,
+    ) -> Result<Attached, VmmError> {
         let io = |what: &str| {
             let (vm_id, what) = (vm_id.to_owned(), what.to_owned());
             move |source| VmmError::Io { vm_id, what, source }
@@ -240,11 +285,13 @@ impl Launcher {
         };
         dir.create()
             .map_err(io("cannot restrict the VM directory's mode"))?;
-        let credentials = self.credentials(vm_id, dir)?;
+        let credentials = self.credentials(vm_id, dir, launch.id)?;
         dir.grant(credentials.gid, &spec.seed_iso)
             .map_err(io("cannot give QEMU's id its files"))?;
         let sockets = dir.listen().map_err(io("cannot bind QEMU's sockets"))?;
-        let argv = cmdline::build(&cmdline_config(self.accel, dir, spec));
+        let mut config = cmdline_config(self.accel, dir, spec);
+        config.snapshot = launch.snapshot.map(|(role, _)| role);
+        let argv = cmdline::build(&config);
         let qemu_log =
             RotatingFile::open(dir.qemu_log(), self.log_cap).map_err(io("cannot open qemu.log"))?;
         let (output, output_write) = logs::output_pipe().map_err(io("cannot make QEMU's output pipe"))?;
@@ -264,6 +311,7 @@ impl Launcher {
             (qga.as_fd(), cmdline::QGA_FD),
         ];
         fds.extend(tap.iter().map(|fd| (fd.as_fd(), cmdline::TAP_FD)));
+        fds.extend(launch.snapshot.map(|(_, ram)| (ram, cmdline::RAM_FD)));
         let cgroup_procs = self.prepare_cgroup(vm_id, spec)?;
         let started = Instant::now();
         let detach = crate::sys::Detach {
@@ -271,6 +319,7 @@ impl Launcher {
             cgroup_procs,
             umask: Some(QEMU_UMASK),
             credentials: Some(credentials),
+            nice: launch.nice,
         };
         let spawned = crate::sys::spawn_detached_with(cmd, detach);
         let mut child = spawned.map_err(|err| {
@@ -346,7 +395,12 @@ impl Launcher {
                 });
             }
         };
-        if !status.running {
+        let expected = if launch.is_clone() {
+            status.status == "inmigrate"
+        } else {
+            status.running
+        };
+        if !expected {
             let _ = pid.signal(Signal::SIGKILL);
             return Err(VmmError::NotRunningAfterStart {
                 vm_id: vm_id.to_owned(),
@@ -514,8 +568,10 @@ fn cmdline_config(accel: AccelChoice, dir: &VmDir, spec: &VmSpec) -> CmdlineConf
                 hostfwd: hostfwd.clone(),
             },
             VmNet::Tap { mac, .. } => Nic::Tap { mac: mac.clone() },
+            VmNet::Detached => Nic::Detached,
         },
         pidfile: dir.pidfile(),
+        snapshot: None,
     }
 }
 
@@ -524,6 +580,19 @@ fn cmdline_config(accel: AccelChoice, dir: &VmDir, spec: &VmSpec) -> CmdlineConf
 pub fn argv_for(accel: AccelChoice, vms_dir: &Path, spec: &VmSpec) -> Vec<String> {
     let dir = VmDir::new(vms_dir, &spec.vm_id);
     cmdline::build(&cmdline_config(accel, &dir, spec))
+}
+
+/// [`argv_for`] a template (`Some(Template)`) or a clone: for golden tests.
+pub fn snapshot_argv_for(
+    accel: AccelChoice,
+    vms_dir: &Path,
+    spec: &VmSpec,
+    snapshot: cmdline::Snapshot,
+) -> Vec<String> {
+    let dir = VmDir::new(vms_dir, &spec.vm_id);
+    let mut config = cmdline_config(accel, &dir, spec);
+    config.snapshot = Some(snapshot);
+    cmdline::build(&config)
 }
 
 pub(super) fn describe_exit(status: Option<ExitStatus>) -> String {

@@ -71,9 +71,15 @@ pub const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
 /// intervals up to [`EXEC_POLL_MAX`].
 const EXEC_POLL_FIRST: Duration = Duration::from_millis(50);
 const EXEC_POLL_MAX: Duration = Duration::from_millis(500);
+/// The polling cap of [`QgaClient::exec_with_input`]: a step someone waits
+/// on (a clone's personalisation inside a create) sees its exit within
+/// this, for a few more cheap status calls.
+const EXEC_POLL_MAX_WAITED: Duration = Duration::from_millis(100);
 /// The longest reply line accepted (so an exec's stdout plus stderr is at
 /// most about 3/4 of this after base64). A longer one ends the call.
 pub const MAX_REPLY_BYTES: usize = 1 << 20;
+/// The most stdin bytes `exec_with_input` sends: a clone's entropy is 64.
+pub const MAX_INPUT_BYTES: usize = 64 * 1024;
 /// Guest-supplied text in an error message is cut to this many characters.
 const MAX_GUEST_TEXT: usize = 200;
 /// Marks the reply to `guest-sync-delimited`; never part of UTF-8 JSON.
@@ -250,13 +256,46 @@ impl QgaClient {
         args: &[&str],
         limit: Duration,
     ) -> Result<ExecOutput, QgaError> {
+        self.exec_polled(path, args, None, limit, EXEC_POLL_MAX).await
+    }
+
+    /// [`exec_with_timeout`](Self::exec_with_timeout) with `input` on the
+    /// process's stdin (`input-data`, at most [`MAX_INPUT_BYTES`]: the
+    /// request is one line the agent reads whole).
+    /// Its exit is polled for at least every [`EXEC_POLL_MAX_WAITED`].
+    pub async fn exec_with_input(
+        &mut self,
+        path: &str,
+        args: &[&str],
+        input: Option<&[u8]>,
+        limit: Duration,
+    ) -> Result<ExecOutput, QgaError> {
+        self.exec_polled(path, args, input, limit, EXEC_POLL_MAX_WAITED)
+            .await
+    }
+
+    async fn exec_polled(
+        &mut self,
+        path: &str,
+        args: &[&str],
+        input: Option<&[u8]>,
+        limit: Duration,
+        poll_max: Duration,
+    ) -> Result<ExecOutput, QgaError> {
+        use base64::Engine as _;
         let deadline = Instant::now() + limit;
+        let mut request = json!({"path": path, "arg": args, "capture-output": true});
+        if let Some(input) = input {
+            if input.len() > MAX_INPUT_BYTES {
+                return Err(QgaError::TooLarge {
+                    what: "guest-exec input-data".into(),
+                    max: MAX_INPUT_BYTES,
+                });
+            }
+            request["input-data"] = json!(base64::engine::general_purpose::STANDARD.encode(input));
+        }
         let started: ExecStarted = self
-            .call(
-                "guest-exec",
-                Some(json!({"path": path, "arg": args, "capture-output": true})),
-                COMMAND_TIMEOUT.min(limit),
-            )
+            .call("guest-exec", Some(request), COMMAND_TIMEOUT.min(limit))
             .await?;
         let mut pause = EXEC_POLL_FIRST;
         loop {
@@ -289,7 +328,7 @@ impl QgaClient {
                 });
             }
             tokio::time::sleep(pause.min(remaining)).await;
-            pause = (pause * 2).min(EXEC_POLL_MAX);
+            pause = (pause * 2).min(poll_max);
         }
     }
 
@@ -320,6 +359,13 @@ impl QgaClient {
         self.call::<Value>("guest-set-time", Some(json!({"time": nanos})), COMMAND_TIMEOUT)
             .await
             .map(drop)
+    }
+
+    /// `guest-get-time`: the guest's clock, in nanoseconds since 1970.
+    /// Answered by qemu-ga itself (no process started), so it is read within
+    /// the round trip of this call.
+    pub async fn get_time_ns(&mut self) -> Result<i64, QgaError> {
+        self.call("guest-get-time", None, COMMAND_TIMEOUT).await
     }
 
     /// One request, one reply line, within `limit`.
@@ -677,6 +723,35 @@ mod tests {
         );
         assert_eq!(requests.len(), 4, "{requests:?}");
         assert!(requests[1..].iter().all(|r| r["arguments"]["pid"] == 42));
+    }
+
+    #[tokio::test]
+    async fn exec_with_input_sends_stdin_in_base64_and_refuses_too_much() {
+        let agent = FakeAgent::start(b"", |request| match request["execute"].as_str().unwrap() {
+            "guest-exec" => line(json!({"return": {"pid": 7}})),
+            _ => line(json!({"return": {"exited": true, "exitcode": 0}})),
+        });
+        let mut client = agent.connect().await.unwrap();
+        let out = client
+            .exec_with_input("/bin/agent", &["--clone"], Some(&[0, 1, 2, 255]), EXEC_TIMEOUT)
+            .await
+            .unwrap();
+        assert!(out.success());
+        let requests = agent.requests.lock().unwrap().clone();
+        assert_eq!(requests[0]["arguments"]["input-data"], "AAEC/w==");
+        let big = vec![0u8; MAX_INPUT_BYTES + 1];
+        let err = client
+            .exec_with_input("/bin/agent", &[], Some(&big), EXEC_TIMEOUT)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, QgaError::TooLarge { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn get_time_reads_nanoseconds() {
+        let agent = FakeAgent::start(b"", |_| line(json!({"return": 1_700_000_000_123_456_789i64})));
+        let mut client = agent.connect().await.unwrap();
+        assert_eq!(client.get_time_ns().await.unwrap(), 1_700_000_000_123_456_789);
     }
 
     #[tokio::test]

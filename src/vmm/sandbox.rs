@@ -66,6 +66,23 @@ impl QemuIds {
         (self.first..=self.last).contains(&id)
     }
 
+    /// The id every template QEMU runs as (`vmm::template`): the range's
+    /// last, which [`Self::assign`] never gives a VM, so no user's QEMU can
+    /// ever share a uid with the QEMU whose RAM becomes every clone's.
+    pub fn template_id(&self) -> u32 {
+        self.last
+    }
+
+    /// The ids [`Self::assign`] gives VMs: all but the template's (a range
+    /// of one id has nothing to spare, and shares it).
+    fn vm_ids(&self) -> std::ops::RangeInclusive<u32> {
+        if self.first < self.last {
+            self.first..=self.last - 1
+        } else {
+            self.first..=self.last
+        }
+    }
+
     /// The id of `dir`'s VM: the one its directory's group already names,
     /// or else the lowest one in the range that no other VM directory under
     /// `vms_dir` and no live QEMU of ours (the uids `live` lists, asked only
@@ -102,11 +119,12 @@ impl QemuIds {
         // Kept unless another directory claims the same id (a copied dir).
         // No other VM can have been given it meanwhile, so a live QEMU with
         // it can only be this VM's own.
-        if let Some(id) = own.filter(|id| !taken.contains(id)) {
+        if let Some(id) = own.filter(|id| !taken.contains(id) && self.vm_ids().contains(id)) {
             return Ok(id);
         }
         taken.extend(live());
-        let id = (self.first..=self.last)
+        let id = self
+            .vm_ids()
             .find(|id| !taken.contains(id))
             .ok_or_else(|| VmmError::QemuIds {
                 range: self.to_string(),
@@ -158,7 +176,9 @@ mod tests {
     #[test]
     fn each_vm_dir_gets_its_own_id_and_keeps_it() {
         let tmp = tempfile::tempdir().unwrap();
-        let ids = QemuIds::parse("2100000000-2100000002").unwrap();
+        // The last id is the templates' and never a VM's.
+        let ids = QemuIds::parse("2100000000-2100000003").unwrap();
+        assert_eq!(ids.template_id(), 2_100_000_003);
         let dirs: Vec<VmDir> = ["vm-a", "vm-b", "vm-c", "vm-d"]
             .iter()
             .map(|id| VmDir::new(tmp.path(), id))

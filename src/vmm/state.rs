@@ -5,6 +5,7 @@
 //! creating -> starting -> running <-> stopped
 //! running -> crashed -> starting       (supervised restart with backoff)
 //! running <-> paused                    (QMP STOP / RESUME: an I/O error, a full disk)
+//! starting -> paused                    (a clone restored from a template, not yet resumed)
 //! crashed -> failed                     (too many crashes in the window)
 //! any -> deleting -> deleted
 //! ```
@@ -71,7 +72,7 @@ impl VmState {
             (Deleting, _) => false,
             (_, Deleting) => true,
             (Creating, Starting | Failed) => true,
-            (Starting, Running | Stopped | Crashed | Failed | Stopping) => true,
+            (Starting, Running | Paused | Stopped | Crashed | Failed | Stopping) => true,
             (Running, Stopping | Stopped | Crashed | Paused) => true,
             (Paused, Running | Stopping | Stopped | Crashed) => true,
             (Stopping, Stopped | Crashed) => true,
@@ -137,6 +138,7 @@ mod tests {
         (Creating, Failed),
         (Creating, Deleting),
         (Starting, Running),
+        (Starting, Paused),
         (Starting, Stopped),
         (Starting, Stopping),
         (Starting, Crashed),

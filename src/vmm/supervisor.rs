@@ -99,6 +99,15 @@ fn finish_process(sup: &Supervision, vm: &Vm) {
 async fn restart_after_crash(sup: &Supervision, vm: &Vm, mut reason: String) -> Option<Attached> {
     let registry = &sup.registry;
     let mut from_state_ok = registry.set_state(vm, VmState::Crashed, &reason).is_ok();
+    if vm.spec().restore.is_some() {
+        // A clone never resumed has no guest of its own yet: nothing to
+        // restart (its disk is the template's moment, not a booted system).
+        // The pool discards it.
+        let why = format!("a restored clone died before its resume; not restarted: {reason}");
+        tracing::warn!(%why);
+        let _ = registry.set_state(vm, VmState::Failed, &why);
+        return None;
+    }
     loop {
         if !from_state_ok {
             tracing::error!("crash in an unexpected state; not restarting");

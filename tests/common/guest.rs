@@ -459,5 +459,6 @@ pub async fn user_net_spec(
             ],
         },
         labels: Default::default(),
+        restore: None,
     }
 }

@@ -11,8 +11,13 @@
 //! Per instance, like cloud-init: the instance-id it applied is kept in
 //! `/var/lib/webhoster-seed/instance`; later boots of the same instance run
 //! only `bootcmd` (which cloud-init also runs at every boot).
+//!
+//! Snapshot templates and clones: `--template-prep` and `--clone` (see
+//! `clone.rs`).
 
 mod apply;
+mod clone;
+mod live;
 mod network;
 mod seed;
 mod sources;
@@ -72,6 +77,17 @@ enum Outcome {
     HandedOver(String),
 }
 
+/// What the agent was asked to do.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// At boot (the unit): apply a new instance's seed, or hand it over.
+    Boot,
+    /// In the template VM, just before the host saves it.
+    TemplatePrep,
+    /// In a restored clone: become the instance of the seed now attached.
+    Clone,
+}
+
 struct Options {
     root: PathBuf,
     /// Read the seed from this directory instead of the `cidata` device.
@@ -88,6 +104,7 @@ fn main() {
         seed_dir: None,
         live: true,
     };
+    let mut mode = Mode::Boot;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--source-hash" => {
@@ -99,11 +116,17 @@ fn main() {
                 opts.live = false;
             }
             "--seed-dir" => opts.seed_dir = Some(args.next().map(PathBuf::from).unwrap_or_else(|| usage())),
+            "--template-prep" => mode = Mode::TemplatePrep,
+            "--clone" => mode = Mode::Clone,
             _ => usage(),
         }
     }
     let mut steps = Steps::default();
     steps.step("start");
+    if mode != Mode::Boot {
+        clone_main(mode, &opts, &mut steps, started);
+        return;
+    }
     let outcome = run(&opts, &mut steps);
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     log(format!("steps (ms): {}", steps.summary()));
@@ -132,8 +155,41 @@ fn main() {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: webhoster-seed-agent [--source-hash] [--root DIR] [--seed-dir DIR]");
+    eprintln!(
+        "usage: webhoster-seed-agent [--source-hash] [--template-prep | --clone] [--root DIR] [--seed-dir DIR]"
+    );
     std::process::exit(2);
+}
+
+/// `--template-prep` and `--clone`: run by the host through the guest
+/// agent, which shows it stdout and the exit status (0: done).
+fn clone_main(mode: Mode, opts: &Options, steps: &mut Steps, started: Instant) {
+    let what = if mode == Mode::Clone {
+        "clone"
+    } else {
+        "template-prep"
+    };
+    let result = match mode {
+        Mode::Clone => clone::read_entropy(std::io::stdin().lock())
+            .and_then(|entropy| clone::personalise(opts, &entropy, steps)),
+        _ => clone::template_prep(opts, steps).map(|()| Vec::new()),
+    };
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    log(format!("{what} steps (ms): {}", steps.summary()));
+    match result {
+        Ok(errors) if errors.is_empty() => log(format!("{what} done in {ms:.0} ms")),
+        Ok(errors) => {
+            for e in &errors {
+                log(format!("error: {e}"));
+            }
+            log(format!("{what} done with {} errors in {ms:.0} ms", errors.len()));
+            std::process::exit(1);
+        }
+        Err(e) => {
+            log(format!("{what} failed after {ms:.0} ms: {e}"));
+            std::process::exit(1);
+        }
+    }
 }
 
 fn run(opts: &Options, steps: &mut Steps) -> Result<Outcome, String> {

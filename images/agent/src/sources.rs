@@ -9,6 +9,8 @@
 pub const FILES: &[(&str, &str)] = &[
     ("Cargo.toml", include_str!("../Cargo.toml")),
     ("src/apply.rs", include_str!("apply.rs")),
+    ("src/clone.rs", include_str!("clone.rs")),
+    ("src/live.rs", include_str!("live.rs")),
     ("src/main.rs", include_str!("main.rs")),
     ("src/network.rs", include_str!("network.rs")),
     ("src/seed.rs", include_str!("seed.rs")),

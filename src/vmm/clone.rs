@@ -1,0 +1,405 @@
+//! Clones of a template (`vmm::template`): restored paused, then resumed and
+//! personalised by the guest's seed agent.
+//!
+//! A clone is a VM like any other (registry, supervisor, cgroup, own uid),
+//! with `spec.restore` set while it waits paused. Its QEMU gets the
+//! template's command line with `share=off` on the sealed RAM memfd,
+//! `-incoming defer -S`, and its state through a descriptor (`getfd` +
+//! `migrate-incoming fd:`: the sandbox denies `exec:`). A clone that dies
+//! before its resume is not restarted (the supervisor sees `restore`).
+//!
+//! [`Engine::resume_clone`] clears `restore` and persists `vm.json` before
+//! `cont`: from then on any start of the VM (a crash restart, stop/start, a
+//! host reboot, a reattach) is a plain cold boot of its own disk.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::fd::AsFd;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use tracing::Instrument;
+
+use super::cmdline::Snapshot;
+use super::disk;
+use super::engine::Engine;
+use super::process::{self, Launch, QemuPid};
+use super::qga::QgaClient;
+use super::qmp::Monitor;
+use super::registry;
+use super::template::{self, Template};
+use super::{Restore, VmNet, VmSpec, VmState, VmStatus, VmmError};
+
+/// What personalises a clone: the seed agent in `--clone` mode, with host
+/// entropy on its stdin.
+pub const CLONE_AGENT: &str = template::SEED_AGENT;
+/// How long `--clone` may take (keys, users, network, sshd reload).
+const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the guest agent may take to answer after `cont`.
+const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shifting the guest's clock may take.
+const SET_CLOCK_TIMEOUT: Duration = Duration::from_secs(10);
+/// A guest clock this close to the host's is left alone.
+const CLOCK_GOOD_ENOUGH_NS: i128 = 50_000_000;
+/// Bytes of host entropy each clone's kernel gets.
+const ENTROPY_BYTES: usize = 64;
+
+/// Step timings of one clone, spawn to personalised.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CloneReport {
+    /// QEMU spawn to migration `completed` (paused, restored).
+    pub restore: Duration,
+    /// QMP `cont`.
+    pub cont: Duration,
+    /// The guest agent connected and synchronised (its first answer after
+    /// the resume: TCG translates every code path anew in a new QEMU).
+    pub connect: Duration,
+    /// The guest's clock set to the host's.
+    pub set_time: Duration,
+    /// `webhoster-seed-agent --clone` run to its exit.
+    pub agent: Duration,
+    /// The agent's first stdout line (its per-step milliseconds), cut.
+    pub agent_says: String,
+}
+
+/// Restore times of clones not yet resumed, for their [`CloneReport`].
+#[derive(Default)]
+pub(super) struct Restores(Mutex<HashMap<String, Duration>>);
+
+impl Restores {
+    fn put(&self, vm_id: &str, took: Duration) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(vm_id.to_owned(), took);
+    }
+    fn take(&self, vm_id: &str) -> Duration {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(vm_id)
+            .unwrap_or_default()
+    }
+}
+
+impl Engine {
+    /// A QEMU restored from `template`, paused and supervised. `spec` must
+    /// name the template's plan and disk (`base_disk`), and a network (the
+    /// template's NIC must exist in the clone); its disk overlay is made
+    /// here when missing. Returns once the state is loaded.
+    pub async fn start_clone(&self, spec: &VmSpec, template: &Template) -> Result<VmStatus, VmmError> {
+        self.start_clone_in_span(spec, template)
+            .instrument(registry::span(&spec.vm_id))
+            .await
+    }
+
+    async fn start_clone_in_span(&self, spec: &VmSpec, template: &Template) -> Result<VmStatus, VmmError> {
+        spec.validate()?;
+        if spec.plan != *template.plan() {
+            return Err(VmmError::BadSpec(format!(
+                "clone {}: plan {:?} is not the template's {:?}",
+                spec.vm_id,
+                spec.plan.name,
+                template.plan().name
+            )));
+        }
+        if spec.base_disk != template.disk() {
+            return Err(VmmError::BadSpec(format!(
+                "clone {}: base disk {} is not the template's {}",
+                spec.vm_id,
+                spec.base_disk.display(),
+                template.disk().display()
+            )));
+        }
+        if spec.net == VmNet::None {
+            return Err(VmmError::BadSpec(format!(
+                "clone {}: needs a network (the template has a NIC)",
+                spec.vm_id
+            )));
+        }
+        let mut spec = spec.clone();
+        spec.restore = Some(Restore {
+            template_key: template.key().to_owned(),
+            template_dir: template.dir().to_owned(),
+        });
+        let vm = self.registry.entry(&spec, VmState::Stopped);
+        let _op = vm.lock_op().await;
+        if vm.live_status().is_some() || QemuPid::live(vm.dir(), vm.id()).is_some() {
+            return Err(VmmError::StillRunning(vm.id().to_owned()));
+        }
+        vm.stop_supervisor();
+        vm.set_spec(&spec);
+        vm.dir().create().map_err(|source| VmmError::Io {
+            vm_id: vm.id().to_owned(),
+            what: "cannot create the VM directory".into(),
+            source,
+        })?;
+        vm.dir().write_spec(&spec).map_err(|source| VmmError::Io {
+            vm_id: vm.id().to_owned(),
+            what: "cannot write vm.json".into(),
+            source,
+        })?;
+        disk::create_overlay(vm.dir(), &spec).await?;
+        let _flock = process::lock_start(vm.id(), vm.dir()).await?;
+        if !matches!(vm.state(), VmState::Stopped | VmState::Crashed | VmState::Failed) {
+            self.registry
+                .set_state(&vm, VmState::Stopped, "a clone restore replaces it")?;
+        }
+        self.registry.set_state(
+            &vm,
+            VmState::Starting,
+            &format!("restore from template {}", template.key()),
+        )?;
+        vm.clear_crashes();
+        let started = Instant::now();
+        let launch = Launch {
+            snapshot: Some((Snapshot::Clone, template.ram())),
+            ..Launch::default()
+        };
+        let attached = match self.launcher.spawn_with(vm.id(), vm.dir(), &spec, launch).await {
+            Ok(attached) => attached,
+            Err(err) => {
+                self.registry.set_state(&vm, VmState::Failed, &err.to_string())?;
+                return Err(err);
+            }
+        };
+        if let Err(err) = restore(vm.id(), vm.dir(), template).await {
+            let _ = process::stop(vm.id(), attached.pid, Some(&attached.qmp), None).await;
+            drop(attached);
+            vm.dir().clean_runtime_files();
+            self.launcher
+                .release_cgroup_patiently(vm.id(), Duration::from_secs(2))
+                .await;
+            self.registry.set_state(&vm, VmState::Failed, &err.to_string())?;
+            return Err(err);
+        }
+        let took = started.elapsed();
+        self.restores.put(vm.id(), took);
+        tracing::info!(
+            pid = attached.pid.get(),
+            restore_ms = took.as_millis() as u64,
+            template = template.key(),
+            "clone restored, paused"
+        );
+        self.registry.set_state(
+            &vm,
+            VmState::Paused,
+            &format!("restored from template {} (pid {})", template.key(), attached.pid),
+        )?;
+        self.supervise(&vm, attached);
+        Ok(vm.status())
+    }
+
+    /// Resume a restored clone and personalise it: clear `restore` in
+    /// `vm.json` (first: whatever happens next, a later start is a cold
+    /// boot), `cont`, set the guest's clock, run the seed agent `--clone`
+    /// with 64 bytes of host entropy on its stdin. Ok once it exited 0.
+    pub async fn resume_clone(&self, vm_id: &str) -> Result<CloneReport, VmmError> {
+        async {
+            let vm = self.registry.known(vm_id)?;
+            let _op = vm.lock_op().await;
+            let mut spec = vm.spec();
+            if spec.restore.take().is_none() {
+                return Err(VmmError::BadSpec(format!(
+                    "VM {vm_id} is not a restored clone waiting for its resume"
+                )));
+            }
+            let client = match (vm.state(), vm.qmp()) {
+                (VmState::Paused, Some(client)) => client,
+                _ => return Err(VmmError::NotRunning(vm_id.to_owned())),
+            };
+            vm.dir().write_spec(&spec).map_err(|source| VmmError::Io {
+                vm_id: vm_id.to_owned(),
+                what: "cannot write vm.json".into(),
+                source,
+            })?;
+            vm.set_spec(&spec);
+            let mut report = CloneReport {
+                restore: self.restores.take(vm_id),
+                ..CloneReport::default()
+            };
+
+            let step = Instant::now();
+            client.cont().await.map_err(|source| VmmError::Qmp {
+                vm_id: vm_id.to_owned(),
+                source,
+            })?;
+            report.cont = step.elapsed();
+            // The supervisor may have seen RESUME first.
+            if vm.state() == VmState::Paused {
+                let _ = self.registry.set_state(&vm, VmState::Running, "clone resumed");
+            }
+
+            let step = Instant::now();
+            let agent_err = |source| VmmError::GuestAgent {
+                vm_id: vm_id.to_owned(),
+                source,
+            };
+            let mut agent = connect_agent(vm.dir()).await.map_err(agent_err)?;
+            report.connect = step.elapsed();
+            let step = Instant::now();
+            set_clock(vm_id, &mut agent).await?;
+            report.set_time = step.elapsed();
+
+            let step = Instant::now();
+            let entropy = host_entropy().map_err(|source| VmmError::Io {
+                vm_id: vm_id.to_owned(),
+                what: "cannot read host entropy".into(),
+                source,
+            })?;
+            let out = agent
+                .exec_with_input(CLONE_AGENT, &["--clone"], Some(&entropy), AGENT_TIMEOUT)
+                .await
+                .map_err(agent_err)?;
+            report.agent = step.elapsed();
+            let says = |bytes: &[u8]| -> String {
+                let text = String::from_utf8_lossy(bytes);
+                let line = text.lines().next().unwrap_or("").trim().to_owned();
+                line.chars()
+                    .take(300)
+                    .collect::<String>()
+                    .escape_debug()
+                    .to_string()
+            };
+            if !out.success() {
+                let tail = |bytes: &[u8]| -> String {
+                    let text = String::from_utf8_lossy(bytes);
+                    let chars: Vec<char> = text.chars().collect();
+                    let cut = chars.len().saturating_sub(400);
+                    chars[cut..].iter().collect::<String>().escape_debug().to_string()
+                };
+                return Err(VmmError::Personalise {
+                    vm_id: vm_id.to_owned(),
+                    why: format!(
+                        "{CLONE_AGENT} --clone exited {:?} (signal {:?}): {} {}",
+                        out.exit_code,
+                        out.signal,
+                        tail(&out.stderr),
+                        tail(&out.stdout)
+                    ),
+                });
+            }
+            report.agent_says = says(&out.stdout);
+            tracing::info!(
+                restore_ms = report.restore.as_millis() as u64,
+                cont_ms = report.cont.as_millis() as u64,
+                connect_ms = report.connect.as_millis() as u64,
+                set_time_ms = report.set_time.as_millis() as u64,
+                agent_ms = report.agent.as_millis() as u64,
+                agent = %report.agent_says,
+                "clone resumed and personalised"
+            );
+            Ok(report)
+        }
+        .instrument(registry::span(vm_id))
+        .await
+    }
+}
+
+/// Load the template's state into the clone's waiting QEMU: on the
+/// operator monitor (the supervisor does not run yet), `x-ignore-shared`,
+/// the state file passed as a descriptor, `migrate-incoming fd:`.
+async fn restore(vm_id: &str, dir: &super::VmDir, template: &Template) -> Result<(), VmmError> {
+    let qmp_err = |source| VmmError::Qmp {
+        vm_id: vm_id.to_owned(),
+        source,
+    };
+    let state = std::fs::File::open(template.state_file()).map_err(|source| VmmError::Io {
+        vm_id: vm_id.to_owned(),
+        what: format!("cannot open {}", template.state_file().display()),
+        source,
+    })?;
+    let mut mon = Monitor::connect(&dir.operator_socket()).await.map_err(qmp_err)?;
+    template::ignore_shared(&mut mon, vm_id).await?;
+    mon.execute(
+        serde_json::json!({"execute": "getfd", "arguments": {"fdname": "migrate-in"}}),
+        Some(state.as_fd()),
+    )
+    .await
+    .map_err(qmp_err)?;
+    mon.execute(
+        serde_json::json!({"execute": "migrate-incoming", "arguments": {"uri": "fd:migrate-in"}}),
+        None,
+    )
+    .await
+    .map_err(qmp_err)?;
+    template::wait_migration(&mut mon, vm_id, "restore").await
+}
+
+/// The guest agent, retried for a moment: right after `cont` the guest may
+/// need a few scheduler ticks to read its port again.
+async fn connect_agent(dir: &super::VmDir) -> Result<QgaClient, super::QgaError> {
+    let deadline = Instant::now() + AGENT_CONNECT_TIMEOUT;
+    loop {
+        match QgaClient::connect(&dir.qga_socket(), &dir.qga_lock()).await {
+            Ok(agent) => return Ok(agent),
+            Err(err) if Instant::now() >= deadline => return Err(err),
+            Err(err) => tracing::debug!(%err, "guest agent not ready after cont"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The guest's clock to the host's. The guest woke at its template's time,
+/// so its clock is off by a constant: read it (`guest-get-time`, answered
+/// within the round trip) and shift it by the difference with a relative
+/// `date -s`, which lands right however late its exec runs.
+///
+/// Not `guest-set-time`: qemu-ga follows it with `hwclock -w`, which waits
+/// for the emulated RTC's next second (0.5-1 s more under TCG); the RTC
+/// needs no write, QEMU's follows the host clock across the restore and
+/// only a boot reads it. Not an absolute `date -s @now` either: it lands as
+/// late as its fork and exec, seconds under TCG with clones resuming at once.
+async fn set_clock(vm_id: &str, agent: &mut QgaClient) -> Result<(), VmmError> {
+    let agent_err = |source| VmmError::GuestAgent {
+        vm_id: vm_id.to_owned(),
+        source,
+    };
+    let host_ns = || {
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i128)
+            .unwrap_or_default()
+    };
+    let before = host_ns();
+    let guest = i128::from(agent.get_time_ns().await.map_err(agent_err)?);
+    let after = host_ns();
+    let offset_ns = (before + after) / 2 - guest;
+    tracing::debug!(
+        offset_ms = offset_ns / 1_000_000,
+        round_trip_ms = (after - before) / 1_000_000,
+        "guest clock offset"
+    );
+    if offset_ns.abs() < CLOCK_GOOD_ENOUGH_NS {
+        return Ok(());
+    }
+    let sign = if offset_ns < 0 { "-" } else { "+" };
+    let abs = offset_ns.unsigned_abs();
+    let shift = format!("{sign}{}.{:09} seconds", abs / 1_000_000_000, abs % 1_000_000_000);
+    let out = agent
+        .exec_with_input("/bin/date", &["-u", "-s", &shift], None, SET_CLOCK_TIMEOUT)
+        .await
+        .map_err(agent_err)?;
+    if out.success() {
+        return Ok(());
+    }
+    Err(VmmError::Personalise {
+        vm_id: vm_id.to_owned(),
+        why: format!(
+            "date -s {shift:?} exited {:?}: {}",
+            out.exit_code,
+            String::from_utf8_lossy(&out.stderr)
+                .chars()
+                .take(200)
+                .collect::<String>()
+                .escape_debug()
+        ),
+    })
+}
+
+/// Bytes from the host kernel's CSPRNG.
+fn host_entropy() -> std::io::Result<[u8; ENTROPY_BYTES]> {
+    let mut bytes = [0u8; ENTROPY_BYTES];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes)
+}
