@@ -377,6 +377,20 @@ async fn warm_count(client: &reqwest::Client, api: &str) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// serve's log lines about warm clones that failed or were thrown away:
+/// why a create took the cold path.
+fn fallback_reasons(dep: &Deployment) -> Vec<String> {
+    let log = std::fs::read_to_string(dep.state_dir().join("serve.log")).unwrap_or_default();
+    log.lines()
+        .filter(|l| {
+            l.contains("warm clone failed")
+                || l.contains("discarding the warm clone")
+                || l.contains("warm pool:")
+        })
+        .map(|l| l.chars().take(600).collect())
+        .collect()
+}
+
 /// (PSS, RSS) of process `pid` in MiB, from `/proc/<pid>/smaps_rollup`.
 fn memory_mib(pid: i32) -> Option<(f64, f64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
@@ -682,6 +696,13 @@ async fn warm_figures() {
         pool_pss.len(),
         summary_in(&pool_pss, 0, "MiB")
     );
+    let reasons = fallback_reasons(&dep);
+    if !reasons.is_empty() {
+        println!("serve's log on warm clones that failed or were discarded:");
+        for line in &reasons {
+            println!("  {line}");
+        }
+    }
 }
 
 /// The density part's VMs at most: `E2E_DENSITY_MAX`, default 20. A
@@ -876,6 +897,9 @@ async fn density_figures() {
     );
     density_snapshot("with KSM", &dep, &users).await;
     drop(ksm);
+    for line in fallback_reasons(&dep) {
+        println!("density: serve's log on a warm clone: {line}");
+    }
     for (user, _) in &users {
         user.delete_host(&client, &api).await;
     }
