@@ -1,17 +1,37 @@
-//! The headline figures: time from `POST /api/v1/host` to a live site (200
-//! through nginx) and a successful SSH login, against a bare `qemu-system`
-//! boot of the same image with the same resources; and 10 concurrent creates.
+//! The headline figures of issue 12's targets table: time from `POST
+//! /api/v1/host` to a live site (200 through nginx) and a successful SSH
+//! login, warm (a clone from the pool) and cold (a boot), against a bare
+//! `qemu-system` boot of the same image with the same resources in the same
+//! run; concurrent creates; idle memory per VM; how many idle VMs fit.
 //! Run with `cargo bench --bench e2e`; prints figures, asserts nothing.
 //!
 //! Parts, chosen by name (arguments after `--`, or `E2E_PARTS`, comma
-//! separated; default `create`, the figures above):
-//! - `create`: the figures above;
+//! separated; default `create`):
+//! - `create`: cold creates (`WEBHOSTER_WARM_POOL=0`): 5 one after another,
+//!   timed to site 200 and SSH login, with their step breakdown; 5 bare QEMU
+//!   boots; 10 concurrent cold creates;
+//! - `warm`: 5 bare QEMU boots; one cold create in a deployment without a
+//!   pool (the reference for memory); then a deployment with a pool of 10
+//!   (template built once, waited for): 5 warm creates one after another
+//!   (each by a new user, the pool refilled and quiet before each, not
+//!   timed), each timed from POST to its 201 (which means site and SSH
+//!   ready), then the first site request through nginx and the first SSH
+//!   login right after it; 10 concurrent warm creates by 10 users (pool
+//!   full first): total, failures, ratio to one warm create; PSS of idle
+//!   warm clones' QEMU vs the idle cold VM's, 60 s after their create;
+//! - `density`: idle `small` VMs created one after another (warm pool of 5)
+//!   until memory runs low, `E2E_DENSITY_MAX` VMs (default and most 20: a
+//!   test deployment's SSH port range) or `E2E_DENSITY_SECS` of creating
+//!   (default 600: idle TCG guests load both cores, and creates slow down to
+//!   minutes past ~13 VMs here); then the API's p99 latency (`GET
+//!   /api/v1/health`, 200 requests) and how many sites answer, without KSM
+//!   and with it (`/sys/kernel/mm/ksm/run` = 1; the old value is put back);
 //! - `teardown`: after `webhoster teardown` (what a host reboot leaves), the
 //!   time from `serve` start until every hosting is live again (site 200
 //!   through nginx and an SSH banner), with 1 and with 5 hostings
 //!   (`E2E_TEARDOWN_SIZES`, comma separated, sets the counts).
 //!
-//! `cargo bench --bench e2e -- create teardown` runs both.
+//! `cargo bench --bench e2e -- create warm` runs both.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -19,9 +39,10 @@ mod common;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use common::deploy::{Deployment, sign_up};
+use common::deploy::{Deployment, User, sign_up};
 use common::guest::{Guest, GuestOptions, TestKey, ssh, ssh_banner, test_image, wait_for};
 use common::host::unique_name;
+use serde_json::Value;
 
 const RUNS: usize = 5;
 /// The product's default plan.
@@ -34,12 +55,24 @@ fn median(mut xs: Vec<f64>) -> f64 {
 }
 
 fn summary(xs: &[f64]) -> String {
+    summary_in(xs, 1, "s")
+}
+
+/// min / median / max of `xs` with `decimals`, in `unit`; "no samples" for
+/// none.
+fn summary_in(xs: &[f64], decimals: usize, unit: &str) -> String {
+    if xs.is_empty() {
+        return "no samples".into();
+    }
     let mut s = xs.to_vec();
     s.sort_by(f64::total_cmp);
     format!(
-        "min {:.1} s, median {:.1} s, max {:.1} s",
+        "min {:.*} {unit}, median {:.*} {unit}, max {:.*} {unit}",
+        decimals,
         s[0],
+        decimals,
         s[s.len() / 2],
+        decimals,
         s[s.len() - 1]
     )
 }
@@ -65,6 +98,8 @@ async fn main() {
     for part in parts() {
         match part.as_str() {
             "create" => create_figures().await,
+            "warm" => warm_figures().await,
+            "density" => density_figures().await,
             "teardown" => {
                 let sizes: Vec<usize> = std::env::var("E2E_TEARDOWN_SIZES")
                     .unwrap_or_else(|_| "1,5".into())
@@ -75,7 +110,7 @@ async fn main() {
                     back_after_teardown(n).await;
                 }
             }
-            other => panic!("unknown part {other:?}: the parts are create and teardown"),
+            other => panic!("unknown part {other:?}: the parts are create, warm, density and teardown"),
         }
     }
 }
@@ -83,6 +118,8 @@ async fn main() {
 async fn create_figures() {
     let mut dep = Deployment::new();
     dep.env.insert("WEBHOSTER_PLAN", PLAN.into());
+    // The cold figures: no warm clone may serve a create.
+    dep.env.insert("WEBHOSTER_WARM_POOL", "0".into());
     // Ten TCG guests booting at once on two cores take minutes, not seconds.
     dep.env.insert("WEBHOSTER_READY_TIMEOUT", "1200".into());
     dep.start().await;
@@ -119,41 +156,7 @@ async fn create_figures() {
     }
 
     // The same image and resources, booted by hand with bare QEMU.
-    let plan = webhoster::vmm::Plan::load(PLAN).unwrap();
-    let image = test_image();
-    let mut bare = Vec::new();
-    for run in 0..RUNS {
-        let key = TestKey::new();
-        let seed_dir = tempfile::tempdir().unwrap();
-        let seed = seed_dir.path().join("seed.iso");
-        let spec = webhoster::seed::SeedSpec {
-            instance_id: unique_name("bare"),
-            hostname: "bare".into(),
-            user: "ubuntu".into(),
-            ssh_keys: vec![webhoster::auth::SshPublicKey::parse(key.public_line()).unwrap()],
-            owner: "bench".into(),
-            network: None,
-        };
-        webhoster::seed::write(&spec, &seed).await.unwrap();
-        let opts = GuestOptions {
-            memory_mib: plan.memory_mib,
-            vcpus: plan.vcpus,
-            disk_gib: plan.disk_gib,
-            ..GuestOptions::default()
-        };
-        let guest = Guest::boot(&image, &seed, &opts);
-        wait_for("bare site", Duration::from_secs(600), || {
-            common::guest::http_get(guest.http, "/").is_ok_and(|(status, _)| status == 200)
-        });
-        wait_for("bare ssh", Duration::from_secs(600), || {
-            ssh("127.0.0.1", guest.ssh_port, "ubuntu", &key, "true")
-                .status
-                .success()
-        });
-        let secs = guest.started.elapsed().as_secs_f64();
-        eprintln!("bare run {run}: live in {secs:.1} s");
-        bare.push(secs);
-    }
+    let bare = bare_boots(PLAN, RUNS).await;
 
     // Concurrent creates.
     let mut users = Vec::new();
@@ -199,6 +202,48 @@ async fn create_figures() {
         "{CONCURRENT} concurrent creates: {concurrent_secs:.1} s total ({:.2}x one create), {failures} failures",
         concurrent_secs / web
     );
+}
+
+/// Seconds from spawning a bare `qemu-system` with the image and `plan`'s
+/// resources (and a NoCloud seed of webhoster's kind) to HTTP 200 and an
+/// SSH login, `runs` times one after another.
+async fn bare_boots(plan: &str, runs: usize) -> Vec<f64> {
+    let plan = webhoster::vmm::Plan::load(plan).unwrap();
+    let image = test_image();
+    let mut bare = Vec::new();
+    for run in 0..runs {
+        let key = TestKey::new();
+        let seed_dir = tempfile::tempdir().unwrap();
+        let seed = seed_dir.path().join("seed.iso");
+        let spec = webhoster::seed::SeedSpec {
+            instance_id: unique_name("bare"),
+            hostname: "bare".into(),
+            user: "ubuntu".into(),
+            ssh_keys: vec![webhoster::auth::SshPublicKey::parse(key.public_line()).unwrap()],
+            owner: "bench".into(),
+            network: None,
+        };
+        webhoster::seed::write(&spec, &seed).await.unwrap();
+        let opts = GuestOptions {
+            memory_mib: plan.memory_mib,
+            vcpus: plan.vcpus,
+            disk_gib: plan.disk_gib,
+            ..GuestOptions::default()
+        };
+        let guest = Guest::boot(&image, &seed, &opts);
+        wait_for("bare site", Duration::from_secs(600), || {
+            common::guest::http_get(guest.http, "/").is_ok_and(|(status, _)| status == 200)
+        });
+        wait_for("bare ssh", Duration::from_secs(600), || {
+            ssh("127.0.0.1", guest.ssh_port, "ubuntu", &key, "true")
+                .status
+                .success()
+        });
+        let secs = guest.started.elapsed().as_secs_f64();
+        eprintln!("bare run {run}: live in {secs:.1} s");
+        bare.push(secs);
+    }
+    bare
 }
 
 /// How long a whole set of TCG guests may take to come back; a bench waits,
@@ -283,5 +328,593 @@ async fn back_after_teardown(n: usize) {
     }
     for user in &users {
         user.delete_host(&client, &dep.api).await;
+    }
+}
+
+/// The API's `data.pool` from `GET /health/detailed` (its data comes with a
+/// 503 too); Null when there is none.
+async fn pool_status(client: &reqwest::Client, api: &str) -> Value {
+    let Ok(resp) = client.get(format!("{api}/health/detailed")).send().await else {
+        return Value::Null;
+    };
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    body["data"]["pool"].clone()
+}
+
+/// Waits until the pool holds `ready` clones and, with `quiet`, is making
+/// none; how long it took, or the last status when `bound` ran out.
+async fn wait_pool(
+    client: &reqwest::Client,
+    api: &str,
+    ready: u64,
+    quiet: bool,
+    bound: Duration,
+) -> Result<Duration, Value> {
+    let started = Instant::now();
+    loop {
+        let pool = pool_status(client, api).await;
+        let enough = pool["ready"].as_u64().is_some_and(|n| n >= ready);
+        let calm = !quiet || pool["filling"].as_u64() == Some(0);
+        if enough && calm {
+            return Ok(started.elapsed());
+        }
+        if pool["template"]["state"] == "unsupported" || started.elapsed() > bound {
+            return Err(pool);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Creates that took the warm path so far, from `/metrics`.
+async fn warm_count(client: &reqwest::Client, api: &str) -> f64 {
+    let url = format!("{}/metrics", api.trim_end_matches("/api/v1"));
+    let text = match client.get(&url).send().await {
+        Ok(resp) => resp.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    let series = "webhoster_create_duration_seconds_count{path=\"warm\"} ";
+    text.lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// serve's log lines about warm clones that failed or were thrown away:
+/// why a create took the cold path.
+fn fallback_reasons(dep: &Deployment) -> Vec<String> {
+    let log = std::fs::read_to_string(dep.state_dir().join("serve.log")).unwrap_or_default();
+    log.lines()
+        .filter(|l| {
+            l.contains("warm clone failed")
+                || l.contains("discarding the warm clone")
+                || l.contains("warm pool:")
+        })
+        .map(|l| l.chars().take(600).collect())
+        .collect()
+}
+
+/// (PSS, RSS) of process `pid` in MiB, from `/proc/<pid>/smaps_rollup`.
+fn memory_mib(pid: i32) -> Option<(f64, f64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map(|kib| kib / 1024.0)
+    };
+    Some((field("Pss:")?, field("Rss:")?))
+}
+
+/// How long an idle VM runs before its memory is read.
+const IDLE_AFTER_CREATE: Duration = Duration::from_secs(60);
+/// Clones the warm part's pool keeps ready: the 10 concurrent creates.
+const WARM_POOL: u64 = 10;
+/// The template's boot and the pool's fill, generously for TCG on 2 cores.
+const POOL_FILL_BOUND: Duration = Duration::from_secs(1800);
+/// A refill of a few clones between sequential runs.
+const REFILL_BOUND: Duration = Duration::from_secs(600);
+
+/// One create, timed from POST to its answer; then the first site request
+/// through nginx and the first SSH login, right after a 201.
+struct Timed {
+    status: u16,
+    body: Value,
+    secs: f64,
+    /// (status, seconds) of the first site request.
+    site: Option<(u16, f64)>,
+    /// (logged in, seconds) of the first SSH login.
+    login: Option<(bool, f64)>,
+}
+
+async fn timed_create(client: &reqwest::Client, dep: &Deployment, user: &User) -> Timed {
+    let started = Instant::now();
+    let (status, body) = user.create(client, &dep.api).await;
+    let secs = started.elapsed().as_secs_f64();
+    Timed {
+        status,
+        body,
+        secs,
+        site: None,
+        login: None,
+    }
+}
+
+impl Timed {
+    fn vm_id(&self) -> &str {
+        self.body["data"]["hosting"]["vm_id"].as_str().unwrap_or("")
+    }
+
+    /// The first site request and SSH login, one after the other.
+    fn first_use(&mut self, dep: &Deployment, user: &User) {
+        let port = self.body["data"]["hosting"]["ssh_port"].as_u64().unwrap_or(0) as u16;
+        let at = Instant::now();
+        let (code, _) = dep.get_site(user.id);
+        self.site = Some((code, at.elapsed().as_secs_f64()));
+        let at = Instant::now();
+        let ok = ssh("127.0.0.1", port, "ubuntu", &user.key, "true")
+            .status
+            .success();
+        self.login = Some((ok, at.elapsed().as_secs_f64()));
+    }
+}
+
+/// The memory of the QEMU of `vm_id`, read once the VM is
+/// [`IDLE_AFTER_CREATE`] old.
+async fn idle_memory(dep: &Deployment, vm_id: &str, created: Instant) -> Option<(f64, f64)> {
+    let wait = IDLE_AFTER_CREATE.saturating_sub(created.elapsed());
+    tokio::time::sleep(wait).await;
+    let pid = std::fs::read_to_string(dep.vm_dir(vm_id).join("qemu.pid")).ok()?;
+    memory_mib(pid.trim().parse().ok()?)
+}
+
+/// The cold reference of the warm part: a deployment without a pool, one
+/// create; (seconds to its 201, (PSS, RSS) of its QEMU once idle).
+async fn cold_reference(client: &reqwest::Client) -> (f64, Option<(f64, f64)>) {
+    let mut dep = Deployment::new();
+    dep.env.insert("WEBHOSTER_PLAN", PLAN.into());
+    dep.env.insert("WEBHOSTER_WARM_POOL", "0".into());
+    dep.env.insert("WEBHOSTER_READY_TIMEOUT", "1200".into());
+    dep.start().await;
+    let user = sign_up(client, &dep.api, &unique_name("cold")).await;
+    let created = timed_create(client, &dep, &user).await;
+    assert_eq!(created.status, 201, "the cold reference create: {}", created.body);
+    let memory = idle_memory(&dep, created.vm_id(), Instant::now()).await;
+    eprintln!(
+        "cold reference: 201 in {:.1} s, QEMU PSS/RSS {memory:?} MiB after {IDLE_AFTER_CREATE:?}",
+        created.secs
+    );
+    user.delete_host(client, &dep.api).await;
+    (created.secs, memory)
+}
+
+async fn warm_figures() {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(1800))
+        .build()
+        .unwrap();
+    // The machine is quietest before any deployment: the bare boots first.
+    let bare = bare_boots(PLAN, RUNS).await;
+    let (cold_secs, cold_memory) = cold_reference(&client).await;
+
+    let mut dep = Deployment::new();
+    dep.env.insert("WEBHOSTER_PLAN", PLAN.into());
+    dep.env.insert("WEBHOSTER_WARM_POOL", WARM_POOL.to_string());
+    dep.env.insert("WEBHOSTER_READY_TIMEOUT", "1200".into());
+    let started = Instant::now();
+    dep.start().await;
+    let api = dep.api.clone();
+    // The template is built once; its time is when its state turns ready.
+    let mut template_secs = None;
+    let filled = loop {
+        let pool = pool_status(&client, &api).await;
+        if template_secs.is_none() && pool["template"]["state"] == "ready" {
+            template_secs = Some(started.elapsed().as_secs_f64());
+        }
+        if pool["ready"].as_u64().is_some_and(|n| n >= WARM_POOL) {
+            break started.elapsed().as_secs_f64();
+        }
+        if pool["template"]["state"] == "unsupported" || started.elapsed() > POOL_FILL_BOUND {
+            panic!(
+                "the pool did not fill to {WARM_POOL} within {POOL_FILL_BOUND:?}: {pool}\n{}",
+                dep.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    eprintln!(
+        "pool: template ready {template_secs:?} s, {WARM_POOL} clones ready {filled:.1} s after serve's start"
+    );
+
+    // One warm create at a time, each on a full and quiet pool.
+    let mut runs = Vec::new();
+    let mut hostings = Vec::new();
+    for run in 0..RUNS {
+        if let Err(pool) = wait_pool(&client, &api, WARM_POOL, true, REFILL_BOUND).await {
+            eprintln!("run {run}: the pool is not full and quiet after {REFILL_BOUND:?}: {pool}");
+        }
+        let user = sign_up(&client, &api, &unique_name("warm")).await;
+        let before = warm_count(&client, &api).await;
+        let mut t = timed_create(&client, &dep, &user).await;
+        let created = Instant::now();
+        if t.status == 201 {
+            t.first_use(&dep, &user);
+        }
+        let warm = warm_count(&client, &api).await > before;
+        eprintln!(
+            "warm run {run}: {} {} in {:.3} s, first site request {:?}, first SSH login {:?}",
+            if warm { "warm" } else { "COLD" },
+            t.status,
+            t.secs,
+            t.site,
+            t.login
+        );
+        if t.status != 201 {
+            println!("warm create {run} failed: {} {}", t.status, t.body);
+        }
+        let steps = dep.step_timings(t.vm_id()).await;
+        runs.push((warm, t, steps));
+        hostings.push((user, created));
+    }
+    // Idle memory of each warm VM, 60 s after its create.
+    let mut warm_memory = Vec::new();
+    for ((_, t, _), (_, created)) in runs.iter().zip(&hostings) {
+        if t.status == 201 {
+            warm_memory.push(idle_memory(&dep, t.vm_id(), *created).await);
+        }
+    }
+    let pool_clone_memory: Vec<(f64, f64)> = std::fs::read_dir(dep.state_dir().join("vms"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            runs.iter()
+                .all(|(_, t, _)| t.vm_id() != e.file_name().to_string_lossy())
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("qemu.pid")).ok())
+        .filter_map(|p| p.trim().parse().ok())
+        .filter_map(memory_mib)
+        .collect();
+    for (user, _) in &hostings {
+        user.delete_host(&client, &api).await;
+    }
+
+    // Ten at once, on a full pool.
+    if let Err(pool) = wait_pool(&client, &api, WARM_POOL, true, REFILL_BOUND).await {
+        eprintln!("concurrent: the pool is not full and quiet after {REFILL_BOUND:?}: {pool}");
+    }
+    let mut users = Vec::new();
+    for _ in 0..CONCURRENT {
+        users.push(sign_up(&client, &api, &unique_name("wconc")).await);
+    }
+    let before = warm_count(&client, &api).await;
+    let started = Instant::now();
+    let results = futures::future::join_all(users.iter().map(|u| timed_create(&client, &dep, u))).await;
+    let concurrent_secs = started.elapsed().as_secs_f64();
+    let concurrent_warm = warm_count(&client, &api).await - before;
+    let failures = results.iter().filter(|t| t.status != 201).count();
+    for t in results.iter().filter(|t| t.status != 201) {
+        println!("concurrent warm create failed: {} {}", t.status, t.body);
+    }
+    let live_after = users
+        .iter()
+        .zip(&results)
+        .filter(|(u, t)| t.status == 201 && dep.get_site(u.id).0 == 200)
+        .count();
+    for (user, t) in users.iter().zip(&results) {
+        if t.status == 201 {
+            user.delete_host(&client, &api).await;
+        }
+    }
+
+    let warm_runs: Vec<_> = runs
+        .iter()
+        .filter(|(warm, t, _)| *warm && t.status == 201)
+        .collect();
+    let creates: Vec<f64> = warm_runs.iter().map(|(_, t, _)| t.secs).collect();
+    let sites: Vec<f64> = warm_runs
+        .iter()
+        .filter_map(|(_, t, _)| t.site.filter(|(code, _)| *code == 200).map(|(_, s)| s * 1000.0))
+        .collect();
+    let logins: Vec<f64> = warm_runs
+        .iter()
+        .filter_map(|(_, t, _)| t.login.filter(|(ok, _)| *ok).map(|(_, s)| s))
+        .collect();
+    let qemu = median(bare.clone());
+    println!("== warm create (plan {PLAN}, pool of {WARM_POOL}, TCG) ==");
+    println!(
+        "template ready {:.1} s and pool of {WARM_POOL} full {filled:.1} s after serve's start",
+        template_secs.unwrap_or(f64::NAN)
+    );
+    println!(
+        "bare qemu-system boot to HTTP 200 and SSH login, {RUNS} runs: {}",
+        summary(&bare)
+    );
+    println!(
+        "warm create (POST -> 201 = site and SSH ready), {} of {RUNS} runs warm: {}",
+        creates.len(),
+        summary_in(&creates, 3, "s")
+    );
+    if !creates.is_empty() {
+        let warm = median(creates.clone());
+        println!(
+            "warm create / bare qemu boot: {:.3}x (median {warm:.3} s / {qemu:.1} s)",
+            warm / qemu
+        );
+    }
+    println!(
+        "cold create (reference, no pool): {cold_secs:.1} s ({:.2}x bare qemu)",
+        cold_secs / qemu
+    );
+    println!(
+        "first site request after a warm create (through nginx), {} answered 200: {}",
+        sites.len(),
+        summary_in(&sites, 0, "ms")
+    );
+    println!(
+        "first SSH login after a warm create, {} logged in: {}",
+        logins.len(),
+        summary_in(&logins, 2, "s")
+    );
+    for (run, (warm, t, steps)) in runs.iter().enumerate() {
+        let line: Vec<String> = steps
+            .iter()
+            .map(|(step, secs)| format!("{step} {secs:.2}"))
+            .collect();
+        println!(
+            "  run {run}: {} {} {:.3} s; steps: {}",
+            if *warm { "warm" } else { "cold (fell back)" },
+            t.status,
+            t.secs,
+            line.join(", ")
+        );
+    }
+    let ones = if creates.is_empty() {
+        f64::NAN
+    } else {
+        median(creates.clone())
+    };
+    println!(
+        "{CONCURRENT} concurrent warm creates: {concurrent_secs:.1} s total ({:.2}x one warm create), \
+         {failures} failures, {concurrent_warm} took the warm path, {live_after} sites answering right after",
+        concurrent_secs / ones
+    );
+    let each: Vec<f64> = results.iter().map(|t| t.secs).collect();
+    println!("  each of the {CONCURRENT}: {}", summary_in(&each, 2, "s"));
+    let pss: Vec<f64> = warm_memory.iter().flatten().map(|(p, _)| *p).collect();
+    let rss: Vec<f64> = warm_memory.iter().flatten().map(|(_, r)| *r).collect();
+    println!(
+        "idle QEMU memory {IDLE_AFTER_CREATE:?} after the create, warm clones ({}): PSS {}; RSS {}",
+        pss.len(),
+        summary_in(&pss, 0, "MiB"),
+        summary_in(&rss, 0, "MiB")
+    );
+    match cold_memory {
+        Some((p, r)) => println!("idle QEMU memory of a cold VM: PSS {p:.0} MiB, RSS {r:.0} MiB"),
+        None => println!("idle QEMU memory of a cold VM: not read"),
+    }
+    let pool_pss: Vec<f64> = pool_clone_memory.iter().map(|(p, _)| *p).collect();
+    println!(
+        "paused pool clones ({}): PSS {}",
+        pool_pss.len(),
+        summary_in(&pool_pss, 0, "MiB")
+    );
+    let reasons = fallback_reasons(&dep);
+    if !reasons.is_empty() {
+        println!("serve's log on warm clones that failed or were discarded:");
+        for line in &reasons {
+            println!("  {line}");
+        }
+    }
+}
+
+/// The density part's VMs at most: `E2E_DENSITY_MAX`, default 20. A
+/// deployment's SSH port range (tests/common/host.rs) holds 20, which also
+/// keeps the part within ~15 minutes here.
+const DENSITY_PORTS: usize = 20;
+/// The density part stops creating after this long (`E2E_DENSITY_SECS`):
+/// under TCG even idle guests keep both cores busy (here 19 small VMs gave a
+/// load of 35, and creates past the 13th took minutes).
+const DENSITY_BUDGET: Duration = Duration::from_secs(600);
+/// The density part stops creating when the host has less than this.
+const MEM_LOW_MIB: f64 = 2048.0;
+/// Requests for the API's latency percentiles.
+const LATENCY_REQUESTS: usize = 200;
+
+fn mem_available_mib() -> f64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+const KSM: &str = "/sys/kernel/mm/ksm";
+
+fn ksm_read(name: &str) -> String {
+    std::fs::read_to_string(format!("{KSM}/{name}"))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+fn ksm_write(name: &str, value: &str) {
+    if let Err(e) = std::fs::write(format!("{KSM}/{name}"), value) {
+        eprintln!("writing {value} to {KSM}/{name}: {e}");
+    }
+}
+
+/// KSM's settings as they were; put back on drop, also on a panic (they
+/// are the whole host's).
+struct KsmRestore {
+    run: String,
+    pages_to_scan: String,
+}
+
+impl KsmRestore {
+    fn save() -> KsmRestore {
+        KsmRestore {
+            run: ksm_read("run"),
+            pages_to_scan: ksm_read("pages_to_scan"),
+        }
+    }
+}
+
+impl Drop for KsmRestore {
+    fn drop(&mut self) {
+        if !self.pages_to_scan.is_empty() {
+            ksm_write("pages_to_scan", &self.pages_to_scan);
+        }
+        if !self.run.is_empty() {
+            ksm_write("run", &self.run);
+        }
+    }
+}
+
+/// What the density part measures on the idle VMs.
+async fn density_snapshot(what: &str, dep: &Deployment, users: &[(User, String)]) {
+    let fast = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let health = format!("{}/health", dep.api);
+    let mut ms = Vec::with_capacity(LATENCY_REQUESTS);
+    let mut errors = 0;
+    for _ in 0..LATENCY_REQUESTS {
+        let at = Instant::now();
+        match fast.get(&health).send().await {
+            Ok(resp) if resp.status().is_success() => {
+                let _ = resp.bytes().await;
+                ms.push(at.elapsed().as_secs_f64() * 1000.0);
+            }
+            _ => errors += 1,
+        }
+    }
+    ms.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        ms.get(((ms.len() as f64 * p).ceil() as usize).saturating_sub(1))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    let answering = users.iter().filter(|(u, _)| dep.get_site(u.id).0 == 200).count();
+    let pss: f64 = users
+        .iter()
+        .filter_map(|(_, vm_id)| {
+            let pid = std::fs::read_to_string(dep.vm_dir(vm_id).join("qemu.pid")).ok()?;
+            memory_mib(pid.trim().parse().ok()?)
+        })
+        .map(|(p, _)| p)
+        .sum();
+    println!(
+        "{what}: {} idle VMs; API GET /health p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms \
+         ({LATENCY_REQUESTS} requests, {errors} errors); {answering} of {} sites answer 200; \
+         their QEMUs' PSS {pss:.0} MiB in all ({:.0} MiB each); host MemAvailable {:.0} MiB",
+        users.len(),
+        pct(0.5),
+        pct(0.99),
+        ms.last().copied().unwrap_or(f64::NAN),
+        users.len(),
+        pss / users.len().max(1) as f64,
+        mem_available_mib()
+    );
+}
+
+async fn density_figures() {
+    let wanted: usize = std::env::var("E2E_DENSITY_MAX")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DENSITY_PORTS);
+    let max = wanted.min(DENSITY_PORTS);
+    if max < wanted {
+        println!("density: capped at {max} VMs (a test deployment's SSH port range holds {DENSITY_PORTS})");
+    }
+    let ksm = KsmRestore::save();
+    ksm_write("run", "0");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(1800))
+        .build()
+        .unwrap();
+    let mut dep = Deployment::new();
+    dep.env.insert("WEBHOSTER_PLAN", "small".into());
+    dep.env.insert("WEBHOSTER_WARM_POOL", "5".into());
+    dep.env.insert("WEBHOSTER_READY_TIMEOUT", "1200".into());
+    dep.start().await;
+    let api = dep.api.clone();
+    if let Err(pool) = wait_pool(&client, &api, 5, false, POOL_FILL_BOUND).await {
+        println!("density: the pool did not fill (creates go cold): {pool}");
+    }
+    let started = Instant::now();
+    let mut users = Vec::new();
+    let mut secs = Vec::new();
+    let mut failures = 0;
+    let budget = std::env::var("E2E_DENSITY_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(DENSITY_BUDGET, Duration::from_secs);
+    let mut stopped_by = format!("the cap of {max}");
+    while users.len() < max {
+        if started.elapsed() > budget {
+            stopped_by = format!("the time budget of {budget:?} (E2E_DENSITY_SECS)");
+            break;
+        }
+        if mem_available_mib() < MEM_LOW_MIB {
+            stopped_by = format!("MemAvailable under {MEM_LOW_MIB} MiB");
+            break;
+        }
+        let _ = wait_pool(&client, &api, 1, false, REFILL_BOUND).await;
+        let user = sign_up(&client, &api, &unique_name("dense")).await;
+        let t = timed_create(&client, &dep, &user).await;
+        if t.status != 201 {
+            println!("density: create {} failed: {} {}", users.len(), t.status, t.body);
+            failures += 1;
+            if failures >= 3 {
+                stopped_by = "3 failed creates".into();
+                break;
+            }
+            continue;
+        }
+        eprintln!("density: VM {} in {:.2} s", users.len() + 1, t.secs);
+        secs.push(t.secs);
+        let vm_id = t.vm_id().to_owned();
+        users.push((user, vm_id));
+    }
+    let pool = pool_status(&client, &api).await;
+    println!(
+        "density: {} small VMs created in {:.0} s (stopped by {stopped_by}; {failures} failures); \
+         creates {}; besides them the pool holds {} paused clones",
+        users.len(),
+        started.elapsed().as_secs_f64(),
+        summary_in(&secs, 2, "s"),
+        pool["ready"]
+    );
+    tokio::time::sleep(IDLE_AFTER_CREATE).await;
+    density_snapshot("without KSM", &dep, &users).await;
+
+    ksm_write("pages_to_scan", "1000");
+    ksm_write("run", "1");
+    // Until ksmd has been over all memory twice (merging needs a page to
+    // look the same in two scans), at most 5 minutes.
+    let scans = ksm_read("full_scans").parse::<u64>().unwrap_or(0);
+    let merging = Instant::now();
+    while ksm_read("full_scans").parse::<u64>().unwrap_or(0) < scans + 2
+        && merging.elapsed() < Duration::from_secs(300)
+    {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    let sharing: f64 = ksm_read("pages_sharing").parse().unwrap_or(f64::NAN);
+    println!(
+        "with KSM (pages_to_scan 1000): {:.0} s of merging, pages_sharing {sharing} ({:.0} MiB saved)",
+        merging.elapsed().as_secs_f64(),
+        sharing * 4.0 / 1024.0
+    );
+    density_snapshot("with KSM", &dep, &users).await;
+    drop(ksm);
+    for line in fallback_reasons(&dep) {
+        println!("density: serve's log on a warm clone: {line}");
+    }
+    for (user, _) in &users {
+        user.delete_host(&client, &api).await;
     }
 }
