@@ -385,9 +385,8 @@ fn fallback_reasons(dep: &Deployment) -> Vec<String> {
     let log = std::fs::read_to_string(dep.state_dir().join("serve.log")).unwrap_or_default();
     log.lines()
         .filter(|l| {
-            l.contains("warm clone failed")
-                || l.contains("discarding the warm clone")
-                || l.contains("warm pool:")
+            l.contains(" WARN ")
+                && (l.contains("warm clone") || l.contains("warm pool:") || l.contains("template"))
         })
         .map(|l| l.chars().take(600).collect())
         .collect()
