@@ -454,6 +454,25 @@ async fn templates_build_clones_restore_resume_and_survive() {
     for c in &clones {
         engine.destroy(&c.vm_id).await.unwrap();
     }
+    // A paused clone runs no code and cannot answer a power-down: a stop
+    // (teardown, --stop-guests) quits it at once instead of waiting.
+    let (idle_spec, idle) = clone_spec(&engine, &image, &template, &key, "idle").await;
+    reaper.track(&idle.vm_id);
+    engine.start_clone(&idle_spec, &template).await.unwrap();
+    let mut events = engine.subscribe();
+    engine.stop(&idle.vm_id, Duration::from_secs(30)).await.unwrap();
+    let mut seen = Vec::new();
+    while let Ok(ev) = events.try_recv() {
+        if ev.vm_id == idle.vm_id {
+            seen.push((ev.to, ev.reason));
+        }
+    }
+    assert!(
+        seen.iter()
+            .any(|(to, why)| *to == VmState::Stopped && why.contains("quit")),
+        "{seen:?}"
+    );
+    engine.destroy(&idle.vm_id).await.unwrap();
     let (spare_spec, spare) = clone_spec(&engine, &image, &template, &key, "spare").await;
     reaper.track(&spare.vm_id);
     engine.start_clone(&spare_spec, &template).await.unwrap();

@@ -490,6 +490,9 @@ impl Engine {
         if matches!(state, VmState::Running | VmState::Paused | VmState::Starting) {
             self.registry.set_state(vm, VmState::Stopping, "stop requested")?;
         }
+        // A paused guest runs no code, so it cannot answer a power-down: a
+        // warm clone waiting in the pool, or a VM stopped by an I/O error.
+        let graceful = graceful.filter(|_| state != VmState::Paused);
         let how = process::stop(vm.id(), pid, client.as_deref(), graceful).await?;
         vm.end_stop();
         vm.dir().clean_runtime_files();
