@@ -180,6 +180,7 @@ const ALLOC_ATTEMPTS: usize = 64;
 /// create gives up on it and boots cold: seconds when all is well, so a
 /// minute means something is wrong with the clone, not the host.
 const WARM_READY: Duration = Duration::from_secs(60);
+const WARM_PROBE_EVERY: Duration = Duration::from_millis(100);
 
 pub struct HostingService {
     store: Store,
@@ -606,9 +607,10 @@ impl HostingService {
     ) -> Result<(), (Step, PortError)> {
         let ready = match path {
             CreatePath::Cold => self.cfg.ready,
+            // A clone answers within a second of its agent: probe often.
             CreatePath::Warm => Readiness {
                 timeout: self.cfg.ready.timeout.min(WARM_READY),
-                ..self.cfg.ready
+                interval: self.cfg.ready.interval.min(WARM_PROBE_EVERY),
             },
         };
         for step in path.steps() {
