@@ -357,16 +357,8 @@ impl VmEngine for EngineAdapter {
     }
 
     async fn resume_clone(&self, vm_id: &str) -> Result<(), PortError> {
-        let report = self.engine.resume_clone(vm_id).await?;
-        tracing::info!(
-            %vm_id,
-            restore_ms = report.restore.as_millis() as u64,
-            cont_ms = report.cont.as_millis() as u64,
-            set_time_ms = report.set_time.as_millis() as u64,
-            agent_ms = report.agent.as_millis() as u64,
-            agent = %report.agent_says,
-            "warm clone personalised"
-        );
+        // The engine logs the resume's step timings with the vm_id.
+        self.engine.resume_clone(vm_id).await?;
         Ok(())
     }
 
