@@ -54,9 +54,9 @@ pub struct EngineAdapter {
 
 /// How long the template's guest may take to boot (under TCG, niced).
 const TEMPLATE_BOOT: Duration = Duration::from_secs(600);
-/// The template's seed: a static address on QEMU's user network (the
-/// template's only network), matched by that network's MAC. Every clone's
-/// agent replaces all of it.
+/// The template's seed: a static address (its NIC has no backend; the
+/// address only keeps its boot from waiting for DHCP), matched by the MAC
+/// a template's NIC has. Every clone's agent replaces all of it.
 const TEMPLATE_ADDRESS: &str = "10.0.2.15/24";
 const TEMPLATE_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 
@@ -135,19 +135,15 @@ impl EngineAdapter {
         crate::seed::write(&self.template_seed(key)?, &seed).await?;
         let spec = VmSpec {
             vm_id: "template".into(),
+            plan: self.plan.clone(),
+            kernel: self.image.kernel.clone(),
+            initrd: self.image.initrd.clone(),
+            base_disk: self.image.disk.clone(),
+            append: crate::image::KERNEL_CMDLINE.to_owned(),
             seed_iso: seed.clone(),
             net: VmNet::Detached,
             labels: Default::default(),
             restore: None,
-            ..self.spec(&VmLaunch {
-                vm_id: "template".into(),
-                tap_name: String::new(),
-                mac: vmm::cmdline::USER_NET_MAC.into(),
-                guest_ip: Ipv4Addr::UNSPECIFIED,
-                ssh_port: 0,
-                seed_iso: seed.clone(),
-                labels: Vec::new(),
-            })
         };
         let built = self
             .engine
