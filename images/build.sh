@@ -64,8 +64,8 @@ chmod 2775 "$rootfs/var/www/html"
 # kernel never had them. `blacklist` stops only the automatic loading (by
 # device alias); `modprobe NAME` still loads one by hand.
 # the host's CPU virtualisation (no nested KVM), the q35 chipset's SATA,
-# watchdog, SMBus and LPC, PC speaker, PS/2 mouse and input event devices,
-# wireless.
+# watchdog, SMBus and LPC, PC speaker, PS/2 mouse, wireless. Not evdev:
+# systemd-logind sees the ACPI power button through it (a clean stop).
 mkdir -p "$rootfs/etc/modprobe.d"
 cat > "$rootfs/etc/modprobe.d/webhoster-vm.conf" <<'EOF'
 # Written by webhoster's image build: drivers a VM does not use (see build.sh).
@@ -80,7 +80,6 @@ blacklist lpc_ich
 blacklist pcspkr
 blacklist psmouse
 blacklist serio_raw
-blacklist evdev
 blacklist cfg80211
 EOF
 sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$WH_RECIPE/masked-units.txt" | while read -r unit; do
