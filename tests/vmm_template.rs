@@ -81,6 +81,24 @@ struct Clone {
 
 /// A clone's spec and seed: its own overlay on the template disk, user
 /// networking forwarding its HTTP.
+/// The states `vm_id` went through, up to and with `last` (each next one
+/// within `each`).
+async fn states_until(
+    events: &mut tokio::sync::broadcast::Receiver<webhoster::vmm::VmEvent>,
+    vm_id: &str,
+    last: VmState,
+    each: Duration,
+) -> Vec<VmState> {
+    let mut seen = Vec::new();
+    while seen.last() != Some(&last) {
+        let ev = tokio::time::timeout(each, events.recv()).await.unwrap().unwrap();
+        if ev.vm_id == vm_id {
+            seen.push(ev.to);
+        }
+    }
+    seen
+}
+
 async fn clone_spec(
     engine: &Engine,
     image: &webhoster::image::Image,
@@ -377,16 +395,13 @@ async fn templates_build_clones_restore_resume_and_survive() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    let mut seen = Vec::new();
-    while seen.last() != Some(&VmState::Failed) {
-        let ev = tokio::time::timeout(Duration::from_secs(30), events.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        if ev.vm_id == doomed.vm_id {
-            seen.push(ev.to);
-        }
-    }
+    let seen = states_until(
+        &mut events,
+        &doomed.vm_id,
+        VmState::Failed,
+        Duration::from_secs(30),
+    )
+    .await;
     assert_eq!(
         seen,
         vec![
@@ -410,16 +425,13 @@ async fn templates_build_clones_restore_resume_and_survive() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    let mut seen = Vec::new();
-    while seen.last() != Some(&VmState::Running) {
-        let ev = tokio::time::timeout(Duration::from_secs(60), events.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        if ev.vm_id == crashed.vm_id {
-            seen.push(ev.to);
-        }
-    }
+    let seen = states_until(
+        &mut events,
+        &crashed.vm_id,
+        VmState::Running,
+        Duration::from_secs(60),
+    )
+    .await;
     assert_eq!(seen, vec![VmState::Crashed, VmState::Starting, VmState::Running]);
     let second = engine.status(&crashed.vm_id).unwrap().pid.unwrap();
     let argv = cmdline_of(second);

@@ -343,8 +343,8 @@ impl HostingService {
         Ok(self.job(h, &username, Vec::new(), CreatePath::Cold))
     }
 
-    /// Inserts the row with fresh allocations (the vm_id and MAC of a warm
-    /// clone when one was taken); a candidate another create took first is
+    /// Inserts the row with fresh allocations (the vm_id of a warm clone
+    /// when one was taken); a candidate another create took first is
     /// replaced by the next one.
     async fn allocate(&self, user_id: i64, clone: Option<&pool::WarmClone>) -> Result<Hosting, HostingError> {
         let net = &self.ports.network;
@@ -353,14 +353,8 @@ impl HostingService {
             let ip = alloc::pick_ip(net.subnet(), &used.ips).ok_or(HostingError::SubnetFull)?;
             let port = alloc::pick_port(&self.cfg.ssh_ports, &used.ports, |p| net.port_is_free(p))
                 .ok_or(HostingError::PortsFull)?;
-            let (vm_id, mac) = match clone {
-                Some(c) => (c.vm_id.clone(), c.mac.clone()),
-                None => {
-                    let vm_id = alloc::new_vm_id();
-                    let mac = alloc::mac_for(&vm_id);
-                    (vm_id, mac)
-                }
-            };
+            let vm_id = clone.map_or_else(alloc::new_vm_id, |c| c.vm_id.clone());
+            let mac = alloc::mac_for(&vm_id);
             let new = NewHosting {
                 user_id,
                 vm_id: &vm_id,

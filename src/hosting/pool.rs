@@ -40,11 +40,11 @@ const TICK: Duration = Duration::from_secs(2);
 const RETRY_FIRST: Duration = Duration::from_secs(5);
 const RETRY_MAX: Duration = Duration::from_secs(300);
 
-/// A ready clone, as a create takes it.
+/// A ready clone, as a create takes it (its MAC is `alloc::mac_for` its
+/// vm_id, as every VM's).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WarmClone {
     pub vm_id: String,
-    pub mac: String,
 }
 
 /// Where the template stands.
@@ -268,7 +268,6 @@ impl HostingService {
     /// Makes one clone: registered first, then tap, disk and QEMU.
     async fn fill_one(&self) -> Result<(), ()> {
         let vm_id = alloc::new_vm_id();
-        let mac = alloc::mac_for(&vm_id);
         {
             let mut inner = locked(&self.pool.inner);
             inner.busy.insert(vm_id.clone());
@@ -277,7 +276,7 @@ impl HostingService {
         let launch = VmLaunch {
             vm_id: vm_id.clone(),
             tap_name: self.ports.network.tap_name(&vm_id),
-            mac: mac.clone(),
+            mac: alloc::mac_for(&vm_id),
             guest_ip: Ipv4Addr::UNSPECIFIED,
             ssh_port: 0,
             seed_iso: self.ports.engine.vm_dir(&vm_id).join("seed.iso"),
@@ -296,7 +295,7 @@ impl HostingService {
                 info!(parent: &vm_span(&vm_id), seconds = started.elapsed().as_secs_f64(), "warm pool: clone ready");
                 let mut inner = locked(&self.pool.inner);
                 inner.busy.remove(&vm_id);
-                inner.ready.push_back(WarmClone { vm_id, mac });
+                inner.ready.push_back(WarmClone { vm_id });
                 Ok(())
             }
             Err(e) => {
@@ -335,10 +334,7 @@ mod tests {
     use super::*;
 
     fn clone(id: &str) -> WarmClone {
-        WarmClone {
-            vm_id: id.into(),
-            mac: "52:54:00:00:00:01".into(),
-        }
+        WarmClone { vm_id: id.into() }
     }
 
     #[test]

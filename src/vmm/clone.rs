@@ -310,20 +310,7 @@ async fn restore(vm_id: &str, dir: &super::VmDir, template: &Template) -> Result
         source,
     })?;
     let mut mon = Monitor::connect(&dir.operator_socket()).await.map_err(qmp_err)?;
-    template::ignore_shared(&mut mon, vm_id).await?;
-    mon.execute(
-        serde_json::json!({"execute": "getfd", "arguments": {"fdname": "migrate-in"}}),
-        Some(state.as_fd()),
-    )
-    .await
-    .map_err(qmp_err)?;
-    mon.execute(
-        serde_json::json!({"execute": "migrate-incoming", "arguments": {"uri": "fd:migrate-in"}}),
-        None,
-    )
-    .await
-    .map_err(qmp_err)?;
-    template::wait_migration(&mut mon, vm_id, "restore").await
+    template::migrate_through_fd(&mut mon, vm_id, state.as_fd(), template::Migration::Restore).await
 }
 
 /// The guest agent, retried for a moment: right after `cont` the guest may

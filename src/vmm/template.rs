@@ -535,7 +535,6 @@ async fn save(vm_id: &str, run: &VmDir, state: &Path) -> Result<(), VmmError> {
     mon.execute(serde_json::json!({"execute": "stop"}), None)
         .await
         .map_err(qmp_err)?;
-    ignore_shared(&mut mon, vm_id).await?;
     let file = dir::open_private(
         std::fs::OpenOptions::new()
             .create(true)
@@ -548,19 +547,7 @@ async fn save(vm_id: &str, run: &VmDir, state: &Path) -> Result<(), VmmError> {
         what: format!("cannot create {}", state.display()),
         source,
     })?;
-    mon.execute(
-        serde_json::json!({"execute": "getfd", "arguments": {"fdname": "migrate-out"}}),
-        Some(file.as_fd()),
-    )
-    .await
-    .map_err(qmp_err)?;
-    mon.execute(
-        serde_json::json!({"execute": "migrate", "arguments": {"uri": "fd:migrate-out"}}),
-        None,
-    )
-    .await
-    .map_err(qmp_err)?;
-    wait_migration(&mut mon, vm_id, "save").await?;
+    migrate_through_fd(&mut mon, vm_id, file.as_fd(), Migration::Save).await?;
     file.sync_all().map_err(|source| VmmError::Io {
         vm_id: vm_id.to_owned(),
         what: "cannot sync the state file".into(),
@@ -568,23 +555,55 @@ async fn save(vm_id: &str, run: &VmDir, state: &Path) -> Result<(), VmmError> {
     })
 }
 
-pub(super) async fn ignore_shared(mon: &mut Monitor, vm_id: &str) -> Result<(), VmmError> {
+/// Which way a migration goes: a template's save or a clone's restore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Migration {
+    Save,
+    Restore,
+}
+
+/// The state stream through `fd` (QEMU's sandbox denies `exec:`), with
+/// `x-ignore-shared` (the RAM stays in the memfd): `getfd`, then `migrate`
+/// or `migrate-incoming` on `fd:`, then the wait for `completed`.
+pub(super) async fn migrate_through_fd(
+    mon: &mut Monitor,
+    vm_id: &str,
+    fd: std::os::fd::BorrowedFd<'_>,
+    way: Migration,
+) -> Result<(), VmmError> {
+    let qmp_err = |source| VmmError::Qmp {
+        vm_id: vm_id.to_owned(),
+        source,
+    };
+    let (command, name, what) = match way {
+        Migration::Save => ("migrate", "migrate-out", "save"),
+        Migration::Restore => ("migrate-incoming", "migrate-in", "restore"),
+    };
     mon.execute(
         serde_json::json!({"execute": "migrate-set-capabilities", "arguments": {
             "capabilities": [{"capability": "x-ignore-shared", "state": true}]}}),
         None,
     )
     .await
-    .map(drop)
-    .map_err(|source| VmmError::Qmp {
-        vm_id: vm_id.to_owned(),
-        source,
-    })
+    .map_err(qmp_err)?;
+    mon.execute(
+        serde_json::json!({"execute": "getfd", "arguments": {"fdname": name}}),
+        Some(fd),
+    )
+    .await
+    .map_err(qmp_err)?;
+    mon.execute(
+        serde_json::json!({"execute": command, "arguments": {"uri": format!("fd:{name}")}}),
+        None,
+    )
+    .await
+    .map_err(qmp_err)?;
+    wait_migration(mon, vm_id, what).await
 }
 
 /// Poll `query-migrate` until `completed` (Ok), `failed`/`cancelled` (QEMU's
 /// reason), or [`MIGRATION_TIMEOUT`].
-pub(super) async fn wait_migration(mon: &mut Monitor, vm_id: &str, what: &str) -> Result<(), VmmError> {
+async fn wait_migration(mon: &mut Monitor, vm_id: &str, what: &str) -> Result<(), VmmError> {
     let fail = |why: String| VmmError::Migration {
         vm_id: vm_id.to_owned(),
         what: what.to_owned(),
