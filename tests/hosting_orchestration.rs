@@ -71,10 +71,10 @@ const COLD: [Step; Step::PER_CREATE] = [
     Step::Seed,
     Step::Disk,
     Step::Tap,
-    Step::Spawn,
     Step::Forward,
-    Step::Ready,
     Step::Proxy,
+    Step::Spawn,
+    Step::Ready,
     Step::Publish,
 ];
 

@@ -4,8 +4,10 @@
 //! through the QEMU guest agent, saves it (`x-ignore-shared`), restores two
 //! clones copy-on-write from that RAM, writes each clone's own seed into its
 //! seed drive's file in place (the guest already has the template's seed
-//! cached), sets the clock and runs `webhoster-seed-agent --clone` with host
-//! entropy on stdin. Each clone must then be its seed's instance, unlike the
+//! cached), reads the clock's offset and runs `webhoster-seed-agent --clone
+//! --clock-shift-ns <offset>` with host entropy on stdin (the first clone's
+//! network is webhoster's kind, set by the agent itself; the second's names
+//! a DNS server, so networkd applies it). Each clone must then be its seed's instance, unlike the
 //! template and unlike the other clone: hostname, host key, machine-id, MAC,
 //! IP (its page and its sshd answer there, with the new host key), the
 //! user's key (and not the template's), the clock, and its random bytes.
@@ -236,17 +238,9 @@ impl Qga {
     }
 
     fn exec(&mut self, argv: &[&str], input: Option<&[u8]>) -> Exec {
-        self.exec_env(argv, input, &[])
-    }
-
-    /// `env` replaces the command's whole environment (guest-exec's rule).
-    fn exec_env(&mut self, argv: &[&str], input: Option<&[u8]>, env: &[&str]) -> Exec {
         let mut args = json!({"path": argv[0], "arg": &argv[1..], "capture-output": true});
         if let Some(input) = input {
             args["input-data"] = json!(B64.encode(input));
-        }
-        if !env.is_empty() {
-            args["env"] = json!(env);
         }
         let pid = self.cmd("guest-exec", args)["pid"].as_i64().unwrap();
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -280,13 +274,26 @@ impl Qga {
 
 /// webhoster's seed, as the test writes it: user `ubuntu` with `key`, a
 /// page, a static address on the NIC with `mac` (QEMU user networking).
-fn seed_files(id: &str, host: &str, key: &str, mac: &str, ip: &str, page: &str) -> Vec<(String, Vec<u8>)> {
+/// `nameservers`: a network the agent's kernel path does not cover, so
+/// networkd applies it (webhoster's own seeds have none).
+fn seed_files(
+    id: &str,
+    host: &str,
+    key: &str,
+    mac: &str,
+    ip: &str,
+    page: &str,
+    nameservers: bool,
+) -> Vec<(String, Vec<u8>)> {
     let user_data = format!(
         "#cloud-config\nhostname: \"{host}\"\nfqdn: \"{host}\"\npreserve_hostname: false\nmanage_etc_hosts: true\ndisable_root: true\nssh_pwauth: false\nusers:\n  - name: \"ubuntu\"\n    shell: /bin/bash\n    lock_passwd: true\n    groups: [sudo, www-data]\n    sudo: \"ALL=(ALL) NOPASSWD:ALL\"\n    ssh_authorized_keys:\n      - \"{key}\"\nwrite_files:\n  - path: /var/www/html/index.html\n    owner: \"root:www-data\"\n    permissions: \"0664\"\n    content: \"{page}\\n\"\n"
     );
-    let network = format!(
+    let mut network = format!(
         "version: 2\nethernets:\n  eth0:\n    match:\n      macaddress: \"{mac}\"\n    set-name: eth0\n    addresses:\n      - \"{ip}/24\"\n    routes:\n      - to: 0.0.0.0/0\n        via: \"10.0.2.2\"\n"
     );
+    if nameservers {
+        network += "    nameservers:\n      addresses: [10.0.2.3]\n";
+    }
     vec![
         (
             "meta-data".into(),
@@ -421,6 +428,7 @@ fn clones_of_a_template_become_their_seeds_instances() {
         TEMPLATE_MAC,
         "10.0.2.15",
         "template page",
+        false,
     );
     write_seed_in_place(&tpl_seed, &tpl_dir.join("seed.iso"));
     let started = Instant::now();
@@ -524,6 +532,7 @@ fn clones_of_a_template_become_their_seeds_instances() {
             &mac,
             &ip.to_string(),
             &page,
+            n == 2,
         );
         write_seed_in_place(&seed, &dir.join("seed.iso"));
 
@@ -532,22 +541,23 @@ fn clones_of_a_template_become_their_seeds_instances() {
         let mut qga = Qga::connect(&dir.join("qga.sock"));
         qga.sync(Duration::from_secs(60));
         let resumed = t.elapsed().as_secs_f64();
-        let host_ns = (now_secs() * 1e9) as i64;
-        qga.cmd("guest-set-time", json!({"time": host_ns}));
+        // The clock as webhoster sets it: the offset read with
+        // guest-get-time, shifted by the agent.
+        let before = now_secs();
+        let guest_ns = qga.cmd("guest-get-time", json!({})).as_i64().unwrap();
+        let after = now_secs();
+        let shift = (((before + after) / 2.0) * 1e9) as i64 - guest_ns;
         let entropy: [u8; 64] = std::array::from_fn(|_| rand::random::<u8>());
         let t = Instant::now();
-        // The first clone's network switched over by networkd alone (the
-        // default), the second's by the agent itself first (`ip`): both ways
-        // work, and their step times compare.
-        let env: &[&str] = if n == 2 {
-            &["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "WEBHOSTER_SEED_NET=ip"]
-        } else {
-            &[]
-        };
-        let run = qga.exec_env(
-            &["/usr/local/sbin/webhoster-seed-agent", "--clone"],
+        let shift = shift.to_string();
+        let run = qga.exec(
+            &[
+                "/usr/local/sbin/webhoster-seed-agent",
+                "--clone",
+                "--clock-shift-ns",
+                &shift,
+            ],
             Some(&entropy),
-            env,
         );
         let agent = t.elapsed().as_secs_f64();
         vm.assert_alive();
@@ -563,6 +573,14 @@ fn clones_of_a_template_become_their_seeds_instances() {
             "clone {n}: restored {restored:.3} s, cont+agent answering {resumed:.3} s, --clone {agent:.3} s (guest-exec round trip)\n  {}",
             run.out.trim().replace('\n', "\n  ")
         );
+        // The first clone's network (webhoster's kind) set by the agent
+        // itself; the second's (with DNS) applied by networkd, waited for.
+        let path = if n == 2 {
+            "networkd_configured"
+        } else {
+            "network_kernel"
+        };
+        assert!(run.out.contains(path), "clone {n}: not via {path}: {}", run.out);
 
         // Inside: the seed's identity.
         assert_eq!(qga.sh("hostname"), host);

@@ -312,12 +312,12 @@ async fn templates_build_clones_restore_resume_and_survive() {
     for (report, clone) in reports.into_iter().zip(&clones) {
         let report = report.unwrap();
         println!(
-            "clone {}: restore {} ms, cont {} ms, agent connect {} ms, set-time {} ms, agent {} ms ({})",
+            "clone {}: restore {} ms, cont {} ms, agent connect {} ms, clock {} ms, agent {} ms ({})",
             clone.vm_id,
             report.restore.as_millis(),
             report.cont.as_millis(),
             report.connect.as_millis(),
-            report.set_time.as_millis(),
+            report.clock.as_millis(),
             report.agent.as_millis(),
             report.agent_says
         );
@@ -519,11 +519,11 @@ async fn templates_build_clones_restore_resume_and_survive() {
     engine.start_clone(&spec, &template).await.unwrap();
     let report = engine.resume_clone(&clone.vm_id).await.unwrap();
     println!(
-        "clone of the loaded template: restore {} ms, cont {} ms, agent connect {} ms, set-time {} ms, agent {} ms",
+        "clone of the loaded template: restore {} ms, cont {} ms, agent connect {} ms, clock {} ms, agent {} ms",
         report.restore.as_millis(),
         report.cont.as_millis(),
         report.connect.as_millis(),
-        report.set_time.as_millis(),
+        report.clock.as_millis(),
         report.agent.as_millis()
     );
     assert_eq!(

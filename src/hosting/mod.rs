@@ -1,7 +1,7 @@
 //! hosting: the orchestrator, and the policy of a hosting's life.
 //!
-//! - **Create** is a list of steps (seed, disk, tap, spawn, forward, ready,
-//!   proxy, publish; see [`Step`]), each written to the journal before
+//! - **Create** is a list of steps (seed, disk, tap, forward, proxy, spawn,
+//!   ready, publish; see [`Step`]), each written to the journal before
 //!   (pending) and after (done) it runs. When a step fails, or the task
 //!   panics, or the store fails after the VM started, the steps are undone
 //!   in reverse; an undo that fails does not stop the others.
@@ -610,7 +610,9 @@ impl HostingService {
         for step in path.steps() {
             touched.push(step);
             let at = Instant::now();
-            self.run_step(h, step, job, ready).await.map_err(|e| (step, e))?;
+            self.run_step(h, step, path, job, ready)
+                .await
+                .map_err(|e| (step, e))?;
             timings.push((step, at.elapsed().as_secs_f64()));
         }
         Ok(())
@@ -647,6 +649,7 @@ impl HostingService {
         &self,
         h: &mut Hosting,
         step: Step,
+        path: CreatePath,
         job: &Job,
         ready: Readiness,
     ) -> Result<(), PortError> {
@@ -660,7 +663,7 @@ impl HostingService {
         self.store
             .record_step(id, step.seq(), step.name(), StepState::Pending)
             .await?;
-        steps::run(step, job, &self.ports, ready).await?;
+        steps::run(step, path, job, &self.ports, ready).await?;
         self.store
             .record_step(id, step.seq(), step.name(), StepState::Done)
             .await?;

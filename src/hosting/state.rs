@@ -173,16 +173,16 @@ pub enum Step {
     Claim,
     /// Tap in the namespace, on the bridge.
     Tap,
+    /// Host SSH port to guest :22.
+    Forward,
+    /// nginx site block for `/<user_id>/`.
+    Proxy,
     /// QEMU running.
     Spawn,
     /// The warm clone runs again and its agent applied the user's seed.
     Resume,
-    /// Host SSH port to guest :22.
-    Forward,
     /// Guest answers HTTP :80 and SSH :22.
     Ready,
-    /// nginx site block for `/<user_id>/`.
-    Proxy,
     /// The site answers through nginx and SSH through the forward.
     Publish,
 }
@@ -200,12 +200,14 @@ impl CreatePath {
 
     /// The steps, in order. Both paths have as many, and the same step at
     /// each place except the VM's own (disk/claim, spawn/resume), so a
-    /// progress bar reads the same.
+    /// progress bar reads the same. The host's doors (forward, proxy) go in
+    /// before the guest runs: nginx's reload then overlaps the guest's boot
+    /// or resume instead of following it.
     pub fn steps(self) -> [Step; Step::PER_CREATE] {
         use Step::*;
         match self {
-            CreatePath::Cold => [Seed, Disk, Tap, Spawn, Forward, Ready, Proxy, Publish],
-            CreatePath::Warm => [Seed, Claim, Tap, Resume, Forward, Ready, Proxy, Publish],
+            CreatePath::Cold => [Seed, Disk, Tap, Forward, Proxy, Spawn, Ready, Publish],
+            CreatePath::Warm => [Seed, Claim, Tap, Forward, Proxy, Resume, Ready, Publish],
         }
     }
 
@@ -230,11 +232,11 @@ impl Step {
         Step::Disk,
         Step::Claim,
         Step::Tap,
+        Step::Forward,
+        Step::Proxy,
         Step::Spawn,
         Step::Resume,
-        Step::Forward,
         Step::Ready,
-        Step::Proxy,
         Step::Publish,
     ];
 

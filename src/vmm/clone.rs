@@ -33,14 +33,10 @@ use super::{Restore, VmNet, VmSpec, VmState, VmStatus, VmmError};
 /// What personalises a clone: the seed agent in `--clone` mode, with host
 /// entropy on its stdin.
 pub const CLONE_AGENT: &str = template::SEED_AGENT;
-/// How long `--clone` may take (keys, users, network, sshd reload).
+/// How long `--clone` may take (clock, keys, users, network).
 const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the guest agent may take to answer after `cont`.
 const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long shifting the guest's clock may take.
-const SET_CLOCK_TIMEOUT: Duration = Duration::from_secs(10);
-/// A guest clock this close to the host's is left alone.
-const CLOCK_GOOD_ENOUGH_NS: i128 = 50_000_000;
 /// Bytes of host entropy each clone's kernel gets.
 const ENTROPY_BYTES: usize = 64;
 
@@ -54,8 +50,8 @@ pub struct CloneReport {
     /// The guest agent connected and synchronised (its first answer after
     /// the resume: TCG translates every code path anew in a new QEMU).
     pub connect: Duration,
-    /// The guest's clock set to the host's.
-    pub set_time: Duration,
+    /// The guest's clock read, for its offset to the host's.
+    pub clock: Duration,
     /// `webhoster-seed-agent --clone` run to its exit.
     pub agent: Duration,
     /// The agent's first stdout line (its per-step milliseconds), cut.
@@ -192,8 +188,9 @@ impl Engine {
 
     /// Resume a restored clone and personalise it: clear `restore` in
     /// `vm.json` (first: whatever happens next, a later start is a cold
-    /// boot), `cont`, set the guest's clock, run the seed agent `--clone`
-    /// with 64 bytes of host entropy on its stdin. Ok once it exited 0.
+    /// boot), `cont`, read the guest clock's offset, run the seed agent
+    /// `--clone --clock-shift-ns <offset>` with 64 bytes of host entropy on
+    /// its stdin. Ok once it exited 0.
     pub async fn resume_clone(&self, vm_id: &str) -> Result<CloneReport, VmmError> {
         async {
             let vm = self.registry.known(vm_id)?;
@@ -238,8 +235,8 @@ impl Engine {
             let mut agent = connect_agent(vm.dir()).await.map_err(agent_err)?;
             report.connect = step.elapsed();
             let step = Instant::now();
-            set_clock(vm_id, &mut agent).await?;
-            report.set_time = step.elapsed();
+            let clock_shift = clock_offset(&mut agent).await.map_err(agent_err)?.to_string();
+            report.clock = step.elapsed();
 
             let step = Instant::now();
             let entropy = host_entropy().map_err(|source| VmmError::Io {
@@ -247,8 +244,9 @@ impl Engine {
                 what: "cannot read host entropy".into(),
                 source,
             })?;
+            let args = ["--clone", "--clock-shift-ns", &clock_shift];
             let out = agent
-                .exec_with_input(CLONE_AGENT, &["--clone"], Some(&entropy), AGENT_TIMEOUT)
+                .exec_with_input(CLONE_AGENT, &args, Some(&entropy), AGENT_TIMEOUT)
                 .await
                 .map_err(agent_err)?;
             report.agent = step.elapsed();
@@ -284,7 +282,7 @@ impl Engine {
                 restore_ms = report.restore.as_millis() as u64,
                 cont_ms = report.cont.as_millis() as u64,
                 connect_ms = report.connect.as_millis() as u64,
-                set_time_ms = report.set_time.as_millis() as u64,
+                clock_ms = report.clock.as_millis() as u64,
                 agent_ms = report.agent.as_millis() as u64,
                 agent = %report.agent_says,
                 "clone resumed and personalised"
@@ -327,21 +325,18 @@ async fn connect_agent(dir: &super::VmDir) -> Result<QgaClient, super::QgaError>
     }
 }
 
-/// The guest's clock to the host's. The guest woke at its template's time,
-/// so its clock is off by a constant: read it (`guest-get-time`, answered
-/// within the round trip) and shift it by the difference with a relative
-/// `date -s`, which lands right however late its exec runs.
+/// How far the guest's clock is behind the host's, in nanoseconds: the
+/// guest woke at its template's time, so its clock is off by a constant.
+/// `guest-get-time` is answered within the round trip (no process in the
+/// guest); its middle is taken as the moment it was read.
 ///
-/// Not `guest-set-time`: qemu-ga follows it with `hwclock -w`, which waits
-/// for the emulated RTC's next second (0.5-1 s more under TCG); the RTC
-/// needs no write, QEMU's follows the host clock across the restore and
-/// only a boot reads it. Not an absolute `date -s @now` either: it lands as
-/// late as its fork and exec, seconds under TCG with clones resuming at once.
-async fn set_clock(vm_id: &str, agent: &mut QgaClient) -> Result<(), VmmError> {
-    let agent_err = |source| VmmError::GuestAgent {
-        vm_id: vm_id.to_owned(),
-        source,
-    };
+/// The agent shifts the clock by it (relative: right however late its exec
+/// runs). Not `guest-set-time`: qemu-ga follows it with `hwclock -w`, which
+/// waits for the emulated RTC's next second (0.5-1 s more under TCG); the
+/// RTC needs no write, QEMU's follows the host clock across the restore and
+/// only a boot reads it. Not a `date -s` of its own: one process start more
+/// under TCG (0.3-0.5 s).
+async fn clock_offset(agent: &mut QgaClient) -> Result<i64, super::QgaError> {
     let host_ns = || {
         SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -349,39 +344,15 @@ async fn set_clock(vm_id: &str, agent: &mut QgaClient) -> Result<(), VmmError> {
             .unwrap_or_default()
     };
     let before = host_ns();
-    let guest = i128::from(agent.get_time_ns().await.map_err(agent_err)?);
+    let guest = i128::from(agent.get_time_ns().await?);
     let after = host_ns();
-    let offset_ns = (before + after) / 2 - guest;
+    let offset = (before + after) / 2 - guest;
     tracing::debug!(
-        offset_ms = offset_ns / 1_000_000,
+        offset_ms = offset / 1_000_000,
         round_trip_ms = (after - before) / 1_000_000,
         "guest clock offset"
     );
-    if offset_ns.abs() < CLOCK_GOOD_ENOUGH_NS {
-        return Ok(());
-    }
-    let sign = if offset_ns < 0 { "-" } else { "+" };
-    let abs = offset_ns.unsigned_abs();
-    let shift = format!("{sign}{}.{:09} seconds", abs / 1_000_000_000, abs % 1_000_000_000);
-    let out = agent
-        .exec_with_input("/bin/date", &["-u", "-s", &shift], None, SET_CLOCK_TIMEOUT)
-        .await
-        .map_err(agent_err)?;
-    if out.success() {
-        return Ok(());
-    }
-    Err(VmmError::Personalise {
-        vm_id: vm_id.to_owned(),
-        why: format!(
-            "date -s {shift:?} exited {:?}: {}",
-            out.exit_code,
-            String::from_utf8_lossy(&out.stderr)
-                .chars()
-                .take(200)
-                .collect::<String>()
-                .escape_debug()
-        ),
-    })
+    Ok(offset.clamp(i64::MIN.into(), i64::MAX.into()) as i64)
 }
 
 /// Bytes from the host kernel's CSPRNG.

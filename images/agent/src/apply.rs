@@ -346,14 +346,13 @@ pub fn hostname(root: &Path, short: &str, fqdn: &str, manage_hosts: bool) -> Res
     Ok(())
 }
 
-/// The same drop-in cloud-init's set-passwords writes.
+/// The sshd drop-in cloud-init's set-passwords writes (the only sshd
+/// configuration a seed changes).
+pub const SSHD_DROP_IN: &str = "/etc/ssh/sshd_config.d/50-cloud-init.conf";
+
 pub fn ssh_pwauth(root: &Path, on: bool) -> Result<()> {
     let text = format!("PasswordAuthentication {}\n", if on { "yes" } else { "no" });
-    write_atomic(
-        &at(root, "/etc/ssh/sshd_config.d/50-cloud-init.conf"),
-        text.as_bytes(),
-        0o600,
-    )
+    write_atomic(&at(root, SSHD_DROP_IN), text.as_bytes(), 0o600)
 }
 
 /// systemd-networkd files for the seed's network; stale ones of an earlier

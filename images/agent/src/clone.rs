@@ -2,8 +2,8 @@
 //!
 //! `--template-prep` runs once in the template VM just before the host saves
 //! it: nothing of the template's own instance that a clone must not inherit
-//! stays (the random seed file, the placeholder login keys), and the caches
-//! go (a smaller RAM image; no cached seed blocks).
+//! stays (the random seed file, the placeholder login keys, the seed
+//! device's cached blocks).
 //!
 //! `--clone` runs in a restored clone, started by the host through the guest
 //! agent (`guest-exec`, root) with 64 bytes of host entropy on stdin. The
@@ -82,12 +82,12 @@ pub fn template_prep(opts: &Options, steps: &mut Steps) -> Result<(), String> {
         seed::plan(&files).map_err(|Handover(why)| format!("the template's seed needs cloud-init: {why}"))?;
     remove_keys(root, &plan.users)?;
     steps.step("seed");
+    // Synced, and the page cache kept: the clones map this RAM
+    // copy-on-write, so what it caches (the agent, sshd, their libraries)
+    // costs them nothing, while reading it again from disk under TCG would
+    // cost each clone's first create.
     live::sync();
     steps.step("sync");
-    if opts.live {
-        live::drop_caches()?;
-        steps.step("drop_caches");
-    }
     Ok(())
 }
 
@@ -115,6 +115,11 @@ pub fn personalise(opts: &Options, entropy: &[u8], steps: &mut Steps) -> Result<
         live::add_entropy(entropy)?;
     }
     steps.step("entropy");
+    // Before anything is written: files get the real time.
+    if opts.live && opts.clock_shift_ns != 0 {
+        live::shift_clock(opts.clock_shift_ns)?;
+        steps.step("clock");
+    }
     let files = read_seed(opts)?;
     steps.step("seed");
     let plan: Plan = seed::plan(&files).map_err(|Handover(why)| {
@@ -131,20 +136,23 @@ pub fn personalise(opts: &Options, entropy: &[u8], steps: &mut Steps) -> Result<
     remove_keys(root, &plan.users)?;
     // A new machine-id: first_boot makes one for an empty file.
     apply::write_atomic(&apply::at(root, "/etc/machine-id"), b"", 0o444)?;
+    let sshd_config = || fs::read(apply::at(root, apply::SSHD_DROP_IN)).ok();
+    let sshd_config_before = sshd_config();
     let errors = crate::first_boot(opts, &plan, steps)?;
     crate::write_state(root, &plan.instance_id, "agent")?;
     crate::mark(&apply::at(root, RUN_DIR).join("applied"))?;
     steps.step("state");
     if opts.live {
-        let sshd = live::reload_sshd()?;
-        // networkd alone was faster under TCG than `ip` first (one process
-        // start less: 1.4 s against 1.6-2.1 s in a fresh clone, where all
-        // code runs untranslated). WEBHOSTER_SEED_NET=ip: both (to compare).
-        let how = match std::env::var("WEBHOSTER_SEED_NET").as_deref() {
-            Ok("ip") => live::NetApply::Direct,
-            _ => live::NetApply::Networkd,
+        // sshd (OpenSSH 9.2) re-executes itself for each connection, and
+        // that process reads the host keys from their files: the new key is
+        // served without a reload. Its configuration, though, is the one the
+        // listener read at its start: a changed drop-in needs the reload.
+        let sshd = if sshd_config() != sshd_config_before {
+            live::reload_sshd()?
+        } else {
+            None
         };
-        live::apply_network(&plan.network, how, steps)?;
+        live::apply_network(&plan.network, steps)?;
         if let Some(old) = sshd {
             live::wait_sshd(&old)?;
         }
@@ -213,6 +221,7 @@ mod tests {
             root: r.to_owned(),
             seed_dir: Some(seed.clone()),
             live: false,
+            clock_shift_ns: 0,
         };
         assert_eq!(
             crate::run(&opts, &mut Steps::default()).unwrap(),
@@ -226,6 +235,7 @@ mod tests {
             root: root.to_owned(),
             seed_dir: Some(seed.to_owned()),
             live: false,
+            clock_shift_ns: 0,
         }
     }
 

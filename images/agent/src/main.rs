@@ -95,6 +95,10 @@ struct Options {
     seed_dir: Option<PathBuf>,
     /// Act on the running system (hostname syscall, host keys, commands).
     live: bool,
+    /// `--clone`: how far the host found the clock behind (nanoseconds,
+    /// negative when ahead). Relative, so it lands right however late this
+    /// process started.
+    clock_shift_ns: i64,
 }
 
 fn main() {
@@ -104,6 +108,7 @@ fn main() {
         root: PathBuf::from("/"),
         seed_dir: None,
         live: true,
+        clock_shift_ns: 0,
     };
     let mut mode = Mode::Boot;
     while let Some(a) = args.next() {
@@ -119,6 +124,12 @@ fn main() {
             "--seed-dir" => opts.seed_dir = Some(args.next().map(PathBuf::from).unwrap_or_else(|| usage())),
             "--template-prep" => mode = Mode::TemplatePrep,
             "--clone" => mode = Mode::Clone,
+            "--clock-shift-ns" => {
+                opts.clock_shift_ns = args
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or_else(|| usage());
+            }
             _ => usage(),
         }
     }
@@ -157,7 +168,7 @@ fn main() {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: webhoster-seed-agent [--source-hash] [--template-prep | --clone] [--root DIR] [--seed-dir DIR]"
+        "usage: webhoster-seed-agent [--source-hash] [--template-prep | --clone [--clock-shift-ns N]] [--root DIR] [--seed-dir DIR]"
     );
     std::process::exit(2);
 }
@@ -453,6 +464,7 @@ mod tests {
             root: root.to_owned(),
             seed_dir: Some(seed.to_owned()),
             live: false,
+            clock_shift_ns: 0,
         }
     }
 
