@@ -76,13 +76,21 @@ pub async fn ssh_banner(addr: SocketAddr) -> Result<(), PortError> {
 #[async_trait]
 impl GuestProbe for TcpProbe {
     async fn guest_ready(&self, guest_ip: Ipv4Addr) -> Result<(), PortError> {
-        http_ok(SocketAddr::new(guest_ip.into(), 80), &guest_ip.to_string(), "/").await?;
-        ssh_banner(SocketAddr::new(guest_ip.into(), 22)).await
+        let host = guest_ip.to_string();
+        tokio::try_join!(
+            http_ok(SocketAddr::new(guest_ip.into(), 80), &host, "/"),
+            ssh_banner(SocketAddr::new(guest_ip.into(), 22)),
+        )
+        .map(drop)
     }
 
     async fn published_ready(&self, user_id: i64, ssh_port: u16) -> Result<(), PortError> {
         let http = reachable(self.http_addr);
-        http_ok(http, &http.ip().to_string(), &format!("/{user_id}/")).await?;
-        ssh_banner(reachable(SocketAddr::new(self.ssh_bind.into(), ssh_port))).await
+        let (host, path) = (http.ip().to_string(), format!("/{user_id}/"));
+        tokio::try_join!(
+            http_ok(http, &host, &path),
+            ssh_banner(reachable(SocketAddr::new(self.ssh_bind.into(), ssh_port))),
+        )
+        .map(drop)
     }
 }
