@@ -147,10 +147,7 @@ async fn create_figures() {
         });
         let secs = started.elapsed().as_secs_f64();
         live.push(secs);
-        breakdowns.push(
-            dep.step_timings(body["data"]["hosting"]["vm_id"].as_str().unwrap())
-                .await,
-        );
+        breakdowns.push(dep.step_timings(body["data"]["hosting"]["vm_id"].as_str().unwrap()));
         eprintln!("run {run}: live in {secs:.1} s");
         user.delete_host(&client, &dep.api).await;
     }
@@ -190,7 +187,7 @@ async fn create_figures() {
         "webhoster overhead over bare QEMU: {:.2}x (median {web:.1} s / {qemu:.1} s)",
         web / qemu
     );
-    println!("step breakdown of each run (seconds per create step, from the journal):");
+    println!("step breakdown of each run (seconds per create step, from its log line):");
     for (run, steps) in breakdowns.iter().enumerate() {
         let line: Vec<String> = steps
             .iter()
@@ -550,7 +547,7 @@ async fn warm_figures() {
         if t.status != 201 {
             println!("warm create {run} failed: {} {}", t.status, t.body);
         }
-        let steps = dep.step_timings(t.vm_id()).await;
+        let steps = dep.step_timings(t.vm_id());
         runs.push((warm, t, steps));
         hostings.push((user, created));
     }

@@ -391,34 +391,25 @@ impl User {
 }
 
 impl Deployment {
-    /// Seconds each create step of `vm_id` took, from the step journal in
-    /// the deployment's SQLite database (steps run one after another, so a
-    /// step lasts from the previous step's end to its own).
-    pub async fn step_timings(&self, vm_id: &str) -> Vec<(String, f64)> {
-        use sqlx::Row;
-        let url = format!("sqlite://{}", self.state_dir().join("webhoster.db").display());
-        let pool = sqlx::SqlitePool::connect(&url)
-            .await
-            .expect("the deployment's database");
-        let rows = sqlx::query(
-            "SELECT s.step, s.updated_at, h.created_at FROM hosting_steps s \
-             JOIN hostings h ON h.id = s.hosting_id WHERE h.vm_id = ? ORDER BY s.seq",
-        )
-        .bind(vm_id)
-        .fetch_all(&pool)
-        .await
-        .expect("the step journal");
-        let parse = |s: &str| {
-            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-                .expect("a timestamp")
+    /// Seconds each create step of `vm_id` took, from its `create: running`
+    /// log line (a warm create runs two steps at once, so the journal's end
+    /// times alone do not tell).
+    pub fn step_timings(&self, vm_id: &str) -> Vec<(String, f64)> {
+        let log = std::fs::read_to_string(self.state_dir().join("serve.log")).unwrap_or_default();
+        let id = format!("vm_id={vm_id}");
+        let Some(steps) = log
+            .lines()
+            .rev()
+            .find(|l| l.contains(&id) && l.contains("create: running"))
+            .and_then(|l| l.split_once("steps=").map(|(_, steps)| steps))
+        else {
+            return Vec::new();
         };
-        let mut previous = rows.first().map(|r| parse(r.get::<String, _>(2).as_str()));
-        rows.iter()
-            .map(|row| {
-                let at = parse(row.get::<String, _>(1).as_str());
-                let secs = previous.map_or(0.0, |p| (at - p).as_seconds_f64());
-                previous = Some(at);
-                (row.get::<String, _>(0), secs)
+        steps
+            .split(", ")
+            .filter_map(|s| {
+                let (name, secs) = s.trim().rsplit_once(' ')?;
+                Some((name.to_owned(), secs.parse().ok()?))
             })
             .collect()
     }
