@@ -662,16 +662,16 @@ async fn the_dashboard_creates_watches_and_manages_the_site() {
     let dash = loop {
         let dash = v.get("/dashboard").await;
         let step = dash.text_of("step").unwrap_or_default();
-        if step.starts_with("Step 5 of 8") {
+        if step.starts_with("Step 4 of 8") {
             break dash;
         }
         assert!(Instant::now() < deadline, "never at the forward step: {step:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert_eq!(dash.text_of("step").unwrap(), "Step 5 of 8: Opening the SSH port");
+    assert_eq!(dash.text_of("step").unwrap(), "Step 4 of 8: Opening the SSH port");
     assert!(
         dash.body
-            .contains(r#"<progress id="progress" max="8" value="4">"#),
+            .contains(r#"<progress id="progress" max="8" value="3">"#),
         "{}",
         dash.body
     );
@@ -1238,13 +1238,13 @@ async fn in_the_browser_the_dashboard_follows_a_create_and_log_out_leaves_nothin
     click_to(&mut b, "create", "progress", "dashboard-creating").await;
     assert_eq!(text(&b, "state").await, "Being created");
     // The script follows the steps without a reload.
-    wait_text(&b, "step", "Step 5 of 8: Opening the SSH port").await;
+    wait_text(&b, "step", "Step 4 of 8: Opening the SSH port").await;
     let value = b
         .client()
         .execute("return document.getElementById('progress').value", vec![])
         .await
         .unwrap();
-    assert_eq!(value, 4);
+    assert_eq!(value, 3);
     b.shot("dashboard-mid-create").await;
     element(&b, "download-key").await;
     // ...and reloads when the site is up.
