@@ -79,8 +79,6 @@ struct Clone {
     http: u16,
 }
 
-/// A clone's spec and seed: its own overlay on the template disk, user
-/// networking forwarding its HTTP.
 /// The states `vm_id` went through, up to and with `last` (each next one
 /// within `each`).
 async fn states_until(
@@ -99,6 +97,12 @@ async fn states_until(
     seen
 }
 
+fn kill9(pid: i32) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+}
+
+/// A clone's spec and seed: its own overlay on the template disk, user
+/// networking forwarding its HTTP.
 async fn clone_spec(
     engine: &Engine,
     image: &webhoster::image::Image,
@@ -390,11 +394,7 @@ async fn templates_build_clones_restore_resume_and_survive() {
     reaper.track(&doomed.vm_id);
     let mut events = engine.subscribe();
     let status = engine.start_clone(&doomed_spec, &template).await.unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(status.pid.unwrap()),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    kill9(status.pid.unwrap());
     let seen = states_until(
         &mut events,
         &doomed.vm_id,
@@ -420,11 +420,7 @@ async fn templates_build_clones_restore_resume_and_survive() {
     let crashed = &clones[0];
     let mut events = engine.subscribe();
     let first = engine.status(&crashed.vm_id).unwrap().pid.unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(first),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    kill9(first);
     let seen = states_until(
         &mut events,
         &crashed.vm_id,

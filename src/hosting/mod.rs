@@ -610,10 +610,10 @@ impl HostingService {
         let steps = path.steps();
         let mut i = 0;
         while let Some(&step) = steps.get(i) {
-            // nginx reloads while the clone resumes: the two share nothing,
-            // and the reload would add its 0.1-0.2 s to a warm create.
-            if path == CreatePath::Warm && step == Step::Proxy && steps.get(i + 1) == Some(&Step::Resume) {
-                let pair = [Step::Proxy, Step::Resume];
+            if path.overlaps_next(step)
+                && let Some(&next) = steps.get(i + 1)
+            {
+                let pair = [step, next];
                 touched.extend(pair);
                 timings.extend(self.run_together(pair, h, path, job, ready).await?);
                 i += 2;
