@@ -161,7 +161,7 @@ async fn main() {
         let s = VmSpec {
             vm_id: vm_id.clone(),
             plan: small.clone(),
-            kernel: image.join("vmlinuz"),
+            kernel: image.join("vmlinux"),
             initrd: image.join("initrd.img"),
             base_disk: image.join("disk.qcow2"),
             append: "console=ttyS0 root=/dev/vda rw".into(),
@@ -215,7 +215,7 @@ async fn main() {
 
 const REAL_GUESTS: usize = 2;
 
-/// The newest complete image in the cache (`<cache>/<hash>/{vmlinuz,initrd.img,disk.qcow2}`).
+/// The newest complete image in the cache (`<cache>/<hash>/{vmlinux,initrd.img,disk.qcow2}`).
 fn find_image() -> Option<std::path::PathBuf> {
     let cache = std::env::var_os("WEBHOSTER_IMAGE_CACHE")
         .map(std::path::PathBuf::from)
@@ -225,7 +225,7 @@ fn find_image() -> Option<std::path::PathBuf> {
         .flatten()
         .map(|e| e.path())
         .filter(|d| {
-            ["vmlinuz", "initrd.img", "disk.qcow2"]
+            ["vmlinux", "initrd.img", "disk.qcow2"]
                 .iter()
                 .all(|f| d.join(f).is_file())
         })

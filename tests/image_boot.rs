@@ -458,12 +458,14 @@ runcmd:
         "in the guest: {}",
         ssh("systemd-analyze time | head -n 1; systemd-analyze blame --no-pager | head -n 8")
     );
-    let journal = ssh("sudo -n journalctl -b -o cat --no-pager -u ssh.service -u nginx.service");
-    assert_eq!(
-        journal.lines().filter(|l| l.starts_with("Started ")).count(),
-        2,
-        "sshd and nginx each start once:\n{journal}"
-    );
+    let journal = ssh(&format!("sudo -n {}", guest::PID1_JOURNAL));
+    for unit in ["ssh.service", "nginx.service"] {
+        assert_eq!(
+            guest::unit_events(&journal, "Started", unit),
+            1,
+            "{unit} starts once:\n{journal}"
+        );
+    }
 }
 
 fn qcow2_virtual_size(path: &std::path::Path) -> u64 {

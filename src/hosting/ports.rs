@@ -89,13 +89,14 @@ pub enum VmRunState {
     Failed,
 }
 
-/// What the guest itself says about its boot (`systemctl is-system-running`
-/// through the guest agent).
+/// What the guest itself says about its boot, through the guest agent: the
+/// image's `webhoster-ready.target` (`vmm::READY_TARGET`), or for an image
+/// without it `systemctl is-system-running`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GuestBoot {
-    /// Boot finished, no unit failed, no job queued.
+    /// Ready: its doors are open and nothing left in the boot closes one.
     Done,
-    /// Still booting (or jobs queued).
+    /// Still booting.
     InProgress,
     /// Boot finished with failed units (`degraded`), or another answer.
     Other(String),

@@ -82,8 +82,9 @@ where
     }
 }
 
-/// Ok once the guest says its boot is over: from then on nothing in it
-/// restarts sshd or nginx (cloud-init's later stages are done). A guest
+/// Ok once the guest says it is ready: the seed applied, sshd and nginx up,
+/// and nothing left in its boot to restart them (cloud-init's later stages
+/// done, when cloud-init applied the seed). A guest
 /// whose agent does not answer is taken at its word that HTTP and SSH
 /// answer only once `agentless_ok` (its user may have removed the agent;
 /// early in a boot the agent is simply not up yet).

@@ -188,13 +188,13 @@ pub(crate) fn run(
     let (packages, installed_kib) = manifest::parse_packages(&read("packages.tsv")?);
     let kernel_version = read("kernel-version")?.trim().to_owned();
     let mut files = std::collections::BTreeMap::new();
-    for name in ["vmlinuz", "initrd.img", "disk.qcow2"] {
+    for name in ["vmlinux", "initrd.img", "disk.qcow2"] {
         files.insert(name.to_owned(), manifest::file_info(&out.join(name))?);
     }
     let m = Manifest {
         key: key.to_owned(),
         suite: suite.to_owned(),
-        kernel: out.join("vmlinuz"),
+        kernel: out.join("vmlinux"),
         initrd: out.join("initrd.img"),
         disk: out.join("disk.qcow2"),
         kernel_version,

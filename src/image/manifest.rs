@@ -130,13 +130,13 @@ mod tests {
     #[test]
     fn store_then_load_gives_absolute_paths() {
         let dir = tempfile::tempdir().unwrap();
-        for f in ["vmlinuz", "initrd.img", "disk.qcow2"] {
+        for f in ["vmlinux", "initrd.img", "disk.qcow2"] {
             std::fs::write(dir.path().join(f), f).unwrap();
         }
         let m = Manifest {
             key: "k".into(),
             suite: "bookworm".into(),
-            kernel: dir.path().join("vmlinuz"),
+            kernel: dir.path().join("vmlinux"),
             initrd: dir.path().join("initrd.img"),
             disk: dir.path().join("disk.qcow2"),
             kernel_version: "6.1".into(),

@@ -57,11 +57,6 @@ pub const FILES: &[(&str, &str, bool)] = &[
         false,
     ),
     (
-        "overlay/etc/systemd/system/nginx.service.d/10-webhoster.conf",
-        include_str!("../../images/overlay/etc/systemd/system/nginx.service.d/10-webhoster.conf"),
-        false,
-    ),
-    (
         "overlay/etc/systemd/system/cloud-init-local.service.d/10-webhoster-seed.conf",
         include_str!(
             "../../images/overlay/etc/systemd/system/cloud-init-local.service.d/10-webhoster-seed.conf"
@@ -76,6 +71,41 @@ pub const FILES: &[(&str, &str, bool)] = &[
     (
         "overlay/etc/systemd/system/cloud-final.service.d/10-webhoster-seed.conf",
         include_str!("../../images/overlay/etc/systemd/system/cloud-final.service.d/10-webhoster-seed.conf"),
+        false,
+    ),
+    (
+        "masked-generators.txt",
+        include_str!("../../images/masked-generators.txt"),
+        false,
+    ),
+    (
+        "startup-cpu-weights.txt",
+        include_str!("../../images/startup-cpu-weights.txt"),
+        false,
+    ),
+    (
+        "overlay/etc/systemd/system/ssh.service",
+        include_str!("../../images/overlay/etc/systemd/system/ssh.service"),
+        false,
+    ),
+    (
+        "overlay/etc/systemd/system/nginx.service",
+        include_str!("../../images/overlay/etc/systemd/system/nginx.service"),
+        false,
+    ),
+    (
+        "overlay/etc/systemd/system/qemu-guest-agent.service",
+        include_str!("../../images/overlay/etc/systemd/system/qemu-guest-agent.service"),
+        false,
+    ),
+    (
+        "overlay/etc/systemd/system/webhoster-ready.target",
+        include_str!("../../images/overlay/etc/systemd/system/webhoster-ready.target"),
+        false,
+    ),
+    (
+        "overlay/etc/tmpfiles.d/systemd-nologin.conf",
+        include_str!("../../images/overlay/etc/tmpfiles.d/systemd-nologin.conf"),
         false,
     ),
     (
@@ -99,11 +129,6 @@ pub const FILES: &[(&str, &str, bool)] = &[
         false,
     ),
     (
-        "overlay/etc/systemd/system/ssh.service.d/10-webhoster.conf",
-        include_str!("../../images/overlay/etc/systemd/system/ssh.service.d/10-webhoster.conf"),
-        false,
-    ),
-    (
         "overlay/etc/systemd/system/systemd-networkd-wait-online.service.d/10-webhoster.conf",
         include_str!(
             "../../images/overlay/etc/systemd/system/systemd-networkd-wait-online.service.d/10-webhoster.conf"
@@ -113,8 +138,8 @@ pub const FILES: &[(&str, &str, bool)] = &[
 ];
 
 /// Cache key: the recipe files, the seed agent's sources (and its
-/// Cargo.toml) and the Debian
-/// suite they are built for. The agent's binary is not hashed (builds are
+/// Cargo.toml), the kernel command line and the Debian suite they are
+/// built for. The agent's binary is not hashed (builds are
 /// not byte-for-byte reproducible); the build checks that it was built from
 /// these sources.
 pub fn key(suite: &str) -> String {
@@ -123,6 +148,8 @@ pub fn key(suite: &str) -> String {
     hash.update(suite.as_bytes());
     hash.update(b"\0");
     hash.update(agent_sources::hash().as_bytes());
+    hash.update(b"\0");
+    hash.update(super::KERNEL_CMDLINE.as_bytes());
     hash.update(b"\0");
     for (path, content, exec) in FILES {
         hash.update(path.as_bytes());

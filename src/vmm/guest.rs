@@ -1,7 +1,8 @@
 //! What the engine asks of a running guest through its agent (`qga.rs`):
-//! whether its boot is completely over. Owns no state: each call takes the
-//! VM's agent lock, asks, and lets go. Never changes the guest, never
-//! trusts what it answers beyond the words it maps.
+//! whether it is ready (the doors webhoster promises are open, and nothing
+//! left in its boot closes one). Owns no state: each call takes the VM's
+//! agent lock, asks, and lets go. Never changes the guest, never trusts
+//! what it answers beyond the words it maps.
 
 use std::time::Duration;
 
@@ -9,18 +10,53 @@ use super::engine::Engine;
 use super::qga::QgaClient;
 use super::{VmmError, validate_vm_id};
 
-/// `systemctl is-system-running` answers at once (it only asks PID 1); under
-/// TCG on a loaded host starting the process takes a second or two.
+/// `systemctl show` and `is-system-running` answer at once (they only ask
+/// PID 1); under TCG on a loaded host starting the process takes a second
+/// or two.
 pub const SYSTEM_STATE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The longest state name kept from the guest's answer.
 const MAX_STATE_LEN: usize = 32;
 
-/// The guest's own view of its boot, from `systemctl is-system-running`.
+/// The image's unit for "ready": reached once the seed is applied and sshd
+/// and nginx run, after cloud-init's stages when it applies the seed
+/// (`images/overlay/etc/systemd/system/webhoster-ready.target`). It does not
+/// wait for the rest of the boot (networkd, logind, udev's coldplug), which
+/// under TCG goes on for seconds after the doors are open.
+pub const READY_TARGET: &str = "webhoster-ready.target";
+
+/// What `systemctl show --property=LoadState,ActiveState` says of
+/// [`READY_TARGET`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadyTarget {
+    Reached,
+    NotYet,
+    /// An image from before the target: its whole boot is the measure.
+    Missing,
+}
+
+impl ReadyTarget {
+    fn parse(stdout: &[u8]) -> ReadyTarget {
+        let text = String::from_utf8_lossy(stdout);
+        let prop = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix('='))
+                .unwrap_or("")
+        };
+        match (prop("LoadState"), prop("ActiveState")) {
+            ("not-found", _) => ReadyTarget::Missing,
+            ("loaded", "active") => ReadyTarget::Reached,
+            _ => ReadyTarget::NotYet,
+        }
+    }
+}
+
+/// The guest's own view of its readiness: [`READY_TARGET`], or for an image
+/// without it, `systemctl is-system-running`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GuestSystemState {
-    /// Boot is over: no job queued, no unit failed. Nothing started at boot
-    /// (cloud-config, cloud-final) will restart sshd or nginx any more.
+    /// Ready: the doors are open and nothing left in the boot (cloud-config,
+    /// cloud-final) will restart sshd or nginx.
     Running,
     /// Jobs are still queued (`initializing`, `starting`).
     Starting,
@@ -75,11 +111,10 @@ impl Engine {
             })
     }
 
-    /// Ask the guest whether its boot is over (`systemctl
-    /// is-system-running`). `Running` is "ready means ready": the first
-    /// boot's units, cloud-init's included, have all finished. A guest whose
-    /// agent does not answer (yet) is [`GuestSystemState::NoAgent`], not an
-    /// error: poll again.
+    /// Ask the guest whether it is ready ([`READY_TARGET`]; for an image
+    /// without it, whether its whole boot is over). `Running` is "ready
+    /// means ready". A guest whose agent does not answer (yet) is
+    /// [`GuestSystemState::NoAgent`], not an error: poll again.
     pub async fn guest_system_state(&self, vm_id: &str) -> Result<GuestSystemState, VmmError> {
         let mut agent = match self.guest_agent(vm_id).await {
             Ok(agent) => agent,
@@ -88,14 +123,27 @@ impl Engine {
             }
             Err(err) => return Err(err),
         };
+        let agent_err = |source| VmmError::GuestAgent {
+            vm_id: vm_id.to_owned(),
+            source,
+        };
+        let show = ["show", "--property=LoadState,ActiveState", READY_TARGET];
+        let out = agent
+            .exec_with_timeout("/bin/systemctl", &show, SYSTEM_STATE_TIMEOUT)
+            .await
+            .map_err(agent_err)?;
+        let target = ReadyTarget::parse(&out.stdout);
+        tracing::debug!(vm_id, ?target, "guest ready target");
+        match target {
+            ReadyTarget::Reached => return Ok(GuestSystemState::Running),
+            ReadyTarget::NotYet => return Ok(GuestSystemState::Starting),
+            ReadyTarget::Missing => {}
+        }
         // Exits non-zero for every state but `running`: the output decides.
         let out = agent
             .exec_with_timeout("/bin/systemctl", &["is-system-running"], SYSTEM_STATE_TIMEOUT)
             .await
-            .map_err(|source| VmmError::GuestAgent {
-                vm_id: vm_id.to_owned(),
-                source,
-            })?;
+            .map_err(agent_err)?;
         let state = GuestSystemState::parse(&out.stdout);
         tracing::debug!(vm_id, ?state, exit_code = ?out.exit_code, "guest system state");
         Ok(state)
@@ -105,6 +153,33 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ready_target_maps_from_systemctl_show() {
+        let show = |s: &str| ReadyTarget::parse(s.as_bytes());
+        assert_eq!(
+            show("LoadState=loaded\nActiveState=active\n"),
+            ReadyTarget::Reached
+        );
+        assert_eq!(
+            show("ActiveState=active\nLoadState=loaded\n"),
+            ReadyTarget::Reached
+        );
+        assert_eq!(
+            show("LoadState=loaded\nActiveState=inactive\n"),
+            ReadyTarget::NotYet
+        );
+        assert_eq!(
+            show("LoadState=not-found\nActiveState=inactive\n"),
+            ReadyTarget::Missing
+        );
+        // Anything else (no answer, a hostile guest's) is not ready.
+        assert_eq!(show(""), ReadyTarget::NotYet);
+        assert_eq!(
+            show("LoadState=loadedX\nActiveState=active\n"),
+            ReadyTarget::NotYet
+        );
+    }
 
     #[test]
     fn states_map_from_systemctls_words() {

@@ -462,3 +462,16 @@ pub async fn user_net_spec(
         restore: None,
     }
 }
+
+/// PID 1's own journal lines of this boot. They say when it started,
+/// stopped or reloaded each unit; the ones it logged before journald ran
+/// (sshd and nginx start before it) carry no unit field, so a
+/// `journalctl -u` filter misses them. Needs root (or the adm group).
+pub const PID1_JOURNAL: &str = "journalctl -b -o cat --no-pager -t systemd";
+
+/// How often PID 1 says it `verb`ed `unit` ("Started", "Stopping",
+/// "Reloading") in `pid1_journal` (the output of [`PID1_JOURNAL`]).
+pub fn unit_events(pid1_journal: &str, verb: &str, unit: &str) -> usize {
+    let prefix = format!("{verb} {unit} ");
+    pid1_journal.lines().filter(|l| l.starts_with(&prefix)).count()
+}

@@ -3,6 +3,7 @@
 //! and routes, sshd's reload. Used when a snapshot clone is personalised
 //! (`--clone`) and when the template is prepared (`--template-prep`): the
 //! system is already up as another instance, so files alone are not enough.
+//! At boot, a static network is set here too, before networkd starts.
 //! ioctls rather than processes where possible: each exec costs tens of ms
 //! under TCG.
 
@@ -359,6 +360,39 @@ pub fn apply_network(network: &Network, steps: &mut Steps) -> Result<(), String>
     Ok(())
 }
 
+/// At boot, before udev and networkd start: a seed network the kernel path
+/// covers ([`kernel_links`]) is set by ioctls, when each link's NIC already
+/// has the seed's MAC and the name the seed gives it (udev renames NICs
+/// after this, and cannot rename one that is up). networkd starts later,
+/// finds the address and route its files ask for, and keeps them. False,
+/// with nothing done, for any other network: networkd's, as before.
+pub fn network_at_boot(network: &Network) -> Result<bool, String> {
+    let Network::Links(links) = network else {
+        return Ok(false);
+    };
+    let nics = ethernet_interfaces();
+    let mut found = Vec::new();
+    for link in links {
+        let (Some(mac), Some(set_name)) = (&link.mac, &link.set_name) else {
+            return Ok(false);
+        };
+        let named = nics
+            .iter()
+            .find(|n| *n == set_name && current_mac(n) == mac.to_ascii_lowercase());
+        let Some(ifname) = named else {
+            return Ok(false);
+        };
+        found.push((ifname.clone(), link));
+    }
+    let Some(kernel) = kernel_links(&found) else {
+        return Ok(false);
+    };
+    for k in &kernel {
+        set_ipv4(k)?;
+    }
+    Ok(true)
+}
+
 fn sockaddr_v4(ip: Ipv4Addr) -> libc::sockaddr {
     let sin = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
@@ -391,8 +425,8 @@ struct RtEntry {
 }
 
 /// The link's primary IPv4 address and mask replaced (`SIOCSIFADDR` changes
-/// the one there in place, its routes with it), every default route through
-/// it removed, the seed's added.
+/// the one there in place, its routes with it), the link up (at boot it is
+/// still down), every default route through it removed, the seed's added.
 fn set_ipv4(k: &KernelLink) -> Result<(), String> {
     let sock = std::net::UdpSocket::bind("127.0.0.1:0")
         .map_err(|e| format!("a socket for the address ioctls: {e}"))?;
@@ -417,6 +451,22 @@ fn set_ipv4(k: &KernelLink) -> Result<(), String> {
         // SAFETY: req is a valid struct ifreq.
         if unsafe { libc::ioctl(sock.as_raw_fd(), request as _, &mut req) } != 0 {
             return Err(os_err(&format!("setting the {what} {addr} on {}", k.ifname)));
+        }
+    }
+    let mut req = libc::ifreq {
+        ifr_name: name,
+        ifr_ifru: libc::__c_anonymous_ifr_ifru { ifru_flags: 0 },
+    };
+    // SAFETY: req is a valid struct ifreq; the flags are read, then written.
+    unsafe {
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req) != 0 {
+            return Err(os_err(&format!("reading the flags of {}", k.ifname)));
+        }
+        if req.ifr_ifru.ifru_flags & libc::IFF_UP as libc::c_short == 0 {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &mut req) != 0 {
+                return Err(os_err(&format!("bringing {} up", k.ifname)));
+            }
         }
     }
     let mut dev = name;

@@ -4,9 +4,10 @@
 //! coldplug, networkd, sshd, nginx and cloud-init). It reads the `cidata`
 //! ISO and, for a seed within the subset it knows (users, write_files,
 //! hostname, ssh_pwauth, network-config v1/v2, bootcmd, runcmd), applies it
-//! on the instance's first boot and tells the cloud-init units to stand
-//! down (`/run/webhoster-seed/applied`). Any other seed is left to the real
-//! cloud-init, which stays installed: it then runs as it always did.
+//! on the instance's first boot, and sets a static network at once. Any
+//! other seed is left to the real cloud-init, which stays installed: the
+//! agent starts its units (the image masks its generator), and they run as
+//! they always did.
 //!
 //! Per instance, like cloud-init: the instance-id it applied is kept in
 //! `/var/lib/webhoster-seed/instance`; later boots of the same instance run
@@ -75,7 +76,10 @@ enum Outcome {
     Applied(Vec<String>),
     /// A later boot of an instance the agent applied.
     AlreadyApplied,
+    /// A seed the agent does not cover: cloud-init's.
     HandedOver(String),
+    /// No `cidata` ISO: cloud-init's, if a datasource of another kind applies.
+    NoSeed,
 }
 
 /// What the agent was asked to do.
@@ -155,12 +159,21 @@ fn main() {
             std::process::exit(1);
         }
         Ok(Outcome::AlreadyApplied) => log(format!("instance already applied; boot work done in {ms:.0} ms")),
-        Ok(Outcome::HandedOver(why)) => log(format!(
-            "handing the seed over to cloud-init ({why}) after {ms:.0} ms"
-        )),
+        Ok(Outcome::HandedOver(why)) => {
+            log(format!(
+                "handing the seed over to cloud-init ({why}) after {ms:.0} ms"
+            ));
+            start_cloud_init(&opts, true);
+        }
+        Ok(Outcome::NoSeed) => {
+            log(format!("no cidata ISO found after {ms:.0} ms"));
+            start_cloud_init(&opts, false);
+        }
         Err(e) => {
-            // Nothing was marked applied: cloud-init runs as it always did.
+            // Nothing was marked applied: cloud-init's, as for any seed
+            // the agent does not apply.
             log(format!("error: {e}; cloud-init applies the seed"));
+            start_cloud_init(&opts, false);
             std::process::exit(1);
         }
     }
@@ -215,7 +228,7 @@ fn run(opts: &Options, steps: &mut Steps) -> Result<Outcome, String> {
             steps.step("find");
             match dev {
                 Some(dev) => mount_and_read(&dev, &run_dir.join("mnt"))?,
-                None => return Ok(Outcome::HandedOver("no cidata ISO found".into())),
+                None => return Ok(Outcome::NoSeed),
             }
         }
     };
@@ -240,12 +253,65 @@ fn run(opts: &Options, steps: &mut Steps) -> Result<Outcome, String> {
         if plan.network.is_static() {
             mark(&run_dir.join("static-network"))?;
         }
+        network_now(opts, &plan, steps);
         return Ok(Outcome::AlreadyApplied);
     }
     let errors = first_boot(opts, &plan, steps)?;
     write_state(root, &plan.instance_id, "agent")?;
     mark(&applied_flag)?;
+    network_now(opts, &plan, steps);
     Ok(Outcome::Applied(errors))
+}
+
+/// A static network of webhoster's kind is set now, so the VM answers as
+/// soon as sshd and nginx listen rather than once networkd has started
+/// (seconds later under TCG); networkd then finds it as its files say.
+/// A failure here only costs that time.
+fn network_now(opts: &Options, plan: &Plan, steps: &mut Steps) {
+    if !opts.live {
+        return;
+    }
+    match live::network_at_boot(&plan.network) {
+        Ok(true) => steps.step("network"),
+        Ok(false) => {}
+        Err(e) => log(format!("error: {e}; networkd sets the network when it starts")),
+    }
+}
+
+/// cloud-init's units are in no boot of the image (its generator is
+/// masked): for a seed the agent leaves to it, the agent starts them, as the
+/// generator would have enabled them. They wait for this unit to end.
+/// Without a cidata ISO, cloud-init's own ds-identify decides whether any
+/// other NoCloud source (kernel command line, SMBIOS, seed directory) is
+/// there, as the generator did.
+fn start_cloud_init(opts: &Options, seed_found: bool) {
+    if !opts.live {
+        return;
+    }
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if Path::new("/etc/cloud/cloud-init.disabled").exists()
+        || cmdline.split_whitespace().any(|w| w == "cloud-init=disabled")
+    {
+        log("cloud-init is disabled on this system: not starting it");
+        return;
+    }
+    if !seed_found {
+        let found = Process::new("/usr/lib/cloud-init/ds-identify")
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            log("ds-identify found no datasource: cloud-init stays off");
+            return;
+        }
+    }
+    match Process::new("/bin/systemctl")
+        .args(["start", "--no-block", "cloud-init.target"])
+        .status()
+    {
+        Ok(s) if s.success() => log("started cloud-init.target"),
+        Ok(s) => log(format!("error: starting cloud-init.target: systemctl {s}")),
+        Err(e) => log(format!("error: starting cloud-init.target: {e}")),
+    }
 }
 
 fn first_boot(opts: &Options, plan: &Plan, steps: &mut Steps) -> Result<Vec<String>, String> {
