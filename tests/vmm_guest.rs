@@ -175,21 +175,21 @@ async fn debian_guest_serves_survives_kill_9_and_reattach() {
         &format!("echo console-{token} | sudo tee /dev/ttyS0"),
     )
     .await;
+    // The boot's own output: the seed agent reports there (cloud-init did,
+    // before the agent took the seed over), through journald, which starts
+    // after sshd: the line may come after the token.
+    let agent_line = "webhoster-seed-agent: applied the seed in";
     let started = Instant::now();
     let console = loop {
         let text = std::fs::read_to_string(dir.serial_log()).unwrap_or_default();
-        if text.contains(&format!("console-{token}")) || started.elapsed() > Duration::from_secs(30) {
+        let both = text.contains(&format!("console-{token}")) && text.contains(agent_line);
+        if both || started.elapsed() > Duration::from_secs(60) {
             break text;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     assert!(console.contains(&format!("console-{token}")), "{console}");
-    // The boot's own output: the seed agent reports there (cloud-init did,
-    // before the agent took the seed over).
-    assert!(
-        console.contains("webhoster-seed-agent: applied the seed in"),
-        "boot output: {console}"
-    );
+    assert!(console.contains(agent_line), "boot output: {console}");
     // That QEMU never held root.
     let pid = engine.status(&vm_id).unwrap().pid.unwrap();
     assert_unprivileged(pid, &engine);

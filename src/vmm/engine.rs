@@ -493,6 +493,9 @@ impl Engine {
         // A paused guest runs no code, so it cannot answer a power-down: a
         // warm clone waiting in the pool, or a VM stopped by an I/O error.
         let graceful = graceful.filter(|_| state != VmState::Paused);
+        if graceful.is_some() && state == VmState::Running {
+            ask_guest_agent_to_power_off(vm).await;
+        }
         let how = process::stop(vm.id(), pid, client.as_deref(), graceful).await?;
         vm.end_stop();
         vm.dir().clean_runtime_files();
@@ -554,5 +557,25 @@ fn setup_cgroups(opts: &super::CgroupOptions) -> Result<Option<Cgroups>, VmmErro
             Ok(None)
         }
         Err(err) => Err(VmmError::CgroupsRequired(err)),
+    }
+}
+
+/// The power-down asked of the guest agent too (the ACPI button follows in
+/// `process::stop`). The button reaches systemd only through logind, which
+/// under TCG starts seconds after a guest is ready, and a press before it
+/// is lost; the agent runs from the start of the boot. Bounded: a guest
+/// without an agent costs the stop at most this long.
+async fn ask_guest_agent_to_power_off(vm: &Vm) {
+    const LIMIT: Duration = Duration::from_secs(2);
+    let dir = vm.dir();
+    let asked = tokio::time::timeout(LIMIT, async {
+        let mut agent = super::qga::QgaClient::connect(&dir.qga_socket(), &dir.qga_lock()).await?;
+        agent.power_off().await
+    })
+    .await;
+    match asked {
+        Ok(Ok(())) => tracing::debug!(vm_id = vm.id(), "asked the guest agent to power off"),
+        Ok(Err(err)) => tracing::debug!(vm_id = vm.id(), %err, "the guest agent did not take the power-off"),
+        Err(_) => tracing::debug!(vm_id = vm.id(), "the guest agent did not answer within {LIMIT:?}"),
     }
 }

@@ -361,6 +361,18 @@ impl QgaClient {
             .map(drop)
     }
 
+    /// Power the guest off: `systemctl poweroff --no-block`, started and not
+    /// waited for. Not `guest-shutdown`: the agent runs `shutdown +0` for it,
+    /// which systemd hands to logind, and a guest is ready seconds before
+    /// logind runs; as root, systemctl asks PID 1 itself when logind is not
+    /// there.
+    pub async fn power_off(&mut self) -> Result<(), QgaError> {
+        let request = json!({"path": "/bin/systemctl", "arg": ["poweroff", "--no-block"]});
+        self.call::<ExecStarted>("guest-exec", Some(request), COMMAND_TIMEOUT)
+            .await
+            .map(drop)
+    }
+
     /// `guest-get-time`: the guest's clock, in nanoseconds since 1970.
     /// Answered by qemu-ga itself (no process started), so it is read within
     /// the round trip of this call.

@@ -288,10 +288,19 @@ fn start_cloud_init(opts: &Options, seed_found: bool) {
     if !opts.live {
         return;
     }
+    // As the generator decides: `cloud-init=` on the kernel command line
+    // (its last one), else the file.
     let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    if Path::new("/etc/cloud/cloud-init.disabled").exists()
-        || cmdline.split_whitespace().any(|w| w == "cloud-init=disabled")
-    {
+    let word = cmdline
+        .split_whitespace()
+        .rev()
+        .find_map(|w| w.strip_prefix("cloud-init="));
+    let disabled = match word {
+        Some("disabled") => true,
+        Some("enabled") => false,
+        _ => Path::new("/etc/cloud/cloud-init.disabled").exists(),
+    };
+    if disabled {
         log("cloud-init is disabled on this system: not starting it");
         return;
     }
