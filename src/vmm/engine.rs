@@ -493,10 +493,16 @@ impl Engine {
         // A paused guest runs no code, so it cannot answer a power-down: a
         // warm clone waiting in the pool, or a VM stopped by an I/O error.
         let graceful = graceful.filter(|_| state != VmState::Paused);
-        if graceful.is_some() && state == VmState::Running {
-            ask_guest_agent_to_power_off(vm).await;
-        }
-        let how = process::stop(vm.id(), pid, client.as_deref(), graceful).await?;
+        let ask_agent = async {
+            if graceful.is_some() && state == VmState::Running {
+                ask_guest_agent_to_power_off(vm).await;
+            }
+        };
+        let (_, how) = tokio::join!(
+            ask_agent,
+            process::stop(vm.id(), pid, client.as_deref(), graceful)
+        );
+        let how = how?;
         vm.end_stop();
         vm.dir().clean_runtime_files();
         self.launcher
@@ -560,11 +566,11 @@ fn setup_cgroups(opts: &super::CgroupOptions) -> Result<Option<Cgroups>, VmmErro
     }
 }
 
-/// The power-down asked of the guest agent too (the ACPI button follows in
-/// `process::stop`). The button reaches systemd only through logind, which
-/// under TCG starts seconds after a guest is ready, and a press before it
-/// is lost; the agent runs from the start of the boot. Bounded: a guest
-/// without an agent costs the stop at most this long.
+/// The power-down asked of the guest agent too, while `process::stop`
+/// presses the ACPI button. The button reaches systemd only through logind,
+/// which under TCG starts seconds after a guest is ready, and a press before
+/// it is lost; the agent runs from the start of the boot. Bounded, and it
+/// does not hold the stop up: a guest without an agent just does not answer.
 async fn ask_guest_agent_to_power_off(vm: &Vm) {
     const LIMIT: Duration = Duration::from_secs(2);
     let dir = vm.dir();
