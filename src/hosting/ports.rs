@@ -90,7 +90,7 @@ pub enum VmRunState {
 }
 
 /// What the guest itself says about its boot, through the guest agent: the
-/// image's `webhoster-ready.target` (`vmm::READY_TARGET`), or for an image
+/// image's `webhoster-ready.target`, or for an image
 /// without it `systemctl is-system-running`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GuestBoot {

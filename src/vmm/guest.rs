@@ -23,7 +23,7 @@ const MAX_STATE_LEN: usize = 32;
 /// (`images/overlay/etc/systemd/system/webhoster-ready.target`). It does not
 /// wait for the rest of the boot (networkd, logind, udev's coldplug), which
 /// under TCG goes on for seconds after the doors are open.
-pub const READY_TARGET: &str = "webhoster-ready.target";
+const READY_TARGET: &str = "webhoster-ready.target";
 
 /// What `systemctl show --property=LoadState,ActiveState` says of
 /// [`READY_TARGET`].

@@ -50,7 +50,7 @@ pub use clone::{CLONE_AGENT, CloneReport};
 pub use cmdline::Snapshot;
 pub use dir::VmDir;
 pub use engine::{DEFAULT_STOP_TIMEOUT, Engine};
-pub use guest::{GuestSystemState, READY_TARGET};
+pub use guest::GuestSystemState;
 pub use meter::VmCounters;
 pub use plan::{Plan, PlanError};
 pub use process::snapshot_argv_for;
