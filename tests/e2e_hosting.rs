@@ -122,7 +122,8 @@ async fn whole_hosting_flow() {
     for _ in 0..5 {
         assert_eq!(dep.get_site(alice.id).0, 200);
     }
-    let after = latest_usage(&client, &api, &alice, Some(&before)).await;
+    let io_done = unix_seconds();
+    let after = latest_usage(&client, &api, &alice, Some(io_done)).await;
     eprintln!("usage before the I/O: {before}\nusage after: {after}");
     let grew = |key: &str, by: f64| {
         let (a, b) = (before[key].as_f64().unwrap(), after[key].as_f64().unwrap());
@@ -325,7 +326,11 @@ async fn whole_hosting_flow() {
 
 /// The latest usage sample of `user`'s hosting, once there is one (newer
 /// than `after`, when given) and the history holds at least two.
-async fn latest_usage(client: &reqwest::Client, api: &str, user: &User, after: Option<&Value>) -> Value {
+/// The latest usage sample; with `taken_after`, the first one stamped a whole
+/// second after that time (a sample is stamped before its counters are read,
+/// and the SSH session can outlast two sample periods, so counting samples
+/// since `before` is not enough).
+async fn latest_usage(client: &reqwest::Client, api: &str, user: &User, taken_after: Option<i64>) -> Value {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let (status, body) = call(
@@ -340,9 +345,8 @@ async fn latest_usage(client: &reqwest::Client, api: &str, user: &User, after: O
         let data = &body["data"];
         assert_eq!(data["sample_every_seconds"], 2, "{body}");
         let latest = &data["latest"];
-        let newer = match after {
-            // Two samples later: the second was surely taken after the I/O.
-            Some(prev) => latest["at"].as_i64() >= prev["at"].as_i64().map(|t| t + 4),
+        let newer = match taken_after {
+            Some(t) => latest["at"].as_i64().is_some_and(|at| at > t),
             None => !latest.is_null(),
         };
         if newer && data["history"].as_array().is_some_and(|h| h.len() >= 2) {
@@ -355,6 +359,11 @@ async fn latest_usage(client: &reqwest::Client, api: &str, user: &User, after: O
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+fn unix_seconds() -> i64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    i64::try_from(since.unwrap().as_secs()).unwrap()
 }
 
 /// Re-signs nothing: swaps the subject of a valid token, which must then fail
