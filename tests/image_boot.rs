@@ -248,6 +248,42 @@ fn boots_webhosters_own_seed() {
         "vm-imagetest\tagent\n",
         "{out:?}"
     );
+
+    // No network-config: the agent took a DHCP lease at boot, and networkd,
+    // once up, took it over (same address) on the NIC that kept its kernel
+    // name.
+    let port = vm.ssh_port;
+    let ssh = |cmd: &str| {
+        let out = guest::ssh("127.0.0.1", port, "ubuntu", &key, cmd);
+        assert!(out.status.success(), "{cmd}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    guest::wait_for("the end of the boot", BOOT_TIMEOUT, || {
+        vm.assert_alive();
+        ssh("systemctl is-system-running || true") == "running"
+    });
+    let agent = ssh("sudo -n journalctl -b -o cat --no-pager -u webhoster-seed.service");
+    assert!(
+        agent.contains("eth0: 10.0.2.15/24 from DHCP server 10.0.2.2"),
+        "{agent}"
+    );
+    let networkd = ssh("sudo -n journalctl -b -o cat --no-pager -u systemd-networkd.service");
+    assert!(
+        networkd.contains("eth0: DHCPv4 address 10.0.2.15/24"),
+        "{networkd}"
+    );
+    let addrs = ssh("ip -4 -o addr show dev eth0");
+    assert_eq!(addrs.lines().count(), 1, "{addrs}");
+    assert!(addrs.contains("10.0.2.15/24"), "{addrs}");
+    // networkd holds it as its own lease (no default route: QEMU's
+    // restricted user network offers no router).
+    let status = ssh("networkctl status eth0 --no-pager");
+    assert!(
+        status.contains("10.0.2.15 (DHCP4 via 10.0.2.2)") && status.contains("(configured)"),
+        "{status}"
+    );
+    let udev = ssh("sudo -n journalctl -b -o cat --no-pager -u systemd-udevd.service");
+    assert!(!udev.contains("rename"), "{udev}");
 }
 
 /// webhoster's seed with a static address matched by MAC (as on the bridge):

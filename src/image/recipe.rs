@@ -129,6 +129,11 @@ pub const FILES: &[(&str, &str, bool)] = &[
         false,
     ),
     (
+        "overlay/etc/systemd/system/dbus.socket.d/10-webhoster.conf",
+        include_str!("../../images/overlay/etc/systemd/system/dbus.socket.d/10-webhoster.conf"),
+        false,
+    ),
+    (
         "overlay/etc/systemd/system/systemd-networkd-wait-online.service.d/10-webhoster.conf",
         include_str!(
             "../../images/overlay/etc/systemd/system/systemd-networkd-wait-online.service.d/10-webhoster.conf"

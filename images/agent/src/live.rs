@@ -9,7 +9,7 @@
 
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::Path;
 use std::process::{Command as Process, Stdio};
 use std::time::{Duration, Instant};
@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use nix::libc;
 
 use crate::Steps;
+use crate::dhcp;
 use crate::network::{Link, Network};
 
 /// `_IOW('R', 0x03, int[2])`: add bytes to the input pool, with credit.
@@ -28,7 +29,7 @@ const BLKFLSBUF: u64 = 0x1261;
 /// Set an interface's hardware address.
 const SIOCSIFHWADDR: u64 = 0x8924;
 
-fn os_err(what: &str) -> String {
+pub(crate) fn os_err(what: &str) -> String {
     format!("{what}: {}", std::io::Error::last_os_error())
 }
 
@@ -406,6 +407,155 @@ fn sockaddr_v4(ip: Ipv4Addr) -> libc::sockaddr {
     unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
 }
 
+fn ifname_bytes(ifname: &str) -> Result<[libc::c_char; libc::IFNAMSIZ], String> {
+    let mut name = [0 as libc::c_char; libc::IFNAMSIZ];
+    if ifname.len() >= name.len() {
+        return Err(format!("interface name {ifname:?} too long"));
+    }
+    for (d, s) in name.iter_mut().zip(ifname.bytes()) {
+        *d = s as libc::c_char;
+    }
+    Ok(name)
+}
+
+/// The link up (at boot it is still down).
+fn link_up(sock: &impl AsRawFd, ifname: &str, name: [libc::c_char; libc::IFNAMSIZ]) -> Result<(), String> {
+    let mut req = libc::ifreq {
+        ifr_name: name,
+        ifr_ifru: libc::__c_anonymous_ifr_ifru { ifru_flags: 0 },
+    };
+    // SAFETY: req is a valid struct ifreq; the flags are read, then written.
+    unsafe {
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req) != 0 {
+            return Err(os_err(&format!("reading the flags of {ifname}")));
+        }
+        if req.ifr_ifru.ifru_flags & libc::IFF_UP as libc::c_short == 0 {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &mut req) != 0 {
+                return Err(os_err(&format!("bringing {ifname} up")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Where networkd's fallback file finds it: the first NIC keeps its kernel
+/// name (udev cannot rename a link that is up, and fails its event if it
+/// tries).
+const FALLBACK_LINK: &str = "/etc/systemd/network/10-webhoster-fallback.link";
+
+/// At boot, for a seed without network-config: the first NIC up, its name
+/// pinned, one DHCP exchange, the lease's address on with the lease's
+/// lifetimes (see `dhcp`). Its prefix route is enough for the host's
+/// connections (the server is on the link); networkd adds the default route
+/// when it takes the lease over. None when there is no NIC.
+pub fn dhcp_at_boot(root: &Path) -> Result<Option<(String, dhcp::Lease)>, String> {
+    let Some(ifname) = ethernet_interfaces().into_iter().next() else {
+        return Ok(None);
+    };
+    let mac = current_mac(&ifname);
+    let link = format!(
+        "# webhoster-seed-agent: the NIC it took a DHCP lease on at boot keeps its name.\n\
+         [Match]\nMACAddress={mac}\n\n[Link]\nName={ifname}\n"
+    );
+    crate::apply::write_atomic(&crate::apply::at(root, FALLBACK_LINK), link.as_bytes(), 0o644)?;
+    let sock =
+        std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("a socket for the link ioctls: {e}"))?;
+    link_up(&sock, &ifname, ifname_bytes(&ifname)?)?;
+    let lease = dhcp::exchange(&ifname, parse_mac(&mac)?, Duration::from_secs(3))?;
+    add_address(&ifname, &lease)?;
+    Ok(Some((ifname, lease)))
+}
+
+/// `RTM_NEWADDR` with the lease's lifetimes (ioctls cannot set them; an
+/// address without them is static to networkd, which would drop it).
+fn add_address(ifname: &str, lease: &dhcp::Lease) -> Result<(), String> {
+    fn attr(msg: &mut Vec<u8>, kind: u16, value: &[u8]) {
+        let len = 4 + value.len();
+        msg.extend_from_slice(&(len as u16).to_ne_bytes());
+        msg.extend_from_slice(&kind.to_ne_bytes());
+        msg.extend_from_slice(value);
+        msg.resize(msg.len().next_multiple_of(4), 0);
+    }
+    let cname = std::ffi::CString::new(ifname).map_err(|_| format!("bad interface name {ifname:?}"))?;
+    // SAFETY: a NUL-terminated name.
+    let index = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+    if index == 0 {
+        return Err(os_err(&format!("the index of {ifname}")));
+    }
+    let mut msg = vec![0u8; 16];
+    // struct ifaddrmsg: family, prefix length, flags, scope, index.
+    msg.extend_from_slice(&[libc::AF_INET as u8, lease.prefix, 0, libc::RT_SCOPE_UNIVERSE]);
+    msg.extend_from_slice(&index.to_ne_bytes());
+    let ip = lease.address.octets();
+    attr(&mut msg, libc::IFA_LOCAL, &ip);
+    attr(&mut msg, libc::IFA_ADDRESS, &ip);
+    let host_bits = u32::MAX.checked_shr(u32::from(lease.prefix)).unwrap_or(0);
+    let broadcast = Ipv4Addr::from(u32::from(lease.address) | host_bits);
+    attr(&mut msg, libc::IFA_BROADCAST, &broadcast.octets());
+    // struct ifa_cacheinfo: preferred and valid lifetimes, then two stamps.
+    let mut cache = Vec::new();
+    for v in [lease.seconds, lease.seconds, 0, 0] {
+        cache.extend_from_slice(&v.to_ne_bytes());
+    }
+    attr(&mut msg, libc::IFA_CACHEINFO, &cache);
+    let len = msg.len() as u32;
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_REPLACE) as u16;
+    msg[0..4].copy_from_slice(&len.to_ne_bytes());
+    msg[4..6].copy_from_slice(&libc::RTM_NEWADDR.to_ne_bytes());
+    msg[6..8].copy_from_slice(&flags.to_ne_bytes());
+    msg[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    // SAFETY: plain socket(2).
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(os_err("a netlink socket"));
+    }
+    // SAFETY: fd was just returned by socket(2) and is owned by no one else.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    kernel.nl_family = libc::AF_NETLINK as u16;
+    // SAFETY: msg and kernel are valid for their lengths.
+    let sent = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            msg.as_ptr().cast(),
+            msg.len(),
+            0,
+            (&raw const kernel).cast(),
+            size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if sent < 0 {
+        return Err(os_err(&format!("adding {} to {ifname}", lease.address)));
+    }
+    let mut reply = [0u8; 1024];
+    // SAFETY: reply is valid for its length.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), reply.as_mut_ptr().cast(), reply.len(), 0) };
+    // An NLMSG_ERROR message: its header, then the error (0 for the ack).
+    if n < 20 || u16::from_ne_bytes([reply[4], reply[5]]) != libc::NLMSG_ERROR as u16 {
+        return Err(format!(
+            "no netlink answer to adding {} to {ifname}",
+            lease.address
+        ));
+    }
+    let errno = -i32::from_ne_bytes([reply[16], reply[17], reply[18], reply[19]]);
+    if errno != 0 {
+        return Err(format!(
+            "adding {}/{} to {ifname}: {}",
+            lease.address,
+            lease.prefix,
+            std::io::Error::from_raw_os_error(errno)
+        ));
+    }
+    Ok(())
+}
+
 /// `struct rtentry` of `<net/route.h>` (not in the libc crate for glibc).
 #[repr(C)]
 struct RtEntry {
@@ -430,13 +580,7 @@ struct RtEntry {
 fn set_ipv4(k: &KernelLink) -> Result<(), String> {
     let sock = std::net::UdpSocket::bind("127.0.0.1:0")
         .map_err(|e| format!("a socket for the address ioctls: {e}"))?;
-    let mut name = [0 as libc::c_char; libc::IFNAMSIZ];
-    if k.ifname.len() >= name.len() {
-        return Err(format!("interface name {:?} too long", k.ifname));
-    }
-    for (d, s) in name.iter_mut().zip(k.ifname.bytes()) {
-        *d = s as libc::c_char;
-    }
+    let name = ifname_bytes(&k.ifname)?;
     let mask = Ipv4Addr::from(u32::MAX.checked_shl(32 - u32::from(k.prefix)).unwrap_or(0));
     for (request, addr, what) in [
         (libc::SIOCSIFADDR, k.address, "address"),
@@ -453,22 +597,7 @@ fn set_ipv4(k: &KernelLink) -> Result<(), String> {
             return Err(os_err(&format!("setting the {what} {addr} on {}", k.ifname)));
         }
     }
-    let mut req = libc::ifreq {
-        ifr_name: name,
-        ifr_ifru: libc::__c_anonymous_ifr_ifru { ifru_flags: 0 },
-    };
-    // SAFETY: req is a valid struct ifreq; the flags are read, then written.
-    unsafe {
-        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req) != 0 {
-            return Err(os_err(&format!("reading the flags of {}", k.ifname)));
-        }
-        if req.ifr_ifru.ifru_flags & libc::IFF_UP as libc::c_short == 0 {
-            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-            if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &mut req) != 0 {
-                return Err(os_err(&format!("bringing {} up", k.ifname)));
-            }
-        }
-    }
+    link_up(&sock, &k.ifname, name)?;
     let mut dev = name;
     let route = |gateway: Option<Ipv4Addr>, dev: &mut [libc::c_char]| RtEntry {
         pad1: 0,

@@ -19,6 +19,7 @@
 mod apply;
 mod clone;
 mod dbus;
+mod dhcp;
 mod live;
 mod network;
 mod seed;
@@ -30,6 +31,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command as Process;
 use std::time::Instant;
 
+use network::Network;
 use seed::{Handover, Plan, SeedFiles};
 
 /// Where the instance the agent last saw is kept: `<instance-id>\t<by>`,
@@ -263,12 +265,27 @@ fn run(opts: &Options, steps: &mut Steps) -> Result<Outcome, String> {
     Ok(Outcome::Applied(errors))
 }
 
-/// A static network of webhoster's kind is set now, so the VM answers as
-/// soon as sshd and nginx listen rather than once networkd has started
-/// (seconds later under TCG); networkd then finds it as its files say.
-/// A failure here only costs that time.
+/// The network is set now, so the VM answers as soon as sshd and nginx
+/// listen rather than once networkd has started (seconds later under TCG):
+/// a static network of webhoster's kind by ioctls, a seed without
+/// network-config by one DHCP exchange. networkd then finds it as its files
+/// say. A failure here only costs that time.
 fn network_now(opts: &Options, plan: &Plan, steps: &mut Steps) {
     if !opts.live {
+        return;
+    }
+    if plan.network == Network::Fallback {
+        match live::dhcp_at_boot(&opts.root) {
+            Ok(Some((ifname, lease))) => {
+                steps.step("dhcp");
+                log(format!(
+                    "{ifname}: {}/{} from DHCP server {}",
+                    lease.address, lease.prefix, lease.server
+                ));
+            }
+            Ok(None) => {}
+            Err(e) => log(format!("error: {e}; networkd takes a lease when it starts")),
+        }
         return;
     }
     match live::network_at_boot(&plan.network) {

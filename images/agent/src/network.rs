@@ -60,7 +60,10 @@ impl Network {
             Network::Fallback => vec![(
                 "10-webhoster-fallback.network".into(),
                 "# webhoster-seed-agent: no network-config in the seed, DHCP as cloud-init would.\n\
-                 [Match]\nName=e*\n\n[Network]\nDHCP=yes\nIPv6AcceptRA=no\n"
+                 # The agent took a lease at boot: asked for with the same client\n\
+                 # identifier, and its address kept while networkd takes it over.\n\
+                 [Match]\nName=e*\n\n[Network]\nDHCP=yes\nIPv6AcceptRA=no\nKeepConfiguration=dhcp\n\n\
+                 [DHCPv4]\nClientIdentifier=mac\n"
                     .into(),
             )],
             Network::Links(links) => links.iter().flat_map(render_link).collect(),
