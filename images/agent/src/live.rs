@@ -518,6 +518,7 @@ fn add_address(ifname: &str, lease: &dhcp::Lease) -> Result<(), String> {
     }
     // SAFETY: fd was just returned by socket(2) and is owned by no one else.
     let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_nl is plain data; all zeroes is the kernel's address.
     let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     kernel.nl_family = libc::AF_NETLINK as u16;
     // SAFETY: msg and kernel are valid for their lengths.
