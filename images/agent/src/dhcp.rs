@@ -191,12 +191,8 @@ struct Raw {
 
 impl Raw {
     fn open(ifname: &str) -> Result<Raw, String> {
-        let name = std::ffi::CString::new(ifname).map_err(|_| format!("bad interface name {ifname:?}"))?;
-        // SAFETY: a NUL-terminated name.
-        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        if ifindex == 0 {
-            return Err(crate::live::os_err(&format!("the index of {ifname}")));
-        }
+        let ifindex = i32::try_from(crate::live::ifindex(ifname)?)
+            .map_err(|_| format!("the index of {ifname} is out of range"))?;
         let proto = (libc::ETH_P_IP as u16).to_be();
         // SAFETY: plain socket(2).
         let fd = unsafe {
@@ -211,10 +207,7 @@ impl Raw {
         }
         // SAFETY: fd was just returned by socket(2) and is owned by no one else.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let raw = Raw {
-            fd,
-            ifindex: ifindex as i32,
-        };
+        let raw = Raw { fd, ifindex };
         let addr = raw.link_addr();
         // SAFETY: addr is a valid sockaddr_ll of its size.
         let bound = unsafe {

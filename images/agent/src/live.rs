@@ -407,6 +407,15 @@ fn sockaddr_v4(ip: Ipv4Addr) -> libc::sockaddr {
     unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
 }
 
+pub(crate) fn ifindex(ifname: &str) -> Result<u32, String> {
+    let name = std::ffi::CString::new(ifname).map_err(|_| format!("bad interface name {ifname:?}"))?;
+    // SAFETY: a NUL-terminated name.
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => Err(os_err(&format!("the index of {ifname}"))),
+        index => Ok(index),
+    }
+}
+
 fn ifname_bytes(ifname: &str) -> Result<[libc::c_char; libc::IFNAMSIZ], String> {
     let mut name = [0 as libc::c_char; libc::IFNAMSIZ];
     if ifname.len() >= name.len() {
@@ -477,12 +486,7 @@ fn add_address(ifname: &str, lease: &dhcp::Lease) -> Result<(), String> {
         msg.extend_from_slice(value);
         msg.resize(msg.len().next_multiple_of(4), 0);
     }
-    let cname = std::ffi::CString::new(ifname).map_err(|_| format!("bad interface name {ifname:?}"))?;
-    // SAFETY: a NUL-terminated name.
-    let index = unsafe { libc::if_nametoindex(cname.as_ptr()) };
-    if index == 0 {
-        return Err(os_err(&format!("the index of {ifname}")));
-    }
+    let index = ifindex(ifname)?;
     let mut msg = vec![0u8; 16];
     // struct ifaddrmsg: family, prefix length, flags, scope, index.
     msg.extend_from_slice(&[libc::AF_INET as u8, lease.prefix, 0, libc::RT_SCOPE_UNIVERSE]);
