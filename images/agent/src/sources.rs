@@ -11,6 +11,7 @@ pub const FILES: &[(&str, &str)] = &[
     ("src/apply.rs", include_str!("apply.rs")),
     ("src/clone.rs", include_str!("clone.rs")),
     ("src/dbus.rs", include_str!("dbus.rs")),
+    ("src/dhcp.rs", include_str!("dhcp.rs")),
     ("src/live.rs", include_str!("live.rs")),
     ("src/main.rs", include_str!("main.rs")),
     ("src/network.rs", include_str!("network.rs")),
