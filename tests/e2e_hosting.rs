@@ -324,12 +324,11 @@ async fn whole_hosting_flow() {
     assert!(left.is_empty(), "left on the host: {left:#?}");
 }
 
-/// The latest usage sample of `user`'s hosting, once there is one (newer
-/// than `after`, when given) and the history holds at least two.
-/// The latest usage sample; with `taken_after`, the first one stamped a whole
-/// second after that time (a sample is stamped before its counters are read,
-/// and the SSH session can outlast two sample periods, so counting samples
-/// since `before` is not enough).
+/// The latest usage sample of `user`'s hosting, once there is one (stamped
+/// after `taken_after`, when given) and the history holds at least two. A
+/// sample is stamped before its counters are read, so one stamped a whole
+/// second after the I/O ended saw all of it; counting sample periods since
+/// an earlier sample does not, when the SSH session outlasts them.
 async fn latest_usage(client: &reqwest::Client, api: &str, user: &User, taken_after: Option<i64>) -> Value {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

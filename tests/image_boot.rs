@@ -45,6 +45,25 @@ fn wait_for_ssh(guest: &mut Guest, user: &str, key: &TestKey) {
     );
 }
 
+/// `cmd` over SSH as `user`, which must succeed: its output, trimmed.
+fn ssh_ok(port: u16, user: &str, key: &TestKey, cmd: &str) -> String {
+    let out = guest::ssh("127.0.0.1", port, user, key, cmd);
+    assert!(out.status.success(), "{cmd}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Waits until the guest's boot is over; a degraded one fails the test.
+fn wait_for_boot_end(guest: &mut Guest, user: &str, key: &TestKey) {
+    let port = guest.ssh_port;
+    guest::wait_for("the end of the boot", BOOT_TIMEOUT, || {
+        guest.assert_alive();
+        let out = guest::ssh("127.0.0.1", port, user, key, "systemctl is-system-running");
+        let state = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert!(state != "degraded", "the guest booted degraded");
+        state == "running"
+    });
+}
+
 #[test]
 fn boots_any_nocloud_seed() {
     let image = guest::test_image();
@@ -93,11 +112,7 @@ write_files:
     wait_for_page(&mut vm, "hand-written seed page");
     wait_for_ssh(&mut vm, "alice", &key);
     let port = vm.ssh_port;
-    let ssh = |cmd: &str| {
-        let out = guest::ssh("127.0.0.1", port, "alice", &key, cmd);
-        assert!(out.status.success(), "{cmd}: {out:?}");
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    };
+    let ssh = |cmd: &str| ssh_ok(port, "alice", &key, cmd);
 
     assert_eq!(ssh("hostname"), "seedtest");
     assert_eq!(ssh("id -un"), "alice");
@@ -149,13 +164,7 @@ write_files:
 
     // The seed's password works over SSH, and turning it on did not
     // restart sshd (set-passwords ran before sshd first started).
-    guest::wait_for("the end of the boot", BOOT_TIMEOUT, || {
-        vm.assert_alive();
-        let out = guest::ssh("127.0.0.1", port, "alice", &key, "systemctl is-system-running");
-        let state = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        assert!(state != "degraded", "the guest booted degraded");
-        state == "running"
-    });
+    wait_for_boot_end(&mut vm, "alice", &key);
     let out = std::process::Command::new("sshpass")
         .args(["-p", &password, "ssh"])
         // ssh takes the first value given: BatchMode=no (sshpass answers the
@@ -253,15 +262,8 @@ fn boots_webhosters_own_seed() {
     // once up, took it over (same address) on the NIC that kept its kernel
     // name.
     let port = vm.ssh_port;
-    let ssh = |cmd: &str| {
-        let out = guest::ssh("127.0.0.1", port, "ubuntu", &key, cmd);
-        assert!(out.status.success(), "{cmd}: {out:?}");
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    };
-    guest::wait_for("the end of the boot", BOOT_TIMEOUT, || {
-        vm.assert_alive();
-        ssh("systemctl is-system-running || true") == "running"
-    });
+    let ssh = |cmd: &str| ssh_ok(port, "ubuntu", &key, cmd);
+    wait_for_boot_end(&mut vm, "ubuntu", &key);
     let agent = ssh("sudo -n journalctl -b -o cat --no-pager -u webhoster-seed.service");
     assert!(
         agent.contains("eth0: 10.0.2.15/24 from DHCP server 10.0.2.2"),
@@ -428,18 +430,8 @@ runcmd:
         ssh_at.as_secs_f64()
     );
     let port = vm.ssh_port;
-    let ssh = |cmd: &str| {
-        let out = guest::ssh("127.0.0.1", port, "webadmin", &key, cmd);
-        assert!(out.status.success(), "{cmd}: {out:?}");
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    };
-    guest::wait_for("the end of the boot", BOOT_TIMEOUT, || {
-        vm.assert_alive();
-        let out = guest::ssh("127.0.0.1", port, "webadmin", &key, "systemctl is-system-running");
-        let state = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        assert!(state != "degraded", "the guest booted degraded");
-        state == "running"
-    });
+    let ssh = |cmd: &str| ssh_ok(port, "webadmin", &key, cmd);
+    wait_for_boot_end(&mut vm, "webadmin", &key);
 
     assert_eq!(ssh("hostname; hostname -f"), "foreign\nforeign.example.test");
     // The root filesystem grew to the 4 GiB disk (webhoster-growfs.service).

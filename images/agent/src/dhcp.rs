@@ -23,24 +23,24 @@ const OFFER: u8 = 2;
 const REQUEST: u8 = 3;
 const ACK: u8 = 5;
 const NAK: u8 = 6;
-/// Options 1 (mask), 3 (router), 51 (lease time), 54 (server id).
-const PARAMS: [u8; 4] = [1, 3, 51, 54];
+/// Options 1 (mask), 51 (lease time), 54 (server id); the router is
+/// networkd's to set when it takes the lease over.
+const PARAMS: [u8; 3] = [1, 51, 54];
 
 /// What the server handed out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     pub address: Ipv4Addr,
     pub prefix: u8,
-    pub router: Option<Ipv4Addr>,
     pub server: Ipv4Addr,
     pub seconds: u32,
 }
 
-/// A server's answer to us: its message type and what it offers.
+/// A server's answer to us: its message type and, but for a NAK, the lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Reply {
     kind: u8,
-    lease: Lease,
+    lease: Option<Lease>,
 }
 
 /// A BOOTREQUEST of `kind`, broadcast flag set (we cannot take unicast yet),
@@ -72,7 +72,8 @@ fn message(kind: u8, xid: u32, mac: [u8; 6], requested: Option<&Lease>) -> Vec<u
 }
 
 /// The server's message for our `xid` and `mac`, if `payload` (a UDP
-/// payload) is one with an address, a server identifier and a type.
+/// payload) is one with a type and, unless it is a NAK, an address, a mask
+/// and a server identifier.
 fn parse(payload: &[u8], xid: u32, mac: [u8; 6]) -> Option<Reply> {
     if payload.len() < 240
         || payload[0] != 2
@@ -84,7 +85,7 @@ fn parse(payload: &[u8], xid: u32, mac: [u8; 6]) -> Option<Reply> {
     }
     let ip = |b: &[u8]| -> Option<Ipv4Addr> { Some(Ipv4Addr::from(<[u8; 4]>::try_from(b).ok()?)) };
     let address = ip(&payload[16..20])?;
-    let (mut kind, mut mask, mut router, mut server, mut seconds) = (None, None, None, None, 86_400);
+    let (mut kind, mut mask, mut server, mut seconds) = (None, None, None, 86_400);
     let mut opts = &payload[240..];
     while let [code, rest @ ..] = opts {
         match code {
@@ -100,7 +101,6 @@ fn parse(payload: &[u8], xid: u32, mac: [u8; 6]) -> Option<Reply> {
         match (code, value) {
             (53, [k]) => kind = Some(*k),
             (1, v) => mask = ip(v),
-            (3, v) if v.len() >= 4 => router = ip(&v[..4]),
             (54, v) => server = ip(v),
             (51, v) => seconds = u32::from_be_bytes(v.try_into().ok()?),
             _ => {}
@@ -109,17 +109,7 @@ fn parse(payload: &[u8], xid: u32, mac: [u8; 6]) -> Option<Reply> {
     }
     let kind = kind?;
     if kind == NAK {
-        // A NAK has no address; what it refuses is all that matters.
-        return Some(Reply {
-            kind,
-            lease: Lease {
-                address: Ipv4Addr::UNSPECIFIED,
-                prefix: 0,
-                router: None,
-                server: server.unwrap_or(Ipv4Addr::UNSPECIFIED),
-                seconds: 0,
-            },
-        });
+        return Some(Reply { kind, lease: None });
     }
     let prefix = u32::from(mask?).leading_ones();
     if address.is_unspecified() || u32::from(mask?).count_ones() != prefix {
@@ -127,13 +117,12 @@ fn parse(payload: &[u8], xid: u32, mac: [u8; 6]) -> Option<Reply> {
     }
     Some(Reply {
         kind,
-        lease: Lease {
+        lease: Some(Lease {
             address,
             prefix: prefix as u8,
-            router,
             server: server?,
             seconds,
-        },
+        }),
     })
 }
 
@@ -322,23 +311,20 @@ pub fn exchange(ifname: &str, mac: [u8; 6], limit: Duration) -> Result<Lease, St
         &[OFFER],
         deadline,
     )?
+    .and_then(|r| r.lease)
     .ok_or_else(|| format!("no DHCP offer on {ifname} within {limit:?}"))?;
     let reply = ask(
         &raw,
-        &message(REQUEST, xid, mac, Some(&offer.lease)),
+        &message(REQUEST, xid, mac, Some(&offer)),
         xid,
         mac,
         &[ACK, NAK],
         deadline,
     )?
     .ok_or_else(|| format!("no DHCP answer to the request on {ifname} within {limit:?}"))?;
-    if reply.kind == NAK {
-        return Err(format!(
-            "the DHCP server refused {} on {ifname}",
-            offer.lease.address
-        ));
-    }
-    Ok(reply.lease)
+    reply
+        .lease
+        .ok_or_else(|| format!("the DHCP server refused {} on {ifname}", offer.address))
 }
 
 #[cfg(test)]
@@ -364,7 +350,6 @@ mod tests {
         let offer = Lease {
             address: Ipv4Addr::new(10, 0, 2, 15),
             prefix: 24,
-            router: None,
             server: Ipv4Addr::new(10, 0, 2, 2),
             seconds: 60,
         };
@@ -386,13 +371,12 @@ mod tests {
             offer,
             Reply {
                 kind: OFFER,
-                lease: Lease {
+                lease: Some(Lease {
                     address: Ipv4Addr::new(10, 0, 2, 15),
                     prefix: 24,
-                    router: Some(Ipv4Addr::new(10, 0, 2, 2)),
                     server: Ipv4Addr::new(10, 0, 2, 2),
                     seconds: 86_400,
-                },
+                }),
             }
         );
         assert_eq!(
@@ -417,10 +401,11 @@ mod tests {
             "cut short"
         );
         assert_eq!(
-            parse(&answer(&req, NAK, [255, 255, 255, 0]), 9, MAC)
-                .unwrap()
-                .kind,
-            NAK
+            parse(&answer(&req, NAK, [255, 255, 255, 0]), 9, MAC),
+            Some(Reply {
+                kind: NAK,
+                lease: None
+            })
         );
     }
 

@@ -428,9 +428,9 @@ fn ifname_bytes(ifname: &str) -> Result<[libc::c_char; libc::IFNAMSIZ], String> 
 }
 
 /// The link up (at boot it is still down).
-fn link_up(sock: &impl AsRawFd, ifname: &str, name: [libc::c_char; libc::IFNAMSIZ]) -> Result<(), String> {
+fn link_up(sock: &impl AsRawFd, ifname: &str) -> Result<(), String> {
     let mut req = libc::ifreq {
-        ifr_name: name,
+        ifr_name: ifname_bytes(ifname)?,
         ifr_ifru: libc::__c_anonymous_ifr_ifru { ifru_flags: 0 },
     };
     // SAFETY: req is a valid struct ifreq; the flags are read, then written.
@@ -470,7 +470,7 @@ pub fn dhcp_at_boot(root: &Path) -> Result<Option<(String, dhcp::Lease)>, String
     crate::apply::write_atomic(&crate::apply::at(root, FALLBACK_LINK), link.as_bytes(), 0o644)?;
     let sock =
         std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("a socket for the link ioctls: {e}"))?;
-    link_up(&sock, &ifname, ifname_bytes(&ifname)?)?;
+    link_up(&sock, &ifname)?;
     let lease = dhcp::exchange(&ifname, parse_mac(&mac)?, Duration::from_secs(3))?;
     add_address(&ifname, &lease)?;
     Ok(Some((ifname, lease)))
@@ -602,7 +602,7 @@ fn set_ipv4(k: &KernelLink) -> Result<(), String> {
             return Err(os_err(&format!("setting the {what} {addr} on {}", k.ifname)));
         }
     }
-    link_up(&sock, &k.ifname, name)?;
+    link_up(&sock, &k.ifname)?;
     let mut dev = name;
     let route = |gateway: Option<Ipv4Addr>, dev: &mut [libc::c_char]| RtEntry {
         pad1: 0,
