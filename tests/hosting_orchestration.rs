@@ -831,7 +831,72 @@ async fn a_dead_clone_is_replaced_and_no_pool_means_cold(db: Db) {
     drop(rig.db);
 }
 
+/// The create queue bounds boots: warm creates run at once beside a cold one
+/// that holds the only turn, and a cold create still waits for it.
+async fn warm_creates_do_not_wait_in_the_create_queue(db: Db) {
+    use webhoster::hosting::admission::Budget;
+    let mut rig = Rig::new(db).await;
+    rig.world.enable_templates();
+    rig.svc = HostingService::new(
+        rig.store.clone(),
+        rig.world.ports(),
+        HostingConfig {
+            warm_pool: 2,
+            budget: Budget {
+                concurrent_creates: 1,
+                queue_wait: Duration::from_secs(5),
+                ..Budget::UNLIMITED
+            },
+            ..fast_hosting_config()
+        },
+    );
+    let task = rig.svc.spawn_pool().expect("a pool task");
+    wait_pool_ready(&rig.svc, 2).await;
+    task.abort();
+    rig.world.hang_on(step_method(Step::Resume));
+    rig.world.hang_on(step_method(Step::Ready));
+    let users = [rig.user("wa").await, rig.user("wb").await, rig.user("wc").await];
+    let mut ids = Vec::new();
+    for u in &users {
+        ids.push(rig.svc.create(u, key(), false).await.unwrap().hosting.id);
+    }
+    for _ in 0..300 {
+        let mut resuming = 0;
+        for id in &ids[..2] {
+            let h = rig.store.hosting_by_id(*id).await.unwrap().unwrap();
+            resuming += usize::from(h.step == Some(Step::Resume));
+        }
+        if resuming == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for id in &ids[..2] {
+        assert_eq!(rig.svc.queue_position(*id), None, "a warm create is not queued");
+        let h = rig.store.hosting_by_id(*id).await.unwrap().unwrap();
+        assert_eq!(h.step, Some(Step::Resume), "{h:?}");
+    }
+    // The pool is empty: the third is cold and takes the only turn.
+    assert_eq!(rig.svc.queue_position(ids[2]), None);
+    let late = rig.user("wd").await;
+    let fourth = rig.svc.create(&late, key(), false).await.unwrap().hosting.id;
+    for _ in 0..300 {
+        if rig.svc.queue_position(fourth).is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        rig.svc.queue_position(fourth),
+        Some(1),
+        "a cold create waits its turn"
+    );
+    rig.svc.abort_creates();
+    drop(rig.db);
+}
+
 both_backends!(
+    warm_creates_do_not_wait_in_the_create_queue,
     a_create_takes_a_warm_clone_and_the_pool_refills,
     a_clone_that_fails_to_personalise_falls_back_to_cold,
     a_dead_clone_is_replaced_and_no_pool_means_cold,

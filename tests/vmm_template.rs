@@ -5,7 +5,8 @@
 //! - the template is built (boot, `--template-prep`, save, seal), timings
 //!   printed;
 //! - three clones restored at once, each with its own overlay and user
-//!   networking, each resumed and personalised by the seed agent; the
+//!   networking, two of them warmed up (a rehearsed claim, paused again),
+//!   each resumed and personalised by the seed agent; the
 //!   template's `ram` and disk are unchanged afterwards (sha256);
 //! - the seal: no one, root included, can write the RAM memfd a clone's QEMU
 //!   holds;
@@ -312,6 +313,25 @@ async fn templates_build_clones_restore_resume_and_survive() {
     );
     drop(file);
 
+    // 4. Two of the three are warmed up first, as the pool does: a
+    // rehearsal seed in the seed file, `--warm-up`, paused again, then the
+    // user's seed written over it. The third resumes straight from its
+    // restore.
+    for clone in &clones[..2] {
+        let seed = engine.vm_dir(&clone.vm_id).seed_iso();
+        write_seed(&seed, &format!("warm-up-{}", clone.vm_id), &key).await;
+        let (took, says) = engine.warm_up_clone(&clone.vm_id).await.unwrap();
+        println!("clone {}: warm-up {} ms ({says})", clone.vm_id, took.as_millis());
+        assert!(says.contains("rehearsal") && says.contains("doors"), "{says}");
+        assert_eq!(engine.status(&clone.vm_id).unwrap().state, VmState::Paused);
+        let reply = engine
+            .qmp(&clone.vm_id, serde_json::json!({"execute": "query-status"}))
+            .await
+            .unwrap();
+        assert_eq!(reply["return"]["status"], "paused", "{reply}");
+        write_seed(&seed, &clone.vm_id, &key).await;
+    }
+
     let reports = futures::future::join_all(clones.iter().map(|c| engine.resume_clone(&c.vm_id))).await;
     for (report, clone) in reports.into_iter().zip(&clones) {
         let report = report.unwrap();
@@ -366,6 +386,17 @@ async fn templates_build_clones_restore_resume_and_survive() {
             guest_cat(&engine, &clone.vm_id, "/etc/hostname").await,
             clone.vm_id
         );
+        // Nothing of a warm-up's rehearsal stays.
+        assert_eq!(
+            guest_cat(&engine, &clone.vm_id, "/var/lib/webhoster-seed/instance").await,
+            format!("{}\tagent", clone.vm_id)
+        );
+        let mut agent = engine.guest_agent(&clone.vm_id).await.unwrap();
+        let out = agent.exec("/bin/ls", &["/run/webhoster-seed"]).await.unwrap();
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("rehearsal"),
+            "{out:?}"
+        );
         let page = wait_http(clone.http).await;
         assert!(!page.is_empty());
     }
@@ -415,7 +446,7 @@ async fn templates_build_clones_restore_resume_and_survive() {
     assert!(QemuReaper::pids_of(&doomed.vm_id).is_empty(), "not restarted");
     engine.destroy(&doomed.vm_id).await.unwrap();
 
-    // 4. A resumed clone's QEMU killed: the supervisor brings it back as a
+    // 5. A resumed clone's QEMU killed: the supervisor brings it back as a
     // cold boot of its own disk.
     let crashed = &clones[0];
     let mut events = engine.subscribe();
@@ -456,7 +487,7 @@ async fn templates_build_clones_restore_resume_and_survive() {
         booted.elapsed().as_secs_f64()
     );
 
-    // 5. A restarted webhoster: a paused clone is found paused again (its
+    // 6. A restarted webhoster: a paused clone is found paused again (its
     // vm.json says it is a clone, whatever spec the caller kept) and resumes;
     // a new engine loads the template from disk.
     for c in &clones {

@@ -111,6 +111,25 @@ impl EngineAdapter {
         })
     }
 
+    /// A seed like a create's for a clone's warm-up (`vmm::clone`): its
+    /// instance-id is never a hosting's, and its address is never applied.
+    fn rehearsal_seed(&self, vm: &VmLaunch) -> Result<crate::seed::SeedSpec, PortError> {
+        let (key, _) = crate::auth::SshPublicKey::generate("warm-up@webhoster")
+            .map_err(|e| PortError::Probe(format!("a key for a warm-up seed: {e}")))?;
+        Ok(crate::seed::SeedSpec {
+            instance_id: format!("warm-up-{}", vm.vm_id),
+            hostname: vm.vm_id.clone(),
+            user: self.login_user.clone(),
+            ssh_keys: vec![key],
+            owner: "warm-up".into(),
+            network: Some(crate::seed::StaticNetwork {
+                mac: vm.mac.clone(),
+                address: TEMPLATE_ADDRESS.parse().expect("a valid address"),
+                gateway: TEMPLATE_GATEWAY,
+            }),
+        })
+    }
+
     /// Loads the template of `key`, or builds it. Several services on one
     /// host share the directory: one builds, the others wait and load.
     async fn load_or_build(&self, key: &str) -> Result<vmm::Template, PortError> {
@@ -343,12 +362,12 @@ impl VmEngine for EngineAdapter {
         let spec = self.clone_spec(vm, &template);
         self.engine.create_disk(&spec).await?;
         // The clone's seed drive is its template's device, whose size the
-        // guest knows: a placeholder of that size until a create writes the
-        // user's seed in place.
-        let placeholder = std::fs::File::create(&vm.seed_iso)?;
-        placeholder.set_len(crate::seed::SEED_BYTES)?;
-        drop(placeholder);
+        // guest knows (every seed file has it). Until a create writes the
+        // user's seed in place, it holds a seed of the same shape for the
+        // warm-up to rehearse with.
+        crate::seed::write(&self.rehearsal_seed(vm)?, &vm.seed_iso).await?;
         self.engine.start_clone(&spec, &template).await?;
+        self.engine.warm_up_clone(&vm.vm_id).await?;
         Ok(())
     }
 

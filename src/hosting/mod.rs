@@ -525,23 +525,12 @@ impl HostingService {
     async fn run_create(&self, job: &Job, touched: &mut Vec<Step>) -> Result<Hosting, CreateFailure> {
         let started = Instant::now();
         let id = job.hosting_id;
-        let _slot = self
-            .queue
-            .admit(id)
-            .await
-            .map_err(|admission::QueueTimeout(waited)| {
-                CreateFailure::After(HostingError::Capacity(format!(
-                    "the create waited {} s for its turn",
-                    waited.as_secs()
-                )))
-            })?;
-        let queued = started.elapsed();
-        if queued > Duration::from_secs(1) {
-            info!(
-                seconds = queued.as_secs_f64(),
-                "create: admitted after waiting in the queue"
-            );
-        }
+        // The queue bounds boots. A warm create boots nothing, and the pool
+        // bounds how many run: it queues only if it falls back to cold.
+        let mut slot = match job.path {
+            CreatePath::Cold => Some(self.admit(id).await?),
+            CreatePath::Warm => None,
+        };
         let mut h = self
             .store
             .hosting_by_id(id)
@@ -562,6 +551,9 @@ impl HostingService {
                     self.discard_warm(job, touched).await;
                     timings.clear();
                     path = CreatePath::Cold;
+                    if slot.is_none() {
+                        slot = Some(self.admit(id).await?);
+                    }
                 }
                 Err((step, source)) => {
                     warn!(step = step.name(), error = %chain(&source), "create failed; undoing");
@@ -576,6 +568,7 @@ impl HostingService {
             self.set_state(&mut h, HostingState::Running, None, None).await
         };
         finish.await.map_err(CreateFailure::After)?;
+        drop(slot);
         let took = started.elapsed();
         self.create_metrics.observe_create(path, took.as_secs_f64());
         for (step, seconds) in &timings {
@@ -587,6 +580,29 @@ impl HostingService {
             .collect();
         info!(%path, seconds = took.as_secs_f64(), steps = %steps.join(", "), "create: running");
         Ok(h)
+    }
+
+    /// A turn in the create queue for hosting `id`, held until dropped.
+    async fn admit(&self, id: i64) -> Result<tokio::sync::OwnedSemaphorePermit, CreateFailure> {
+        let started = Instant::now();
+        let slot = self
+            .queue
+            .admit(id)
+            .await
+            .map_err(|admission::QueueTimeout(waited)| {
+                CreateFailure::After(HostingError::Capacity(format!(
+                    "the create waited {} s for its turn",
+                    waited.as_secs()
+                )))
+            })?;
+        let queued = started.elapsed();
+        if queued > Duration::from_secs(1) {
+            info!(
+                seconds = queued.as_secs_f64(),
+                "create: admitted after waiting in the queue"
+            );
+        }
+        Ok(slot)
     }
 
     /// Runs the steps of `path`, recording each one's time. The error names

@@ -1,7 +1,8 @@
 //! The warm pool: clones of the template (one booted guest, saved once),
-//! restored and paused, each with its own vm_id, disk, mute tap and QEMU.
-//! A create claims one and only personalises it (its seed, its address),
-//! which takes seconds instead of a boot.
+//! restored, warmed up (a claim rehearsed in the guest, so that under TCG
+//! the real one runs translated code) and paused, each with its own vm_id,
+//! disk, mute tap and QEMU. A create claims one and only personalises it
+//! (its seed, its address), which takes a second instead of a boot.
 //!
 //! Policy only; the template and the clones are the engine's
 //! (`VmEngine::prepare_template`, `spawn_clone`, `resume_clone`):
@@ -70,7 +71,7 @@ pub enum TemplateState {
 /// The pool as `/health/detailed` and `/metrics` show it.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct PoolStatus {
-    /// Clones restored and paused, ready to be claimed.
+    /// Clones restored, warmed up and paused, ready to be claimed.
     pub ready: usize,
     /// How many the pool keeps ready (`--warm-pool`).
     pub target: usize,

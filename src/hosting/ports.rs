@@ -164,8 +164,8 @@ pub trait VmEngine: Send + Sync {
     async fn prepare_template(&self) -> Result<String, PortError> {
         Err(PortError::Unsupported("templates"))
     }
-    /// A warm clone of the template: its disk (on the template's), a seed
-    /// placeholder and a QEMU restored and paused on its tap.
+    /// A warm clone of the template: its disk (on the template's), a
+    /// rehearsal seed and a QEMU restored, warmed up and paused on its tap.
     async fn spawn_clone(&self, _vm: &VmLaunch) -> Result<(), PortError> {
         Err(PortError::Unsupported("templates"))
     }

@@ -35,6 +35,8 @@ use super::{Restore, VmNet, VmSpec, VmState, VmStatus, VmmError};
 pub const CLONE_AGENT: &str = template::SEED_AGENT;
 /// How long `--clone` may take (clock, keys, users, network).
 const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `--warm-up` may take (it runs at low priority).
+const WARM_UP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the guest agent may take to answer after `cont`.
 const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes of host entropy each clone's kernel gets.
@@ -186,6 +188,55 @@ impl Engine {
         Ok(vm.status())
     }
 
+    /// Rehearse a claim in a restored clone, then pause it again: `cont`,
+    /// the seed agent `--warm-up` with host entropy, `stop`. Under TCG a
+    /// new QEMU translates every guest path on its first run; after this,
+    /// the claim's agent, sshd's and nginx's paths run translated. The
+    /// clone keeps `restore`: it is still the pool's, and dies rather than
+    /// restarts. Returns the time it took and what the agent said.
+    pub async fn warm_up_clone(&self, vm_id: &str) -> Result<(Duration, String), VmmError> {
+        async {
+            let vm = self.registry.known(vm_id)?;
+            let _op = vm.lock_op().await;
+            if vm.spec().restore.is_none() {
+                return Err(VmmError::BadSpec(format!(
+                    "VM {vm_id} is not a restored clone waiting for its resume"
+                )));
+            }
+            let client = match (vm.state(), vm.qmp()) {
+                (VmState::Paused, Some(client)) => client,
+                _ => return Err(VmmError::NotRunning(vm_id.to_owned())),
+            };
+            let qmp_err = |source| VmmError::Qmp {
+                vm_id: vm_id.to_owned(),
+                source,
+            };
+            let started = Instant::now();
+            client.cont().await.map_err(qmp_err)?;
+            if vm.state() == VmState::Paused {
+                let _ = self.registry.set_state(&vm, VmState::Running, "clone warming up");
+            }
+            let mut agent = connect_agent(vm.dir())
+                .await
+                .map_err(|source| VmmError::GuestAgent {
+                    vm_id: vm_id.to_owned(),
+                    source,
+                })?;
+            let says = run_agent(&mut agent, vm_id, &["--warm-up"], WARM_UP_TIMEOUT).await?;
+            drop(agent);
+            // Paused first: the supervisor takes the STOP that follows as
+            // this pause, not as one of QEMU's own.
+            self.registry
+                .set_state(&vm, VmState::Paused, "warmed up, paused")?;
+            client.stop().await.map_err(qmp_err)?;
+            let took = started.elapsed();
+            tracing::info!(ms = took.as_millis() as u64, agent = %says, "clone warmed up, paused");
+            Ok((took, says))
+        }
+        .instrument(registry::span(vm_id))
+        .await
+    }
+
     /// Resume a restored clone and personalise it: clear `restore` in
     /// `vm.json` (first: whatever happens next, a later start is a cold
     /// boot), `cont`, read the guest clock's offset, run the seed agent
@@ -239,45 +290,9 @@ impl Engine {
             report.clock = step.elapsed();
 
             let step = Instant::now();
-            let entropy = host_entropy().map_err(|source| VmmError::Io {
-                vm_id: vm_id.to_owned(),
-                what: "cannot read host entropy".into(),
-                source,
-            })?;
             let args = ["--clone", "--clock-shift-ns", &clock_shift];
-            let out = agent
-                .exec_with_input(CLONE_AGENT, &args, Some(&entropy), AGENT_TIMEOUT)
-                .await
-                .map_err(agent_err)?;
+            report.agent_says = run_agent(&mut agent, vm_id, &args, AGENT_TIMEOUT).await?;
             report.agent = step.elapsed();
-            let says = |bytes: &[u8]| -> String {
-                let text = String::from_utf8_lossy(bytes);
-                let line = text.lines().next().unwrap_or("").trim().to_owned();
-                line.chars()
-                    .take(300)
-                    .collect::<String>()
-                    .escape_debug()
-                    .to_string()
-            };
-            if !out.success() {
-                let tail = |bytes: &[u8]| -> String {
-                    let text = String::from_utf8_lossy(bytes);
-                    let chars: Vec<char> = text.chars().collect();
-                    let cut = chars.len().saturating_sub(400);
-                    chars[cut..].iter().collect::<String>().escape_debug().to_string()
-                };
-                return Err(VmmError::Personalise {
-                    vm_id: vm_id.to_owned(),
-                    why: format!(
-                        "{CLONE_AGENT} --clone exited {:?} (signal {:?}): {} {}",
-                        out.exit_code,
-                        out.signal,
-                        tail(&out.stderr),
-                        tail(&out.stdout)
-                    ),
-                });
-            }
-            report.agent_says = says(&out.stdout);
             tracing::info!(
                 restore_ms = report.restore.as_millis() as u64,
                 cont_ms = report.cont.as_millis() as u64,
@@ -292,6 +307,56 @@ impl Engine {
         .instrument(registry::span(vm_id))
         .await
     }
+}
+
+/// Runs the seed agent with `args` and 64 bytes of host entropy on its
+/// stdin; its first stdout line (its per-step milliseconds), cut, once it
+/// exited 0.
+async fn run_agent(
+    agent: &mut QgaClient,
+    vm_id: &str,
+    args: &[&str],
+    timeout: Duration,
+) -> Result<String, VmmError> {
+    let entropy = host_entropy().map_err(|source| VmmError::Io {
+        vm_id: vm_id.to_owned(),
+        what: "cannot read host entropy".into(),
+        source,
+    })?;
+    let out = agent
+        .exec_with_input(CLONE_AGENT, args, Some(&entropy), timeout)
+        .await
+        .map_err(|source| VmmError::GuestAgent {
+            vm_id: vm_id.to_owned(),
+            source,
+        })?;
+    if !out.success() {
+        let tail = |bytes: &[u8]| -> String {
+            let text = String::from_utf8_lossy(bytes);
+            let chars: Vec<char> = text.chars().collect();
+            let cut = chars.len().saturating_sub(400);
+            chars[cut..].iter().collect::<String>().escape_debug().to_string()
+        };
+        return Err(VmmError::Personalise {
+            vm_id: vm_id.to_owned(),
+            why: format!(
+                "{CLONE_AGENT} {} exited {:?} (signal {:?}): {} {}",
+                args.first().unwrap_or(&""),
+                out.exit_code,
+                out.signal,
+                tail(&out.stderr),
+                tail(&out.stdout)
+            ),
+        });
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().next().unwrap_or("").trim().to_owned();
+    Ok(line
+        .chars()
+        .take(300)
+        .collect::<String>()
+        .escape_debug()
+        .to_string())
 }
 
 /// Load the template's state into the clone's waiting QEMU: on the

@@ -196,8 +196,12 @@ async fn watch(sup: &Supervision, vm: &Vm, attached: &mut Attached) -> Option<Ex
                 Some(QmpEvent::Reset { guest, reason }) => {
                     tracing::info!(guest, %reason, "guest reset (reboot)");
                 }
-                // A pause on the way out (powerdown, quit) is part of the stop.
-                Some(QmpEvent::Stop) if !vm.is_stopping() && shutdown.is_none() => {
+                // A pause on the way out (powerdown, quit) is part of the
+                // stop; one the engine made (a warmed-up clone) is Paused
+                // already.
+                Some(QmpEvent::Stop)
+                    if !vm.is_stopping() && shutdown.is_none() && vm.state() != VmState::Paused =>
+                {
                     tracing::warn!("QEMU paused the guest");
                     let _ = sup.registry.set_state(vm, VmState::Paused, "QEMU paused the guest (STOP)");
                 }

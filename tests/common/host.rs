@@ -88,13 +88,15 @@ pub fn unique_port_range(len: u16) -> (RangeInclusive<u16>, Reservation) {
         let slot = rng.random_range(0..600u16);
         let lo = 20000 + slot * 20;
         let range = lo..=lo + len - 1;
-        if !range
+        // Reserve before probing: a probe binds each port for a moment, and
+        // must never do that inside a range another test already holds.
+        let Some(r) = reserve("ports", &lo.to_string()) else {
+            continue;
+        };
+        if range
             .clone()
             .all(|p| webhoster::net::alloc::port_is_free(Ipv4Addr::UNSPECIFIED, p))
         {
-            continue;
-        }
-        if let Some(r) = reserve("ports", &lo.to_string()) {
             return (range, r);
         }
     }

@@ -5,6 +5,9 @@
 //! stays (the random seed file, the placeholder login keys, the seed
 //! device's cached blocks).
 //!
+//! `--warm-up` runs in a restored clone while it waits in the pool: it
+//! rehearses a claim, so that the claim itself runs translated code.
+//!
 //! `--clone` runs in a restored clone, started by the host through the guest
 //! agent (`guest-exec`, root) with 64 bytes of host entropy on stdin. The
 //! clone woke up as the template; the host has written the user's seed into
@@ -88,6 +91,57 @@ pub fn template_prep(opts: &Options, steps: &mut Steps) -> Result<(), String> {
     // cost each clone's first create.
     live::sync();
     steps.step("sync");
+    Ok(())
+}
+
+/// Account databases a rehearsal's scratch root starts from.
+const ACCOUNT_FILES: [&str; 4] = ["/etc/passwd", "/etc/shadow", "/etc/group", "/etc/gshadow"];
+
+/// `--warm-up`: in a restored clone before any create claims it, with host
+/// entropy on stdin. Under TCG each QEMU translates guest code anew, so the
+/// first run of a path costs several times the later ones. The clone runs
+/// now, at the pool's leisure, what its claim will run: the seed read from
+/// its device (the host wrote a rehearsal seed there), the seed applied to a
+/// scratch copy of the accounts (nothing of the live system changes but the
+/// kernel's random state), and one request to each door, nginx's and
+/// sshd's. The host pauses the clone after; its translations stay.
+pub fn warm_up(opts: &Options, entropy: &[u8], steps: &mut Steps) -> Result<(), String> {
+    if opts.live {
+        live::add_entropy(entropy)?;
+    }
+    steps.step("entropy");
+    let files = read_seed(opts)?;
+    steps.step("seed");
+    let plan =
+        seed::plan(&files).map_err(|Handover(why)| format!("the rehearsal seed needs cloud-init: {why}"))?;
+    let scratch = apply::at(&opts.root, RUN_DIR).join("rehearsal");
+    let _ = fs::remove_dir_all(&scratch);
+    let scratch_run = apply::at(&scratch, RUN_DIR);
+    fs::create_dir_all(&scratch_run).map_err(|e| format!("creating {}: {e}", scratch_run.display()))?;
+    for file in ACCOUNT_FILES {
+        let to = apply::at(&scratch, file);
+        fs::create_dir_all(to.parent().unwrap_or(&scratch))
+            .and_then(|()| fs::copy(apply::at(&opts.root, file), &to))
+            .map_err(|e| format!("copying {file} for the rehearsal: {e}"))?;
+    }
+    let rehearsal = Options {
+        root: scratch.clone(),
+        seed_dir: None,
+        live: false,
+        clock_shift_ns: 0,
+    };
+    remove_keys(&scratch, &plan.users)?;
+    let errors = crate::first_boot(&rehearsal, &plan, steps)?;
+    crate::write_state(&scratch, &plan.instance_id, "agent")?;
+    let _ = fs::remove_dir_all(&scratch);
+    if let Some(e) = errors.first() {
+        return Err(format!("the rehearsal failed: {e}"));
+    }
+    steps.step("rehearsal");
+    if opts.live {
+        live::knock_doors()?;
+        steps.step("doors");
+    }
     Ok(())
 }
 
@@ -313,6 +367,56 @@ mod tests {
         );
         assert_eq!(read("etc/ssh/ssh_host_ed25519_key.pub"), host_key);
         assert_eq!(read("etc/machine-id"), machine_id);
+    }
+
+    #[test]
+    fn a_warm_up_rehearses_the_seed_and_changes_nothing() {
+        let (d, seed) = template_root();
+        let r = d.path();
+        let o = opts(r, &seed);
+        template_prep(&o, &mut Steps::default()).unwrap();
+        let snapshot = || -> Vec<(PathBuf, Vec<u8>)> {
+            let mut files = Vec::new();
+            let mut dirs = vec![r.to_owned()];
+            while let Some(dir) = dirs.pop() {
+                for e in fs::read_dir(&dir).unwrap().flatten() {
+                    let path = e.path();
+                    if path.is_dir() {
+                        dirs.push(path);
+                    } else {
+                        files.push((path.clone(), fs::read(&path).unwrap()));
+                    }
+                }
+            }
+            files.sort();
+            files
+        };
+        let before = snapshot();
+        fs::write(seed.join("meta-data"), "instance-id: warm-up-vm-1\n").unwrap();
+        fs::write(seed.join("user-data"), user_data("vm-1", USER_KEY, "rehearsal")).unwrap();
+        let seed_files: Vec<PathBuf> = ["meta-data", "user-data"].map(|f| seed.join(f)).into();
+        let mut steps = Steps::default();
+        steps.step("start");
+        warm_up(&o, &[3u8; 64], &mut steps).unwrap();
+        assert!(steps.summary().contains("rehearsal"), "{}", steps.summary());
+        let after: Vec<_> = snapshot()
+            .into_iter()
+            .filter(|(p, _)| !seed_files.contains(p))
+            .collect();
+        let before: Vec<_> = before
+            .into_iter()
+            .filter(|(p, _)| !seed_files.contains(p))
+            .collect();
+        assert_eq!(
+            after.iter().map(|f| &f.0).collect::<Vec<_>>(),
+            before.iter().map(|f| &f.0).collect::<Vec<_>>()
+        );
+        assert!(after == before, "the warm-up changed a file of the system");
+
+        // A rehearsal seed that only cloud-init could apply is an error.
+        fs::write(seed.join("user-data"), "#cloud-config\npackages: [git]\n").unwrap();
+        let err = warm_up(&o, &[3u8; 64], &mut Steps::default()).unwrap_err();
+        assert!(err.contains("packages"), "{err}");
     }
 
     #[test]

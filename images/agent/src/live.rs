@@ -8,6 +8,7 @@
 //! under TCG.
 
 use std::fs;
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::Path;
@@ -726,6 +727,41 @@ pub fn wait_sshd(old: &[u64]) -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(10));
     }
     Err("sshd did not listen again within 15 s of SIGHUP".into())
+}
+
+/// One request to each door a create's readiness check and its user's first
+/// visit go through: nginx's page and sshd's banner (a connection makes
+/// sshd fork and re-execute itself, the path of every login).
+pub fn knock_doors() -> Result<(), String> {
+    let limit = Duration::from_secs(10);
+    let connect = |port: u16| {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let s = TcpStream::connect_timeout(&addr, limit).map_err(|e| format!("connecting to {addr}: {e}"))?;
+        s.set_read_timeout(Some(limit))
+            .and_then(|()| s.set_write_timeout(Some(limit)))
+            .map_err(|e| format!("{addr}: {e}"))?;
+        Ok::<_, String>(s)
+    };
+    let mut http = connect(80)?;
+    http.write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .map_err(|e| format!("nginx: {e}"))?;
+    let mut page = Vec::new();
+    http.read_to_end(&mut page).map_err(|e| format!("nginx: {e}"))?;
+    if !page.starts_with(b"HTTP/1.1 200") {
+        return Err(format!(
+            "nginx answered {:?}",
+            String::from_utf8_lossy(&page[..page.len().min(40)])
+        ));
+    }
+    let mut ssh = connect(22)?;
+    let mut banner = [0u8; 64];
+    let n = ssh.read(&mut banner).map_err(|e| format!("sshd: {e}"))?;
+    if !banner[..n].starts_with(b"SSH-2.0-") {
+        return Err("sshd sent no SSH banner".into());
+    }
+    ssh.write_all(b"SSH-2.0-webhoster-warm-up\r\n")
+        .map_err(|e| format!("sshd: {e}"))?;
+    Ok(())
 }
 
 /// The seed's runcmd, started as at first boot (its unit, not waited for):

@@ -13,8 +13,8 @@
 //! `/var/lib/webhoster-seed/instance`; later boots of the same instance run
 //! only `bootcmd` (which cloud-init also runs at every boot).
 //!
-//! Snapshot templates and clones: `--template-prep` and `--clone` (see
-//! `clone.rs`).
+//! Snapshot templates and clones: `--template-prep`, `--warm-up` and
+//! `--clone` (see `clone.rs`).
 
 mod apply;
 mod clone;
@@ -91,6 +91,8 @@ enum Mode {
     Boot,
     /// In the template VM, just before the host saves it.
     TemplatePrep,
+    /// In a restored clone waiting in the pool: rehearse a claim.
+    WarmUp,
     /// In a restored clone: become the instance of the seed now attached.
     Clone,
 }
@@ -130,6 +132,7 @@ fn main() {
             "--seed-dir" => opts.seed_dir = Some(args.next().map(PathBuf::from).unwrap_or_else(|| usage())),
             "--template-prep" => mode = Mode::TemplatePrep,
             "--clone" => mode = Mode::Clone,
+            "--warm-up" => mode = Mode::WarmUp,
             "--clock-shift-ns" => {
                 opts.clock_shift_ns = args
                     .next()
@@ -183,22 +186,25 @@ fn main() {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: webhoster-seed-agent [--source-hash] [--template-prep | --clone [--clock-shift-ns N]] [--root DIR] [--seed-dir DIR]"
+        "usage: webhoster-seed-agent [--source-hash] [--template-prep | --warm-up | --clone [--clock-shift-ns N]] [--root DIR] [--seed-dir DIR]"
     );
     std::process::exit(2);
 }
 
-/// `--template-prep` and `--clone`: run by the host through the guest
+/// `--template-prep`, `--warm-up` and `--clone`: run by the host through the guest
 /// agent, which shows it stdout and the exit status (0: done).
 fn clone_main(mode: Mode, opts: &Options, steps: &mut Steps, started: Instant) {
-    let what = if mode == Mode::Clone {
-        "clone"
-    } else {
-        "template-prep"
+    let what = match mode {
+        Mode::Clone => "clone",
+        Mode::WarmUp => "warm-up",
+        _ => "template-prep",
     };
     let result = match mode {
         Mode::Clone => clone::read_entropy(std::io::stdin().lock())
             .and_then(|entropy| clone::personalise(opts, &entropy, steps)),
+        Mode::WarmUp => clone::read_entropy(std::io::stdin().lock())
+            .and_then(|entropy| clone::warm_up(opts, &entropy, steps))
+            .map(|()| Vec::new()),
         _ => clone::template_prep(opts, steps).map(|()| Vec::new()),
     };
     let ms = started.elapsed().as_secs_f64() * 1000.0;
