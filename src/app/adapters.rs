@@ -95,35 +95,39 @@ impl EngineAdapter {
 
     /// The template's own seed: the login user with a key nobody holds.
     fn template_seed(&self, key: &str) -> Result<crate::seed::SeedSpec, PortError> {
-        let (placeholder, _) = crate::auth::SshPublicKey::generate("template@webhoster")
-            .map_err(|e| PortError::Probe(format!("a key for the template's seed: {e}")))?;
-        Ok(crate::seed::SeedSpec {
-            instance_id: format!("template-{}", key.get(..12).unwrap_or(key)),
-            hostname: "webhoster-template".into(),
-            user: self.login_user.clone(),
-            ssh_keys: vec![placeholder],
-            owner: "template".into(),
-            network: Some(crate::seed::StaticNetwork {
-                mac: vmm::cmdline::USER_NET_MAC.into(),
-                address: TEMPLATE_ADDRESS.parse().expect("a valid address"),
-                gateway: TEMPLATE_GATEWAY,
-            }),
-        })
+        self.stand_in_seed(
+            format!("template-{}", key.get(..12).unwrap_or(key)),
+            "webhoster-template",
+            vmm::cmdline::USER_NET_MAC,
+            "template",
+        )
     }
 
     /// A seed like a create's for a clone's warm-up (`vmm::clone`): its
     /// instance-id is never a hosting's, and its address is never applied.
     fn rehearsal_seed(&self, vm: &VmLaunch) -> Result<crate::seed::SeedSpec, PortError> {
-        let (key, _) = crate::auth::SshPublicKey::generate("warm-up@webhoster")
-            .map_err(|e| PortError::Probe(format!("a key for a warm-up seed: {e}")))?;
+        self.stand_in_seed(format!("warm-up-{}", vm.vm_id), &vm.vm_id, &vm.mac, "warm-up")
+    }
+
+    /// A seed of a create's shape for no user: the login user with a key
+    /// nobody holds, the template's address.
+    fn stand_in_seed(
+        &self,
+        instance_id: String,
+        hostname: &str,
+        mac: &str,
+        owner: &str,
+    ) -> Result<crate::seed::SeedSpec, PortError> {
+        let (key, _) = crate::auth::SshPublicKey::generate(&format!("{owner}@webhoster"))
+            .map_err(|e| PortError::Probe(format!("a key for the {owner} seed: {e}")))?;
         Ok(crate::seed::SeedSpec {
-            instance_id: format!("warm-up-{}", vm.vm_id),
-            hostname: vm.vm_id.clone(),
+            instance_id,
+            hostname: hostname.to_owned(),
             user: self.login_user.clone(),
             ssh_keys: vec![key],
-            owner: "warm-up".into(),
+            owner: owner.to_owned(),
             network: Some(crate::seed::StaticNetwork {
-                mac: vm.mac.clone(),
+                mac: mac.to_owned(),
                 address: TEMPLATE_ADDRESS.parse().expect("a valid address"),
                 gateway: TEMPLATE_GATEWAY,
             }),

@@ -25,7 +25,7 @@ use super::disk;
 use super::engine::Engine;
 use super::process::{self, Launch, QemuPid};
 use super::qga::QgaClient;
-use super::qmp::Monitor;
+use super::qmp::{Monitor, QmpClient};
 use super::registry;
 use super::template::{self, Template};
 use super::{Restore, VmNet, VmSpec, VmState, VmStatus, VmmError};
@@ -198,24 +198,9 @@ impl Engine {
         async {
             let vm = self.registry.known(vm_id)?;
             let _op = vm.lock_op().await;
-            if vm.spec().restore.is_none() {
-                return Err(VmmError::BadSpec(format!(
-                    "VM {vm_id} is not a restored clone waiting for its resume"
-                )));
-            }
-            let client = match (vm.state(), vm.qmp()) {
-                (VmState::Paused, Some(client)) => client,
-                _ => return Err(VmmError::NotRunning(vm_id.to_owned())),
-            };
-            let qmp_err = |source| VmmError::Qmp {
-                vm_id: vm_id.to_owned(),
-                source,
-            };
+            let client = waiting_clone(&vm)?;
             let started = Instant::now();
-            client.cont().await.map_err(qmp_err)?;
-            if vm.state() == VmState::Paused {
-                let _ = self.registry.set_state(&vm, VmState::Running, "clone warming up");
-            }
+            self.cont_clone(&vm, &client, "clone warming up").await?;
             let mut agent = connect_agent(vm.dir())
                 .await
                 .map_err(|source| VmmError::GuestAgent {
@@ -228,7 +213,10 @@ impl Engine {
             // this pause, not as one of QEMU's own.
             self.registry
                 .set_state(&vm, VmState::Paused, "warmed up, paused")?;
-            client.stop().await.map_err(qmp_err)?;
+            client.stop().await.map_err(|source| VmmError::Qmp {
+                vm_id: vm_id.to_owned(),
+                source,
+            })?;
             let took = started.elapsed();
             tracing::info!(ms = took.as_millis() as u64, agent = %says, "clone warmed up, paused");
             Ok((took, says))
@@ -246,16 +234,9 @@ impl Engine {
         async {
             let vm = self.registry.known(vm_id)?;
             let _op = vm.lock_op().await;
+            let client = waiting_clone(&vm)?;
             let mut spec = vm.spec();
-            if spec.restore.take().is_none() {
-                return Err(VmmError::BadSpec(format!(
-                    "VM {vm_id} is not a restored clone waiting for its resume"
-                )));
-            }
-            let client = match (vm.state(), vm.qmp()) {
-                (VmState::Paused, Some(client)) => client,
-                _ => return Err(VmmError::NotRunning(vm_id.to_owned())),
-            };
+            spec.restore = None;
             vm.dir().write_spec(&spec).map_err(|source| VmmError::Io {
                 vm_id: vm_id.to_owned(),
                 what: "cannot write vm.json".into(),
@@ -268,15 +249,8 @@ impl Engine {
             };
 
             let step = Instant::now();
-            client.cont().await.map_err(|source| VmmError::Qmp {
-                vm_id: vm_id.to_owned(),
-                source,
-            })?;
+            self.cont_clone(&vm, &client, "clone resumed").await?;
             report.cont = step.elapsed();
-            // The supervisor may have seen RESUME first.
-            if vm.state() == VmState::Paused {
-                let _ = self.registry.set_state(&vm, VmState::Running, "clone resumed");
-            }
 
             let step = Instant::now();
             let agent_err = |source| VmmError::GuestAgent {
@@ -306,6 +280,33 @@ impl Engine {
         }
         .instrument(registry::span(vm_id))
         .await
+    }
+
+    /// QMP `cont`, and the VM `Running` (the supervisor may have seen
+    /// RESUME first).
+    async fn cont_clone(&self, vm: &registry::Vm, client: &QmpClient, why: &str) -> Result<(), VmmError> {
+        client.cont().await.map_err(|source| VmmError::Qmp {
+            vm_id: vm.id().to_owned(),
+            source,
+        })?;
+        if vm.state() == VmState::Paused {
+            let _ = self.registry.set_state(vm, VmState::Running, why);
+        }
+        Ok(())
+    }
+}
+
+/// The QMP client of a restored clone that waits paused for its resume.
+fn waiting_clone(vm: &registry::Vm) -> Result<std::sync::Arc<QmpClient>, VmmError> {
+    if vm.spec().restore.is_none() {
+        return Err(VmmError::BadSpec(format!(
+            "VM {} is not a restored clone waiting for its resume",
+            vm.id()
+        )));
+    }
+    match (vm.state(), vm.qmp()) {
+        (VmState::Paused, Some(client)) => Ok(client),
+        _ => Err(VmmError::NotRunning(vm.id().to_owned())),
     }
 }
 

@@ -115,34 +115,43 @@ pub fn warm_up(opts: &Options, entropy: &[u8], steps: &mut Steps) -> Result<(), 
     let plan =
         seed::plan(&files).map_err(|Handover(why)| format!("the rehearsal seed needs cloud-init: {why}"))?;
     let scratch = apply::at(&opts.root, RUN_DIR).join("rehearsal");
+    let rehearsed = rehearse(&opts.root, &scratch, &plan, steps);
+    // Gone whatever happened: a claim must find nothing of it.
     let _ = fs::remove_dir_all(&scratch);
-    let scratch_run = apply::at(&scratch, RUN_DIR);
-    fs::create_dir_all(&scratch_run).map_err(|e| format!("creating {}: {e}", scratch_run.display()))?;
-    for file in ACCOUNT_FILES {
-        let to = apply::at(&scratch, file);
-        fs::create_dir_all(to.parent().unwrap_or(&scratch))
-            .and_then(|()| fs::copy(apply::at(&opts.root, file), &to))
-            .map_err(|e| format!("copying {file} for the rehearsal: {e}"))?;
-    }
-    let rehearsal = Options {
-        root: scratch.clone(),
-        seed_dir: None,
-        live: false,
-        clock_shift_ns: 0,
-    };
-    remove_keys(&scratch, &plan.users)?;
-    let errors = crate::first_boot(&rehearsal, &plan, steps)?;
-    crate::write_state(&scratch, &plan.instance_id, "agent")?;
-    let _ = fs::remove_dir_all(&scratch);
-    if let Some(e) = errors.first() {
-        return Err(format!("the rehearsal failed: {e}"));
-    }
+    rehearsed?;
     steps.step("rehearsal");
     if opts.live {
         live::knock_doors()?;
         steps.step("doors");
     }
     Ok(())
+}
+
+/// `plan` applied as a first boot to `scratch`, a root holding a copy of
+/// `root`'s account files.
+fn rehearse(root: &Path, scratch: &Path, plan: &Plan, steps: &mut Steps) -> Result<(), String> {
+    let _ = fs::remove_dir_all(scratch);
+    let scratch_run = apply::at(scratch, RUN_DIR);
+    fs::create_dir_all(&scratch_run).map_err(|e| format!("creating {}: {e}", scratch_run.display()))?;
+    for file in ACCOUNT_FILES {
+        let to = apply::at(scratch, file);
+        fs::create_dir_all(to.parent().unwrap_or(scratch))
+            .and_then(|()| fs::copy(apply::at(root, file), &to))
+            .map_err(|e| format!("copying {file} for the rehearsal: {e}"))?;
+    }
+    let rehearsal = Options {
+        root: scratch.to_owned(),
+        seed_dir: None,
+        live: false,
+        clock_shift_ns: 0,
+    };
+    remove_keys(scratch, &plan.users)?;
+    let errors = crate::first_boot(&rehearsal, plan, steps)?;
+    crate::write_state(scratch, &plan.instance_id, "agent")?;
+    match errors.first() {
+        Some(e) => Err(format!("the rehearsal failed: {e}")),
+        None => Ok(()),
+    }
 }
 
 /// Reads the host's entropy (stdin, to its end).
@@ -375,7 +384,9 @@ mod tests {
         let r = d.path();
         let o = opts(r, &seed);
         template_prep(&o, &mut Steps::default()).unwrap();
-        let snapshot = || -> Vec<(PathBuf, Vec<u8>)> {
+        // Every file of the root but the seed's, with its content.
+        let seed_dir = seed.clone();
+        let snapshot = move || -> Vec<(PathBuf, Vec<u8>)> {
             let mut files = Vec::new();
             let mut dirs = vec![r.to_owned()];
             while let Some(dir) = dirs.pop() {
@@ -383,7 +394,7 @@ mod tests {
                     let path = e.path();
                     if path.is_dir() {
                         dirs.push(path);
-                    } else {
+                    } else if !path.starts_with(&seed_dir) {
                         files.push((path.clone(), fs::read(&path).unwrap()));
                     }
                 }
@@ -394,19 +405,11 @@ mod tests {
         let before = snapshot();
         fs::write(seed.join("meta-data"), "instance-id: warm-up-vm-1\n").unwrap();
         fs::write(seed.join("user-data"), user_data("vm-1", USER_KEY, "rehearsal")).unwrap();
-        let seed_files: Vec<PathBuf> = ["meta-data", "user-data"].map(|f| seed.join(f)).into();
         let mut steps = Steps::default();
         steps.step("start");
         warm_up(&o, &[3u8; 64], &mut steps).unwrap();
         assert!(steps.summary().contains("rehearsal"), "{}", steps.summary());
-        let after: Vec<_> = snapshot()
-            .into_iter()
-            .filter(|(p, _)| !seed_files.contains(p))
-            .collect();
-        let before: Vec<_> = before
-            .into_iter()
-            .filter(|(p, _)| !seed_files.contains(p))
-            .collect();
+        let after = snapshot();
         assert_eq!(
             after.iter().map(|f| &f.0).collect::<Vec<_>>(),
             before.iter().map(|f| &f.0).collect::<Vec<_>>()
