@@ -71,11 +71,16 @@ struct SplitProbe {
 
 #[async_trait]
 impl GuestProbe for SplitProbe {
-    async fn guest_ready(&self, ip: Ipv4Addr) -> Result<(), PortError> {
-        self.guest.guest_ready(ip).await
+    async fn guest_ready(&self, ip: Ipv4Addr, patience: Duration) -> Result<(), PortError> {
+        self.guest.guest_ready(ip, patience).await
     }
-    async fn published_ready(&self, user_id: i64, ssh_port: u16) -> Result<(), PortError> {
-        self.published.published_ready(user_id, ssh_port).await
+    async fn published_ready(
+        &self,
+        user_id: i64,
+        ssh_port: u16,
+        patience: Duration,
+    ) -> Result<(), PortError> {
+        self.published.published_ready(user_id, ssh_port, patience).await
     }
 }
 

@@ -258,7 +258,11 @@ impl HostingService {
     /// state) the guest says its boot is over; else `starting`, with what
     /// did not answer as the last error.
     async fn observe(&self, h: &mut Hosting, repaired: bool) -> Result<(), HostingError> {
-        let published = self.ports.probe.published_ready(h.user_id, h.ssh_port).await;
+        let published = self
+            .ports
+            .probe
+            .published_ready(h.user_id, h.ssh_port, super::probe::GLANCE)
+            .await;
         let verdict = match published {
             Ok(()) if h.state == HostingState::Running && !repaired => Ok(()),
             Ok(()) => steps::boot_done(&self.ports, &h.vm_id, agentless_patience_over(h)).await,

@@ -13,6 +13,7 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -254,11 +255,13 @@ pub trait SeedWriter: Send + Sync {
 #[async_trait]
 pub trait GuestProbe: Send + Sync {
     /// The guest answers HTTP on ip:80 and shows an SSH banner on ip:22.
-    /// Called repeatedly by the orchestrator until its deadline.
-    async fn guest_ready(&self, guest_ip: Ipv4Addr) -> Result<(), PortError>;
+    /// Called repeatedly by the orchestrator until its deadline. `patience`:
+    /// how long a door that took the connection may take to answer.
+    async fn guest_ready(&self, guest_ip: Ipv4Addr, patience: Duration) -> Result<(), PortError>;
     /// The site answers through nginx at `/<user_id>/` and SSH answers on the
     /// host's forward port.
-    async fn published_ready(&self, user_id: i64, ssh_port: u16) -> Result<(), PortError>;
+    async fn published_ready(&self, user_id: i64, ssh_port: u16, patience: Duration)
+    -> Result<(), PortError>;
 }
 
 /// One line of `GET /health/detailed`.

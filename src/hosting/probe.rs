@@ -1,5 +1,12 @@
 //! The real [`GuestProbe`]: plain TCP from the host. HTTP is a `GET /` that
 //! must answer with a status line; SSH must send its `SSH-2.0-` banner.
+//!
+//! A door that took the connection gets the caller's patience to answer,
+//! and one door's failure does not cut the other's connection short. Under
+//! load a guest's sshd may take seconds to send its banner (each connection
+//! re-executes it); a probe that hung up and dialled again would start one
+//! more sshd each time, and a slow guest would fall further behind with
+//! every try.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -10,8 +17,12 @@ use tokio::net::TcpStream;
 
 use super::ports::{GuestProbe, PortError};
 
-/// Each single probe is bounded; the orchestrator repeats them until its deadline.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Connecting is bounded on its own: a guest whose network is not up yet
+/// drops the SYN, and TCP's own retries back off to many seconds.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// The patience of a look at a running hosting (a convergence pass waits
+/// for its slowest hosting, which a tenant may keep from answering).
+pub const GLANCE: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Clone)]
 pub struct TcpProbe {
@@ -31,20 +42,31 @@ pub fn reachable(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-/// `GET path` on `addr`; Ok when the answer is HTTP 2xx (or any status when
-/// `any_status`).
-pub async fn http_ok(addr: SocketAddr, host: &str, path: &str) -> Result<(), PortError> {
+/// A connection to `addr`, within [`CONNECT_TIMEOUT`].
+async fn connect(addr: SocketAddr, door: &str) -> Result<TcpStream, PortError> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(PortError::Probe(format!("{door} probe of {addr}: {e}"))),
+        Err(_) => Err(PortError::Probe(format!(
+            "{door} probe of {addr}: connect timed out"
+        ))),
+    }
+}
+
+/// `GET path` on `addr`; Ok when the answer, within `patience` of the
+/// connection, is HTTP 2xx.
+pub async fn http_ok(addr: SocketAddr, host: &str, path: &str, patience: Duration) -> Result<(), PortError> {
+    let mut s = connect(addr, "HTTP").await?;
     let job = async {
-        let mut s = TcpStream::connect(addr).await?;
         let req = format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: webhoster-probe\r\n\r\n");
         s.write_all(req.as_bytes()).await?;
         let mut buf = vec![0u8; 64];
         let n = s.read(&mut buf).await?;
         Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf[..n]).into_owned())
     };
-    let head = tokio::time::timeout(PROBE_TIMEOUT, job)
+    let head = tokio::time::timeout(patience, job)
         .await
-        .map_err(|_| PortError::Probe(format!("HTTP probe of {addr} timed out")))??;
+        .map_err(|_| PortError::Probe(format!("HTTP probe of {addr}: no answer within {patience:?}")))??;
     let status = head.split_whitespace().nth(1).unwrap_or("");
     if head.starts_with("HTTP/") && status.starts_with('2') {
         Ok(())
@@ -56,16 +78,17 @@ pub async fn http_ok(addr: SocketAddr, host: &str, path: &str) -> Result<(), Por
     }
 }
 
-pub async fn ssh_banner(addr: SocketAddr) -> Result<(), PortError> {
+/// Ok when `addr` sends an SSH banner within `patience` of the connection.
+pub async fn ssh_banner(addr: SocketAddr, patience: Duration) -> Result<(), PortError> {
+    let mut s = connect(addr, "SSH").await?;
     let job = async {
-        let mut s = TcpStream::connect(addr).await?;
         let mut buf = vec![0u8; 32];
         let n = s.read(&mut buf).await?;
         Ok::<_, std::io::Error>(buf[..n].to_vec())
     };
-    let banner = tokio::time::timeout(PROBE_TIMEOUT, job)
+    let banner = tokio::time::timeout(patience, job)
         .await
-        .map_err(|_| PortError::Probe(format!("SSH probe of {addr} timed out")))??;
+        .map_err(|_| PortError::Probe(format!("SSH probe of {addr}: no banner within {patience:?}")))??;
     if banner.starts_with(b"SSH-2.0-") {
         Ok(())
     } else {
@@ -75,22 +98,99 @@ pub async fn ssh_banner(addr: SocketAddr) -> Result<(), PortError> {
 
 #[async_trait]
 impl GuestProbe for TcpProbe {
-    async fn guest_ready(&self, guest_ip: Ipv4Addr) -> Result<(), PortError> {
+    async fn guest_ready(&self, guest_ip: Ipv4Addr, patience: Duration) -> Result<(), PortError> {
         let host = guest_ip.to_string();
-        tokio::try_join!(
-            http_ok(SocketAddr::new(guest_ip.into(), 80), &host, "/"),
-            ssh_banner(SocketAddr::new(guest_ip.into(), 22)),
-        )
-        .map(drop)
+        both(tokio::join!(
+            http_ok(SocketAddr::new(guest_ip.into(), 80), &host, "/", patience),
+            ssh_banner(SocketAddr::new(guest_ip.into(), 22), patience),
+        ))
     }
 
-    async fn published_ready(&self, user_id: i64, ssh_port: u16) -> Result<(), PortError> {
+    async fn published_ready(
+        &self,
+        user_id: i64,
+        ssh_port: u16,
+        patience: Duration,
+    ) -> Result<(), PortError> {
         let http = reachable(self.http_addr);
         let (host, path) = (http.ip().to_string(), format!("/{user_id}/"));
-        tokio::try_join!(
-            http_ok(http, &host, &path),
-            ssh_banner(reachable(SocketAddr::new(self.ssh_bind.into(), ssh_port))),
-        )
-        .map(drop)
+        both(tokio::join!(
+            http_ok(http, &host, &path, patience),
+            ssh_banner(
+                reachable(SocketAddr::new(self.ssh_bind.into(), ssh_port)),
+                patience
+            ),
+        ))
+    }
+}
+
+/// Both doors' results, the HTTP one's error first.
+fn both((http, ssh): (Result<(), PortError>, Result<(), PortError>)) -> Result<(), PortError> {
+    http.and(ssh)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::net::TcpListener;
+
+    /// A listener that answers each connection with `reply` after `delay`;
+    /// its address and how many connections it took.
+    async fn slow_door(reply: &'static [u8], delay: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let taken = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&taken);
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = s.write_all(reply).await;
+                });
+            }
+        });
+        (addr, taken)
+    }
+
+    #[tokio::test]
+    async fn a_slow_door_is_waited_for_on_one_connection() {
+        let (http, http_taken) = slow_door(b"HTTP/1.0 200 OK\r\n\r\n", Duration::ZERO).await;
+        let (ssh, ssh_taken) = slow_door(b"SSH-2.0-OpenSSH_9.2\r\n", GLANCE + Duration::from_secs(1)).await;
+        let probe = TcpProbe {
+            http_addr: http,
+            ssh_bind: Ipv4Addr::LOCALHOST,
+        };
+        // A glance gives up on the banner; patience gets it, on the same
+        // single connection, while HTTP answered at once.
+        let glance = probe.published_ready(7, ssh.port(), GLANCE).await;
+        assert!(format!("{glance:?}").contains("no banner"), "{glance:?}");
+        probe
+            .published_ready(7, ssh.port(), Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(ssh_taken.load(Ordering::SeqCst), 2);
+        assert_eq!(http_taken.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_failed_door_does_not_cut_the_other_short() {
+        let (http, _) = slow_door(b"HTTP/1.0 502 Bad Gateway\r\n\r\n", Duration::ZERO).await;
+        let (ssh, _) = slow_door(b"SSH-2.0-OpenSSH_9.2\r\n", Duration::from_millis(500)).await;
+        let probe = TcpProbe {
+            http_addr: http,
+            ssh_bind: Ipv4Addr::LOCALHOST,
+        };
+        let started = std::time::Instant::now();
+        let err = probe
+            .published_ready(7, ssh.port(), Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        assert!(format!("{err:?}").contains("502"), "{err:?}");
+        // The SSH connection ran to its banner: the next try finds no
+        // half-served connection behind it.
+        assert!(started.elapsed() >= Duration::from_millis(500));
     }
 }

@@ -55,6 +55,11 @@ pub struct Readiness {
     pub interval: Duration,
 }
 
+/// How long a door that took a readiness probe's connection may take to
+/// answer (within the wait's own deadline): a slow answer is waited for
+/// rather than dialled again, which would only add work to a busy guest.
+const ANSWER_PATIENCE: Duration = Duration::from_secs(30);
+
 /// A readiness wait that ran out of time; carries the last probe error.
 #[derive(Debug, thiserror::Error)]
 #[error("not ready within {0:?}")]
@@ -141,7 +146,7 @@ pub async fn run(
         Step::Ready => {
             let ip = job.launch.guest_ip;
             wait_until(ready, || async move {
-                ports.probe.guest_ready(ip).await?;
+                ports.probe.guest_ready(ip, ANSWER_PATIENCE).await?;
                 boot_done(ports, vm_id, false).await
             })
             .await
@@ -158,7 +163,7 @@ pub async fn run(
         }
         Step::Publish => {
             let (user, port) = (job.user_id, job.launch.ssh_port);
-            wait_until(ready, || ports.probe.published_ready(user, port)).await
+            wait_until(ready, || ports.probe.published_ready(user, port, ANSWER_PATIENCE)).await
         }
     }
 }

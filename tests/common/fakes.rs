@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use ipnet::Ipv4Net;
@@ -567,10 +568,15 @@ impl SeedWriter for FakeWorld {
 
 #[async_trait]
 impl GuestProbe for FakeWorld {
-    async fn guest_ready(&self, guest_ip: Ipv4Addr) -> Result<(), PortError> {
+    async fn guest_ready(&self, guest_ip: Ipv4Addr, _patience: Duration) -> Result<(), PortError> {
         self.enter("probe.guest_ready", &guest_ip.to_string()).await
     }
-    async fn published_ready(&self, user_id: i64, _ssh_port: u16) -> Result<(), PortError> {
+    async fn published_ready(
+        &self,
+        user_id: i64,
+        _ssh_port: u16,
+        _patience: Duration,
+    ) -> Result<(), PortError> {
         self.enter("probe.published_ready", &user_id.to_string()).await?;
         if self.with(|h| h.sites.contains_key(&user_id)) {
             Ok(())
