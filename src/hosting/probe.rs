@@ -100,10 +100,11 @@ pub async fn ssh_banner(addr: SocketAddr, patience: Duration) -> Result<(), Port
 impl GuestProbe for TcpProbe {
     async fn guest_ready(&self, guest_ip: Ipv4Addr, patience: Duration) -> Result<(), PortError> {
         let host = guest_ip.to_string();
-        both(tokio::join!(
+        let (http, ssh) = tokio::join!(
             http_ok(SocketAddr::new(guest_ip.into(), 80), &host, "/", patience),
             ssh_banner(SocketAddr::new(guest_ip.into(), 22), patience),
-        ))
+        );
+        http.and(ssh)
     }
 
     async fn published_ready(
@@ -114,19 +115,15 @@ impl GuestProbe for TcpProbe {
     ) -> Result<(), PortError> {
         let http = reachable(self.http_addr);
         let (host, path) = (http.ip().to_string(), format!("/{user_id}/"));
-        both(tokio::join!(
+        let (http, ssh) = tokio::join!(
             http_ok(http, &host, &path, patience),
             ssh_banner(
                 reachable(SocketAddr::new(self.ssh_bind.into(), ssh_port)),
                 patience
             ),
-        ))
+        );
+        http.and(ssh)
     }
-}
-
-/// Both doors' results, the HTTP one's error first.
-fn both((http, ssh): (Result<(), PortError>, Result<(), PortError>)) -> Result<(), PortError> {
-    http.and(ssh)
 }
 
 #[cfg(test)]
