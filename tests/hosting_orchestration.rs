@@ -499,6 +499,41 @@ async fn power_calls_are_idempotent_and_repair(db: Db) {
     drop(rig.db);
 }
 
+/// A running hosting's site is looked at every pass, its SSH door (a new
+/// sshd in the guest each time) only every `ssh_every`; once a look fails,
+/// every door is knocked on again until the hosting is running.
+async fn ssh_is_knocked_on_sparingly_once_running(db: Db) {
+    let rig = Rig::new(db).await;
+    let user = rig.user("sid").await;
+    rig.svc.create(&user, key(), true).await.unwrap();
+    let looks = |doors: &str| {
+        let want = format!("probe.published_ready {} {doors}", user.id);
+        rig.world.calls().iter().filter(|c| **c == want).count()
+    };
+    let ssh_at_create = looks("site+ssh");
+    assert!(ssh_at_create >= 1, "publish reads the banner");
+    for _ in 0..3 {
+        rig.svc.converge_all().await.unwrap();
+    }
+    assert_eq!(looks("site"), 3, "the site is looked at every pass");
+    assert_eq!(looks("site+ssh"), ssh_at_create, "SSH answered at the create");
+
+    rig.world.fail_on("probe.published_ready");
+    rig.svc.converge_all().await.unwrap();
+    let row = rig.store.hosting_by_user(user.id).await.unwrap().unwrap();
+    assert_eq!(row.state, HostingState::Starting, "{row:?}");
+    rig.world.clear_faults();
+    rig.svc.converge_all().await.unwrap();
+    rig.svc.converge_all().await.unwrap();
+    let row = rig.store.hosting_by_user(user.id).await.unwrap().unwrap();
+    assert_eq!(row.state, HostingState::Running, "{row:?}");
+    // The failed look (a site look) forgot the answer: the next one knocked
+    // on SSH too, the one after that looked at the site alone again.
+    assert_eq!(looks("site+ssh"), ssh_at_create + 1, "{:?}", rig.world.calls());
+    assert_eq!(looks("site"), 5);
+    drop(rig.db);
+}
+
 /// DELETE of a hosting whose create hangs: the create is cancelled and
 /// everything it made is removed.
 async fn delete_cancels_a_create_in_flight(db: Db) {
@@ -912,6 +947,7 @@ both_backends!(
     a_vanished_tap_is_repaired,
     a_lost_guard_is_put_back_in_place,
     power_calls_are_idempotent_and_repair,
+    ssh_is_knocked_on_sparingly_once_running,
     delete_cancels_a_create_in_flight,
     a_panicking_create_is_rolled_back,
     the_reaper_removes_orphans,

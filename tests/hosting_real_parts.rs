@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 
 use common::control::{Db, TestDb};
 use common::fakes::FakeWorld;
-use webhoster::hosting::ports::{GuestProbe, PortError};
+use webhoster::hosting::ports::{Doors, GuestProbe, PortError};
 use webhoster::hosting::probe::TcpProbe;
 use webhoster::hosting::seeder::IsoSeeder;
 use webhoster::hosting::{HostingConfig, HostingError, HostingService, Readiness};
@@ -74,13 +74,8 @@ impl GuestProbe for SplitProbe {
     async fn guest_ready(&self, ip: Ipv4Addr, patience: Duration) -> Result<(), PortError> {
         self.guest.guest_ready(ip, patience).await
     }
-    async fn published_ready(
-        &self,
-        user_id: i64,
-        ssh_port: u16,
-        patience: Duration,
-    ) -> Result<(), PortError> {
-        self.published.published_ready(user_id, ssh_port, patience).await
+    async fn published_ready(&self, user_id: i64, doors: Doors, patience: Duration) -> Result<(), PortError> {
+        self.published.published_ready(user_id, doors, patience).await
     }
 }
 

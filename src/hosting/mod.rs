@@ -128,6 +128,9 @@ pub struct HostingConfig {
     pub ready: Readiness,
     /// How often convergence looks at every hosting.
     pub converge_every: Duration,
+    /// How often a pass knocks on the SSH door of a running hosting (its
+    /// site is looked at every pass).
+    pub ssh_every: Duration,
     /// What the host may give to hostings, and the create queue's bounds.
     pub budget: admission::Budget,
     /// Complete backups kept per hosting; older ones are deleted.
@@ -146,6 +149,7 @@ impl Default for HostingConfig {
                 interval: Duration::from_millis(500),
             },
             converge_every: converge::INTERVAL,
+            ssh_every: converge::SSH_EVERY,
             budget: admission::Budget::UNLIMITED,
             backups_keep: backups::DEFAULT_KEEP,
             warm_pool: 0,
@@ -199,6 +203,8 @@ pub struct HostingService {
     last_failure: Mutex<HashMap<i64, String>>,
     /// Backups being taken, by hosting id: their job's progress.
     backups_running: Mutex<HashMap<i64, tokio::sync::watch::Receiver<ports::BackupProgress>>>,
+    /// When each running VM's SSH door last answered, by vm_id.
+    ssh_answered: Mutex<HashMap<String, Instant>>,
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -223,6 +229,7 @@ impl HostingService {
             create_metrics: CreateMetrics::default(),
             last_failure: Mutex::new(HashMap::new()),
             backups_running: Mutex::new(HashMap::new()),
+            ssh_answered: Mutex::new(HashMap::new()),
         })
     }
 
@@ -417,19 +424,16 @@ impl HostingService {
                 }
             }
         };
-        let clone = self.pool.take();
-        let hosting = match self.allocate(user.id, clone.as_ref()).await {
-            Ok(h) => h,
-            Err(e) => {
-                if let Some(c) = clone {
-                    self.pool.put_back(c);
-                }
-                return Err(e);
-            }
-        };
-        let path = match clone {
-            Some(c) => {
-                self.pool.handed_over(&c.vm_id);
+        let claim = self.pool.take();
+        let hosting = self
+            .allocate(user.id, claim.as_ref().map(|c| c.clone_ref()))
+            .await?;
+        // The row holds the clone's vm_id: from here it is the hosting's
+        // (no await in between, so a caller that goes away cannot put it
+        // back into the pool under a row).
+        let path = match claim {
+            Some(claim) => {
+                claim.handed_over();
                 CreatePath::Warm
             }
             None => CreatePath::Cold,
@@ -568,6 +572,8 @@ impl HostingService {
             self.set_state(&mut h, HostingState::Running, None, None).await
         };
         finish.await.map_err(CreateFailure::After)?;
+        // `publish` just read its SSH banner.
+        self.ssh_answered(&h.vm_id);
         drop(slot);
         let took = started.elapsed();
         self.create_metrics.observe_create(path, took.as_secs_f64());
@@ -768,6 +774,7 @@ impl HostingService {
             match self.store.delete_hosting(id).await {
                 Ok(()) => {
                     self.forget_lock(id);
+                    self.forget_ssh_answer(&job.launch.vm_id);
                     return Ok(());
                 }
                 Err(e) => left.push(format!("row: {}", chain(&e))),

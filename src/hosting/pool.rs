@@ -8,8 +8,9 @@
 //! (`VmEngine::prepare_template`, `spawn_clone`, `resume_clone`):
 //!
 //! - the pool keeps `target` clones ready and refills in the background, one
-//!   clone at a time and only while no create is running, so it never takes
-//!   CPU from a create or a guest's boot;
+//!   clone at a time and only while no create is running (counted from the
+//!   moment a create takes a clone), so it never takes CPU from a create or
+//!   a guest's boot;
 //! - a clone that is not paused any more (crashed, killed) is discarded;
 //! - whatever goes wrong here, a create still gets a VM: without a ready
 //!   clone it takes the cold path, and a clone that fails to personalise is
@@ -85,11 +86,50 @@ pub struct PoolStatus {
     pub discarded_total: u64,
 }
 
+/// A clone a create took, until its hosting owns it.
+pub struct Claim<'a> {
+    pool: &'a Pool,
+    clone: Option<WarmClone>,
+}
+
+impl Claim<'_> {
+    pub fn clone_ref(&self) -> &WarmClone {
+        self.clone
+            .as_ref()
+            .expect("a claim holds its clone until it ends")
+    }
+
+    /// The create stored its row with this clone's vm_id: the clone is the
+    /// hosting's now.
+    pub fn handed_over(mut self) {
+        if let Some(clone) = self.clone.take() {
+            let mut inner = locked(&self.pool.inner);
+            inner.busy.remove(&clone.vm_id);
+            inner.claiming -= 1;
+        }
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if let Some(clone) = self.clone.take() {
+            let mut inner = locked(&self.pool.inner);
+            inner.busy.remove(&clone.vm_id);
+            inner.claimed -= 1;
+            inner.claiming -= 1;
+            inner.ready.push_front(clone);
+        }
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     ready: VecDeque<WarmClone>,
     /// Being made, or taken by a create whose row is not stored yet.
     busy: HashSet<String>,
+    /// Taken by creates not yet registered as running (see
+    /// [`Pool::claims_pending`]).
+    claiming: usize,
     filling: usize,
     template: TemplateState,
     claimed: u64,
@@ -116,29 +156,28 @@ impl Pool {
     }
 
     /// A ready clone for a create, if there is one. It stays the pool's (for
-    /// the reaper) until [`Pool::handed_over`] or [`Pool::put_back`].
-    pub fn take(&self) -> Option<WarmClone> {
+    /// the reaper) until the claim is [`Claim::handed_over`]; a claim
+    /// dropped before that (the create did not go on, or its caller went
+    /// away) puts the clone back, ready again and first.
+    pub fn take(&self) -> Option<Claim<'_>> {
         let mut inner = locked(&self.inner);
         let clone = inner.ready.pop_front()?;
         inner.busy.insert(clone.vm_id.clone());
         inner.claimed += 1;
+        inner.claiming += 1;
         drop(inner);
         self.wake.notify_one();
-        Some(clone)
+        Some(Claim {
+            pool: self,
+            clone: Some(clone),
+        })
     }
 
-    /// The create stored its row with this clone's vm_id: it is the
-    /// hosting's now.
-    pub fn handed_over(&self, vm_id: &str) {
-        locked(&self.inner).busy.remove(vm_id);
-    }
-
-    /// A create took this clone but did not go on (no row): it is ready again.
-    pub fn put_back(&self, clone: WarmClone) {
-        let mut inner = locked(&self.inner);
-        inner.busy.remove(&clone.vm_id);
-        inner.claimed = inner.claimed.saturating_sub(1);
-        inner.ready.push_front(clone);
+    /// Whether a create took a clone and has no row yet: the refill waits
+    /// for it too, as for the creates in flight (it would take the CPU from
+    /// the claim it was woken by).
+    pub fn claims_pending(&self) -> bool {
+        locked(&self.inner).claiming > 0
     }
 
     /// vm_ids whose parts are the pool's (ready, being made, being claimed).
@@ -203,7 +242,7 @@ impl HostingService {
             }
             self.drop_dead_clones().await;
             // Low priority: a create (or its boot) gets the CPU first.
-            if self.pool.missing() > 0 && self.creates_in_flight() == 0 {
+            if self.pool.missing() > 0 && self.creates_in_flight() == 0 && !self.pool.claims_pending() {
                 match self.fill_one().await {
                     Ok(()) => retry = RETRY_FIRST,
                     Err(()) => {
@@ -344,26 +383,31 @@ mod tests {
         locked(&pool.inner).ready.push_back(clone("vm-a"));
         let taken = pool.take().unwrap();
         assert!(pool.owned().contains("vm-a"), "the reaper must not take it yet");
+        assert!(pool.claims_pending(), "no refill before the create runs");
         assert_eq!(pool.status().ready, 0);
-        pool.handed_over(&taken.vm_id);
+        taken.handed_over();
         assert!(pool.owned().is_empty());
+        assert!(!pool.claims_pending());
         assert_eq!(pool.status().claimed_total, 1);
     }
 
     #[test]
-    fn a_clone_put_back_is_ready_again_and_first() {
+    fn a_claim_dropped_puts_its_clone_back_ready_and_first() {
         let pool = Pool::new(2);
         locked(&pool.inner).ready.extend([clone("vm-a"), clone("vm-b")]);
-        let a = pool.take().unwrap();
-        pool.put_back(a);
-        assert_eq!(pool.take().unwrap().vm_id, "vm-a");
+        drop(pool.take().unwrap());
+        assert!(!pool.claims_pending());
+        assert!(pool.owned().contains("vm-a"));
+        assert_eq!(pool.status().ready, 2);
+        let again = pool.take().unwrap();
+        assert_eq!(again.clone_ref().vm_id, "vm-a");
         assert_eq!(pool.status().claimed_total, 1);
     }
 
     #[test]
     fn an_empty_pool_gives_nothing() {
         let pool = Pool::new(0);
-        assert_eq!(pool.take(), None);
+        assert!(pool.take().is_none());
         assert_eq!(pool.missing(), 0);
     }
 }

@@ -258,10 +258,19 @@ pub trait GuestProbe: Send + Sync {
     /// Called repeatedly by the orchestrator until its deadline. `patience`:
     /// how long a door that took the connection may take to answer.
     async fn guest_ready(&self, guest_ip: Ipv4Addr, patience: Duration) -> Result<(), PortError>;
-    /// The site answers through nginx at `/<user_id>/` and SSH answers on the
-    /// host's forward port.
-    async fn published_ready(&self, user_id: i64, ssh_port: u16, patience: Duration)
-    -> Result<(), PortError>;
+    /// The site answers through nginx at `/<user_id>/` and, when `doors`
+    /// says so, SSH answers on the host's forward port.
+    async fn published_ready(&self, user_id: i64, doors: Doors, patience: Duration) -> Result<(), PortError>;
+}
+
+/// The doors a look at a published hosting knocks on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Doors {
+    /// The site through nginx, and SSH on the host's forward port.
+    SiteAndSsh { ssh_port: u16 },
+    /// The site only: SSH answered a moment ago (each SSH connection makes
+    /// the guest's sshd re-execute itself, which is not free under TCG).
+    Site,
 }
 
 /// One line of `GET /health/detailed`.

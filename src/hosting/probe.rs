@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::ports::{GuestProbe, PortError};
+use super::ports::{Doors, GuestProbe, PortError};
 
 /// Connecting is bounded on its own: a guest whose network is not up yet
 /// drops the SYN, and TCP's own retries back off to many seconds.
@@ -107,22 +107,18 @@ impl GuestProbe for TcpProbe {
         http.and(ssh)
     }
 
-    async fn published_ready(
-        &self,
-        user_id: i64,
-        ssh_port: u16,
-        patience: Duration,
-    ) -> Result<(), PortError> {
+    async fn published_ready(&self, user_id: i64, doors: Doors, patience: Duration) -> Result<(), PortError> {
         let http = reachable(self.http_addr);
         let (host, path) = (http.ip().to_string(), format!("/{user_id}/"));
-        let (http, ssh) = tokio::join!(
-            http_ok(http, &host, &path, patience),
-            ssh_banner(
-                reachable(SocketAddr::new(self.ssh_bind.into(), ssh_port)),
-                patience
-            ),
-        );
-        http.and(ssh)
+        let site = http_ok(http, &host, &path, patience);
+        match doors {
+            Doors::Site => site.await,
+            Doors::SiteAndSsh { ssh_port } => {
+                let ssh = reachable(SocketAddr::new(self.ssh_bind.into(), ssh_port));
+                let (http, ssh) = tokio::join!(site, ssh_banner(ssh, patience));
+                http.and(ssh)
+            }
+        }
     }
 }
 
@@ -162,10 +158,16 @@ mod tests {
         };
         // A glance gives up on the banner; patience gets it, on the same
         // single connection, while HTTP answered at once.
-        let glance = probe.published_ready(7, ssh.port(), GLANCE).await;
+        let glance = probe
+            .published_ready(7, Doors::SiteAndSsh { ssh_port: ssh.port() }, GLANCE)
+            .await;
         assert!(format!("{glance:?}").contains("no banner"), "{glance:?}");
         probe
-            .published_ready(7, ssh.port(), Duration::from_secs(10))
+            .published_ready(
+                7,
+                Doors::SiteAndSsh { ssh_port: ssh.port() },
+                Duration::from_secs(10),
+            )
             .await
             .unwrap();
         assert_eq!(ssh_taken.load(Ordering::SeqCst), 2);
@@ -182,12 +184,38 @@ mod tests {
         };
         let started = std::time::Instant::now();
         let err = probe
-            .published_ready(7, ssh.port(), Duration::from_secs(10))
+            .published_ready(
+                7,
+                Doors::SiteAndSsh { ssh_port: ssh.port() },
+                Duration::from_secs(10),
+            )
             .await
             .unwrap_err();
         assert!(format!("{err:?}").contains("502"), "{err:?}");
         // The SSH connection ran to its banner: the next try finds no
         // half-served connection behind it.
         assert!(started.elapsed() >= Duration::from_millis(500));
+    }
+
+    #[tokio::test]
+    async fn a_look_at_the_site_alone_leaves_ssh_untouched() {
+        let (http, http_taken) = slow_door(b"HTTP/1.0 200 OK\r\n\r\n", Duration::ZERO).await;
+        let (ssh, ssh_taken) = slow_door(b"SSH-2.0-OpenSSH_9.2\r\n", Duration::ZERO).await;
+        let probe = TcpProbe {
+            http_addr: http,
+            ssh_bind: Ipv4Addr::LOCALHOST,
+        };
+        probe.published_ready(7, Doors::Site, GLANCE).await.unwrap();
+        assert_eq!(http_taken.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            ssh_taken.load(Ordering::SeqCst),
+            0,
+            "no sshd started for a site look"
+        );
+        probe
+            .published_ready(7, Doors::SiteAndSsh { ssh_port: ssh.port() }, GLANCE)
+            .await
+            .unwrap();
+        assert_eq!(ssh_taken.load(Ordering::SeqCst), 1);
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::seed::{SeedSpec, StaticNetwork};
 
-use super::ports::{GuestBoot, PortError, Ports, Site, VmLaunch, VmRunState};
+use super::ports::{Doors, GuestBoot, PortError, Ports, Site, VmLaunch, VmRunState};
 pub use super::state::{CreatePath, Step};
 
 /// What the steps of one hosting work on (all derived from its row).
@@ -162,8 +162,13 @@ pub async fn run(
                 .await
         }
         Step::Publish => {
-            let (user, port) = (job.user_id, job.launch.ssh_port);
-            wait_until(ready, || ports.probe.published_ready(user, port, ANSWER_PATIENCE)).await
+            let doors = Doors::SiteAndSsh {
+                ssh_port: job.launch.ssh_port,
+            };
+            wait_until(ready, || {
+                ports.probe.published_ready(job.user_id, doors, ANSWER_PATIENCE)
+            })
+            .await
         }
     }
 }

@@ -5,6 +5,7 @@
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
 use std::ops::RangeInclusive;
+use std::sync::Mutex;
 
 use ipnet::Ipv4Net;
 use sha2::{Digest, Sha256};
@@ -53,10 +54,17 @@ pub fn bridge_mac(netns: &str) -> [u8; 6] {
     [0x06, d[0], d[1], d[2], d[3], d[4]]
 }
 
+/// Probes of this process, one at a time: a probe holds its port for a
+/// moment, and a concurrent probe of the same port (one create picking a
+/// candidate while another checks the port it was given) would take that
+/// for another process holding it.
+static PROBING: Mutex<()> = Mutex::new(());
+
 /// Whether nothing on the host holds TCP `bind:port` (binding proves it, and
 /// the probe socket is closed at once). Ports forwarded by our nftables table
 /// are bound by nothing: ask `Network::port_available` to include those.
 pub fn port_is_free(bind: Ipv4Addr, port: u16) -> bool {
+    let _one_at_a_time = PROBING.lock().unwrap_or_else(|e| e.into_inner());
     // A listener on 0.0.0.0 also blocks specific addresses and vice versa;
     // probing both covers the two cases.
     let specific = TcpListener::bind(SocketAddrV4::new(bind, port)).is_ok();
@@ -136,5 +144,27 @@ mod tests {
         ));
         drop(l);
         assert!(port_is_free(Ipv4Addr::LOCALHOST, port));
+    }
+
+    #[test]
+    fn concurrent_probes_of_a_free_port_all_see_it_free() {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let busy: usize = std::thread::scope(|s| {
+            let probes: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        (0..300)
+                            .filter(|_| !port_is_free(Ipv4Addr::LOCALHOST, port))
+                            .count()
+                    })
+                })
+                .collect();
+            probes.into_iter().map(|p| p.join().unwrap()).sum()
+        });
+        assert_eq!(busy, 0, "a probe took another probe for a holder");
     }
 }

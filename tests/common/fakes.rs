@@ -571,13 +571,19 @@ impl GuestProbe for FakeWorld {
     async fn guest_ready(&self, guest_ip: Ipv4Addr, _patience: Duration) -> Result<(), PortError> {
         self.enter("probe.guest_ready", &guest_ip.to_string()).await
     }
+    /// Logged as `probe.published_ready <user_id> site` or `... site+ssh`.
     async fn published_ready(
         &self,
         user_id: i64,
-        _ssh_port: u16,
+        doors: Doors,
         _patience: Duration,
     ) -> Result<(), PortError> {
-        self.enter("probe.published_ready", &user_id.to_string()).await?;
+        let knocked = match doors {
+            Doors::Site => "site",
+            Doors::SiteAndSsh { .. } => "site+ssh",
+        };
+        self.enter("probe.published_ready", &format!("{user_id} {knocked}"))
+            .await?;
         if self.with(|h| h.sites.contains_key(&user_id)) {
             Ok(())
         } else {
