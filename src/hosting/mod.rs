@@ -426,7 +426,7 @@ impl HostingService {
         };
         let claim = self.pool.take();
         let hosting = self
-            .allocate(user.id, claim.as_ref().map(|c| c.clone_ref()))
+            .allocate(user.id, claim.as_ref().map(|c| c.warm_clone()))
             .await?;
         // The row holds the clone's vm_id: from here it is the hosting's
         // (no await in between, so a caller that goes away cannot put it

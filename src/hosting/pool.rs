@@ -93,7 +93,7 @@ pub struct Claim<'a> {
 }
 
 impl Claim<'_> {
-    pub fn clone_ref(&self) -> &WarmClone {
+    pub fn warm_clone(&self) -> &WarmClone {
         self.clone
             .as_ref()
             .expect("a claim holds its clone until it ends")
@@ -127,8 +127,7 @@ struct Inner {
     ready: VecDeque<WarmClone>,
     /// Being made, or taken by a create whose row is not stored yet.
     busy: HashSet<String>,
-    /// Taken by creates not yet registered as running (see
-    /// [`Pool::claims_pending`]).
+    /// Taken by creates that have no row yet ([`Pool::claims_pending`]).
     claiming: usize,
     filling: usize,
     template: TemplateState,
@@ -400,7 +399,7 @@ mod tests {
         assert!(pool.owned().contains("vm-a"));
         assert_eq!(pool.status().ready, 2);
         let again = pool.take().unwrap();
-        assert_eq!(again.clone_ref().vm_id, "vm-a");
+        assert_eq!(again.warm_clone().vm_id, "vm-a");
         assert_eq!(pool.status().claimed_total, 1);
     }
 
