@@ -500,7 +500,7 @@ async fn power_calls_are_idempotent_and_repair(db: Db) {
 }
 
 /// A running hosting's site is looked at every pass, its SSH door (a new
-/// sshd in the guest each time) only every `ssh_every`; once a look fails,
+/// sshd in the guest each time) only every `SSH_EVERY`; once a look fails,
 /// every door is knocked on again until the hosting is running.
 async fn ssh_is_knocked_on_sparingly_once_running(db: Db) {
     let rig = Rig::new(db).await;

@@ -346,7 +346,6 @@ pub async fn run_with(paths: Paths, args: ServeArgs, backends: Backends) -> anyh
             interval: Duration::from_millis(500),
         },
         converge_every: crate::hosting::converge::INTERVAL,
-        ssh_every: crate::hosting::converge::SSH_EVERY,
         budget: backends.budget,
         backups_keep: args.backups_keep,
         warm_pool: args.warm_pool,

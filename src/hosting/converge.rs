@@ -267,7 +267,7 @@ impl HostingService {
     /// did not answer as the last error.
     async fn observe(&self, h: &mut Hosting, repaired: bool) -> Result<(), HostingError> {
         let steady = h.state == HostingState::Running && !repaired;
-        let doors = if steady && self.ssh_answered_within(&h.vm_id, self.cfg.ssh_every) {
+        let doors = if steady && self.ssh_answered_lately(&h.vm_id) {
             Doors::Site
         } else {
             Doors::SiteAndSsh { ssh_port: h.ssh_port }
@@ -311,10 +311,11 @@ impl HostingService {
         locked(&self.ssh_answered).insert(vm_id.to_owned(), Instant::now());
     }
 
-    fn ssh_answered_within(&self, vm_id: &str, within: Duration) -> bool {
+    /// Within [`SSH_EVERY`].
+    fn ssh_answered_lately(&self, vm_id: &str) -> bool {
         locked(&self.ssh_answered)
             .get(vm_id)
-            .is_some_and(|at| at.elapsed() < within)
+            .is_some_and(|at| at.elapsed() < SSH_EVERY)
     }
 
     pub(super) fn forget_ssh_answer(&self, vm_id: &str) {

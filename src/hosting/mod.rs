@@ -128,9 +128,6 @@ pub struct HostingConfig {
     pub ready: Readiness,
     /// How often convergence looks at every hosting.
     pub converge_every: Duration,
-    /// How often a pass knocks on the SSH door of a running hosting (its
-    /// site is looked at every pass).
-    pub ssh_every: Duration,
     /// What the host may give to hostings, and the create queue's bounds.
     pub budget: admission::Budget,
     /// Complete backups kept per hosting; older ones are deleted.
@@ -149,7 +146,6 @@ impl Default for HostingConfig {
                 interval: Duration::from_millis(500),
             },
             converge_every: converge::INTERVAL,
-            ssh_every: converge::SSH_EVERY,
             budget: admission::Budget::UNLIMITED,
             backups_keep: backups::DEFAULT_KEEP,
             warm_pool: 0,

@@ -102,21 +102,23 @@ impl Claim<'_> {
     /// The create stored its row with this clone's vm_id: the clone is the
     /// hosting's now.
     pub fn handed_over(mut self) {
-        if let Some(clone) = self.clone.take() {
-            let mut inner = locked(&self.pool.inner);
-            inner.busy.remove(&clone.vm_id);
-            inner.claiming -= 1;
-        }
+        self.end();
+    }
+
+    /// The claim is over: the clone is neither busy nor being claimed.
+    fn end(&mut self) -> Option<(WarmClone, std::sync::MutexGuard<'_, Inner>)> {
+        let clone = self.clone.take()?;
+        let mut inner = locked(&self.pool.inner);
+        inner.busy.remove(&clone.vm_id);
+        inner.claiming -= 1;
+        Some((clone, inner))
     }
 }
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
-        if let Some(clone) = self.clone.take() {
-            let mut inner = locked(&self.pool.inner);
-            inner.busy.remove(&clone.vm_id);
+        if let Some((clone, mut inner)) = self.end() {
             inner.claimed -= 1;
-            inner.claiming -= 1;
             inner.ready.push_front(clone);
         }
     }
