@@ -513,8 +513,39 @@ fn is_cidata_iso(dev: &Path) -> bool {
 }
 
 fn mount_and_read(dev: &Path, mnt: &Path) -> Result<SeedFiles, String> {
-    use nix::mount::{MntFlags, MsFlags, mount, umount2};
     fs::create_dir_all(mnt).map_err(|e| format!("creating {}: {e}", mnt.display()))?;
+    // In a mount namespace of its own: systemd re-reads the whole mount
+    // table at every mount and umount it sees, which cost PID 1 0.3-0.5 s
+    // of a TCG guest's CPU per seed read, while a claim waited. A thread of
+    // its own: the rest of the agent stays where later mounts are seen.
+    let (dev, at) = (dev.to_owned(), mnt.to_owned());
+    let files = std::thread::spawn(move || {
+        private_mounts()?;
+        mount_read_umount(&dev, &at)
+    })
+    .join()
+    .map_err(|_| "the seed reader panicked".to_owned())?;
+    let _ = fs::remove_dir(mnt);
+    files
+}
+
+/// This thread in a new mount namespace whose mounts stay in it.
+fn private_mounts() -> Result<(), String> {
+    use nix::mount::{MsFlags, mount};
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+        .map_err(|e| format!("a mount namespace for the seed: {e}"))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| format!("making the seed's mounts private: {e}"))
+}
+
+fn mount_read_umount(dev: &Path, mnt: &Path) -> Result<SeedFiles, String> {
+    use nix::mount::{MntFlags, MsFlags, mount, umount2};
     let flags = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     let try_mount = || mount(Some(dev), mnt, Some("iso9660"), flags, None::<&str>);
     // iso9660 is a module in Debian's cloud kernel; the image's initrd loads
@@ -529,7 +560,6 @@ fn mount_and_read(dev: &Path, mnt: &Path) -> Result<SeedFiles, String> {
     mounted.map_err(|e| format!("mounting {}: {e}", dev.display()))?;
     let files = read_seed_dir(mnt);
     let _ = umount2(mnt, MntFlags::MNT_DETACH);
-    let _ = fs::remove_dir(mnt);
     files
 }
 
@@ -670,5 +700,41 @@ mod tests {
         fs::write(&iso, &img).unwrap();
         assert!(!is_cidata_iso(&iso));
         assert_eq!(instance_id("instance-id: 'iid-x'\n"), "iid-x");
+    }
+
+    /// What the seed reader's thread mounts, the rest of the agent (and PID
+    /// 1, which shares its namespace) never sees. Needs root, as the agent.
+    #[test]
+    fn the_seed_readers_mounts_stay_in_its_thread() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: mounting needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let at = dir.path().to_owned();
+        fn listed(table: &str, at: &Path) -> bool {
+            fs::read_to_string(table).unwrap().contains(at.to_str().unwrap())
+        }
+        let inside = std::thread::spawn({
+            let at = at.clone();
+            move || {
+                private_mounts().unwrap();
+                let flags = nix::mount::MsFlags::empty();
+                nix::mount::mount(Some("tmpfs"), &at, Some("tmpfs"), flags, None::<&str>).unwrap();
+                fs::write(at.join("x"), b"x").unwrap();
+                listed("/proc/thread-self/mountinfo", &at)
+            }
+        })
+        .join()
+        .unwrap();
+        assert!(inside, "the thread sees its own mount");
+        assert!(
+            !listed("/proc/self/mountinfo", &at),
+            "the process's namespace got the mount"
+        );
+        assert!(
+            !at.join("x").exists(),
+            "the file went to the tmpfs, gone with its namespace"
+        );
     }
 }
