@@ -500,8 +500,10 @@ async fn power_calls_are_idempotent_and_repair(db: Db) {
 }
 
 /// A running hosting's site is looked at every pass, its SSH door (a new
-/// sshd in the guest each time) only every `SSH_EVERY`; once a look fails,
-/// every door is knocked on again until the hosting is running.
+/// sshd in the guest each time) only once a minute. A running hosting is
+/// `starting` only after three failed looks in a row; a guest that refuses
+/// (these fakes fail at once) is knocked on at every pass until it answers.
+/// Silent doors back off: `hosting::looks`.
 async fn ssh_is_knocked_on_sparingly_once_running(db: Db) {
     let rig = Rig::new(db).await;
     let user = rig.user("sid").await;
@@ -510,6 +512,7 @@ async fn ssh_is_knocked_on_sparingly_once_running(db: Db) {
         let want = format!("probe.published_ready {} {doors}", user.id);
         rig.world.calls().iter().filter(|c| **c == want).count()
     };
+    let state = || async { rig.store.hosting_by_user(user.id).await.unwrap().unwrap().state };
     let ssh_at_create = looks("site+ssh");
     assert!(ssh_at_create >= 1, "publish reads the banner");
     for _ in 0..3 {
@@ -519,18 +522,34 @@ async fn ssh_is_knocked_on_sparingly_once_running(db: Db) {
     assert_eq!(looks("site+ssh"), ssh_at_create, "SSH answered at the create");
 
     rig.world.fail_on("probe.published_ready");
+    // The site fails: SSH is knocked on at the next look, and the one after.
+    for _ in 0..2 {
+        rig.svc.converge_all().await.unwrap();
+        assert_eq!(
+            state().await,
+            HostingState::Running,
+            "one failed look is no outage"
+        );
+    }
+    assert_eq!((looks("site"), looks("site+ssh")), (4, ssh_at_create + 1));
     rig.svc.converge_all().await.unwrap();
-    let row = rig.store.hosting_by_user(user.id).await.unwrap().unwrap();
-    assert_eq!(row.state, HostingState::Starting, "{row:?}");
+    assert_eq!(
+        state().await,
+        HostingState::Starting,
+        "three failed looks in a row"
+    );
+    rig.svc.converge_all().await.unwrap();
+    assert_eq!(
+        looks("site+ssh"),
+        ssh_at_create + 3,
+        "refused: knocked on at every pass"
+    );
     rig.world.clear_faults();
     rig.svc.converge_all().await.unwrap();
+    assert_eq!(state().await, HostingState::Running, "{:?}", rig.world.calls());
+    assert_eq!(looks("site+ssh"), ssh_at_create + 4);
     rig.svc.converge_all().await.unwrap();
-    let row = rig.store.hosting_by_user(user.id).await.unwrap().unwrap();
-    assert_eq!(row.state, HostingState::Running, "{row:?}");
-    // The failed look (a site look) forgot the answer: the next one knocked
-    // on SSH too, the one after that looked at the site alone again.
-    assert_eq!(looks("site+ssh"), ssh_at_create + 1, "{:?}", rig.world.calls());
-    assert_eq!(looks("site"), 5);
+    assert_eq!(looks("site"), 5, "answered: the site alone again");
     drop(rig.db);
 }
 

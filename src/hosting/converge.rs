@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use tracing::{Instrument, debug, info, warn};
 
+use super::looks::{DEMOTE_AFTER, Outcome};
 use super::ports::{Doors, NetInventory, PortError, Site, Spawned, VmRunState};
 use super::state::{Desired, HostingState};
 use super::{HostingError, HostingService, chain, locked, steps, vm_span};
@@ -30,14 +31,6 @@ use crate::store::Hosting;
 /// How often a pass runs: a deleted tap or a flushed nft table is repaired
 /// within about this long (plus the guest's boot when QEMU had to restart).
 pub const INTERVAL: Duration = Duration::from_secs(3);
-
-/// How often a pass knocks on the SSH door of a hosting that is running and
-/// answered: each SSH connection makes the guest's sshd re-execute itself
-/// (OpenSSH 9.2), and under TCG that is the costliest thing an idle guest
-/// does. Measured: a banner read every 3 s kept an idle guest at 18-22 % of
-/// a host core, 3-4 % without. The site is looked at every pass; an SSH
-/// door that stopped answering is seen within this.
-pub const SSH_EVERY: Duration = Duration::from_secs(60);
 
 /// The reaper runs every this many passes (and at start).
 const REAP_EVERY: u64 = 20;
@@ -267,24 +260,34 @@ impl HostingService {
     /// did not answer as the last error.
     async fn observe(&self, h: &mut Hosting, repaired: bool) -> Result<(), HostingError> {
         let steady = h.state == HostingState::Running && !repaired;
-        let doors = if steady && self.ssh_answered_lately(&h.vm_id) {
-            Doors::Site
-        } else {
+        let knock = locked(&self.looks).knock_ssh(&h.vm_id, steady, Instant::now());
+        let doors = if knock {
             Doors::SiteAndSsh { ssh_port: h.ssh_port }
+        } else {
+            Doors::Site
         };
+        let looked = Instant::now();
         let published = self
             .ports
             .probe
             .published_ready(h.user_id, doors, super::probe::GLANCE)
             .await;
-        match (&published, doors) {
-            (Ok(()), Doors::SiteAndSsh { .. }) => self.ssh_answered(&h.vm_id),
-            (Ok(()), Doors::Site) => {}
-            (Err(_), _) => self.forget_ssh_answer(&h.vm_id),
-        }
+        let outcome = match &published {
+            Ok(()) => Outcome::Answered,
+            Err(_) if looked.elapsed() >= super::probe::GLANCE => Outcome::Silent,
+            Err(_) => Outcome::Refused,
+        };
+        let failed_looks = locked(&self.looks).record(&h.vm_id, knock, outcome, Instant::now());
         let verdict = match published {
             Ok(()) if steady => Ok(()),
+            // SSH is not knocked on yet (its last knocks found no banner):
+            // nothing new to say.
+            Ok(()) if !knock => return Ok(()),
             Ok(()) => steps::boot_done(&self.ports, &h.vm_id, agentless_patience_over(h)).await,
+            Err(e) if steady && failed_looks < DEMOTE_AFTER => {
+                debug!(error = %chain(&e), failed_looks, "a running hosting did not answer a look");
+                return Ok(());
+            }
             Err(e) => Err(e),
         };
         match verdict {
@@ -308,18 +311,7 @@ impl HostingService {
 
     /// The VM's SSH door answered just now.
     pub(super) fn ssh_answered(&self, vm_id: &str) {
-        locked(&self.ssh_answered).insert(vm_id.to_owned(), Instant::now());
-    }
-
-    /// Within [`SSH_EVERY`].
-    fn ssh_answered_lately(&self, vm_id: &str) -> bool {
-        locked(&self.ssh_answered)
-            .get(vm_id)
-            .is_some_and(|at| at.elapsed() < SSH_EVERY)
-    }
-
-    pub(super) fn forget_ssh_answer(&self, vm_id: &str) {
-        locked(&self.ssh_answered).remove(vm_id);
+        locked(&self.looks).ssh_answered(vm_id, Instant::now());
     }
 
     /// QEMU is gone (cleanly: ACPI power-down, a bounded wait, then quit).

@@ -24,6 +24,7 @@ pub mod admission;
 pub mod alloc;
 pub mod backups;
 pub mod converge;
+pub mod looks;
 pub mod pool;
 pub mod ports;
 pub mod probe;
@@ -199,8 +200,8 @@ pub struct HostingService {
     last_failure: Mutex<HashMap<i64, String>>,
     /// Backups being taken, by hosting id: their job's progress.
     backups_running: Mutex<HashMap<i64, tokio::sync::watch::Receiver<ports::BackupProgress>>>,
-    /// When each running VM's SSH door last answered, by vm_id.
-    ssh_answered: Mutex<HashMap<String, Instant>>,
+    /// What convergence's looks at each VM's doors found lately.
+    looks: Mutex<looks::Looks>,
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -225,7 +226,7 @@ impl HostingService {
             create_metrics: CreateMetrics::default(),
             last_failure: Mutex::new(HashMap::new()),
             backups_running: Mutex::new(HashMap::new()),
-            ssh_answered: Mutex::new(HashMap::new()),
+            looks: Mutex::new(looks::Looks::default()),
         })
     }
 
@@ -770,7 +771,7 @@ impl HostingService {
             match self.store.delete_hosting(id).await {
                 Ok(()) => {
                     self.forget_lock(id);
-                    self.forget_ssh_answer(&job.launch.vm_id);
+                    locked(&self.looks).forget(&job.launch.vm_id);
                     return Ok(());
                 }
                 Err(e) => left.push(format!("row: {}", chain(&e))),
