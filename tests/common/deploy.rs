@@ -29,12 +29,17 @@ pub struct Deployment {
 
 impl Deployment {
     pub fn new() -> Self {
+        Self::with_ssh_ports(20)
+    }
+
+    /// A deployment whose SSH port range holds `ports` (one per hosting).
+    pub fn with_ssh_ports(ports: u16) -> Self {
         let state = tempfile::Builder::new().prefix("wh-e2e-").tempdir().unwrap();
         let netns = unique_name("whe");
         let api_port = free_port();
         let http_port = free_port();
         let (subnet, subnet_reservation) = unique_subnet();
-        let (ports, ports_reservation) = unique_port_range(20);
+        let (ports, ports_reservation) = unique_port_range(ports);
         let mut env = HashMap::new();
         env.insert("WEBHOSTER_STATE_DIR", state.path().display().to_string());
         env.insert("WEBHOSTER_API_ADDR", format!("127.0.0.1:{api_port}"));

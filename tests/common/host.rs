@@ -16,13 +16,15 @@ use rand::Rng;
 
 const RESERVE_DIR: &str = "/run/webhoster-tests";
 
-/// A reservation file, removed on drop.
+/// Reservation files, removed on drop.
 #[derive(Debug)]
-pub struct Reservation(PathBuf);
+pub struct Reservation(Vec<PathBuf>);
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.0);
+        for path in &self.0 {
+            let _ = fs::remove_file(path);
+        }
     }
 }
 
@@ -36,7 +38,7 @@ fn reserve(kind: &str, key: &str) -> Option<Reservation> {
         .create_new(true)
         .open(&path)
         .ok()
-        .map(|_| Reservation(path))
+        .map(|_| Reservation(vec![path]))
 }
 
 /// A short unique name: `prefix` + 6 random base-36 characters + a counter
@@ -79,28 +81,39 @@ pub fn unique_subnet() -> (ipnet::Ipv4Net, Reservation) {
     panic!("no free test subnet");
 }
 
-/// A reserved range of `len` (<= 20) SSH ports in 20000-31999 (below the
-/// kernel's ephemeral range), disjoint from every other test's range.
+/// Port ranges are reserved in slots of this many ports.
+const PORT_SLOT: u16 = 20;
+/// Slots in 20000-31999 (below the kernel's ephemeral range).
+const PORT_SLOTS: u16 = 600;
+
+/// A reserved range of `len` SSH ports in 20000-31999, disjoint from every
+/// other test's range: it takes whole slots of [`PORT_SLOT`], each reserved.
 pub fn unique_port_range(len: u16) -> (RangeInclusive<u16>, Reservation) {
-    assert!((1..=20).contains(&len));
+    let slots = len.div_ceil(PORT_SLOT);
+    assert!((1..=PORT_SLOTS / 2).contains(&slots), "{len} ports");
     let mut rng = rand::rng();
     for _ in 0..1000 {
-        let slot = rng.random_range(0..600u16);
-        let lo = 20000 + slot * 20;
+        let first = rng.random_range(0..=PORT_SLOTS - slots);
+        let lo = 20000 + first * PORT_SLOT;
         let range = lo..=lo + len - 1;
         // Reserve before probing: a probe binds each port for a moment, and
         // must never do that inside a range another test already holds.
-        let Some(r) = reserve("ports", &lo.to_string()) else {
-            continue;
-        };
-        if range
-            .clone()
-            .all(|p| webhoster::net::alloc::port_is_free(Ipv4Addr::UNSPECIFIED, p))
+        let mut held = Reservation(Vec::new());
+        for slot in first..first + slots {
+            match reserve("ports", &(20000 + slot * PORT_SLOT).to_string()) {
+                Some(mut r) => held.0.append(&mut r.0),
+                None => break,
+            }
+        }
+        if held.0.len() == usize::from(slots)
+            && range
+                .clone()
+                .all(|p| webhoster::net::alloc::port_is_free(Ipv4Addr::UNSPECIFIED, p))
         {
-            return (range, r);
+            return (range, held);
         }
     }
-    panic!("no free test port range");
+    panic!("no free test port range of {len}");
 }
 
 /// Run a command to completion (stdout/stderr captured).
