@@ -20,14 +20,17 @@ pub const SSH_EVERY: Duration = Duration::from_secs(60);
 
 /// The wait before the next knock after this many silent looks in a row
 /// (the last entry for more): a guest that takes the connection and stays
-/// silent is knocked on less and less often. A guest that refuses (it is
+/// silent is knocked on less and less often, once an [`SSH_EVERY`] at the
+/// least. A guest that refuses (it is
 /// coming up) is knocked on again at the next pass: that costs it nothing.
-const SSH_RETRY: [Duration; 5] = [
+const SSH_RETRY: [Duration; 7] = [
     Duration::ZERO,
     Duration::ZERO,
     Duration::from_secs(5),
     Duration::from_secs(10),
     Duration::from_secs(20),
+    Duration::from_secs(40),
+    SSH_EVERY,
 ];
 
 /// What a look found.
@@ -155,14 +158,20 @@ mod tests {
         looks.record(VM, true, Outcome::Silent, at(11));
         assert!(!looks.knock_ssh(VM, false, at(20)));
         assert!(looks.knock_ssh(VM, false, at(21)), "10 s after the fourth");
-        for s in [21, 41, 61] {
+        looks.record(VM, true, Outcome::Silent, at(21));
+        assert!(!looks.knock_ssh(VM, false, at(40)));
+        assert!(looks.knock_ssh(VM, false, at(41)), "20 s after the fifth");
+        for s in [41, 81, 141] {
             looks.record(VM, true, Outcome::Silent, at(s));
         }
-        assert!(!looks.knock_ssh(VM, false, at(80)), "20 s at most, and no less");
-        assert!(looks.knock_ssh(VM, false, at(81)));
-        assert_eq!(looks.record(VM, true, Outcome::Answered, at(81)), 0);
         assert!(
-            !looks.knock_ssh(VM, true, at(82)),
+            !looks.knock_ssh(VM, false, at(200)),
+            "a minute at most, and no less"
+        );
+        assert!(looks.knock_ssh(VM, false, at(201)));
+        assert_eq!(looks.record(VM, true, Outcome::Answered, at(201)), 0);
+        assert!(
+            !looks.knock_ssh(VM, true, at(202)),
             "answered: once a minute again"
         );
     }
