@@ -258,8 +258,8 @@ impl HostingService {
     /// site answers through nginx, SSH accepts, and (coming from another
     /// state) the guest says its boot is over; else `starting`, with what
     /// did not answer as the last error (a running hosting after
-    /// [`DEMOTE_AFTER`] failed looks in a row). When to knock on SSH, and
-    /// the failed looks, are `looks`'.
+    /// [`DEMOTE_AFTER`] failed looks in a row). `looks` decides when to
+    /// knock on SSH and counts the failed looks.
     async fn observe(&self, h: &mut Hosting, repaired: bool) -> Result<(), HostingError> {
         let steady = h.state == HostingState::Running && !repaired;
         let knock = locked(&self.looks).knock_ssh(&h.vm_id, steady, Instant::now());

@@ -18,10 +18,11 @@ use std::time::{Duration, Instant};
 /// 18-22 % of a host core, 3-4 % without.
 pub const SSH_EVERY: Duration = Duration::from_secs(60);
 
-/// The wait before the next knock after this many silent looks in a row
-/// (the last entry for more): a guest that takes the connection and stays
-/// silent is knocked on less and less often, once an [`SSH_EVERY`] at the
-/// least. A guest that refuses (it is
+/// The wait before the next knock after this many silent knocks in a row
+/// (the last entry for more). The first two retries come at the next pass,
+/// so a running hosting's [`DEMOTE_AFTER`] looks take seconds; then a guest
+/// that takes the connection and stays silent is knocked on less and less
+/// often, once an [`SSH_EVERY`] at the least. A guest that refuses (it is
 /// coming up) is knocked on again at the next pass: that costs it nothing.
 const SSH_RETRY: [Duration; 7] = [
     Duration::ZERO,
