@@ -90,6 +90,13 @@ const POLL: Duration = Duration::from_secs(1);
 /// How long after the create's 201 new SSH connections must keep working:
 /// cloud-init's late modules (which restarted sshd at ~7 s) are over by then.
 const SSH_WINDOW: Duration = Duration::from_secs(15);
+/// How long a banner probe in that window waits. A restart of sshd refuses
+/// or resets at once; a late banner is a guest busy with the quickstart's
+/// own logins (each costs a second of TCG guest CPU), which a user's `ssh`
+/// waits out (it has no banner timeout by default). 3 s failed once in CI
+/// while the guest's one vCPU served the upload and the host refilled the
+/// pool; the slowest banner is reported.
+const BANNER_PATIENCE: Duration = Duration::from_secs(10);
 /// After `kill -9`, how long the API may still say `running` before it has
 /// noticed: QEMU's exit is seen at once (QMP socket closed, child exited), so
 /// this only covers one poll in flight.
@@ -736,18 +743,20 @@ async fn quickstart(lc: &mut Lifecycle) {
     let addr = lc.ssh_addr();
     let prober = std::thread::spawn(move || {
         let mut failed = Vec::new();
-        let mut tries = 0;
+        let (mut tries, mut slowest) = (0, Duration::ZERO);
         while Instant::now() < window_end {
             tries += 1;
-            if let Err(e) = ssh_banner(addr, Duration::from_secs(3)) {
-                failed.push(format!(
+            let knocked = Instant::now();
+            match ssh_banner(addr, BANNER_PATIENCE) {
+                Ok(_) => slowest = slowest.max(knocked.elapsed()),
+                Err(e) => failed.push(format!(
                     "{:.1} s after the 201: {e}",
                     created_at.elapsed().as_secs_f64()
-                ));
+                )),
             }
             std::thread::sleep(Duration::from_millis(500));
         }
-        (tries, failed)
+        (tries, slowest, failed)
     });
 
     // What a user pastes: no pause, no retry.
@@ -830,16 +839,18 @@ async fn quickstart(lc: &mut Lifecycle) {
             )
         },
     );
-    let (tries, failed) = prober.join().expect("banner prober");
+    let (tries, slowest, failed) = prober.join().expect("banner prober");
     lc.check(failed.is_empty(), || {
         format!(
-            "quickstart: {} of {tries} new connections to the SSH port got no banner within \
-             {SSH_WINDOW:?} of the 201: {failed:?}",
+            "quickstart: {} of {tries} new connections to the SSH port in the {SSH_WINDOW:?} \
+             after the 201 got no banner within {BANNER_PATIENCE:?}: {failed:?}",
             failed.len()
         )
     });
     lc.note(format!(
-        "quickstart: {n} SSH/SFTP sessions and {tries} banner probes in the {SSH_WINDOW:?} after the 201"
+        "quickstart: {n} SSH/SFTP sessions and {tries} banner probes in the {SSH_WINDOW:?} after \
+         the 201; the slowest banner came after {:.1} s",
+        slowest.as_secs_f64()
     ));
 }
 
