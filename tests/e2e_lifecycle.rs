@@ -1598,8 +1598,9 @@ async fn guest_reboot(lc: &mut Lifecycle) {
         )
         .await;
     if !watch.lies.is_empty() {
-        // Reported, not failed: a reboot inside the guest is the same QEMU
-        // going on, which the API does not follow as a restart.
+        // Reported, not failed: the API follows the reboot from the guest's
+        // reset on (the same QEMU goes on), and the guest's shutdown before
+        // it is seen only by looks.
         lc.note(format!(
             "during the guest reboot, {} polls said running while the site was down",
             watch.lies.len()

@@ -553,6 +553,36 @@ async fn ssh_is_knocked_on_sparingly_once_running(db: Db) {
     drop(rig.db);
 }
 
+/// A guest that rebooted is `starting` at the next pass: a known outage does
+/// not wait for three failed looks. It is `running` again once it answers.
+async fn a_guest_reboot_is_not_running(db: Db) {
+    let rig = Rig::new(db).await;
+    let user = rig.user("rhea").await;
+    let created = rig.svc.create(&user, key(), true).await.unwrap();
+    let hosting = || async { rig.store.hosting_by_user(user.id).await.unwrap().unwrap() };
+    rig.svc.converge_all().await.unwrap();
+    assert_eq!(hosting().await.state, HostingState::Running);
+
+    rig.world.reboot_guest(&created.hosting.vm_id);
+    rig.world.fail_on("probe.published_ready");
+    rig.svc.converge_all().await.unwrap();
+    let h = hosting().await;
+    assert_eq!(h.state, HostingState::Starting, "one pass after the reboot");
+    assert!(
+        h.last_error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("not answering yet")),
+        "{:?}",
+        h.last_error
+    );
+    rig.world.clear_faults();
+    rig.svc.converge_all().await.unwrap();
+    assert_eq!(hosting().await.state, HostingState::Running, "answered again");
+    rig.svc.converge_all().await.unwrap();
+    assert_eq!(hosting().await.state, HostingState::Running, "told once");
+    drop(rig.db);
+}
+
 /// DELETE of a hosting whose create hangs: the create is cancelled and
 /// everything it made is removed.
 async fn delete_cancels_a_create_in_flight(db: Db) {
@@ -967,6 +997,7 @@ both_backends!(
     a_lost_guard_is_put_back_in_place,
     power_calls_are_idempotent_and_repair,
     ssh_is_knocked_on_sparingly_once_running,
+    a_guest_reboot_is_not_running,
     delete_cancels_a_create_in_flight,
     a_panicking_create_is_rolled_back,
     the_reaper_removes_orphans,

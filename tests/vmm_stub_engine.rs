@@ -894,6 +894,11 @@ async fn vm_runs_in_its_cgroup_as_its_own_id_with_private_files() {
     })
     .await;
     assert_eq!(engine.status(&spec.vm_id).unwrap().pid, Some(pid));
+    // The supervisor counts it: convergence sees the outage by it.
+    wait_for("the reset counted", Duration::from_secs(10), || {
+        engine.status(&spec.vm_id).unwrap().resets >= 1
+    })
+    .await;
 
     // A stop removes the cgroup, a start makes it again.
     engine

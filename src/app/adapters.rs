@@ -305,6 +305,10 @@ impl VmEngine for EngineAdapter {
         self.engine.status(vm_id).map(|status| run_state(status.state))
     }
 
+    fn guest_resets(&self, vm_id: &str) -> u64 {
+        self.engine.status(vm_id).map_or(0, |status| status.resets)
+    }
+
     async fn guest_boot(&self, vm_id: &str) -> GuestBoot {
         match self.engine.guest_system_state(vm_id).await {
             Ok(vmm::GuestSystemState::Running) => GuestBoot::Done,

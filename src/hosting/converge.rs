@@ -205,7 +205,12 @@ impl HostingService {
                 engine.restart(&job.launch).await.map_err(vm_err("restarting"))?;
                 repaired.push("qemu");
             }
-            Some(VmRunState::Running) => {}
+            Some(VmRunState::Running) => {
+                let resets = engine.guest_resets(&h.vm_id);
+                if locked(&self.looks).rebooted(&h.vm_id, resets) && h.state == HostingState::Running {
+                    self.leave_running(h, "the guest rebooted").await?;
+                }
+            }
             Some(VmRunState::Paused) => {
                 if h.state != HostingState::Paused {
                     let why = "the guest is paused (an I/O error or a full disk)";

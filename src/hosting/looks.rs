@@ -1,6 +1,6 @@
 //! What convergence remembers of each hosting's doors between passes: when
-//! its SSH door last answered or how many knocks in a row it did not, and how
-//! many looks in a row failed.
+//! its SSH door last answered or how many knocks in a row it did not, how
+//! many looks in a row failed, and how many guest reboots it has seen.
 //!
 //! Knocking on SSH is what costs a guest: each connection makes its sshd
 //! re-execute itself (OpenSSH 9.2), about 0.65 s of a TCG guest's CPU. A
@@ -61,6 +61,8 @@ enum Ssh {
 struct Memory {
     ssh: Option<Ssh>,
     failed_looks: u32,
+    /// The engine's count of the guest's resets at the last pass.
+    resets: Option<u64>,
 }
 
 /// By vm_id.
@@ -107,13 +109,18 @@ impl Looks {
 
     /// SSH answered just now (a create's own readiness check).
     pub fn ssh_answered(&mut self, vm_id: &str, now: Instant) {
-        self.0.insert(
-            vm_id.to_owned(),
-            Memory {
-                ssh: Some(Ssh::Answered(now)),
-                failed_looks: 0,
-            },
-        );
+        let m = self.0.entry(vm_id.to_owned()).or_default();
+        m.ssh = Some(Ssh::Answered(now));
+        m.failed_looks = 0;
+    }
+
+    /// Whether the guest rebooted since the last pass: `resets` (the
+    /// engine's count) changed. A reboot is a known outage, so it must not
+    /// wait for [`DEMOTE_AFTER`] failed looks; the first count seen is
+    /// only remembered.
+    pub fn rebooted(&mut self, vm_id: &str, resets: u64) -> bool {
+        let m = self.0.entry(vm_id.to_owned()).or_default();
+        m.resets.replace(resets).is_some_and(|seen| seen != resets)
     }
 
     pub fn forget(&mut self, vm_id: &str) {
@@ -194,6 +201,17 @@ mod tests {
             !looks.knock_ssh(VM, false, t0),
             "a site look leaves the knocks' backoff"
         );
+    }
+
+    #[test]
+    fn a_reboot_is_told_once_and_the_first_count_is_only_remembered() {
+        let t0 = Instant::now();
+        let mut looks = Looks::default();
+        assert!(!looks.rebooted(VM, 4), "a restarted webhoster knows no past");
+        assert!(!looks.rebooted(VM, 4));
+        looks.ssh_answered(VM, t0);
+        assert!(looks.rebooted(VM, 5), "the count survives other memories");
+        assert!(!looks.rebooted(VM, 5), "told once");
     }
 
     #[test]

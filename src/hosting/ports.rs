@@ -134,6 +134,9 @@ pub trait VmEngine: Send + Sync {
     async fn destroy(&self, vm_id: &str) -> Result<(), PortError>;
     /// None: the engine does not know the VM (not started since this start).
     fn run_state(&self, vm_id: &str) -> Option<VmRunState>;
+    /// How many times the guest reset itself (rebooted) while this engine
+    /// watched its QEMU: a change is an outage that needs no look to see.
+    fn guest_resets(&self, vm_id: &str) -> u64;
     /// Whether the guest's boot is over, asked of the guest.
     async fn guest_boot(&self, vm_id: &str) -> GuestBoot;
     /// vm_ids with a directory or a QEMU process on this host (for the reaper).

@@ -171,6 +171,8 @@ pub struct VmStatus {
     pub pid: Option<i32>,
     /// When the VM entered `state`.
     pub since: SystemTime,
+    /// Guest resets (reboots) this webhoster has seen.
+    pub resets: u64,
 }
 
 /// One state change, for the orchestrator to persist.

@@ -50,6 +50,7 @@ struct Runtime {
     stopping: bool,
     supervisor: Option<tokio::task::AbortHandle>,
     crashes: VecDeque<Instant>,
+    resets: u64,
 }
 
 impl Registry {
@@ -90,6 +91,7 @@ impl Registry {
                         stopping: false,
                         supervisor: None,
                         crashes: VecDeque::new(),
+                        resets: 0,
                     }),
                 })
             })
@@ -170,7 +172,13 @@ impl Vm {
             state: rt.state,
             pid: rt.pid.map(QemuPid::get),
             since: rt.since,
+            resets: rt.resets,
         }
+    }
+
+    /// The guest reset itself (a reboot): the same QEMU goes on.
+    pub fn note_reset(&self) {
+        self.rt.lock().unwrap().resets += 1;
     }
 
     pub fn state(&self) -> VmState {

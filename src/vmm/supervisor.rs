@@ -195,6 +195,7 @@ async fn watch(sup: &Supervision, vm: &Vm, attached: &mut Attached) -> Option<Ex
                 }
                 Some(QmpEvent::Reset { guest, reason }) => {
                     tracing::info!(guest, %reason, "guest reset (reboot)");
+                    vm.note_reset();
                 }
                 // A pause on the way out (powerdown, quit) is part of the
                 // stop; one the engine made (a warmed-up clone) is Paused

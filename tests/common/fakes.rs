@@ -58,6 +58,8 @@ struct World {
     system_probes: usize,
     /// The engine makes templates and warm clones.
     templates: bool,
+    /// vm_id -> guest resets.
+    resets: std::collections::HashMap<String, u64>,
 }
 
 pub struct FakeWorld {
@@ -149,6 +151,11 @@ impl FakeWorld {
             vm_id: vm_id.to_owned(),
             state,
         });
+    }
+
+    /// The guest reboots itself, as the supervisor would count it.
+    pub fn reboot_guest(&self, vm_id: &str) {
+        *self.w().resets.entry(vm_id.to_owned()).or_default() += 1;
     }
 
     pub fn calls(&self) -> Vec<String> {
@@ -394,6 +401,9 @@ impl VmEngine for FakeWorld {
                 VmRunState::Stopped
             }
         })
+    }
+    fn guest_resets(&self, vm_id: &str) -> u64 {
+        self.w().resets.get(vm_id).copied().unwrap_or(0)
     }
     async fn guest_boot(&self, vm_id: &str) -> GuestBoot {
         let _ = self.enter("engine.guest_boot", vm_id).await;
