@@ -349,7 +349,7 @@ pub fn qemu_args(a: &QemuArgs) -> Vec<String> {
         "-initrd".into(),
         a.image.initrd.display().to_string(),
         "-append".into(),
-        image::KERNEL_CMDLINE.into(),
+        webhoster::vmm::cmdline::guest_append(image::KERNEL_CMDLINE, webhoster::vmm::AccelChoice::Tcg),
         "-drive".into(),
         format!("file={},if=virtio,format=qcow2", a.disk.display()),
         "-drive".into(),

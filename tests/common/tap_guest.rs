@@ -108,7 +108,11 @@ pub async fn boot(
         .arg(&img.kernel)
         .arg("-initrd")
         .arg(&img.initrd)
-        .args(["-append", webhoster::image::KERNEL_CMDLINE])
+        .arg("-append")
+        .arg(webhoster::vmm::cmdline::guest_append(
+            webhoster::image::KERNEL_CMDLINE,
+            webhoster::vmm::AccelChoice::Tcg,
+        ))
         .arg("-drive")
         .arg(format!("file={},if=virtio,format=qcow2", disk.display()))
         .arg("-drive")
