@@ -180,6 +180,27 @@ async fn agent_ready_state_writeback_bound_and_clean_powerdown() {
         "sshd was signalled during boot:\n{sshd_log}"
     );
 
+    // Ready is read from the target's flag file, and the flag goes with the
+    // target: with sshd stopped the guest is not ready, and it is again once
+    // the target is back.
+    guest_sh(&engine, &vm_id, "test -f /run/webhoster-ready/doors-open").await;
+    guest_sh(&engine, &vm_id, "systemctl stop ssh.service").await;
+    assert_eq!(
+        engine.guest_system_state(&vm_id).await.unwrap(),
+        GuestSystemState::Starting,
+        "sshd stopped, the guest still said it was ready"
+    );
+    guest_sh(&engine, &vm_id, "systemctl start webhoster-ready.target").await;
+    let back = Instant::now();
+    while engine.guest_system_state(&vm_id).await.unwrap() != GuestSystemState::Running {
+        assert!(
+            back.elapsed() < Duration::from_secs(60),
+            "the target is back but its flag is not"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(ssh_ok(&key, ssh_port, "hostname"), "lifecycle");
+
     // The agent's calls on the real qemu-ga.
     {
         let mut agent = engine.guest_agent(&vm_id).await.unwrap();

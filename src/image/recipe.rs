@@ -104,6 +104,11 @@ pub const FILES: &[(&str, &str, bool)] = &[
         false,
     ),
     (
+        "overlay/etc/systemd/system/webhoster-ready-flag.service",
+        include_str!("../../images/overlay/etc/systemd/system/webhoster-ready-flag.service"),
+        false,
+    ),
+    (
         "overlay/etc/tmpfiles.d/systemd-nologin.conf",
         include_str!("../../images/overlay/etc/tmpfiles.d/systemd-nologin.conf"),
         false,

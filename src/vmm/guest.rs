@@ -25,6 +25,15 @@ const MAX_STATE_LEN: usize = 32;
 /// under TCG goes on for seconds after the doors are open.
 const READY_TARGET: &str = "webhoster-ready.target";
 
+/// Exists while [`READY_TARGET`] is active (`webhoster-ready-flag.service`,
+/// bound to it). Read through `guest-file-open`: asking `systemctl` starts
+/// a process in the guest, 0.4-0.7 s under TCG at every poll of a booting
+/// guest.
+const READY_FLAG: &str = "/run/webhoster-ready/doors-open";
+/// The flag's unit: an image that has it writes the flag, so a missing flag
+/// means "not yet" without asking `systemctl`.
+const READY_FLAG_UNIT: &str = "/etc/systemd/system/webhoster-ready-flag.service";
+
 /// What `systemctl show --property=LoadState,ActiveState` says of
 /// [`READY_TARGET`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,8 +120,9 @@ impl Engine {
             })
     }
 
-    /// Ask the guest whether it is ready ([`READY_TARGET`]; for an image
-    /// without it, whether its whole boot is over). `Running` is "ready
+    /// Ask the guest whether it is ready ([`READY_TARGET`], read as
+    /// [`READY_FLAG`]; for an image without it, whether its whole boot is
+    /// over). `Running` is "ready
     /// means ready". A guest whose agent does not answer (yet) is
     /// [`GuestSystemState::NoAgent`], not an error: poll again.
     pub async fn guest_system_state(&self, vm_id: &str) -> Result<GuestSystemState, VmmError> {
@@ -127,6 +137,15 @@ impl Engine {
             vm_id: vm_id.to_owned(),
             source,
         };
+        if agent.file_opens(READY_FLAG).await.map_err(agent_err)? {
+            tracing::debug!(vm_id, "guest ready flag found");
+            return Ok(GuestSystemState::Running);
+        }
+        if agent.file_opens(READY_FLAG_UNIT).await.map_err(agent_err)? {
+            return Ok(GuestSystemState::Starting);
+        }
+        // An image from before the flag, or an agent that refuses file
+        // commands: systemd is asked.
         let show = ["show", "--property=LoadState,ActiveState", READY_TARGET];
         let out = agent
             .exec_with_timeout("/bin/systemctl", &show, SYSTEM_STATE_TIMEOUT)

@@ -373,6 +373,33 @@ impl QgaClient {
             .map(drop)
     }
 
+    /// Whether the guest can open `path` for reading: `guest-file-open`,
+    /// then `guest-file-close`. qemu-ga opens it itself, so no process
+    /// starts in the guest. Any refusal (no such file, or a guest whose
+    /// agent blocks file commands) is `false`.
+    pub async fn file_opens(&mut self, path: &str) -> Result<bool, QgaError> {
+        let open = self
+            .call::<i64>(
+                "guest-file-open",
+                Some(json!({"path": path, "mode": "r"})),
+                COMMAND_TIMEOUT,
+            )
+            .await;
+        match open {
+            Ok(handle) => {
+                self.call::<Value>(
+                    "guest-file-close",
+                    Some(json!({"handle": handle})),
+                    COMMAND_TIMEOUT,
+                )
+                .await?;
+                Ok(true)
+            }
+            Err(QgaError::Refused { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `guest-get-time`: the guest's clock, in nanoseconds since 1970.
     /// Answered by qemu-ga itself (no process started), so it is read within
     /// the round trip of this call.
@@ -764,6 +791,26 @@ mod tests {
         let agent = FakeAgent::start(b"", |_| line(json!({"return": 1_700_000_000_123_456_789i64})));
         let mut client = agent.connect().await.unwrap();
         assert_eq!(client.get_time_ns().await.unwrap(), 1_700_000_000_123_456_789);
+    }
+
+    #[tokio::test]
+    async fn a_file_opens_and_is_closed_or_is_refused() {
+        let agent = FakeAgent::start(b"", |request| match request["execute"].as_str().unwrap() {
+            "guest-file-open" if request["arguments"]["path"] == "/run/there" => {
+                line(json!({"return": 1000}))
+            }
+            "guest-file-open" => line(json!({"error": {"class": "GenericError",
+                "desc": "failed to open file '/run/not-there' (mode: 'r'): No such file or directory"}})),
+            "guest-file-close" if request["arguments"]["handle"] == 1000 => line(json!({"return": {}})),
+            other => panic!("{other}"),
+        });
+        let mut client = agent.connect().await.unwrap();
+        assert!(client.file_opens("/run/there").await.unwrap());
+        assert!(!client.file_opens("/run/not-there").await.unwrap());
+        assert_eq!(
+            agent.commands(),
+            ["guest-file-open", "guest-file-close", "guest-file-open"]
+        );
     }
 
     #[tokio::test]
