@@ -509,7 +509,7 @@ async fn async_create(db: Db) {
     // Progress: a create stuck at a step shows it; a DELETE cancels it.
     let token2 = api.user("grace").await;
     let t2 = Some(token2.as_str());
-    api.world.hang_on("probe.guest_ready");
+    api.world.hang_on("probe.guest_site");
     let (s, _) = api.call(Method::POST, "/api/v1/host?wait=false", t2, None).await;
     assert_eq!(s, 202);
     let mut steps_seen = Vec::new();

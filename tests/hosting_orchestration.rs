@@ -513,12 +513,20 @@ async fn ssh_is_knocked_on_sparingly_once_running(db: Db) {
         rig.world.calls().iter().filter(|c| **c == want).count()
     };
     let state = || async { rig.store.hosting_by_user(user.id).await.unwrap().unwrap().state };
-    let ssh_at_create = looks("site+ssh");
-    assert!(ssh_at_create >= 1, "publish reads the banner");
+    let (site_at_create, ssh_at_create) = (looks("site"), looks("site+ssh"));
+    let forwarded = |c: &&String| c.starts_with("probe.forwarded_ssh ");
+    assert!(
+        rig.world.calls().iter().filter(forwarded).count() >= 1,
+        "the cold create reads the banner through the forward"
+    );
     for _ in 0..3 {
         rig.svc.converge_all().await.unwrap();
     }
-    assert_eq!(looks("site"), 3, "the site is looked at every pass");
+    assert_eq!(
+        looks("site"),
+        site_at_create + 3,
+        "the site is looked at every pass"
+    );
     assert_eq!(looks("site+ssh"), ssh_at_create, "SSH answered at the create");
 
     rig.world.fail_on("probe.published_ready");
@@ -531,7 +539,10 @@ async fn ssh_is_knocked_on_sparingly_once_running(db: Db) {
             "one failed look is no outage"
         );
     }
-    assert_eq!((looks("site"), looks("site+ssh")), (4, ssh_at_create + 1));
+    assert_eq!(
+        (looks("site"), looks("site+ssh")),
+        (site_at_create + 4, ssh_at_create + 1)
+    );
     rig.svc.converge_all().await.unwrap();
     assert_eq!(
         state().await,
@@ -549,7 +560,11 @@ async fn ssh_is_knocked_on_sparingly_once_running(db: Db) {
     assert_eq!(state().await, HostingState::Running, "{:?}", rig.world.calls());
     assert_eq!(looks("site+ssh"), ssh_at_create + 4);
     rig.svc.converge_all().await.unwrap();
-    assert_eq!(looks("site"), 5, "answered: the site alone again");
+    assert_eq!(
+        looks("site"),
+        site_at_create + 5,
+        "answered: the site alone again"
+    );
     drop(rig.db);
 }
 

@@ -117,7 +117,7 @@ async fn kill9_mid_create_then_restart(kind: Db) {
     let base = format!("http://{api}");
     let client = reqwest::Client::new();
 
-    let mut child = spawn_child(&state, &api, &db.url, Some("probe.guest_ready"));
+    let mut child = spawn_child(&state, &api, &db.url, Some("probe.guest_site"));
     wait_healthy(&client, &base).await;
     let reg = serde_json::json!({"email": "pat@example.com", "username": "pat", "password": "password123"});
     let r = client

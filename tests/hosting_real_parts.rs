@@ -71,8 +71,11 @@ struct SplitProbe {
 
 #[async_trait]
 impl GuestProbe for SplitProbe {
-    async fn guest_ready(&self, ip: Ipv4Addr, patience: Duration) -> Result<(), PortError> {
-        self.guest.guest_ready(ip, patience).await
+    async fn guest_site(&self, ip: Ipv4Addr, patience: Duration) -> Result<(), PortError> {
+        self.guest.guest_site(ip, patience).await
+    }
+    async fn forwarded_ssh(&self, ssh_port: u16, patience: Duration) -> Result<(), PortError> {
+        self.published.forwarded_ssh(ssh_port, patience).await
     }
     async fn published_ready(&self, user_id: i64, doors: Doors, patience: Duration) -> Result<(), PortError> {
         self.published.published_ready(user_id, doors, patience).await

@@ -91,7 +91,7 @@ pub enum VmRunState {
 }
 
 /// What the guest itself says about its boot, through the guest agent: the
-/// image's `webhoster-ready.target`, or for an image
+/// image's `webhoster-ready.target` (its flag file), or for an image
 /// without it `systemctl is-system-running`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GuestBoot {
@@ -257,10 +257,14 @@ pub trait SeedWriter: Send + Sync {
 /// Readiness checks, from the host.
 #[async_trait]
 pub trait GuestProbe: Send + Sync {
-    /// The guest answers HTTP on ip:80 and shows an SSH banner on ip:22.
-    /// Called repeatedly by the orchestrator until its deadline. `patience`:
-    /// how long a door that took the connection may take to answer.
-    async fn guest_ready(&self, guest_ip: Ipv4Addr, patience: Duration) -> Result<(), PortError>;
+    /// The guest answers HTTP on ip:80. Called repeatedly by the
+    /// orchestrator until its deadline. `patience`: how long the door may
+    /// take to answer once it took the connection. SSH is not knocked on
+    /// here: each connection re-executes the guest's sshd, and `publish`
+    /// reads the banner through the forward anyway.
+    async fn guest_site(&self, guest_ip: Ipv4Addr, patience: Duration) -> Result<(), PortError>;
+    /// SSH shows its banner through the host's forward `ssh_port`.
+    async fn forwarded_ssh(&self, ssh_port: u16, patience: Duration) -> Result<(), PortError>;
     /// The site answers through nginx at `/<user_id>/` and, when `doors`
     /// says so, SSH answers on the host's forward port.
     async fn published_ready(&self, user_id: i64, doors: Doors, patience: Duration) -> Result<(), PortError>;

@@ -103,13 +103,22 @@ pub async fn ssh_banner(addr: SocketAddr, patience: Duration) -> Result<(), Port
 
 #[async_trait]
 impl GuestProbe for TcpProbe {
-    async fn guest_ready(&self, guest_ip: Ipv4Addr, patience: Duration) -> Result<(), PortError> {
-        let host = guest_ip.to_string();
-        let (http, ssh) = tokio::join!(
-            http_ok(SocketAddr::new(guest_ip.into(), 80), &host, "/", patience),
-            ssh_banner(SocketAddr::new(guest_ip.into(), 22), patience),
-        );
-        http.and(ssh)
+    async fn guest_site(&self, guest_ip: Ipv4Addr, patience: Duration) -> Result<(), PortError> {
+        http_ok(
+            SocketAddr::new(guest_ip.into(), 80),
+            &guest_ip.to_string(),
+            "/",
+            patience,
+        )
+        .await
+    }
+
+    async fn forwarded_ssh(&self, ssh_port: u16, patience: Duration) -> Result<(), PortError> {
+        ssh_banner(
+            reachable(SocketAddr::new(self.ssh_bind.into(), ssh_port)),
+            patience,
+        )
+        .await
     }
 
     async fn published_ready(&self, user_id: i64, doors: Doors, patience: Duration) -> Result<(), PortError> {

@@ -143,13 +143,22 @@ pub async fn run(
         // would cost the guest a second sshd start, untranslated under TCG
         // in a new QEMU (0.3-0.5 s).
         Step::Ready if path == CreatePath::Warm => Ok(()),
+        // A booting guest: its site answers, its ready target says sshd
+        // listens and nothing in the boot restarts it, and SSH answers
+        // through the forward. Each is awaited on its own, so one that
+        // cannot answer yet (no agent: 5 s to find out; no address: ARP's
+        // retries) does not hold back another's retries, and the banner is
+        // read while the guest still writes its ready flag. It is read
+        // once: each connection re-executes the guest's sshd, so `publish`
+        // does not knock again.
         Step::Ready => {
-            let ip = job.launch.guest_ip;
-            wait_until(ready, || async move {
-                ports.probe.guest_ready(ip, ANSWER_PATIENCE).await?;
-                boot_done(ports, vm_id, false).await
-            })
-            .await
+            let (ip, ssh_port) = (job.launch.guest_ip, job.launch.ssh_port);
+            tokio::try_join!(
+                wait_until(ready, || ports.probe.guest_site(ip, ANSWER_PATIENCE)),
+                wait_until(ready, || boot_done(ports, vm_id, false)),
+                wait_until(ready, || ports.probe.forwarded_ssh(ssh_port, ANSWER_PATIENCE)),
+            )
+            .map(drop)
         }
         Step::Proxy => {
             ports
@@ -162,8 +171,12 @@ pub async fn run(
                 .await
         }
         Step::Publish => {
-            let doors = Doors::SiteAndSsh {
-                ssh_port: job.launch.ssh_port,
+            // A cold create read the banner through the forward in `ready`.
+            let doors = match path {
+                CreatePath::Warm => Doors::SiteAndSsh {
+                    ssh_port: job.launch.ssh_port,
+                },
+                CreatePath::Cold => Doors::Site,
             };
             wait_until(ready, || {
                 ports.probe.published_ready(job.user_id, doors, ANSWER_PATIENCE)

@@ -80,7 +80,7 @@ pub fn step_method(step: Step) -> &'static str {
         Step::Claim => "engine.run_state",
         Step::Resume => "engine.resume_clone",
         Step::Forward => "net.add_forward",
-        Step::Ready => "probe.guest_ready",
+        Step::Ready => "probe.guest_site",
         Step::Proxy => "proxy.add_site",
         Step::Publish => "probe.published_ready",
     }
@@ -578,8 +578,11 @@ impl SeedWriter for FakeWorld {
 
 #[async_trait]
 impl GuestProbe for FakeWorld {
-    async fn guest_ready(&self, guest_ip: Ipv4Addr, _patience: Duration) -> Result<(), PortError> {
-        self.enter("probe.guest_ready", &guest_ip.to_string()).await
+    async fn guest_site(&self, guest_ip: Ipv4Addr, _patience: Duration) -> Result<(), PortError> {
+        self.enter("probe.guest_site", &guest_ip.to_string()).await
+    }
+    async fn forwarded_ssh(&self, ssh_port: u16, _patience: Duration) -> Result<(), PortError> {
+        self.enter("probe.forwarded_ssh", &ssh_port.to_string()).await
     }
     /// Logged as `probe.published_ready <user_id> site` or `... site+ssh`.
     async fn published_ready(
