@@ -260,8 +260,8 @@ pub trait GuestProbe: Send + Sync {
     /// The guest answers HTTP on ip:80. Called repeatedly by the
     /// orchestrator until its deadline. `patience`: how long the door may
     /// take to answer once it took the connection. SSH is not knocked on
-    /// here: each connection re-executes the guest's sshd, and `publish`
-    /// reads the banner through the forward anyway.
+    /// here: each connection re-executes the guest's sshd, and the banner
+    /// is read through the forward ([`GuestProbe::forwarded_ssh`]).
     async fn guest_site(&self, guest_ip: Ipv4Addr, patience: Duration) -> Result<(), PortError>;
     /// SSH shows its banner through the host's forward `ssh_port`.
     async fn forwarded_ssh(&self, ssh_port: u16, patience: Duration) -> Result<(), PortError>;

@@ -233,9 +233,9 @@ impl Switch for Incoming {
 /// Under TCG the guest's Spectre mitigations (retpolines on every indirect
 /// call, barriers on user copies, the RSB stuffed at each switch) are pure
 /// emulation cost: TCG emulates no speculation, and a guest `lfence` is not
-/// a host barrier, so they protect nothing. Without them a cold boot reached
-/// HTTP 2.1 s sooner (14.2 to 12.0 s). Under KVM the guest runs natively and
-/// keeps them.
+/// a host barrier, so they protect nothing. Without them a bare boot reached
+/// its ready target 1.0-1.25 s sooner (three interleaved pairs, 10.3-12.2 s
+/// instead of 11.2-13.4 s). Under KVM the guest runs natively and keeps them.
 pub fn guest_append(image_append: &str, accel: AccelChoice) -> String {
     match accel {
         AccelChoice::Kvm => image_append.to_owned(),

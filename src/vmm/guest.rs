@@ -122,9 +122,9 @@ impl Engine {
 
     /// Ask the guest whether it is ready ([`READY_TARGET`], read as
     /// [`READY_FLAG`]; for an image without it, whether its whole boot is
-    /// over). `Running` is "ready
-    /// means ready". A guest whose agent does not answer (yet) is
-    /// [`GuestSystemState::NoAgent`], not an error: poll again.
+    /// over). `Running` is "ready means ready". A guest whose agent does not
+    /// answer (yet) is [`GuestSystemState::NoAgent`], not an error: poll
+    /// again.
     pub async fn guest_system_state(&self, vm_id: &str) -> Result<GuestSystemState, VmmError> {
         let mut agent = match self.guest_agent(vm_id).await {
             Ok(agent) => agent,
