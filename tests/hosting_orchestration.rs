@@ -514,6 +514,7 @@ async fn ssh_is_knocked_on_sparingly_once_running(db: Db) {
     };
     let state = || async { rig.store.hosting_by_user(user.id).await.unwrap().unwrap().state };
     let (site_at_create, ssh_at_create) = (looks("site"), looks("site+ssh"));
+    assert_eq!(ssh_at_create, 0, "the cold create's publish knocked on SSH again");
     let forwarded = |c: &&String| c.starts_with("probe.forwarded_ssh ");
     assert!(
         rig.world.calls().iter().filter(forwarded).count() >= 1,

@@ -128,8 +128,7 @@ impl GuestProbe for TcpProbe {
         match doors {
             Doors::Site => site.await,
             Doors::SiteAndSsh { ssh_port } => {
-                let ssh = reachable(SocketAddr::new(self.ssh_bind.into(), ssh_port));
-                let (http, ssh) = tokio::join!(site, ssh_banner(ssh, patience));
+                let (http, ssh) = tokio::join!(site, self.forwarded_ssh(ssh_port, patience));
                 http.and(ssh)
             }
         }
