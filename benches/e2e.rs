@@ -133,6 +133,7 @@ async fn create_figures() {
         .unwrap();
 
     // Time to live site, one create at a time.
+    let mut created = Vec::new();
     let mut live = Vec::new();
     let mut breakdowns = Vec::new();
     for run in 0..RUNS {
@@ -140,6 +141,7 @@ async fn create_figures() {
         let started = Instant::now();
         let (status, body) = user.create(&client, &dep.api).await;
         assert_eq!(status, 201, "{body}");
+        created.push(started.elapsed().as_secs_f64());
         let port = body["data"]["hosting"]["ssh_port"].as_u64().unwrap() as u16;
         wait_for("site", Duration::from_secs(600), || {
             dep.get_site(user.id).0 == 200
@@ -152,7 +154,7 @@ async fn create_figures() {
         let secs = started.elapsed().as_secs_f64();
         live.push(secs);
         breakdowns.push(dep.step_timings(body["data"]["hosting"]["vm_id"].as_str().unwrap()));
-        eprintln!("run {run}: live in {secs:.1} s");
+        eprintln!("run {run}: 201 in {:.1} s, live in {secs:.1} s", created[run]);
         user.delete_host(&client, &dep.api).await;
     }
 
@@ -179,6 +181,11 @@ async fn create_figures() {
     }
 
     let (web, qemu) = (median(live.clone()), median(bare.clone()));
+    println!(
+        "cold create, POST -> 201 (site through nginx, SSH answering), {RUNS} runs: {} ({:.2}x bare QEMU's median)",
+        summary(&created),
+        median(created.clone()) / qemu
+    );
     println!(
         "time to live site (POST -> 200 through nginx and SSH login), {RUNS} runs: {}",
         summary(&live)
