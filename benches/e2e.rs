@@ -17,8 +17,10 @@
 //!   timed), each timed from POST to its 201 (which means site and SSH
 //!   ready), then the first site request through nginx and the first SSH
 //!   login right after it; 10 concurrent warm creates by 10 users (pool
-//!   full first): total, failures, ratio to one warm create; PSS of idle
-//!   warm clones' QEMU vs the idle cold VM's, 60 s after their create;
+//!   full first): total, failures, ratio to one warm create; the machine's
+//!   CPU time (busy and stolen) of one warm create and of the ten, and what
+//!   ten need on this machine's cores; PSS of idle warm clones' QEMU vs the
+//!   idle cold VM's, 60 s after their create, then their QEMU's idle CPU;
 //! - `density`: idle `small` VMs created one after another (warm pool of 5).
 //!   Every `E2E_DENSITY_STEP` VMs (default 10) a check: the API's p99
 //!   latency (`GET /api/v1/health`, 200 requests) and whether every site
@@ -412,6 +414,52 @@ fn memory_mib(pid: i32) -> Option<(f64, f64)> {
     Some((field("Pss:")?, field("Rss:")?))
 }
 
+/// The machine's CPU time so far, in seconds, from `/proc/stat`: (busy:
+/// user, nice, system, irq and softirq of all CPUs; stolen by the
+/// hypervisor). Wall time on this shared machine swings with its
+/// neighbours; the CPU a create costs does much less.
+fn machine_cpu() -> (f64, f64) {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<f64> = text
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let at = |i: usize| ticks.get(i).copied().unwrap_or(0.0) / clock_ticks();
+    (at(0) + at(1) + at(2) + at(5) + at(6), at(7))
+}
+
+/// CPU seconds process `pid` has used (user and system), from its `stat`.
+fn process_cpu(pid: i32) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command, which may hold spaces, in parentheses.
+    let fields: Vec<&str> = text.rsplit_once(')')?.1.split_whitespace().collect();
+    let (user, system): (f64, f64) = (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
+    Some((user + system) / clock_ticks())
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf reads a constant of the running system.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz > 0 { hz as f64 } else { 100.0 }
+}
+
+/// How long the CPU of an idle VM's QEMU is sampled.
+const IDLE_CPU_SAMPLE: Duration = Duration::from_secs(10);
+
+/// Milliseconds of CPU per second each of `pids` uses over [`IDLE_CPU_SAMPLE`].
+async fn idle_cpu_ms_per_s(pids: &[i32]) -> Vec<f64> {
+    let before: Vec<Option<f64>> = pids.iter().map(|&p| process_cpu(p)).collect();
+    tokio::time::sleep(IDLE_CPU_SAMPLE).await;
+    pids.iter()
+        .zip(before)
+        .filter_map(|(&p, b)| Some((process_cpu(p)? - b?) * 1000.0 / IDLE_CPU_SAMPLE.as_secs_f64()))
+        .collect()
+}
+
 /// How long an idle VM runs before its memory is read.
 const IDLE_AFTER_CREATE: Duration = Duration::from_secs(60);
 /// Clones the warm part's pool keeps ready: the 10 concurrent creates.
@@ -427,6 +475,8 @@ struct Timed {
     status: u16,
     body: Value,
     secs: f64,
+    /// Machine CPU seconds (busy, stolen) from POST to the answer.
+    cpu: (f64, f64),
     /// (status, seconds) of the first site request.
     site: Option<(u16, f64)>,
     /// (logged in, seconds) of the first SSH login.
@@ -434,13 +484,15 @@ struct Timed {
 }
 
 async fn timed_create(client: &reqwest::Client, dep: &Deployment, user: &User) -> Timed {
-    let started = Instant::now();
+    let (cpu, started) = (machine_cpu(), Instant::now());
     let (status, body) = user.create(client, &dep.api).await;
     let secs = started.elapsed().as_secs_f64();
+    let after = machine_cpu();
     Timed {
         status,
         body,
         secs,
+        cpu: (after.0 - cpu.0, after.1 - cpu.1),
         site: None,
         login: None,
     }
@@ -569,6 +621,15 @@ async fn warm_figures() {
             warm_memory.push(idle_memory(&dep, t.vm_id(), *created).await);
         }
     }
+    // Then their CPU, idle: the guest's timers and webhoster's looks at
+    // its doors, all emulated.
+    let warm_pids: Vec<i32> = runs
+        .iter()
+        .filter(|(_, t, _)| t.status == 201)
+        .filter_map(|(_, t, _)| std::fs::read_to_string(dep.vm_dir(t.vm_id()).join("qemu.pid")).ok())
+        .filter_map(|p| p.trim().parse().ok())
+        .collect();
+    let idle_cpu = idle_cpu_ms_per_s(&warm_pids).await;
     let pool_clone_memory: Vec<(f64, f64)> = std::fs::read_dir(dep.state_dir().join("vms"))
         .into_iter()
         .flatten()
@@ -594,9 +655,11 @@ async fn warm_figures() {
         users.push(sign_up(&client, &api, &unique_name("wconc")).await);
     }
     let before = warm_count(&client, &api).await;
-    let started = Instant::now();
+    let (cpu_before, started) = (machine_cpu(), Instant::now());
     let results = futures::future::join_all(users.iter().map(|u| timed_create(&client, &dep, u))).await;
     let concurrent_secs = started.elapsed().as_secs_f64();
+    let cpu_after = machine_cpu();
+    let concurrent_cpu = (cpu_after.0 - cpu_before.0, cpu_after.1 - cpu_before.1);
     let concurrent_warm = warm_count(&client, &api).await - before;
     let failures = results.iter().filter(|t| t.status != 201).count();
     for t in results.iter().filter(|t| t.status != 201) {
@@ -687,6 +750,34 @@ async fn warm_figures() {
     );
     let each: Vec<f64> = results.iter().map(|t| t.secs).collect();
     println!("  each of the {CONCURRENT}: {}", summary_in(&each, 2, "s"));
+    // What the ratio can reach: ten creates' CPU spread over every core.
+    let one_cpu: Vec<f64> = warm_runs.iter().map(|(_, t, _)| t.cpu.0).collect();
+    let one_steal: Vec<f64> = warm_runs.iter().map(|(_, t, _)| t.cpu.1).collect();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let one_cpu_median = if one_cpu.is_empty() {
+        f64::NAN
+    } else {
+        median(one_cpu.clone())
+    };
+    let floor = CONCURRENT as f64 * one_cpu_median / cores;
+    println!(
+        "machine CPU of one warm create: {} (stolen: {}); on {cores} cores, {CONCURRENT} such creates need {floor:.1} s ({:.2}x one warm create)",
+        summary_in(&one_cpu, 2, "CPU-s"),
+        summary_in(&one_steal, 2, "s"),
+        floor / ones
+    );
+    println!(
+        "machine CPU of the {CONCURRENT} concurrent: {:.1} CPU-s ({:.2} per create, {:.2}x one's), {:.1} s stolen",
+        concurrent_cpu.0,
+        concurrent_cpu.0 / CONCURRENT as f64,
+        concurrent_cpu.0 / CONCURRENT as f64 / one_cpu_median,
+        concurrent_cpu.1
+    );
+    println!(
+        "idle warm VMs' QEMU, {IDLE_CPU_SAMPLE:?} sampled {IDLE_AFTER_CREATE:?} or more after the create ({}): {}",
+        idle_cpu.len(),
+        summary_in(&idle_cpu, 0, "ms of CPU per s")
+    );
     let pss: Vec<f64> = warm_memory.iter().flatten().map(|(p, _)| *p).collect();
     let rss: Vec<f64> = warm_memory.iter().flatten().map(|(_, r)| *r).collect();
     println!(
