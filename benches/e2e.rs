@@ -428,23 +428,8 @@ fn machine_cpu() -> (f64, f64) {
         .skip(1)
         .filter_map(|v| v.parse().ok())
         .collect();
-    let at = |i: usize| ticks.get(i).copied().unwrap_or(0.0) / clock_ticks();
+    let at = |i: usize| ticks.get(i).copied().unwrap_or(0.0) / webhoster::vmm::clock_ticks_per_second();
     (at(0) + at(1) + at(2) + at(5) + at(6), at(7))
-}
-
-/// CPU seconds process `pid` has used (user and system), from its `stat`.
-fn process_cpu(pid: i32) -> Option<f64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command, which may hold spaces, in parentheses.
-    let fields: Vec<&str> = text.rsplit_once(')')?.1.split_whitespace().collect();
-    let (user, system): (f64, f64) = (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
-    Some((user + system) / clock_ticks())
-}
-
-fn clock_ticks() -> f64 {
-    // SAFETY: sysconf reads a constant of the running system.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if hz > 0 { hz as f64 } else { 100.0 }
 }
 
 /// How long the CPU of an idle VM's QEMU is sampled.
@@ -452,6 +437,11 @@ const IDLE_CPU_SAMPLE: Duration = Duration::from_secs(10);
 
 /// Milliseconds of CPU per second each of `pids` uses over [`IDLE_CPU_SAMPLE`].
 async fn idle_cpu_ms_per_s(pids: &[i32]) -> Vec<f64> {
+    let process_cpu = |pid: i32| {
+        webhoster::vmm::process_usage(std::path::Path::new(&format!("/proc/{pid}")))
+            .ok()
+            .map(|(cpu, _)| cpu)
+    };
     let before: Vec<Option<f64>> = pids.iter().map(|&p| process_cpu(p)).collect();
     tokio::time::sleep(IDLE_CPU_SAMPLE).await;
     pids.iter()

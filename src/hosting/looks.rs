@@ -181,9 +181,10 @@ mod tests {
         assert!(looks.knock_ssh(VM, false, at(201)));
         assert_eq!(looks.record(VM, true, Outcome::Answered, at(201)), 0);
         assert!(
-            !looks.knock_ssh(VM, true, at(202)),
+            !looks.knock_ssh(VM, true, at(201 + 299)),
             "answered: every five minutes again"
         );
+        assert!(looks.knock_ssh(VM, true, at(201 + 300)));
     }
 
     #[test]

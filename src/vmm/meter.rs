@@ -31,7 +31,7 @@ pub struct VmCounters {
 }
 
 /// CPU seconds and resident bytes of `pid`, from `/proc`.
-pub(super) fn process_usage(proc_dir: &Path) -> std::io::Result<(f64, u64)> {
+pub fn process_usage(proc_dir: &Path) -> std::io::Result<(f64, u64)> {
     let stat = std::fs::read_to_string(proc_dir.join("stat"))?;
     let status = std::fs::read_to_string(proc_dir.join("status"))?;
     let ticks = parse_cpu_ticks(&stat).ok_or_else(|| bad_data("stat has no utime/stime"))?;
@@ -43,9 +43,9 @@ fn bad_data(what: &str) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned())
 }
 
-/// `USER_HZ`: the unit of `/proc/<pid>/stat`'s times (100 on every Linux
-/// this runs on; asked anyway).
-fn clock_ticks_per_second() -> f64 {
+/// `USER_HZ`: the unit of `/proc/<pid>/stat`'s and `/proc/stat`'s times
+/// (100 on every Linux this runs on; asked anyway).
+pub fn clock_ticks_per_second() -> f64 {
     match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
         Ok(Some(n)) if n > 0 => n as f64,
         _ => 100.0,

@@ -51,7 +51,7 @@ pub use cmdline::Snapshot;
 pub use dir::VmDir;
 pub use engine::{DEFAULT_STOP_TIMEOUT, Engine};
 pub use guest::GuestSystemState;
-pub use meter::VmCounters;
+pub use meter::{VmCounters, clock_ticks_per_second, process_usage};
 pub use plan::{Plan, PlanError};
 pub use process::snapshot_argv_for;
 pub use process::{START_TIMEOUT, argv_for};
