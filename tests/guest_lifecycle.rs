@@ -236,6 +236,25 @@ async fn agent_ready_state_writeback_bound_and_clean_powerdown() {
         }
     }
 
+    // Between clients the supervisor keeps the agent's connection, lock
+    // and all (qemu-ga sleeps 0.1 s at a time without one), and the next
+    // client gets it.
+    let lock = engine.vm_dir(&vm_id).qga_lock();
+    let kept = Instant::now();
+    loop {
+        let file = std::fs::OpenOptions::new().write(true).open(&lock).unwrap();
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => break,
+            other => assert!(
+                kept.elapsed() < Duration::from_secs(10),
+                "no guest agent connection kept after 10 s: {:?}",
+                other.map(drop).map_err(|(_, e)| e)
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    engine.guest_agent(&vm_id).await.unwrap().ping().await.unwrap();
+
     // The image's writeback bound, as the guest sees it.
     let facts = guest_sh(
         &engine,

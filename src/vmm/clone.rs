@@ -199,14 +199,14 @@ impl Engine {
             let vm = self.registry.known(vm_id)?;
             let _op = vm.lock_op().await;
             let client = waiting_clone(&vm)?;
+            let agent_err = |source| VmmError::GuestAgent {
+                vm_id: vm_id.to_owned(),
+                source,
+            };
             let started = Instant::now();
+            let opened = open_agent(vm.dir()).await.map_err(agent_err)?;
             self.cont_clone(&vm, &client, "clone warming up").await?;
-            let mut agent = connect_agent(vm.dir())
-                .await
-                .map_err(|source| VmmError::GuestAgent {
-                    vm_id: vm_id.to_owned(),
-                    source,
-                })?;
+            let mut agent = synced_agent(vm.dir(), opened).await.map_err(agent_err)?;
             let says = run_agent(&mut agent, vm_id, &["--warm-up"], WARM_UP_TIMEOUT).await?;
             drop(agent);
             // Paused first: the supervisor takes the STOP that follows as
@@ -248,16 +248,17 @@ impl Engine {
                 ..CloneReport::default()
             };
 
+            let agent_err = |source| VmmError::GuestAgent {
+                vm_id: vm_id.to_owned(),
+                source,
+            };
+            let opened = open_agent(vm.dir()).await.map_err(agent_err)?;
             let step = Instant::now();
             self.cont_clone(&vm, &client, "clone resumed").await?;
             report.cont = step.elapsed();
 
             let step = Instant::now();
-            let agent_err = |source| VmmError::GuestAgent {
-                vm_id: vm_id.to_owned(),
-                source,
-            };
-            let mut agent = connect_agent(vm.dir()).await.map_err(agent_err)?;
+            let mut agent = synced_agent(vm.dir(), opened).await.map_err(agent_err)?;
             report.connect = step.elapsed();
             let step = Instant::now();
             let clock_shift = clock_offset(&mut agent).await.map_err(agent_err)?.to_string();
@@ -375,6 +376,25 @@ async fn restore(vm_id: &str, dir: &super::VmDir, template: &Template) -> Result
     })?;
     let mut mon = Monitor::connect(&dir.operator_socket()).await.map_err(qmp_err)?;
     template::migrate_through_fd(&mut mon, vm_id, state.as_fd(), template::Migration::Restore).await
+}
+
+/// The guest agent's socket, connected while the clone is paused (see
+/// [`QgaClient::open`]).
+async fn open_agent(dir: &super::VmDir) -> Result<QgaClient, super::QgaError> {
+    QgaClient::open(&dir.qga_socket(), &dir.qga_lock()).await
+}
+
+/// `opened` synchronised after `cont`; failing that, new connections.
+async fn synced_agent(dir: &super::VmDir, mut opened: QgaClient) -> Result<QgaClient, super::QgaError> {
+    match opened.sync().await {
+        Ok(()) => Ok(opened),
+        Err(err) => {
+            tracing::debug!(%err, "guest agent did not answer on the connection made before cont");
+            // Its lock goes with it, before a new connection takes it.
+            drop(opened);
+            connect_agent(dir).await
+        }
+    }
 }
 
 /// The guest agent, retried for a moment: right after `cont` the guest may

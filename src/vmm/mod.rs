@@ -24,6 +24,7 @@ mod meter;
 pub mod plan;
 mod process;
 pub mod qga;
+pub mod qga_keep;
 pub mod qmp;
 mod registry;
 pub mod sandbox;

@@ -32,8 +32,10 @@
 //! a plain command waits [`COMMAND_TIMEOUT`] (the agent answers from its main
 //! loop; seconds only under TCG on a loaded host).
 //!
-//! Never: starts or stops QEMU, trusts the guest's output, or keeps the lock
-//! beyond the client's life.
+//! Never: starts or stops QEMU, or trusts the guest's output. The lock
+//! outlives a client only with its connection, kept for the next client of
+//! this process (`qga_keep`): a client in another process waits while
+//! `serve` keeps it, up to [`LOCK_TIMEOUT`].
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -169,15 +171,64 @@ pub enum FsFreezeStatus {
 }
 
 /// A connected, synchronized guest agent client. Holds the agent lock until
-/// dropped.
+/// dropped; a connection that did not break then goes back to
+/// [`keep`](super::qga_keep) when the VM's supervisor keeps one.
 pub struct QgaClient {
     socket: PathBuf,
-    reader: BufReader<OwnedReadHalf>,
-    writer: OwnedWriteHalf,
+    lock_path: PathBuf,
+    /// Taken only by `drop`.
+    link: Option<Link>,
     /// False while a request is unanswered or after a bad reply: the next
     /// call resyncs first.
     synced: bool,
+    /// The connection failed (closed, or an I/O error): not kept after.
+    broken: bool,
+}
+
+/// One connection to an agent, with its lock.
+pub(super) struct Link {
+    reader: BufReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
     _lock: Flock<File>,
+}
+
+impl Link {
+    /// The agent lock `lock` (waited for up to [`LOCK_TIMEOUT`]) and a
+    /// connection to `socket`.
+    async fn open(socket: &Path, lock: &Path) -> Result<Link, QgaError> {
+        let lock = take_lock(lock).await?;
+        Self::connect(socket, lock).await
+    }
+
+    /// A connection to `socket` for the holder of its agent lock.
+    pub(super) async fn connect(socket: &Path, lock: Flock<File>) -> Result<Link, QgaError> {
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(socket))
+            .await
+            .map_err(|_| QgaError::Timeout {
+                what: format!("connecting to {}", socket.display()),
+                after: CONNECT_TIMEOUT,
+            })?
+            .map_err(|source| QgaError::Connect {
+                path: socket.to_owned(),
+                source,
+            })?;
+        let (read, writer) = stream.into_split();
+        Ok(Link {
+            reader: BufReader::new(read),
+            writer,
+            _lock: lock,
+        })
+    }
+}
+
+impl Drop for QgaClient {
+    fn drop(&mut self) {
+        if let Some(link) = self.link.take()
+            && !self.broken
+        {
+            super::qga_keep::give_back(&self.lock_path, link);
+        }
+    }
 }
 
 impl std::fmt::Debug for QgaClient {
@@ -210,29 +261,59 @@ struct ExecStatus {
 }
 
 impl QgaClient {
-    /// Take the agent lock `lock`, connect to `socket` and resynchronize.
+    /// Take the agent lock `lock`, connect to `socket` and resynchronize:
+    /// on the connection the VM's supervisor keeps when there is one.
     pub async fn connect(socket: &Path, lock: &Path) -> Result<QgaClient, QgaError> {
-        let lock = take_lock(lock).await?;
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(socket))
-            .await
-            .map_err(|_| QgaError::Timeout {
-                what: format!("connecting to {}", socket.display()),
-                after: CONNECT_TIMEOUT,
-            })?
-            .map_err(|source| QgaError::Connect {
-                path: socket.to_owned(),
-                source,
-            })?;
-        let (read, writer) = stream.into_split();
-        let mut client = QgaClient {
-            socket: socket.to_owned(),
-            reader: BufReader::new(read),
-            writer,
-            synced: false,
-            _lock: lock,
-        };
+        if let Some(kept) = super::qga_keep::take(lock) {
+            let mut client = Self::new(socket, lock, kept);
+            match client.sync().await {
+                Ok(()) => return Ok(client),
+                // It broke since it was kept (its QEMU went): a new one. Not
+                // after a silence: that is the agent's, whatever connection.
+                Err(err) if client.broken => {
+                    tracing::debug!(%err, socket = %socket.display(), "a kept guest agent connection broke");
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        let mut client = Self::new(socket, lock, Link::open(socket, lock).await?);
         client.sync().await?;
         Ok(client)
+    }
+
+    /// [`connect`](Self::connect) without the resynchronisation, which the
+    /// first command (or [`sync`](Self::sync)) does: for a paused guest
+    /// about to resume, on the connection it had before its pause (one
+    /// made after the resume waits out the agent's 0.1 s sleep, see
+    /// `qga_keep`).
+    pub async fn open(socket: &Path, lock: &Path) -> Result<QgaClient, QgaError> {
+        let link = match super::qga_keep::take(lock) {
+            Some(kept) => kept,
+            None => Link::open(socket, lock).await?,
+        };
+        Ok(Self::new(socket, lock, link))
+    }
+
+    fn new(socket: &Path, lock: &Path, link: Link) -> QgaClient {
+        QgaClient {
+            socket: socket.to_owned(),
+            lock_path: lock.to_owned(),
+            link: Some(link),
+            synced: false,
+            broken: false,
+        }
+    }
+
+    fn link(&mut self) -> &mut Link {
+        self.link.as_mut().expect("the link goes only with the client")
+    }
+
+    /// Marks the client broken when `result` says its connection is.
+    fn note<T>(&mut self, result: Result<T, QgaError>) -> Result<T, QgaError> {
+        if matches!(result, Err(QgaError::Io { .. } | QgaError::Closed { .. })) {
+            self.broken = true;
+        }
+        result
     }
 
     /// `guest-ping`: the agent answers.
@@ -425,7 +506,8 @@ impl QgaClient {
         line.push(b'\n');
         // Out of step until the whole reply is in.
         self.synced = false;
-        let (reader, writer) = (&mut self.reader, &mut self.writer);
+        let link = self.link();
+        let (reader, writer) = (&mut link.reader, &mut link.writer);
         let reply = tokio::time::timeout(limit, async {
             writer.write_all(&line).await.map_err(io_err(command))?;
             read_line(reader, command).await
@@ -434,7 +516,8 @@ impl QgaClient {
         .map_err(|_| QgaError::Timeout {
             what: command.to_owned(),
             after: limit,
-        })??;
+        })?;
+        let reply = self.note(reply)?;
         let parsed = parse_reply(command, &reply);
         // A reply that was not even a QGA reply may be someone else's.
         self.synced = !matches!(parsed, Err(QgaError::Protocol { .. }));
@@ -443,7 +526,7 @@ impl QgaClient {
 
     /// Send `0xFF` and `guest-sync-delimited` with a fresh random id, then
     /// skip everything up to the `0xFF`-marked reply carrying that id.
-    async fn sync(&mut self) -> Result<(), QgaError> {
+    pub async fn sync(&mut self) -> Result<(), QgaError> {
         const WHAT: &str = "guest-sync-delimited";
         let id = u64::from(rand::random::<u32>());
         let mut request = vec![SENTINEL];
@@ -452,7 +535,9 @@ impl QgaClient {
                 .expect("a JSON value serializes"),
         );
         request.push(b'\n');
-        let (reader, writer) = (&mut self.reader, &mut self.writer);
+        let socket = self.socket.clone();
+        let link = self.link();
+        let (reader, writer) = (&mut link.reader, &mut link.writer);
         let synced = tokio::time::timeout(SYNC_TIMEOUT, async {
             writer.write_all(&request).await.map_err(io_err(WHAT))?;
             loop {
@@ -469,25 +554,24 @@ impl QgaClient {
                 {
                     return Ok(());
                 }
-                tracing::debug!(socket = %self.socket.display(), "skipped a stale guest agent reply");
+                tracing::debug!(socket = %socket.display(), "skipped a stale guest agent reply");
             }
         })
         .await
         .map_err(|_| QgaError::NoAgent { after: SYNC_TIMEOUT })?;
-        synced?;
+        self.note(synced)?;
         self.synced = true;
         Ok(())
     }
 }
 
-/// The agent lock, tried without blocking until [`LOCK_TIMEOUT`] (a blocking
-/// flock could not be given up on).
-async fn take_lock(path: &Path) -> Result<Flock<File>, QgaError> {
+/// The agent lock if nobody holds it now (None), or why it cannot be had.
+pub(super) fn try_lock(path: &Path) -> Result<Option<Flock<File>>, QgaError> {
     let lock_err = |source| QgaError::Lock {
         path: path.to_owned(),
         source,
     };
-    let mut file = super::dir::open_private(
+    let file = super::dir::open_private(
         std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -495,12 +579,20 @@ async fn take_lock(path: &Path) -> Result<Flock<File>, QgaError> {
         path,
     )
     .map_err(lock_err)?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(Some(lock)),
+        Err((_, Errno::EWOULDBLOCK | Errno::EINTR)) => Ok(None),
+        Err((_, errno)) => Err(lock_err(errno.into())),
+    }
+}
+
+/// The agent lock, tried without blocking until [`LOCK_TIMEOUT`] (a blocking
+/// flock could not be given up on).
+async fn take_lock(path: &Path) -> Result<Flock<File>, QgaError> {
     let deadline = Instant::now() + LOCK_TIMEOUT;
     loop {
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => return Ok(lock),
-            Err((back, Errno::EWOULDBLOCK | Errno::EINTR)) => file = back,
-            Err((_, errno)) => return Err(lock_err(errno.into())),
+        if let Some(lock) = try_lock(path)? {
+            return Ok(lock);
         }
         if Instant::now() >= deadline {
             return Err(QgaError::Busy {

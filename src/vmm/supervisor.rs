@@ -1,6 +1,7 @@
 //! Supervision of one VM's QEMU after start or reattach: reads QMP events all
 //! the time, reconnects when the stream breaks (an event qapi cannot decode
 //! ends it), drains the serial console into `serial.log` (`vmm::logs`),
+//! keeps a connection to the guest agent open while it runs (`qga_keep`),
 //! and when QEMU exits tells apart
 //!
 //! - a stop we asked for (the VM's `stopping` mark): nothing to do here;
@@ -27,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::logs::Console;
 use super::process::{Attached, Launcher, describe_exit, wait_until};
+use super::qga_keep;
 use super::qmp::{QmpClient, QmpEvent};
 use super::registry::{Registry, Vm};
 use super::{RestartPolicy, VmState, VmmError};
@@ -168,6 +170,7 @@ async fn watch(sup: &Supervision, vm: &Vm, attached: &mut Attached) -> Option<Ex
     let mut console = Console::new(RotatingFile::new(vm.dir().serial_log(), sup.launcher.log_cap));
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let keeping = qga_keep::keep(&vm.dir().qga_socket(), &vm.dir().qga_lock());
     loop {
         let mut stream_ended = false;
         tokio::select! {
@@ -215,6 +218,9 @@ async fn watch(sup: &Supervision, vm: &Vm, attached: &mut Attached) -> Option<Ex
             },
             _ = tick.tick() => if connected {
                 drain(&mut console, attached).await;
+                if vm.state() == VmState::Running {
+                    keeping.refill().await;
+                }
             },
         }
         if stream_ended {

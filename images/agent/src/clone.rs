@@ -94,6 +94,9 @@ pub fn template_prep(opts: &Options, steps: &mut Steps) -> Result<(), String> {
     Ok(())
 }
 
+/// A warm-up's scratch root: on the root filesystem, where a claim writes.
+const REHEARSAL_DIR: &str = "/var/lib/webhoster-seed/rehearsal";
+
 /// Account databases a rehearsal's scratch root starts from.
 const ACCOUNT_FILES: [&str; 4] = ["/etc/passwd", "/etc/shadow", "/etc/group", "/etc/gshadow"];
 
@@ -102,9 +105,12 @@ const ACCOUNT_FILES: [&str; 4] = ["/etc/passwd", "/etc/shadow", "/etc/group", "/
 /// first run of a path costs several times the later ones. The clone runs
 /// now, at the pool's leisure, what its claim will run: the seed read from
 /// its device (the host wrote a rehearsal seed there), the seed applied to a
-/// scratch copy of the accounts (nothing of the live system changes but the
-/// kernel's random state), and one request to each door, nginx's and
-/// sshd's. The host pauses the clone after; its translations stay.
+/// scratch copy of the accounts, written and synced to the root filesystem
+/// as the claim's files will be (ext4's and the disk's write paths are
+/// the largest part of a claim's kernel code; the scratch goes after, and
+/// nothing of the live system changes but the kernel's random state), and
+/// one request to each door, nginx's and sshd's. The host pauses the clone
+/// after; its translations stay.
 pub fn warm_up(opts: &Options, entropy: &[u8], steps: &mut Steps) -> Result<(), String> {
     if opts.live {
         live::add_entropy(entropy)?;
@@ -114,8 +120,11 @@ pub fn warm_up(opts: &Options, entropy: &[u8], steps: &mut Steps) -> Result<(), 
     steps.step("seed");
     let plan =
         seed::plan(&files).map_err(|Handover(why)| format!("the rehearsal seed needs cloud-init: {why}"))?;
-    let scratch = apply::at(&opts.root, RUN_DIR).join("rehearsal");
+    let scratch = apply::at(&opts.root, REHEARSAL_DIR);
     let rehearsed = rehearse(&opts.root, &scratch, &plan, steps);
+    if opts.live {
+        live::sync();
+    }
     // Gone whatever happened: a claim must find nothing of it.
     let _ = fs::remove_dir_all(&scratch);
     rehearsed?;
