@@ -106,8 +106,8 @@ const ACCOUNT_FILES: [&str; 4] = ["/etc/passwd", "/etc/shadow", "/etc/group", "/
 /// now, at the pool's leisure, what its claim will run: the seed read from
 /// its device (the host wrote a rehearsal seed there), the seed applied to a
 /// scratch copy of the accounts, written and synced to the root filesystem
-/// as the claim's files will be (ext4's and the disk's write paths are
-/// the largest part of a claim's kernel code; the scratch goes after, and
+/// as the claim's files will be (run cold, ext4's and the disk's write
+/// paths cost a claim's first step 70 ms; the scratch goes after, and
 /// nothing of the live system changes but the kernel's random state), and
 /// one request to each door, nginx's and sshd's. The host pauses the clone
 /// after; its translations stay.
